@@ -1,0 +1,205 @@
+"""Checkpoints: our training checkpoints (atomic, resumable), encoder export, and import of the
+authors' reference LEASE checkpoints by key conversion."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lease.codebook import load_codebook
+from lease.configs import MODEL_PRESETS, LossConfig, ModelConfig
+from lease.io import atomic_path, atomic_write_json
+from lease.model import LeaseModel, sincos_2d
+from lease.typed_config import from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Reference keys with no counterpart in our model: buffers we recompute, or heads for other uses.
+REFERENCE_IGNORED = ("pos2d", "cls_token", "mask_token", "dino_codebook", "token_emb.position_ids", "classifier.")
+REFERENCE_REQUIRED = ("token_emb.word_embeddings.weight", "token_emb.position_embeddings.weight",
+                      "blocks.0.attn.qkv.weight", "norm.weight", "decoder_embed.weight",
+                      "decoder_pos_embed_learned", "decoder_blocks.0.attn.qkv.weight", "decoder_norm.weight",
+                      "mlm_layer.fc.weight", "mlm_layer.bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, of the wrong kind, or lacks keys; the message says which."""
+
+
+# ------------------------------------------------------------------------------- raw file access
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torch file holding it raw or under "model"/"state_dict", `module.` stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a torch checkpoint"
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+    if isinstance(obj, dict):
+        for wrapper in ("model", "state_dict"):
+            if wrapper in obj and isinstance(obj[wrapper], dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors (raw, or under 'model'/'state_dict')")
+    return {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+
+
+def _count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    ids = {int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+def _heads_for(dim: int, key: str) -> int:
+    for preset in MODEL_PRESETS.values():
+        if preset["embed_dim" if key == "num_heads" else "decoder_embed_dim"] == dim:
+            return preset[key]
+    raise CheckpointError(f"cannot infer {key} for width {dim}: pass it explicitly (--{key.replace('_', '-')})")
+
+
+# --------------------------------------------------------------------------- reference import
+@dataclass
+class ImportReport:
+    config: ModelConfig
+    loaded: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def reference_model_config(sd: dict[str, torch.Tensor], *, vocab_gen: int, num_heads: int | None = None,
+                           decoder_num_heads: int | None = None, cls_token_id: int | None = None,
+                           mask_token_id: int | None = None, contrast_on: str = "encoder") -> ModelConfig:
+    """Read every size from the state dict's shapes; only heads and V_gen are not in the shapes."""
+    missing = [k for k in REFERENCE_REQUIRED if k not in sd]
+    if missing:
+        raise CheckpointError(f"not a LEASE/MAGE reference checkpoint: missing keys {missing}")
+    vocab_size, dim = sd["token_emb.word_embeddings.weight"].shape
+    dec_dim = sd["decoder_embed.weight"].shape[0]
+    seq_plus_cls = sd["token_emb.position_embeddings.weight"].shape[0]
+    grid = int(round((seq_plus_cls - 1) ** 0.5))
+    if grid * grid + 1 != seq_plus_cls:
+        raise CheckpointError(f"position table has {seq_plus_cls} rows, not a square grid plus [CLS]")
+    codebook_dim = sd["proj_to_dino.0.weight"].shape[0] if "proj_to_dino.0.weight" in sd else None
+    if contrast_on in ("decoder", "both") and "dec_to_dino.weight" not in sd:
+        raise CheckpointError(f"contrast_on={contrast_on!r} needs 'dec_to_dino.weight', absent in checkpoint")
+    if contrast_on in ("encoder", "both") and codebook_dim is None:
+        raise CheckpointError(f"contrast_on={contrast_on!r} needs 'proj_to_dino.0.weight', absent in checkpoint")
+    if codebook_dim is None and "dec_to_dino.weight" in sd:
+        codebook_dim = sd["dec_to_dino.weight"].shape[0]
+    return from_dict(ModelConfig, dict(
+        embed_dim=dim, depth=_count_blocks(sd, "blocks"),
+        num_heads=num_heads or _heads_for(dim, "num_heads"),
+        decoder_embed_dim=dec_dim, decoder_depth=_count_blocks(sd, "decoder_blocks"),
+        decoder_num_heads=decoder_num_heads or _heads_for(dec_dim, "decoder_num_heads"),
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        vocab_gen=vocab_gen, vocab_size=vocab_size, cls_token_id=cls_token_id, mask_token_id=mask_token_id,
+        grid_size=grid, decoder_pos_rows=sd["decoder_pos_embed_learned"].shape[1],
+        codebook_dim=codebook_dim, contrast_on=contrast_on if codebook_dim else "none",
+    ), prefix="model.")
+
+
+def import_reference(checkpoint: str | Path, codebook: str | Path, *, vocab_gen: int = 1024,
+                     num_heads: int | None = None, decoder_num_heads: int | None = None,
+                     cls_token_id: int | None = None, mask_token_id: int | None = None,
+                     contrast_on: str = "encoder", loss_cfg: LossConfig | None = None
+                     ) -> tuple[LeaseModel, ImportReport]:
+    """A project model computing the same numbers as the authors' checkpoint (+ its codebook)."""
+    sd = read_state_dict(checkpoint)
+    cfg = reference_model_config(sd, vocab_gen=vocab_gen, num_heads=num_heads,
+                                 decoder_num_heads=decoder_num_heads, cls_token_id=cls_token_id,
+                                 mask_token_id=mask_token_id, contrast_on=contrast_on)
+    if "pos2d" in sd and not torch.allclose(sd["pos2d"].reshape(-1, cfg.embed_dim),
+                                            sincos_2d(cfg.embed_dim, cfg.grid_size), atol=1e-5):
+        raise CheckpointError("the checkpoint's pos2d table differs from the 2-D sin-cos table we compute")
+    model = LeaseModel(cfg, loss_cfg)
+    own = model.state_dict()
+    report = ImportReport(config=cfg)
+    converted = {}
+    for key, value in sd.items():
+        if key in own:
+            if own[key].shape != value.shape:
+                raise CheckpointError(f"key {key}: checkpoint shape {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+            converted[key] = value
+            report.loaded.append(key)
+        elif key.startswith(REFERENCE_IGNORED) or key in ("dec_to_dino.weight", "proj_to_dino.0.weight"):
+            report.ignored.append(key)
+        else:
+            raise CheckpointError(f"unexpected key {key!r} in reference checkpoint {checkpoint}")
+    missing = [k for k in own if k not in converted and not k.startswith(("codebook_unit", "neighbour_"))]
+    if missing:
+        raise CheckpointError(f"reference checkpoint {checkpoint} lacks keys {missing}")
+    model.load_state_dict(converted, strict=False)
+    if cfg.contrast_on != "none":
+        centroids = load_codebook(codebook)
+        if centroids.shape[1] != cfg.codebook_dim:
+            raise CheckpointError(f"codebook dim mismatch: {codebook} has D={centroids.shape[1]} but the "
+                                  f"checkpoint projects to {cfg.codebook_dim}")
+        model.set_codebook(centroids)
+    log.info("imported %d tensors from %s (ignored: %s)", len(report.loaded), checkpoint, report.ignored)
+    return model, report
+
+
+# --------------------------------------------------------------------- our training checkpoints
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically write a training checkpoint (temp file + rename): a crash never leaves half a file."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
+        raise CheckpointError(f"{path} is not a lease training checkpoint (format {FORMAT_VERSION}); "
+                              "for the authors' checkpoints use `lease import-reference`")
+    return state
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LeaseModel:
+    """Rebuild the model (config + weights + codebook buffers) from one of our checkpoints."""
+    state = load_checkpoint(path)
+    cfg = from_dict(ModelConfig, state["model_config"], prefix="model.")
+    loss_cfg = from_dict(LossConfig, state.get("loss_config", {}), prefix="loss.")
+    model = LeaseModel(cfg, loss_cfg)
+    sd = state["model"]
+    for name in ("codebook_unit", "neighbour_index", "neighbour_weight"):
+        if name in sd:  # buffers sized by the codebook: resize before loading
+            setattr(model, name, torch.empty_like(sd[name]))
+    model.load_state_dict(sd)
+    return model.to(device)
+
+
+def export_encoder(model: LeaseModel, out_dir: str | Path) -> Path:
+    """Encoder weights (token embedding, blocks, final norm) as safetensors, config JSON beside them."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keep = ("token_emb.word_embeddings", "token_emb.position_embeddings", "token_emb.LayerNorm", "blocks.", "norm.")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(keep)}
+    target = out_dir / "encoder.safetensors"
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "lease-encoder", "version": str(FORMAT_VERSION)})
+    atomic_write_json(out_dir / "encoder_config.json", to_dict(model.cfg))
+    return target
+
+
+def save_reference_import(model: LeaseModel, out: str | Path, source: str) -> Path:
+    """Save an imported reference model as one of our checkpoints (model + configs, no optimizer)."""
+    return save_checkpoint(out, {"model": model.state_dict(), "model_config": to_dict(model.cfg),
+                                 "loss_config": to_dict(model.loss_cfg), "step": 0, "imported_from": source})
+
+
+def describe_import(report: ImportReport) -> str:
+    return json.dumps({"config": to_dict(report.config), "loaded": len(report.loaded),
+                       "ignored": report.ignored}, indent=2)
+

@@ -1,0 +1,88 @@
+"""Variable-ratio masking with token dropping (paper §3.1; MAGE's scheme).
+
+Per step one ratio r ~ TruncNormal(mode, std) on [min, max]; `num_masked = ceil(L r)`. Per image a
+random permutation of the L positions: its first `num_dropped = ceil(L * min)` entries are dropped
+(never enter the encoder) and its first `num_masked` entries are masked, so dropped ⊆ masked. The
+encoder sees [CLS] + the L - num_dropped kept tokens, in grid order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lease.configs import MaskConfig
+
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _normal_icdf(p: torch.Tensor) -> torch.Tensor:
+    return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)
+
+
+class MaskRatioSampler:
+    """Inverse-CDF sampler of the truncated normal (same law as scipy.stats.truncnorm in MAGE).
+
+    Draws on the CPU from its own generator: one scalar per step, so it costs nothing on the GPU and
+    its state is part of the resumable RNG state.
+    """
+
+    def __init__(self, cfg: MaskConfig, seed: int = 0):
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(seed)
+        lo = (cfg.ratio_min - cfg.ratio_mode) / cfg.ratio_std
+        hi = (cfg.ratio_max - cfg.ratio_mode) / cfg.ratio_std
+        self._cdf_lo, self._cdf_hi = _normal_cdf(torch.tensor(lo, dtype=torch.float64)), _normal_cdf(
+            torch.tensor(hi, dtype=torch.float64))
+
+    def sample(self, n: int = 1) -> torch.Tensor:
+        u = torch.rand(n, generator=self.generator, dtype=torch.float64)
+        p = self._cdf_lo + u * (self._cdf_hi - self._cdf_lo)
+        r = self.cfg.ratio_mode + self.cfg.ratio_std * _normal_icdf(p)
+        return r.clamp(self.cfg.ratio_min, self.cfg.ratio_max)
+
+    def mean(self) -> float:
+        """Analytic mean of the truncated normal (≈ 0.69 for the paper's defaults)."""
+        c = self.cfg
+        a = (c.ratio_min - c.ratio_mode) / c.ratio_std
+        b = (c.ratio_max - c.ratio_mode) / c.ratio_std
+        pdf = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)  # noqa: E731
+        z = float(self._cdf_hi - self._cdf_lo)
+        return c.ratio_mode + c.ratio_std * (pdf(a) - pdf(b)) / z
+
+
+@dataclass
+class MaskPlan:
+    """One step's masking for a batch; all tensors live on the batch's device."""
+
+    keep_idx: torch.Tensor  # long [B, L_keep]: kept positions (0-based, grid order)
+    keep_masked: torch.Tensor  # bool [B, L_keep]: kept but masked ([MASK] id enters the encoder)
+    masked: torch.Tensor  # bool [B, L]: positions scored by the reconstruction loss
+
+
+def num_masked_tokens(seq_len: int, ratio: float) -> int:
+    return int(math.ceil(seq_len * ratio))
+
+
+def num_dropped_tokens(seq_len: int, cfg: MaskConfig) -> int:
+    return int(math.ceil(seq_len * cfg.ratio_min))
+
+
+def plan_from_permutation(perm: torch.Tensor, num_dropped: int, num_masked: int | torch.Tensor) -> MaskPlan:
+    """Masks from a permutation per image: first `num_dropped` dropped, first `num_masked` masked."""
+    rank = torch.empty_like(perm)
+    rank.scatter_(1, perm, torch.arange(perm.shape[1], device=perm.device).expand_as(perm))
+    masked = rank < num_masked
+    keep_idx = perm[:, num_dropped:].sort(dim=1).values
+    keep_masked = masked.gather(1, keep_idx)
+    return MaskPlan(keep_idx=keep_idx, keep_masked=keep_masked, masked=masked)
+
+
+def random_plan(batch: int, seq_len: int, num_dropped: int, num_masked: int | torch.Tensor,
+                device: torch.device, generator: torch.Generator | None = None) -> MaskPlan:
+    """A fresh random permutation per image (argsort of uniform noise, on the device)."""
+    noise = torch.rand(batch, seq_len, device=device, generator=generator)
+    return plan_from_permutation(noise.argsort(dim=1), num_dropped, num_masked)

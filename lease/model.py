@@ -1,0 +1,373 @@
+"""The LEASE model: a token-input ViT encoder, a [CLS]-canvas decoder and an MLM head (paper §3).
+
+Layout and numerics follow the authors' code (MAGE lineage) so their checkpoints load by key
+conversion (`lease.checkpoints.import_reference`):
+
+    tokens ──mask/drop──► [CLS] + kept ids ──TokenEmbedding(+2-D sin-cos)──► blocks ► norm      (encoder)
+    canvas[L+1] = [CLS] latent; kept-and-unmasked slots ← their latents; + learned positions
+             ──► decoder blocks ► norm ► MLM head (tied to word embeddings) ──► code logits   (decoder)
+
+Losses (`lease.losses`): eq. 1 on masked positions, eq. 4 on kept unmasked encoder tokens, eq. 5 total.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lease.codebook import NeighbourTable, neighbour_table
+from lease.configs import LossConfig, ModelConfig
+from lease.losses import codebook_contrast_loss, reconstruction_loss
+from lease.masking import MaskPlan
+
+log = logging.getLogger(__name__)
+
+try:  # optional extra; PyTorch's SDPA is the default and fast on its own
+    from flash_attn import flash_attn_qkvpacked_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_qkvpacked_func = None
+
+
+def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table [grid², dim] (MAE's layout: first half from the column index)."""
+    if dim % 4:
+        raise ValueError(f"embed_dim={dim} must be divisible by 4 for the 2-D sin-cos table")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([embed(cols), embed(rows)], dim=1).float()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA (or flash-attn when installed and chosen)."""
+
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float, use_flash: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_dropout = attn_dropout
+        self.proj_drop = nn.Dropout(proj_dropout)
+        self.use_flash = use_flash
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
+        drop = self.attn_dropout if self.training else 0.0
+        if self.use_flash and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            out = flash_attn_qkvpacked_func(qkv, dropout_p=drop).reshape(b, n, c)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop).transpose(1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm layout: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
+
+    def __init__(self, dim: int, num_heads: int, cfg: ModelConfig, use_flash: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.ln_eps)
+        self.attn = Attention(dim, num_heads, cfg.attn_dropout, cfg.dropout, use_flash)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.ln_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenEmbedding(nn.Module):
+    """BERT-style embedding: word + learned position, LayerNorm, dropout (position ids given)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.position_embeddings = nn.Embedding(cfg.seq_len + 1, cfg.embed_dim)
+        self.LayerNorm = nn.LayerNorm(cfg.embed_dim, eps=cfg.ln_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(ids) + self.position_embeddings(positions)
+        return self.dropout(self.LayerNorm(x))
+
+
+class MlmLayer(nn.Module):
+    """MLM head: linear + GELU + LayerNorm, logits = h · E[:V_gen]ᵀ + b (E not updated through here)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.decoder_embed_dim, cfg.embed_dim)
+        self.gelu = nn.GELU()
+        self.ln = nn.LayerNorm(cfg.embed_dim, eps=cfg.mlm_ln_eps)
+        self.bias = nn.Parameter(torch.zeros(1, 1, cfg.vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor, num_codes: int) -> torch.Tensor:
+        h = self.ln(self.gelu(self.fc(x)))
+        # Only the generative codes are ever scored, so the other vocabulary rows are skipped.
+        return h @ word_embeddings[:num_codes].detach().t() + self.bias[..., :num_codes]
+
+
+@dataclass
+class LeaseOutput:
+    loss: torch.Tensor
+    rec_loss: torch.Tensor
+    contrast_loss: torch.Tensor
+    classifier_loss: torch.Tensor | None = None
+    classifier_acc: torch.Tensor | None = None
+
+
+class LeaseModel(nn.Module):
+    """LEASE encoder-decoder. `forward` computes the training losses for one masked batch."""
+
+    def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.loss_cfg = loss_cfg or LossConfig()
+        use_flash = cfg.attention_backend == "flash_attn" or (
+            cfg.attention_backend == "auto" and flash_attn_qkvpacked_func is not None)
+        if cfg.attention_backend == "flash_attn" and flash_attn_qkvpacked_func is None:
+            raise ImportError("model.attention_backend=flash_attn but flash-attn is not installed; "
+                              "install the 'flash' extra or use attention_backend=sdpa")
+        self.attention_backend = "flash_attn" if use_flash else "sdpa"
+        d, dd = cfg.embed_dim, cfg.decoder_embed_dim
+
+        self.token_emb = TokenEmbedding(cfg)
+        self.register_buffer("pos2d", sincos_2d(d, cfg.grid_size).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg, use_flash) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
+
+        self.decoder_embed = nn.Linear(d, dd)
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, cfg.decoder_pos_rows, dd))
+        self.decoder_blocks = nn.ModuleList(
+            Block(dd, cfg.decoder_num_heads, cfg, use_flash) for _ in range(cfg.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(dd, eps=cfg.ln_eps)
+        self.mlm_layer = MlmLayer(cfg)
+
+        contrast = cfg.contrast_on
+        if contrast != "none" and cfg.codebook_dim is None:
+            raise ValueError(f"model.contrast_on={contrast!r} needs model.codebook_dim (set from the codebook)")
+        self.proj_to_dino = (nn.Sequential(nn.Linear(d, cfg.codebook_dim, bias=False))
+                             if contrast in ("encoder", "both") else None)
+        self.dec_to_dino = (nn.Linear(dd, cfg.codebook_dim, bias=False)
+                            if contrast in ("decoder", "both") else None)
+        self.online_classifier = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else None
+        if contrast != "none":
+            k = 1  # real values arrive with set_codebook
+            self.register_buffer("codebook_unit", torch.zeros(k, cfg.codebook_dim))
+            self.register_buffer("neighbour_index", torch.zeros(k, self.loss_cfg.num_neighbours + 1,
+                                                                dtype=torch.long))
+            self.register_buffer("neighbour_weight", torch.zeros(k, self.loss_cfg.num_neighbours + 1))
+        self._init_weights()
+
+    # ----------------------------------------------------------------------------------- setup
+    def _init_weights(self) -> None:
+        """As the authors (MAE/MAGE): xavier-uniform linears, unit LayerNorms, N(0, .02) positions.
+
+        Token embeddings keep PyTorch's N(0, 1) default, as in the authors' code.
+        """
+        nn.init.normal_(self.decoder_pos_embed_learned, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def set_codebook(self, centroids: torch.Tensor) -> NeighbourTable:
+        """Install the discriminative codebook: row-normalised centroids and the fixed neighbour table."""
+        if self.cfg.contrast_on == "none":
+            return neighbour_table(centroids, self.loss_cfg.num_neighbours)
+        if centroids.ndim != 2 or centroids.shape[1] != self.cfg.codebook_dim:
+            raise ValueError(f"codebook has shape {tuple(centroids.shape)} but the model expects "
+                             f"[K, {self.cfg.codebook_dim}] (model.codebook_dim)")
+        table = neighbour_table(centroids.float(), self.loss_cfg.num_neighbours)
+        device = self.decoder_pos_embed_learned.device
+        self.codebook_unit = F.normalize(centroids.float(), dim=-1).to(device)
+        self.neighbour_index = table.index.to(device)
+        self.neighbour_weight = table.weights(self.loss_cfg.neighbour_tau).to(device)
+        return table
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebook_unit.shape[0] if self.cfg.contrast_on != "none" else 0
+
+    # --------------------------------------------------------------------------------- encoder
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Embed [CLS] + patch ids at `positions` (0 = [CLS], 1..L = grid), adding the fixed sin-cos table."""
+        x = self.token_emb(ids, positions)
+        pos2d = torch.cat([torch.zeros_like(self.pos2d[:, :1]), self.pos2d], dim=1)
+        return x + pos2d[0, positions]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def with_cls(self, ids: torch.Tensor) -> torch.Tensor:
+        cls = torch.full_like(ids[:, :1], self.cfg.cls_token_id)
+        return torch.cat([cls, ids], dim=1)
+
+    def forward_encoder(self, tokens: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
+        """Encoder on [CLS] + kept tokens (masked kept ones carry [MASK]) → [B, 1 + L_keep, D]."""
+        ids = tokens.gather(1, plan.keep_idx)
+        ids = torch.where(plan.keep_masked, torch.full_like(ids, self.cfg.mask_token_id), ids)
+        positions = self.with_cls(plan.keep_idx + 1)
+        positions[:, 0] = 0
+        return self.encode(self.embed(self.with_cls(ids), positions))
+
+    def forward_encoder_full(self, tokens: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder on [CLS] + all L tokens (masked ones → [MASK]) → [B, 1 + L, D]."""
+        if masked is not None:
+            tokens = torch.where(masked, torch.full_like(tokens, self.cfg.mask_token_id), tokens)
+        positions = torch.arange(tokens.shape[1] + 1, device=tokens.device).expand(tokens.shape[0], -1)
+        return self.encode(self.embed(self.with_cls(tokens), positions))
+
+    # --------------------------------------------------------------------------------- decoder
+    def forward_decoder(self, latent: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Decoder hidden states [B, 1 + L, Dd] from the canvas (paper §3.1, reconstruction step).
+
+        `latent` [B, 1 + n, D] are encoder outputs with [CLS] first, `slots` [B, n] their grid positions
+        and `visible` [B, n] whether each is unmasked. Every canvas slot starts as the [CLS] latent and
+        the visible slots add their own latent to it (what the authors' code computes; checked against
+        the reference fixture's golden logits).
+        """
+        x = self.decoder_embed(latent)
+        b, _, dd = x.shape
+        cls = x[:, :1]
+        fill = torch.where(visible.unsqueeze(-1), x[:, 1:] + cls, cls)
+        canvas = cls.expand(b, self.cfg.seq_len + 1, dd).clone()
+        canvas.scatter_(1, (slots + 1).unsqueeze(-1).expand(-1, -1, dd), fill)
+        x = canvas + self.decoder_pos_embed_learned[:, : self.cfg.seq_len + 1]
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_norm(x)
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlm_layer(hidden, self.token_emb.word_embeddings.weight, self.cfg.vocab_gen)
+
+    # ------------------------------------------------------------------------------- training
+    def forward(self, tokens: torch.Tensor, disc: torch.Tensor | None, plan: MaskPlan,
+                labels: torch.Tensor | None = None) -> LeaseOutput:
+        """Losses of eq. 5 for a batch of generative `tokens` [B, L] and codebook ids `disc` [B, L]."""
+        latent = self.forward_encoder(tokens, plan)
+        visible = ~plan.keep_masked
+        hidden = self.forward_decoder(latent, plan.keep_idx, visible)
+        rec = reconstruction_loss(self.mlm_logits(hidden[:, 1:]), tokens, plan.masked,
+                                  self.loss_cfg.label_smoothing)
+        contrast = self.contrast_loss(latent, hidden, disc, plan)
+        total = rec + self.loss_cfg.contrast_weight * contrast
+        out = LeaseOutput(loss=total, rec_loss=rec, contrast_loss=contrast)
+        if self.online_classifier is not None and labels is not None:
+            out.classifier_loss, out.classifier_acc = self.classifier_loss(latent, labels)
+            out.loss = out.loss + out.classifier_loss
+        return out
+
+    def contrast_loss(self, latent: torch.Tensor, hidden: torch.Tensor, disc: torch.Tensor | None,
+                      plan: MaskPlan) -> torch.Tensor:
+        """Codebook contrast (eq. 4) on encoder (EC) and/or decoder (DC) features, per `contrast_on`."""
+        placement = self.cfg.contrast_on
+        if placement == "none":
+            return latent.new_zeros(())
+        if disc is None:
+            raise ValueError(f"model.contrast_on={placement!r} needs the codebook ids (disc tokens)")
+        terms = []
+        if self.proj_to_dino is not None:  # EC: kept unmasked encoder tokens
+            ids = disc.gather(1, plan.keep_idx)
+            terms.append(self._contrast(self.proj_to_dino(latent[:, 1:]), ids, ~plan.keep_masked))
+        if self.dec_to_dino is not None:  # DC: decoder outputs at every grid position
+            terms.append(self._contrast(self.dec_to_dino(hidden[:, 1:]), disc, None))
+        return sum(terms) / len(terms) if len(terms) > 1 else terms[0]
+
+    def _contrast(self, features: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        ids = ids.long()
+        return codebook_contrast_loss(features, self.codebook_unit, self.neighbour_index[ids],
+                                      self.neighbour_weight[ids], self.loss_cfg.contrast_tau, weight)
+
+    def classifier_loss(self, latent: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Online linear classifier on detached mean-pooled features: monitoring only."""
+        logits = self.online_classifier(latent[:, 1:].mean(dim=1).detach().float())
+        return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
+
+    # ------------------------------------------------------------------------------ inference
+    def features(self, tokens: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """Encoder features of the full, unmasked sequence: mean of patch outputs, or [CLS]."""
+        x = self.forward_encoder_full(tokens)
+        if pool == "mean":
+            return x[:, 1:].mean(dim=1)
+        if pool == "cls":
+            return x[:, 0]
+        raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
+
+    def code_logits(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Code logits [B, L, V_gen] with `masked` positions hidden (MaskGIT decoding, inpainting)."""
+        latent = self.forward_encoder_full(tokens, masked)
+        slots = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        hidden = self.forward_decoder(latent, slots, ~masked)
+        return self.mlm_logits(hidden[:, 1:])
+
+    def check_tokens(self, tokens: torch.Tensor, disc: torch.Tensor | None = None) -> None:
+        """Fail with a clear message on ids out of range (called on the first batch, not per step)."""
+        if tokens.shape[1] != self.cfg.seq_len:
+            raise ValueError(f"token sequences have length {tokens.shape[1]}, model expects {self.cfg.seq_len}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.vocab_gen:
+            raise ValueError(f"generative token ids span [{lo}, {hi}] but the model has vocab_gen="
+                             f"{self.cfg.vocab_gen} codes: wrong tokenizer or model.vocab_gen")
+        if disc is not None and self.cfg.contrast_on != "none":
+            lo, hi = int(disc.min()), int(disc.max())
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(f"codebook ids span [{lo}, {hi}] but the codebook has K={self.codebook_size} "
+                                 "centroids: were the shards packed with another codebook?")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
+    """Useful training FLOPs per image (fwd + bwd = 3× fwd) of the matmuls: encoder on 1 + kept tokens,
+    decoder on 1 + L, attention scores, MLM logits over V_gen and the contrast logits over K."""
+    def blocks(n_tok: int, dim: int, depth: int) -> float:
+        dense = 2 * n_tok * (4 * dim * dim + 2 * dim * int(dim * cfg.mlp_ratio))
+        attn = 2 * 2 * n_tok * n_tok * dim
+        return depth * (dense + attn)
+
+    seq = cfg.seq_len
+    fwd = blocks(kept + 1, cfg.embed_dim, cfg.depth) + blocks(seq + 1, cfg.decoder_embed_dim, cfg.decoder_depth)
+    fwd += 2 * seq * (cfg.decoder_embed_dim * cfg.embed_dim + cfg.embed_dim * cfg.vocab_gen)
+    if cfg.contrast_on != "none" and cfg.codebook_dim:
+        fwd += 2 * kept * cfg.codebook_dim * (cfg.embed_dim + codebook_size)
+    return 3.0 * fwd
+
+
+def describe(model: LeaseModel) -> str:
+    cfg = model.cfg
+    return (f"LEASE d={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} | decoder d={cfg.decoder_embed_dim} "
+            f"depth={cfg.decoder_depth} heads={cfg.decoder_num_heads} | V_gen={cfg.vocab_gen} "
+            f"vocab={cfg.vocab_size} | contrast={cfg.contrast_on} | attention={model.attention_backend} | "
+            f"{count_parameters(model) / 1e6:.1f}M params")
+
