@@ -38,7 +38,7 @@ class ModelConfig:
     attn_dropout: float = 0.1
     codebook_dim: int | None = None  # set from the codebook file when the model is built
     contrast_on: ContrastPlacement = "encoder"
-    num_classes: int = 0  # > 0 adds the online (detached) linear classifier for monitoring
+    num_classes: int = 0  # online (detached) linear classifier for monitoring: 0 off, -1 from the labels
     attention_backend: Literal["sdpa", "flash_attn", "auto"] = "auto"
 
     def __post_init__(self) -> None:

@@ -1,0 +1,202 @@
+"""Token data for training and evaluation: packed WebDataset shards → batches on the device.
+
+Two modes:
+- `ResidentBatches`: the whole token set lives on the device (ImageNet-1K is ~1.3 GB as uint16); each
+  epoch is a device-side permutation sliced into batches — no loader in the loop, exact resume.
+- `StreamingBatches`: shards read whole by DataLoader workers (split by rank and worker), shuffled
+  within a buffer of samples, yielded as ready-made batches.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenSet:
+    vq: torch.Tensor  # uint16 [N, L] generative codes
+    disc: torch.Tensor  # uint16 [N, L] codebook ids
+    labels: torch.Tensor  # int64 [N] (-1 where unknown)
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return self.vq.shape[0]
+
+    def to(self, device: torch.device | str) -> "TokenSet":
+        return TokenSet(self.vq.to(device), self.disc.to(device), self.labels.to(device), self.keys)
+
+
+@dataclass
+class Batch:
+    vq: torch.Tensor  # int64 [B, L]
+    disc: torch.Tensor  # int64 [B, L]
+    labels: torch.Tensor  # int64 [B]
+
+
+def resolve_shards(spec: str | Path | list) -> list[Path]:
+    """Shard paths from a directory (all *.tar inside), a glob, or a list; sorted; error if none."""
+    if isinstance(spec, (list, tuple)):
+        paths = [Path(p) for p in spec]
+    else:
+        spec = Path(spec)
+        paths = sorted(spec.glob("*.tar")) if spec.is_dir() else sorted(Path(p) for p in glob.glob(str(spec)))
+    if not paths:
+        raise FileNotFoundError(f"no WebDataset shards (*.tar) found at {spec}: run the pack stage first")
+    return paths
+
+
+def read_shard(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """All samples of one packed shard: keys, vq uint16 [n, L], disc uint16 [n, L], labels int64 [n]."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, ext = info.name.partition(".")
+            members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    keys = list(members)
+    try:
+        vq = np.stack([np.load(io.BytesIO(members[k]["vq.npy"])) for k in keys])
+        disc = np.stack([np.load(io.BytesIO(members[k]["disc.npy"])) for k in keys])
+    except KeyError as err:
+        raise ValueError(f"shard {path} has a sample without {err.args[0]}: not a LEASE token shard") from err
+    labels = np.array([int(members[k].get("cls", b"-1")) for k in keys], dtype=np.int64)
+    return keys, vq.astype(np.uint16), disc.astype(np.uint16), labels
+
+
+def read_token_set(shards: str | Path | list) -> TokenSet:
+    """Load every sample of the shards into memory (evaluation, resident training)."""
+    parts = [read_shard(p) for p in resolve_shards(shards)]
+    keys = [k for part in parts for k in part[0]]
+    cat = lambda i: torch.from_numpy(np.concatenate([p[i] for p in parts]))  # noqa: E731
+    return TokenSet(vq=cat(1), disc=cat(2), labels=cat(3), keys=keys)
+
+
+def _as_batch(vq: torch.Tensor, disc: torch.Tensor, labels: torch.Tensor) -> Batch:
+    return Batch(vq=vq.long(), disc=disc.long(), labels=labels)
+
+
+class ResidentBatches:
+    """Device-resident token set; epoch permutations drawn from (seed, epoch) so any position resumes."""
+
+    def __init__(self, tokens: TokenSet, batch_size: int, device: torch.device, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.tokens = tokens.to(device)
+        self.batch_size, self.device, self.seed = batch_size, device, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = len(tokens) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(tokens)} samples are fewer than one global batch of "
+                             f"{batch_size * world_size}: lower batch_size")
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 100003 + epoch)
+        order = torch.randperm(len(self.tokens), device=self.device, generator=gen)
+        return order[self.rank :: self.world_size]
+
+    def iterate(self, start_step: int) -> Iterator[Batch]:
+        """Batches from global step `start_step` on, forever (epoch after epoch)."""
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        while True:
+            order = self.epoch_order(epoch)
+            for i in range(offset, self.steps_per_epoch):
+                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+                yield _as_batch(self.tokens.vq[idx], self.tokens.disc[idx], self.tokens.labels[idx])
+            epoch, offset = epoch + 1, 0
+
+
+class _ShardStream(torch.utils.data.IterableDataset):
+    """Worker-side: read whole shards (this rank's and worker's share), shuffle a sample buffer,
+    yield ready batches as numpy arrays (no per-sample work in the main process)."""
+
+    def __init__(self, shards: list[Path], batch_size: int, buffer: int, seed: int, epoch: int,
+                 rank: int, world_size: int):
+        super().__init__()
+        self.shards, self.batch_size, self.buffer = shards, batch_size, buffer
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(self.seed * 7919 + self.epoch)
+        shards = list(self.shards)
+        rng.shuffle(shards)
+        mine = shards[self.rank :: self.world_size][worker::workers]
+        local = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        pool: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        pooled = 0
+        for path in mine:
+            _, vq, disc, labels = read_shard(path)
+            pool.append((vq, disc, labels))
+            pooled += len(labels)
+            if pooled >= max(self.buffer, self.batch_size):
+                yield from self._drain(pool, local, keep_tail=True)
+                pooled = sum(len(p[2]) for p in pool)
+        yield from self._drain(pool, local, keep_tail=False)
+
+    def _drain(self, pool, rng, keep_tail: bool):
+        vq, disc, labels = (np.concatenate([p[i] for p in pool]) for i in range(3))
+        order = rng.permutation(len(labels))
+        full = len(order) // self.batch_size
+        for b in range(full):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield vq[idx], disc[idx], labels[idx]
+        pool.clear()
+        if keep_tail and full * self.batch_size < len(order):
+            idx = order[full * self.batch_size :]
+            pool.append((vq[idx], disc[idx], labels[idx]))
+
+
+class StreamingBatches:
+    """Streams shards through DataLoader workers; resumes by skipping the consumed batches of the epoch."""
+
+    def __init__(self, shards: list[Path], batch_size: int, device: torch.device, seed: int, buffer: int,
+                 num_workers: int, rank: int = 0, world_size: int = 1, steps_per_epoch: int | None = None):
+        self.shards, self.batch_size, self.device = shards, batch_size, device
+        self.seed, self.buffer, self.num_workers = seed, buffer, num_workers
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = steps_per_epoch or self._count_steps()
+
+    def _count_steps(self) -> int:
+        per_shard = len(read_shard(self.shards[0])[0])
+        return max(1, per_shard * len(self.shards) // (self.batch_size * self.world_size))
+
+    def _epoch(self, epoch: int) -> Iterator[Batch]:
+        stream = _ShardStream(self.shards, self.batch_size, self.buffer, self.seed, epoch, self.rank,
+                              self.world_size)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                             pin_memory=self.device.type == "cuda",
+                                             persistent_workers=False)
+        for i, (vq, disc, labels) in enumerate(loader):
+            if i >= self.steps_per_epoch:
+                break
+            yield _as_batch(vq.to(self.device, non_blocking=True), disc.to(self.device, non_blocking=True),
+                            labels.to(self.device, non_blocking=True))
+
+    def iterate(self, start_step: int) -> Iterator[Batch]:
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        while True:
+            for i, batch in enumerate(self._epoch(epoch)):
+                if i >= offset:
+                    yield batch
+            epoch, offset = epoch + 1, 0
+
+
+def fits_on_device(shards: list[Path], device: torch.device, fraction: float = 0.25) -> bool:
+    """Whether the token set (2 × uint16 per token) takes under `fraction` of free device memory."""
+    if device.type != "cuda":
+        return True
+    per_shard = sum(p.stat().st_size for p in shards)  # tar bytes bound the token bytes from above
+    free, _ = torch.cuda.mem_get_info(device)
+    return per_shard < fraction * free

@@ -1,0 +1,339 @@
+"""LEASE pretraining loop: AdamW + warm-up/cosine, bf16 autocast, grad accumulation, DDP, exact resume.
+
+Run with `lease train --config ...` (one process) or `torchrun --nproc_per_node=N -m lease.train ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from lease.checkpoints import export_encoder, load_checkpoint, save_checkpoint
+from lease.codebook import load_codebook
+from lease.configs import TrainConfig, train_config
+from lease.data import Batch, ResidentBatches, StreamingBatches, fits_on_device, read_token_set, resolve_shards
+from lease.masking import MaskRatioSampler, num_dropped_tokens, num_masked_tokens, random_plan
+from lease.model import LeaseModel, describe
+from lease.typed_config import apply_overrides, load_yaml, to_dict
+
+log = logging.getLogger(__name__)
+METRICS = ("loss", "rec_loss", "contrast_loss", "classifier_acc", "grad_norm")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced NaN/inf; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """One process per GPU under torchrun (env WORLD_SIZE/RANK/LOCAL_RANK); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    info = Dist(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def pick_device(ddp: Dist) -> torch.device:
+    return torch.device("cuda", ddp.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.dtype == "fp32" or (cfg.dtype == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """MAE's grouping: no weight decay on biases, norm weights and other 1-D parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
+    """Per-step linear warm-up, then half-cosine decay to `min_lr`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_model(cfg: TrainConfig, centroids: torch.Tensor | None, num_classes: int = 0) -> LeaseModel:
+    """The model for `cfg`, its codebook dimension read from the centroids."""
+    model_cfg = cfg.model
+    if model_cfg.contrast_on != "none":
+        if centroids is None:
+            raise ValueError(f"model.contrast_on={model_cfg.contrast_on!r} needs data.codebook")
+        model_cfg.codebook_dim = centroids.shape[1]
+    if model_cfg.num_classes == -1:  # "from the data": known only for a resident token set
+        model_cfg.num_classes = max(num_classes, 0)
+    model = LeaseModel(model_cfg, cfg.loss)
+    if centroids is not None:
+        model.set_codebook(centroids)
+    return model
+
+
+class Trainer:
+    """Owns model, optimizer, RNG streams and the step counter; `step()` runs one optimizer step."""
+
+    def __init__(self, cfg: TrainConfig, model: LeaseModel, device: torch.device, ddp: Dist,
+                 steps_per_epoch: int):
+        self.cfg, self.device, self.ddp = cfg, device, ddp
+        self.model = model.to(device)
+        self.dtype = autocast_dtype(cfg, device)
+        self.micro_batch = cfg.batch_size // (ddp.world_size * cfg.grad_accum)
+        if self.micro_batch == 0:
+            raise ValueError(f"batch_size={cfg.batch_size} is smaller than world_size*grad_accum")
+        self.peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
+        self.total_steps = cfg.max_steps or int(cfg.epochs * steps_per_epoch)
+        self.warmup_steps = max(1, int(cfg.optim.warmup_epochs * steps_per_epoch))
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=self.peak_lr,
+                                           betas=cfg.optim.betas, fused=device.type == "cuda")
+        self.ratio_sampler = MaskRatioSampler(cfg.mask, seed=cfg.seed)
+        self.mask_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7 + ddp.rank + 1)
+        torch.manual_seed(cfg.seed + 1000 * ddp.rank)  # dropout streams differ per rank
+        self.num_dropped = num_dropped_tokens(model.cfg.seq_len, cfg.mask)
+        self.step_count = 0
+        self.lr = 0.0
+        wrapped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None
+                                          ) if ddp.world_size > 1 else self.model
+        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    # ------------------------------------------------------------------------------ one step
+    def _micro_batches(self, batch: Batch) -> Iterator[Batch]:
+        for i in range(self.cfg.grad_accum):
+            sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            yield Batch(batch.vq[sl], batch.disc[sl], batch.labels[sl])
+
+    def step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimizer step over `batch` (this rank's share); metrics stay on the device."""
+        lr = lr_at(self.step_count, self.peak_lr, self.warmup_steps, self.total_steps, self.cfg.optim.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ratio = float(self.ratio_sampler.sample(1))  # one ratio per step (same on every rank: same seed)
+        num_masked = num_masked_tokens(self.model.cfg.seq_len, ratio)
+        names = ("loss", "rec_loss", "contrast_loss") + (
+            ("classifier_acc",) if self.model.online_classifier is not None else ())
+        sums = {k: torch.zeros((), device=self.device) for k in names}
+        for i, micro in enumerate(self._micro_batches(batch)):
+            plan = random_plan(micro.vq.shape[0], micro.vq.shape[1], self.num_dropped, num_masked,
+                               self.device, self.mask_gen)
+            labels = micro.labels if self.model.online_classifier is not None else None
+            sync = contextlib.nullcontext() if (i == self.cfg.grad_accum - 1 or self.ddp.world_size == 1) \
+                else self.forward.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                                      enabled=self.dtype is not None):
+                out = self.forward(micro.vq, micro.disc, plan, labels)
+                (out.loss / self.cfg.grad_accum).backward()
+            for key in ("loss", "rec_loss", "contrast_loss"):
+                sums[key] += getattr(out, key).detach().float() / self.cfg.grad_accum
+            if out.classifier_acc is not None:
+                sums["classifier_acc"] += out.classifier_acc.detach() / self.cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite |= ~torch.isfinite(sums["loss"])
+        self.step_count += 1
+        self.lr = lr
+        return {**sums, "grad_norm": grad_norm.detach().float()}
+
+    def check_finite(self) -> None:
+        """One device→host read; called at log and checkpoint time, not every step."""
+        if bool(self._nonfinite):
+            raise NonFiniteLoss(f"non-finite loss before step {self.step_count}: stopping; the last good "
+                                "checkpoint is kept. Lower optim.base_lr or check the data.")
+
+    # -------------------------------------------------------------------------- checkpointing
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count, "config": to_dict(self.cfg), "model_config": to_dict(self.model.cfg),
+            "loss_config": to_dict(self.cfg.loss),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                    if torch.cuda.is_available() else [],
+                    "mask_ratio": self.ratio_sampler.generator.get_state(), "mask_perm": self.mask_gen.get_state()},
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = state["step"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.ratio_sampler.generator.set_state(rng["mask_ratio"])
+        self.mask_gen.set_state(rng["mask_perm"].to(self.mask_gen.get_state().device))
+
+
+class MetricsLog:
+    """JSONL + TensorBoard, written from host values read once per `log_every` steps."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, step: int, history: list[dict[str, torch.Tensor]], lr: float, seconds: float,
+              images: int) -> dict:
+        keys = [k for k in METRICS if k in history[0]]
+        means = torch.stack([torch.stack([h[k] for h in history]) for k in keys]).mean(dim=1).tolist()
+        row = {"step": step, **dict(zip(keys, means)), "lr": lr, "images_per_s": images / max(seconds, 1e-9)}
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            for k, v in row.items():
+                if k != "step":
+                    self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush()
+        return row
+
+
+def make_batches(cfg: TrainConfig, device: torch.device, ddp: Dist):
+    shards = resolve_shards(cfg.data.shards)
+    per_rank = cfg.batch_size // ddp.world_size
+    resident = cfg.data.gpu_resident == "on" or (cfg.data.gpu_resident == "auto" and fits_on_device(shards, device))
+    if resident:
+        tokens = read_token_set(shards)
+        log.info("resident token set: %d samples on %s", len(tokens), device)
+        return ResidentBatches(tokens, per_rank, device, cfg.seed, ddp.rank, ddp.world_size), tokens
+    log.info("streaming %d shards with %d workers", len(shards), cfg.data.num_workers)
+    stream = StreamingBatches(shards, per_rank, device, cfg.seed, cfg.data.shuffle_buffer, cfg.data.num_workers,
+                              ddp.rank, ddp.world_size)
+    return stream, None
+
+
+def _install_stop_handlers() -> dict[str, bool]:
+    flag = {"stop": False}
+
+    def handler(signum, _frame):
+        log.warning("signal %s: saving a checkpoint and stopping", signal.Signals(signum).name)
+        flag["stop"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not in the main thread (e.g. inside a Prefect worker)
+            signal.signal(sig, handler)
+    return flag
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Pretrain LEASE per `cfg`, writing checkpoints, metrics and the exported encoder into `out_dir`.
+
+    `resume=True` continues from `out_dir/checkpoint.pt` exactly (weights, optimizer, step, RNG, data
+    position). `stop_after` ends the run (with a checkpoint) after that many steps, as an interrupt would.
+    """
+    out_dir = Path(out_dir)
+    ddp = setup_distributed()
+    device = pick_device(ddp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches, tokens = make_batches(cfg, device, ddp)
+    centroids = load_codebook(cfg.data.codebook) if cfg.model.contrast_on != "none" else None
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every rerun
+    num_classes = int(tokens.labels.max()) + 1 if tokens is not None and cfg.model.num_classes == -1 else 0
+    model = build_model(cfg, centroids, num_classes)
+    if tokens is not None:
+        model.check_tokens(tokens.vq[:4096].long().to(device), tokens.disc[:4096].long().to(device))
+    trainer = Trainer(cfg, model, device, ddp, batches.steps_per_epoch)
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume:
+        trainer.load_state(load_checkpoint(ckpt_path, map_location=device))
+        log.info("resumed from %s at step %d", ckpt_path, trainer.step_count)
+    if ddp.is_main:
+        log.info("%s | %d steps, %d/epoch, peak lr %.2e, autocast %s", describe(model), trainer.total_steps,
+                 batches.steps_per_epoch, trainer.peak_lr, trainer.dtype)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    metrics = MetricsLog(out_dir, enabled=ddp.is_main)
+    stop = _install_stop_handlers()
+    history, last_row, t0 = [], {}, time.perf_counter()
+    data = batches.iterate(trainer.step_count)
+    while trainer.step_count < trainer.total_steps:
+        history.append(trainer.step(next(data)))
+        done = trainer.step_count >= trainer.total_steps or stop["stop"] or (
+            stop_after is not None and trainer.step_count >= stop_after)
+        if trainer.step_count % cfg.log_every == 0 or done:
+            trainer.check_finite()
+            seconds = time.perf_counter() - t0
+            last_row = metrics.write(trainer.step_count, history, trainer.lr, seconds, len(history) * cfg.batch_size)
+            if ddp.is_main:
+                log.info("step %d/%d loss %.4f rec %.4f contrast %.4f lr %.2e %.0f img/s", trainer.step_count,
+                         trainer.total_steps, last_row["loss"], last_row["rec_loss"], last_row["contrast_loss"],
+                         last_row["lr"], last_row["images_per_s"])
+            history, t0 = [], time.perf_counter()
+        if trainer.step_count % cfg.ckpt_every == 0 or done:
+            trainer.check_finite()
+            if ddp.is_main:
+                save_checkpoint(ckpt_path, trainer.state())
+        if done:
+            break
+    result = {"steps": trainer.step_count, "checkpoint": str(ckpt_path), "final": last_row,
+              "completed": trainer.step_count >= trainer.total_steps}
+    if ddp.is_main and result["completed"]:
+        result["encoder"] = str(export_encoder(model, out_dir / "export"))
+    if ddp.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def load_train_config(path: str | None, overrides: list[str]) -> TrainConfig:
+    data = load_yaml(path) if path else {}
+    data = data.get("pretrain", data)  # a whole pipeline config: take its pretrain section
+    return train_config(apply_overrides(data, overrides))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML with a TrainConfig (or a pipeline config's pretrain section)")
+    parser.add_argument("--out", required=True, help="run directory (checkpoint, metrics, export)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=256 model.dropout=0.5")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    result = train(load_train_config(args.config, args.overrides), args.out, resume=args.resume)
+    print(json.dumps(result, indent=2))  # the command's result, for scripts
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="lease train", description=__doc__)
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

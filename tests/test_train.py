@@ -1,0 +1,113 @@
+"""Trainer behaviour: exact resume, NaN stop, bad inputs, and learning on planted structure."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lease.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
+from lease.configs import train_config
+from lease.data import read_token_set
+from lease.io import file_digest
+from lease.train import NonFiniteLoss, train
+from planted import planted_codebook, planted_tokens, write_shards
+
+CLASSES, CONCEPTS, SYNONYMS, GRID = 8, 24, 8, 8
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    vq, disc, labels = planted_tokens(1024, CLASSES, GRID * GRID, CONCEPTS, SYNONYMS, seed=0)
+    write_shards(root / "train", vq[:768], disc[:768], labels[:768], per_shard=256)
+    write_shards(root / "val", vq[768:], disc[768:], labels[768:], per_shard=256, prefix="val")
+    np.save(root / "codebook.npy", planted_codebook(CONCEPTS, 16, seed=1))
+    return root
+
+
+def tiny_cfg(root, **overrides):
+    data = {"preset": "tiny", "batch_size": 64, "max_steps": 8, "log_every": 2, "ckpt_every": 4, "seed": 3,
+            "model": {"vocab_gen": CONCEPTS * SYNONYMS, "grid_size": GRID, "embed_dim": 32, "num_heads": 2,
+                      "decoder_embed_dim": 32, "decoder_num_heads": 2},
+            "optim": {"warmup_epochs": 1.0, "base_lr": 1e-3},
+            "data": {"shards": str(root / "train"), "codebook": str(root / "codebook.npy")}}
+    for key, value in overrides.items():
+        node = data
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return train_config(data)
+
+
+def test_resume_is_exact(planted, tmp_path):
+    straight = train(tiny_cfg(planted), tmp_path / "straight")
+    first = train(tiny_cfg(planted), tmp_path / "split", stop_after=3)
+    assert first["steps"] == 3 and not first["completed"]
+    resumed = train(tiny_cfg(planted), tmp_path / "split", resume=True)
+    assert resumed["steps"] == straight["steps"] == 8
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_metrics_and_export_written(planted, tmp_path):
+    result = train(tiny_cfg(planted), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert (tmp_path / "run" / "export" / "encoder.safetensors").is_file()
+    model = model_from_checkpoint(result["checkpoint"])
+    assert model.cfg.vocab_gen == CONCEPTS * SYNONYMS and model.codebook_size == CONCEPTS
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(planted, tmp_path):
+    train(tiny_cfg(planted, max_steps=4), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    digest = file_digest(ckpt)
+    with pytest.raises(NonFiniteLoss, match="non-finite loss"):
+        train(tiny_cfg(planted, **{"max_steps": 8, "optim.base_lr": 1e35, "optim.warmup_epochs": 0.0}),
+              tmp_path / "run", resume=True)
+    assert file_digest(ckpt) == digest
+
+
+def test_token_ids_out_of_range_are_named(planted, tmp_path):
+    with pytest.raises(ValueError, match="vocab_gen"):
+        train(tiny_cfg(planted, **{"model.vocab_gen": 16}), tmp_path / "run")
+
+
+def test_codebook_smaller_than_ids_is_named(planted, tmp_path):
+    np.save(tmp_path / "small.npy", planted_codebook(CONCEPTS - 4, 16, seed=1))
+    with pytest.raises(ValueError, match="codebook has K"):
+        train(tiny_cfg(planted, **{"data.codebook": str(tmp_path / "small.npy")}), tmp_path / "run")
+
+
+def test_resume_without_checkpoint_is_clear(planted, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(tiny_cfg(planted), tmp_path / "nothing", resume=True)
+
+
+def _knn_accuracy(model, train_set, val_set, k=10):
+    with torch.no_grad():
+        f_train = F.normalize(model.eval().features(train_set.vq.long()), dim=-1)
+        f_val = F.normalize(model.features(val_set.vq.long()), dim=-1)
+    sims, idx = (f_val @ f_train.T).topk(k, dim=-1)
+    votes = torch.zeros(len(f_val), CLASSES).scatter_add_(1, train_set.labels[idx], (sims / 0.07).exp())
+    return (votes.argmax(-1) == val_set.labels).float().mean().item()
+
+
+@pytest.mark.slow
+def test_planted_structure_knn_rises_and_contrast_helps(planted, tmp_path):
+    train_set, val_set = read_token_set(planted / "train"), read_token_set(planted / "val")
+    accuracy = {}
+    for placement in ("none", "encoder"):
+        cfg = tiny_cfg(planted, **{"max_steps": 150, "log_every": 50, "ckpt_every": 150,
+                                   "model.contrast_on": placement, "loss.contrast_weight": 1.0})
+        result = train(cfg, tmp_path / placement)
+        accuracy[placement] = _knn_accuracy(model_from_checkpoint(result["checkpoint"]), train_set, val_set)
+    chance = 1.0 / CLASSES
+    assert accuracy["encoder"] > 3 * chance, accuracy
+    assert accuracy["encoder"] > accuracy["none"], accuracy
