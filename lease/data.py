@@ -84,7 +84,8 @@ def read_token_set(shards: str | Path | list) -> TokenSet:
 
 
 def _as_batch(vq: torch.Tensor, disc: torch.Tensor, labels: torch.Tensor) -> Batch:
-    return Batch(vq=vq.long(), disc=disc.long(), labels=labels)
+    # ids are stored as 16-bit (uint16 on disk, int16 views on the device): recover them unsigned
+    return Batch(vq=vq.long() & 0xFFFF, disc=disc.long() & 0xFFFF, labels=labels)
 
 
 class ResidentBatches:
@@ -92,7 +93,9 @@ class ResidentBatches:
 
     def __init__(self, tokens: TokenSet, batch_size: int, device: torch.device, seed: int,
                  rank: int = 0, world_size: int = 1):
-        self.tokens = tokens.to(device)
+        # CUDA cannot index uint16 tensors; an int16 view keeps the 2 bytes per id
+        self.tokens = TokenSet(tokens.vq.view(torch.int16).to(device), tokens.disc.view(torch.int16).to(device),
+                               tokens.labels.to(device), tokens.keys)
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = len(tokens) // (batch_size * world_size)

@@ -1,0 +1,162 @@
+"""Benchmarks measured on the GPU machine, recorded as JSON under benchmarks/results/.
+
+`lease bench train`: training steps of a preset at a batch size and dtype (eager or compiled) on
+device-resident synthetic tokens through the real `Trainer.step`; warm-up, then the median of timed
+steps, peak memory, images/s, useful FLOPs per image and MFU against the measured bf16 matmul peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lease.configs import TrainConfig, model_config
+from lease.data import ResidentBatches, TokenSet
+from lease.model import flops_per_image
+from lease.train import Dist, Trainer, build_model
+
+log = logging.getLogger(__name__)
+RESULTS_DIR = Path("benchmarks/results")
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"hostname": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                            "torch": torch.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    try:
+        info["lease_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                              text=True, check=False).stdout.strip() or None
+    except OSError:
+        info["lease_commit"] = None
+    return info
+
+
+def write_record(name: str, record: dict[str, Any], out_dir: str | Path | None = None) -> Path:
+    """Write a benchmark record with machine, versions and the command line that produced it."""
+    out_dir = Path(out_dir or os.environ.get("LEASE_BENCH_DIR", RESULTS_DIR))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = {"name": name, "command": "lease " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "machine": machine_info(), "unix_time": int(time.time()), **record}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(full, indent=2) + "\n")
+    log.info("wrote %s", path)
+    return path
+
+
+def time_cuda(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+    """Milliseconds per call, each call bracketed by CUDA events (host waits only at the end)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
+    """Measured dense bf16 matmul throughput: the MFU denominator."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    ms = statistics.median(time_cuda(lambda: a @ b, warmup=5, steps=reps))
+    return 2 * size**3 / (ms / 1e3) / 1e12
+
+
+def synthetic_tokens(n: int, seq_len: int, vocab_gen: int, codebook_size: int, seed: int) -> TokenSet:
+    gen = torch.Generator().manual_seed(seed)
+    return TokenSet(vq=torch.randint(0, vocab_gen, (n, seq_len), generator=gen, dtype=torch.int32).to(torch.uint16),
+                    disc=torch.randint(0, codebook_size, (n, seq_len), generator=gen, dtype=torch.int32).to(torch.uint16),
+                    labels=torch.zeros(n, dtype=torch.int64), keys=[])
+
+
+def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 30) -> str:
+    """Top CUDA kernels by self time over a few calls (for finding where a step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
+
+
+def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: int, warmup: int,
+                codebook_size: int, codebook_dim: int, contrast_on: str = "encoder",
+                profile_to: Path | None = None) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        raise RuntimeError("lease bench train measures GPU training speed: no CUDA device found")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device("cuda")
+    cfg = TrainConfig(preset=preset, model=model_config(preset, contrast_on=contrast_on), batch_size=batch_size,
+                      dtype=dtype, compile=compile, max_steps=10**9)
+    centroids = torch.randn(codebook_size, codebook_dim) if contrast_on != "none" else None
+    model = build_model(cfg, centroids)
+    tokens = synthetic_tokens(batch_size * 8, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
+    batches = ResidentBatches(tokens, batch_size, device, seed=0)
+    trainer = Trainer(cfg, model, device, Dist(), batches.steps_per_epoch)
+    data = batches.iterate(0)
+    torch.cuda.reset_peak_memory_stats()
+    ms = time_cuda(lambda: trainer.step(next(data)), warmup=warmup, steps=steps)
+    median_ms = statistics.median(ms)
+    if profile_to is not None:
+        profile_to.write_text(profile_table(lambda: trainer.step(next(data))))
+    kept = model.cfg.seq_len - trainer.num_dropped
+    flops = flops_per_image(model.cfg, kept, codebook_size)
+    images_per_s = batch_size / (median_ms / 1e3)
+    peak = matmul_peak_tflops()
+    achieved = flops * images_per_s / 1e12
+    return {"preset": preset, "batch_size": batch_size, "dtype": dtype, "compile": compile,
+            "attention": model.attention_backend, "contrast_on": contrast_on, "codebook_size": codebook_size,
+            "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
+            "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
+            "images_per_s": round(images_per_s, 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "useful_tflop_per_image": round(flops / 1e12, 6), "achieved_tflops": round(achieved, 1),
+            "measured_bf16_matmul_peak_tflops": round(peak, 1), "mfu": round(achieved / peak, 4)}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="vit_base")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[256, 128])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--codebook-size", type=int, default=16384)
+    parser.add_argument("--codebook-dim", type=int, default=768)
+    parser.add_argument("--out-dir", default=None, help="where the JSON records go (default benchmarks/results)")
+    parser.add_argument("--profile", action="store_true", help="also write a kernel-time table beside each record")
+
+
+def run_train_cli(args: argparse.Namespace) -> int:
+    if args.steps < 30:
+        raise SystemExit("--steps must be >= 30 for a meaningful median")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    for batch in args.batch_size:
+        for compiled in modes:
+            name = f"train-{args.preset}-b{batch}-{args.dtype}-{'compile' if compiled else 'eager'}"
+            profile_to = Path(args.out_dir or RESULTS_DIR) / f"{name}.profile.txt" if args.profile else None
+            result = bench_train(args.preset, batch, args.dtype, compiled, args.steps,
+                                 args.warmup * (3 if compiled else 1), args.codebook_size, args.codebook_dim,
+                                 profile_to=profile_to)
+            write_record(name, {"results": result}, args.out_dir)
+            log.info("%s: %.0f img/s, %.1f ms/step, MFU %.1f%%, peak %.1f GiB", name, result["images_per_s"],
+                     result["median_ms_per_step"], 100 * result["mfu"], result["peak_memory_gib"])
+    return 0

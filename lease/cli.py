@@ -1,0 +1,75 @@
+"""Core `lease` commands: train, import-reference, export, bench train.
+
+`register(subparsers)` adds them to a parser; the `lease` console entry (pipeline/cli.py) composes these
+with the pipeline stages. `python -m lease.cli ...` runs the core commands alone.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from lease import bench, train
+
+
+def _import_reference(args: argparse.Namespace) -> int:
+    from lease.checkpoints import describe_import, import_reference, save_reference_import
+
+    model, report = import_reference(args.checkpoint, args.codebook, vocab_gen=args.vocab_gen,
+                                     num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads,
+                                     cls_token_id=args.cls_token_id, mask_token_id=args.mask_token_id,
+                                     contrast_on=args.contrast_on)
+    path = save_reference_import(model, args.out, str(args.checkpoint))
+    logging.getLogger("lease").info("saved %s\n%s", path, describe_import(report))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lease.checkpoints import export_encoder, model_from_checkpoint
+
+    path = export_encoder(model_from_checkpoint(args.checkpoint), args.out)
+    logging.getLogger("lease").info("exported encoder to %s", path)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add the core commands; returns the `bench` sub-command group so callers can add to it."""
+    p = subparsers.add_parser("train", help="pretrain LEASE on packed token shards")
+    train.add_arguments(p)
+    p.set_defaults(func=train.run_cli)
+
+    p = subparsers.add_parser("import-reference", help="convert an authors' LEASE checkpoint to ours")
+    p.add_argument("checkpoint", type=Path, help="reference state dict (raw, {'model': ...}, module. prefixes ok)")
+    p.add_argument("--codebook", type=Path, required=True, help="centroids .npy float32 [K, D]")
+    p.add_argument("--out", type=Path, required=True, help="our checkpoint file to write")
+    p.add_argument("--vocab-gen", type=int, default=1024, help="number of VQGAN codes (V_gen)")
+    p.add_argument("--num-heads", type=int, default=None, help="encoder heads (default: from the width's preset)")
+    p.add_argument("--decoder-num-heads", type=int, default=None)
+    p.add_argument("--cls-token-id", type=int, default=None, help="default: vocabulary size - 2")
+    p.add_argument("--mask-token-id", type=int, default=None, help="default: vocabulary size - 1")
+    p.add_argument("--contrast-on", default="encoder", choices=["none", "encoder", "decoder", "both"])
+    p.set_defaults(func=_import_reference)
+
+    p = subparsers.add_parser("export", help="export encoder weights (safetensors + config JSON)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_export)
+
+    bench_parser = subparsers.add_parser("bench", help="GPU benchmarks written to benchmarks/results/")
+    bench_group = bench_parser.add_subparsers(dest="bench", required=True)
+    p = bench_group.add_parser("train", help="training steps/s, memory and MFU")
+    bench.add_train_arguments(p)
+    p.set_defaults(func=bench.run_train_cli)
+    return bench_group
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="lease")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
