@@ -1,0 +1,130 @@
+"""Masking law and counts, and the two losses' invariants."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lease.codebook import neighbour_table
+from lease.configs import LossConfig, MaskConfig, ModelConfig, train_config
+from lease.losses import codebook_contrast_loss, reconstruction_loss
+from lease.masking import MaskRatioSampler, num_dropped_tokens, num_masked_tokens, random_plan
+from lease.model import LeaseModel
+from lease.typed_config import ConfigError
+
+
+def test_mask_ratio_law():
+    sampler = MaskRatioSampler(MaskConfig(), seed=0)
+    r = sampler.sample(200_000)
+    assert r.min() >= 0.5 and r.max() <= 1.0
+    assert abs(r.mean().item() - 0.69) < 0.01
+    assert abs(r.mean().item() - sampler.mean()) < 0.003
+    phi = lambda x: 0.5 * (1 + math.erf((x - 0.55) / 0.25 / math.sqrt(2)))  # noqa: E731
+    for x in (0.55, 0.6, 0.7, 0.8, 0.9):  # empirical CDF = truncated-normal CDF
+        expected = (phi(x) - phi(0.5)) / (phi(1.0) - phi(0.5))
+        assert (r <= x).double().mean().item() == pytest.approx(expected, abs=0.005)
+
+
+def test_mask_ratio_is_seeded():
+    assert torch.equal(MaskRatioSampler(MaskConfig(), seed=4).sample(5), MaskRatioSampler(MaskConfig(), seed=4).sample(5))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.55, 0.7, 0.999, 1.0])
+def test_plan_counts_and_nesting(ratio):
+    seq = 256
+    num_dropped = num_dropped_tokens(seq, MaskConfig())
+    num_masked = num_masked_tokens(seq, ratio)
+    plan = random_plan(8, seq, num_dropped, num_masked, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert num_dropped == 128 and num_masked == math.ceil(seq * ratio)
+    assert plan.keep_idx.shape == (8, 128)
+    assert (plan.keep_idx.diff(dim=1) > 0).all()  # grid order, no duplicates
+    assert (plan.masked.sum(1) == num_masked).all()
+    dropped = torch.ones(8, seq, dtype=torch.bool).scatter(1, plan.keep_idx, False)
+    assert (plan.masked | ~dropped).all() and (dropped <= plan.masked).all()  # dropped ⊆ masked
+    assert (plan.keep_masked.sum(1) == num_masked - num_dropped).all()
+
+
+def test_reconstruction_loss_touches_only_masked_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 16, 10, requires_grad=True)
+    targets = torch.randint(0, 10, (2, 16))
+    masked = torch.rand(2, 16) < 0.5
+    loss = reconstruction_loss(logits, targets, masked, 0.1)
+    loss.backward()
+    assert torch.all(logits.grad[~masked] == 0) and torch.any(logits.grad[masked] != 0)
+    changed = targets.clone()
+    changed[~masked] = (changed[~masked] + 1) % 10
+    assert torch.equal(loss, reconstruction_loss(logits, changed, masked, 0.1))
+    expected = F.cross_entropy(logits[masked], targets[masked], label_smoothing=0.1)
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_neighbour_weights_sum_to_one_true_centroid_first():
+    centroids = torch.randn(50, 8)
+    centroids[7] = centroids[3]  # an exact duplicate must not displace the centroid itself
+    table = neighbour_table(centroids, 5, chunk=16)
+    assert torch.equal(table.index[:, 0], torch.arange(50))
+    w = table.weights(0.1)
+    assert torch.allclose(w.sum(-1), torch.ones(50))
+    assert (w[:, 0] >= w[:, 1:].max(-1).values - 1e-6).all()
+    unit = F.normalize(centroids, dim=-1)
+    sims = unit @ unit.T
+    sims.fill_diagonal_(-2.0)
+    assert torch.allclose(table.similarity[:, 1:], sims.topk(5, dim=-1).values, atol=1e-5)
+
+
+def test_contrast_loss_matches_explicit_formula():
+    torch.manual_seed(1)
+    codebook = F.normalize(torch.randn(20, 6), dim=-1)
+    table = neighbour_table(codebook, 3)
+    ids = torch.randint(0, 20, (2, 5))
+    feats = torch.randn(2, 5, 6)
+    weight = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 1, 0, 1]], dtype=torch.bool)
+    w = table.weights(0.1)
+    loss = codebook_contrast_loss(feats, codebook, table.index[ids], w[ids], 0.1, weight)
+    logp = torch.log_softmax(F.normalize(feats, dim=-1) @ codebook.T / 0.1, dim=-1)
+    per = -(w[ids] * logp.gather(-1, table.index[ids])).sum(-1)
+    assert torch.allclose(loss, per[weight].mean(), atol=1e-5)
+
+
+def test_contrast_only_on_kept_unmasked_tokens():
+    """Changing the codebook id of a masked (or dropped) token leaves the contrast loss unchanged."""
+    torch.manual_seed(2)
+    cfg = ModelConfig(embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                      decoder_num_heads=2, vocab_gen=32, grid_size=4, codebook_dim=8, dropout=0.0, attn_dropout=0.0)
+    model = LeaseModel(cfg, LossConfig(num_neighbours=2)).eval()
+    model.set_codebook(torch.randn(10, 8))
+    tokens, disc = torch.randint(0, 32, (3, 16)), torch.randint(0, 10, (3, 16))
+    plan = random_plan(3, 16, 8, 11, torch.device("cpu"), torch.Generator().manual_seed(0))
+    base = model(tokens, disc, plan).contrast_loss
+    altered = torch.where(plan.masked, (disc + 1) % 10, disc)
+    assert torch.allclose(base, model(tokens, altered, plan).contrast_loss)
+    visible = ~plan.masked
+    altered = torch.where(visible, (disc + 1) % 10, disc)
+    assert not torch.allclose(base, model(tokens, altered, plan).contrast_loss)
+
+
+def test_bad_config_names_the_key():
+    with pytest.raises(ConfigError, match="model.embed_dimm"):
+        train_config({"preset": "tiny", "model": {"embed_dimm": 3}})
+    with pytest.raises(ConfigError, match="batch_size"):
+        train_config({"preset": "tiny", "batch_size": "many"})
+    with pytest.raises(ConfigError, match="preset"):
+        train_config({"preset": "vit_huge"})
+    with pytest.raises(ConfigError, match="contrast_on"):
+        train_config({"model": {"contrast_on": "everywhere"}})
+
+
+@pytest.mark.parametrize("placement", ["none", "encoder", "decoder", "both"])
+def test_ablation_switches(placement):
+    cfg = ModelConfig(embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                      decoder_num_heads=2, vocab_gen=32, grid_size=4, codebook_dim=8, contrast_on=placement)
+    model = LeaseModel(cfg)
+    model.set_codebook(torch.randn(10, 8))
+    tokens, disc = torch.randint(0, 32, (2, 16)), torch.randint(0, 10, (2, 16))
+    plan = random_plan(2, 16, 8, 12, torch.device("cpu"))
+    out = model(tokens, disc, plan)
+    assert (out.contrast_loss == 0) == (placement == "none")
+    assert (model.proj_to_dino is not None) == (placement in ("encoder", "both"))
+    assert (model.dec_to_dino is not None) == (placement in ("decoder", "both"))
+    out.loss.backward()
