@@ -211,7 +211,10 @@ class MetricsLog:
     def write(self, step: int, history: list[dict[str, torch.Tensor]], lr: float, seconds: float,
               images: int) -> dict:
         keys = [k for k in METRICS if k in history[0]]
-        means = torch.stack([torch.stack([h[k] for h in history]) for k in keys]).mean(dim=1).tolist()
+        means = torch.stack([torch.stack([h[k] for h in history]) for k in keys]).mean(dim=1)
+        if dist.is_initialized():  # logged values are means over all ranks
+            dist.all_reduce(means, op=dist.ReduceOp.AVG)
+        means = means.tolist()
         row = {"step": step, **dict(zip(keys, means)), "lr": lr, "images_per_s": images / max(seconds, 1e-9)}
         if self.enabled:
             with self.path.open("a") as fh:
@@ -288,10 +291,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
             trainer.check_finite()
             seconds = time.perf_counter() - t0
             last_row = metrics.write(trainer.step_count, history, trainer.lr, seconds, len(history) * cfg.batch_size)
-            if ddp.is_main:
-                log.info("step %d/%d loss %.4f rec %.4f contrast %.4f lr %.2e %.0f img/s", trainer.step_count,
-                         trainer.total_steps, last_row["loss"], last_row["rec_loss"], last_row["contrast_loss"],
-                         last_row["lr"], last_row["images_per_s"])
+            log.info("rank %d/%d step %d/%d loss %.4f rec %.4f contrast %.4f lr %.2e %.0f img/s", ddp.rank,
+                     ddp.world_size, trainer.step_count, trainer.total_steps, last_row["loss"], last_row["rec_loss"],
+                     last_row["contrast_loss"], last_row["lr"], last_row["images_per_s"])
             history, t0 = [], time.perf_counter()
         if trainer.step_count % cfg.ckpt_every == 0 or done:
             trainer.check_finite()
@@ -300,13 +302,23 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
         if done:
             break
     result = {"steps": trainer.step_count, "checkpoint": str(ckpt_path), "final": last_row,
-              "completed": trainer.step_count >= trainer.total_steps}
+              "completed": trainer.step_count >= trainer.total_steps, "world_size": ddp.world_size}
+    if ddp.world_size > 1:
+        result["ranks_in_sync"] = ranks_in_sync(model)
     if ddp.is_main and result["completed"]:
         result["encoder"] = str(export_encoder(model, out_dir / "export"))
     if ddp.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def ranks_in_sync(model: torch.nn.Module) -> bool:
+    """Whether every rank holds bit-identical weights (a checksum gathered from all ranks)."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def load_train_config(path: str | None, overrides: list[str]) -> TrainConfig:
@@ -324,7 +336,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     result = train(load_train_config(args.config, args.overrides), args.out, resume=args.resume)
-    print(json.dumps(result, indent=2))  # the command's result, for scripts
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2))  # the command's result, for scripts
     return 0
 
 
