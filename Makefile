@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test
+.PHONY: install test demo pipeline tokenize rerun server server-stop deploy bench
 
 install: $(STAMP)
 
@@ -19,3 +19,40 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# ---- pipeline (flows/): Prefect state and results stay in the repo, nothing reaches the network
+LEASE := $(VENV)/bin/lease
+CONFIG ?= demo
+ARGS ?=
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY := false
+PREFECT_PORT ?= 4200
+LOCAL_API := http://127.0.0.1:$(PREFECT_PORT)/api
+
+demo: $(STAMP)  ## the whole flow on the generated demo set (no server needed; second run: all cached)
+	$(LEASE) run --config demo $(ARGS)
+
+pipeline: $(STAMP)  ## the whole flow on your ImageFolder with the demo preset's models: make pipeline DATA=/path
+	@test -n "$(DATA)" || { echo "usage: make pipeline DATA=/path/to/ImageFolder"; exit 2; }
+	$(LEASE) run --config $(CONFIG) data.source=$(abspath $(DATA)) $(ARGS)
+
+tokenize: $(STAMP)  ## the tokenization sub-flow (manifest → features → k-means → tokenize → pack); DATA= optional
+	$(LEASE) run --flow tokenize --config $(CONFIG) $(if $(DATA),data.source=$(abspath $(DATA))) $(ARGS)
+
+rerun: $(STAMP)  ## recompute one stage and its dependents, the rest from cache: make rerun STAGE=pretrain
+	@test -n "$(STAGE)" || { echo "usage: make rerun STAGE=<stage> (demo-data demo-assets manifest features kmeans tokenize pack pretrain evaluate)"; exit 2; }
+	$(LEASE) run --config $(CONFIG) --force $(STAGE) $(if $(DATA),data.source=$(abspath $(DATA))) $(ARGS)
+
+server: $(STAMP)  ## local Prefect server in the background (SQLite in .prefect/); stop with make server-stop
+	$(PY) -m prefect server start --background --host 127.0.0.1 --port $(PREFECT_PORT)
+	@echo "Prefect server at $(LOCAL_API) (UI http://127.0.0.1:$(PREFECT_PORT)); export PREFECT_API_URL=$(LOCAL_API)"
+
+server-stop: $(STAMP)
+	$(PY) -m prefect server stop
+
+deploy: $(STAMP)  ## serve lease/full-pipeline on the local server; then: prefect deployment run lease/full-pipeline
+	PREFECT_API_URL=$(LOCAL_API) $(PY) -m flows.deploy --config $(CONFIG) $(ARGS)
+
+bench: $(STAMP)  ## GPU benchmarks (records under benchmarks/results/)
+	$(LEASE) bench train $(ARGS)

@@ -182,11 +182,13 @@ class LeaseModel(nn.Module):
 
     # ----------------------------------------------------------------------------------- setup
     def _init_weights(self) -> None:
-        """As the authors (MAE/MAGE): xavier-uniform linears, unit LayerNorms, N(0, .02) positions.
+        """As the authors (MAE/MAGE): xavier-uniform linears, unit LayerNorms, N(0, .02) embeddings.
 
-        Token embeddings keep PyTorch's N(0, 1) default, as in the authors' code.
+        (The reference fixture's random-weight reconstruction loss, ≈ ln V_gen, shows the small init.)
         """
-        nn.init.normal_(self.decoder_pos_embed_learned, std=0.02)
+        for table in (self.decoder_pos_embed_learned, self.token_emb.word_embeddings.weight,
+                      self.token_emb.position_embeddings.weight):
+            nn.init.normal_(table, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

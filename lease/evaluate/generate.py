@@ -1,0 +1,411 @@
+"""MaskGIT iterative decoding with a LEASE model, then VQGAN decoding to images (paper §4, MAGE's protocol).
+
+Unconditional generation starts from an all-[MASK] canvas; reconstruction, inpainting and outpainting
+start from real tokens with some positions given (`fixed`). Each of the T steps (default 12):
+
+1. logits = model.code_logits(tokens, masked) over the V_gen codes;
+2. every masked position samples a code from softmax(logits) (Gumbel-max: exact categorical sampling);
+3. confidence = log p(sampled) + τ_t · Gumbel noise, with τ_t = 4.5 · (1 − (t+1)/T) (annealed);
+   positions not masked get +∞, so given tokens and tokens committed earlier are never re-masked;
+4. the n_t lowest-confidence masked positions are masked again, n_t = ⌊N₀ · cos(π/2 · (t+1)/T)⌋
+   (N₀: masked positions at the start), clamped to [1, still-masked − 1] as in MaskGIT / MAGE.
+
+After the last step every position holds a sampled code. All of it is batched tensor code with no
+per-sample Python and no host synchronisation; the random numbers come from an explicit generator and
+are passed into `maskgit_step`, which traces into one graph under `torch.compile`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lease.evaluate.features import as_ids, autocast_for, eval_mode, resolve_device
+from lease.typed_config import require
+
+log = logging.getLogger(__name__)
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class GenerateConfig:
+    num_steps: int = 12
+    choice_temperature: float = 4.5
+    batch_size: int = 256
+    num_images: int = 50000
+    seed: int = 0
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.num_steps > 0, "num_steps", "must be > 0")
+        require(self.choice_temperature >= 0, "choice_temperature", "must be >= 0")
+        require(self.batch_size > 0, "batch_size", "must be > 0")
+        require(self.num_images > 0, "num_images", "must be > 0")
+
+
+def mask_schedule(num_steps: int, choice_temperature: float, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step t: the fraction of the initial masks kept masked, cos(π/2·(t+1)/T), and the choice
+    temperature τ·(1 − (t+1)/T). Returned as tensors so compiled steps see data, not new constants."""
+    progress = torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps
+    ratio = torch.cos(math.pi / 2 * progress)
+    temperature = choice_temperature * (1.0 - progress)
+    return ratio.float().to(device), temperature.float().to(device)
+
+
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel samples −log E, E ~ Exp(1)."""
+    e = torch.empty(shape, device=device).exponential_(generator=generator)
+    return -e.clamp_min_(torch.finfo(torch.float32).tiny).log_()
+
+
+def maskgit_step(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, initial_masked: torch.Tensor,
+                 mask_ratio: torch.Tensor, temperature: torch.Tensor, sample_noise: torch.Tensor,
+                 choice_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step → (tokens with every masked position sampled, positions to mask again).
+
+    logits [B, L, V]; tokens int64 [B, L]; masked bool [B, L]; initial_masked int64 [B, 1];
+    mask_ratio, temperature: 0-d; sample_noise [B, L, V] and choice_noise [B, L]: Gumbel samples.
+    """
+    log_probs = logits.float().log_softmax(dim=-1)
+    sampled = torch.where(masked, (log_probs + sample_noise).argmax(dim=-1), tokens)
+    confidence = log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1) + temperature * choice_noise
+    confidence = confidence.masked_fill(~masked, float("inf"))
+    still = masked.sum(dim=1, keepdim=True)
+    target = torch.floor(initial_masked * mask_ratio).long()
+    mask_len = torch.minimum(still - 1, target).clamp_min(1)
+    cutoff = confidence.sort(dim=1).values.gather(1, mask_len - 1)
+    # `& masked`: a row with nothing left to decode must not re-mask its (+inf) given tokens
+    return sampled, (confidence <= cutoff) & masked
+
+
+def maskgit_decode(logits_fn: LogitsFn, tokens: torch.Tensor, fixed: torch.Tensor, num_steps: int,
+                   choice_temperature: float, generator: torch.Generator,
+                   step_fn: Callable = maskgit_step, history: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Fill every non-`fixed` position of `tokens` [B, L] by MaskGIT decoding; fixed ones are returned as given.
+
+    `history`, when a list, receives the per-row count of masked positions after each step.
+    """
+    if tokens.shape != fixed.shape or fixed.dtype != torch.bool:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and fixed {tuple(fixed.shape)} must match; fixed is bool")
+    device = tokens.device
+    masked = ~fixed
+    tokens = tokens.masked_fill(masked, 0)
+    initial = masked.sum(dim=1, keepdim=True)
+    ratios, temperatures = mask_schedule(num_steps, choice_temperature, device)
+    for t in range(num_steps):
+        logits = logits_fn(tokens, masked)
+        sample_noise = gumbel_noise(tuple(logits.shape), generator, device)
+        choice_noise = gumbel_noise(tuple(masked.shape), generator, device)
+        tokens, remask = step_fn(logits, tokens, masked, initial, ratios[t], temperatures[t], sample_noise,
+                                 choice_noise)
+        masked = remask if t < num_steps - 1 else torch.zeros_like(masked)  # the last step commits everything
+        if history is not None:
+            history.append(masked.sum(dim=1))
+    return tokens
+
+
+# --------------------------------------------------------------------------------- given-token masks
+def random_mask(batch: int, seq_len: int, ratio: float, generator: torch.Generator,
+                device: torch.device) -> torch.Tensor:
+    """bool [B, L]: exactly ⌈L·ratio⌉ random positions per row are True (to be regenerated)."""
+    count = math.ceil(seq_len * ratio)
+    scores = torch.rand(batch, seq_len, generator=generator, device=device)
+    return scores.argsort(dim=1).argsort(dim=1) < count
+
+
+def box_mask(batch: int, grid_size: int, fraction: float, device: torch.device) -> torch.Tensor:
+    """bool [B, L]: True inside the centred square box covering `fraction` of the grid side."""
+    side = max(1, round(grid_size * fraction))
+    lo = (grid_size - side) // 2
+    inside = torch.zeros(grid_size, grid_size, dtype=torch.bool, device=device)
+    inside[lo : lo + side, lo : lo + side] = True
+    return inside.flatten().expand(batch, -1).clone()
+
+
+def task_mask(task: str, batch: int, grid_size: int, generator: torch.Generator, device: torch.device,
+              ratio: float = 0.5, box: float = 0.5) -> torch.Tensor:
+    """Positions to regenerate for `reconstruction` (random `ratio`), `inpainting` (the centre box)
+    or `outpainting` (everything but the centre box)."""
+    if task == "reconstruction":
+        return random_mask(batch, grid_size * grid_size, ratio, generator, device)
+    if task == "inpainting":
+        return box_mask(batch, grid_size, box, device)
+    if task == "outpainting":
+        return ~box_mask(batch, grid_size, box, device)
+    raise ValueError(f"task must be reconstruction, inpainting or outpainting; got {task!r}")
+
+
+# ------------------------------------------------------------------------------------------ sampler
+class MaskGitSampler:
+    """Batched MaskGIT decoding with a LEASE model (eval mode, autocast, optional torch.compile)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: GenerateConfig, device: str | torch.device | None = None):
+        self.model, self.cfg = model, cfg
+        self.device = resolve_device(device)
+        self.seq_len, self.grid_size = model.cfg.seq_len, model.cfg.grid_size
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        logits_fn, self.step_fn = model.code_logits, maskgit_step
+        if cfg.compile:
+            # fixed shapes (full batches only, see `generate`) → one graph for the model and one for the step
+            logits_fn = torch.compile(model.code_logits, dynamic=False)
+            self.step_fn = torch.compile(maskgit_step, dynamic=False)
+        self._logits_fn = logits_fn
+
+    def logits(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.device, self.cfg.dtype):
+            return self._logits_fn(tokens, masked)
+
+    @torch.inference_mode()
+    def complete(self, tokens: torch.Tensor, regenerate: torch.Tensor,
+                 history: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Regenerate the `regenerate` positions of real `tokens` [B, L]; the others are kept exactly."""
+        tokens = as_ids(tokens.to(self.device))
+        with eval_mode(self.model):
+            return maskgit_decode(self.logits, tokens, ~regenerate.to(self.device), self.cfg.num_steps,
+                                  self.cfg.choice_temperature, self.generator, self.step_fn, history)
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """Unconditional samples int64 [batch, L] from an all-[MASK] canvas."""
+        empty = torch.zeros(batch, self.seq_len, dtype=torch.long, device=self.device)
+        return self.complete(empty, torch.ones_like(empty, dtype=torch.bool))
+
+    def generate(self, num_images: int | None = None) -> torch.Tensor:
+        """`num_images` unconditional token grids, uint16 [N, L] on the CPU (always full batches)."""
+        num_images = num_images or self.cfg.num_images
+        out = torch.empty(num_images, self.seq_len, dtype=torch.uint16)
+        with tqdm(total=num_images, unit="img", desc="MaskGIT", leave=False) as bar:
+            for lo in range(0, num_images, self.cfg.batch_size):
+                batch = self.sample(self.cfg.batch_size)[: num_images - lo]
+                out[lo : lo + batch.shape[0]] = batch.to(torch.int32).cpu().to(torch.uint16)
+                bar.update(batch.shape[0])
+        return out
+
+
+def decode_images(vqgan, tokens: torch.Tensor, grid_size: int, dtype: str = "auto") -> torch.Tensor:
+    """VQGAN decoding of code grids: tokens [B, L] → float images [B, 3, H, W] in [0, 1]."""
+    codes = as_ids(tokens).view(tokens.shape[0], grid_size, grid_size)
+    with torch.inference_mode(), autocast_for(codes.device, dtype):
+        return vqgan.decode(codes).float().clamp(0.0, 1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float images → uint8 (what torch-fidelity and PNG writers take)."""
+    return images.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_generate(model: torch.nn.Module, vqgan, batch_size: int = 256, steps: int = 12, dtype: str = "bf16",
+                   compile: bool = False, device: str | torch.device | None = None, warmup: int = 2,
+                   repeats: int = 5) -> dict:
+    """Generated images/s for `steps`-step MaskGIT decoding plus VQGAN decoding, at `batch_size`.
+
+    Median over `repeats` timed batches after `warmup` untimed ones (compilation happens there); also the
+    two parts alone, so one sees where the time goes.
+    """
+    device = resolve_device(device)
+    cfg = GenerateConfig(num_steps=steps, batch_size=batch_size, dtype=dtype, compile=compile,
+                         num_images=batch_size)
+    sampler = MaskGitSampler(model, cfg, device)
+    tokens = sampler.sample(batch_size)
+
+    def full() -> None:
+        decode_images(vqgan, sampler.sample(batch_size), sampler.grid_size, dtype)
+
+    for _ in range(warmup):
+        full()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total = [_timed(full, device) for _ in range(repeats)]
+    tokens_only = [_timed(lambda: sampler.sample(batch_size), device) for _ in range(repeats)]
+    decode_only = [_timed(lambda: decode_images(vqgan, tokens, sampler.grid_size, dtype), device)
+                   for _ in range(repeats)]
+    median = statistics.median(total)
+    result = {"batch_size": batch_size, "steps": steps, "dtype": dtype, "compile": compile,
+              "device": str(device), "repeats": repeats, "warmup": warmup,
+              "median_s_per_batch": round(median, 4), "images_per_s": round(batch_size / median, 1),
+              "maskgit_images_per_s": round(batch_size / statistics.median(tokens_only), 1),
+              "vqgan_decode_images_per_s": round(batch_size / statistics.median(decode_only), 1),
+              "seconds_for_50k": round(50000 / (batch_size / median), 1)}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    log.info("generation: %.1f img/s (MaskGIT %.1f, VQGAN decode %.1f) at batch %d, %s%s",
+             result["images_per_s"], result["maskgit_images_per_s"], result["vqgan_decode_images_per_s"],
+             batch_size, dtype, ", compiled" if compile else "")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def load_vqgan_from_args(args: argparse.Namespace, device: torch.device, **options):
+    from lease.tokenizers import load_vqgan
+
+    return load_vqgan(args.vqgan_kind, args.vqgan_checkpoint, config=args.vqgan_config, device=device, **options)
+
+
+def check_compatible(model: torch.nn.Module, vqgan) -> None:
+    """The model's codes and grid must be the tokenizer's (else decoding fails or shows noise)."""
+    if model.cfg.vocab_gen > vqgan.num_codes or model.cfg.grid_size != vqgan.grid_size:
+        raise ValueError(f"the model predicts {model.cfg.vocab_gen} codes on a {model.cfg.grid_size}² grid but the "
+                         f"VQGAN has {vqgan.num_codes} codes on a {vqgan.grid_size}² grid: wrong tokenizer checkpoint")
+
+
+def add_vqgan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vqgan-kind", choices=["maskgit", "taming"], default="maskgit")
+    parser.add_argument("--vqgan-checkpoint", type=Path, required=True, help="generative tokenizer weights")
+    parser.add_argument("--vqgan-config", type=Path, default=None, help="YAML config (taming checkpoints)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lease.evaluate import add_config_arguments
+
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a lease training checkpoint")
+    add_vqgan_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--num-images", type=int, default=None, help="default: config num_images (50000)")
+    parser.add_argument("--val-shards", default=None,
+                        help="packed validation split: also write reconstruction/inpainting/outpainting grids")
+    parser.add_argument("--grid-images", type=int, default=8, help="rows in each image grid")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="validation image folder: also compute FID / IS of the samples against it")
+    parser.add_argument("--inception-weights", type=Path, default=None,
+                        help="torch-fidelity inception-v3-compat weights file (needed with --reference)")
+    parser.add_argument("--device", default=None)
+    add_config_arguments(parser)
+
+
+def _task_grids(sampler: MaskGitSampler, vqgan, val_shards: str, count: int, out: Path) -> dict[str, str]:
+    from lease.data import read_token_set
+    from lease.evaluate.grids import masked_preview, save_comparison_grid
+
+    tokens = as_ids(read_token_set(val_shards).vq[:count]).to(sampler.device)
+    original = decode_images(vqgan, tokens, sampler.grid_size, sampler.cfg.dtype)
+    written = {}
+    for task in ("reconstruction", "inpainting", "outpainting"):
+        regenerate = task_mask(task, tokens.shape[0], sampler.grid_size, sampler.generator, sampler.device)
+        result = decode_images(vqgan, sampler.complete(tokens, regenerate), sampler.grid_size, sampler.cfg.dtype)
+        path = out / f"{task}.png"
+        save_comparison_grid([original, masked_preview(original, regenerate, sampler.grid_size), result], path)
+        written[task] = str(path)
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    from lease.checkpoints import model_from_checkpoint
+    from lease.evaluate import config_from_args
+    from lease.evaluate.grids import save_image_grid
+    from lease.io import atomic_path, atomic_write_json
+    from lease.typed_config import to_dict
+
+    cfg = config_from_args(GenerateConfig, args, num_images=args.num_images)
+    device = resolve_device(args.device)
+    model = model_from_checkpoint(args.checkpoint, device)
+    vqgan = load_vqgan_from_args(args, device)
+    check_compatible(model, vqgan)
+    sampler = MaskGitSampler(model, cfg, device)
+    record = {"config": to_dict(cfg), "checkpoint": str(args.checkpoint), "vqgan": str(args.vqgan_checkpoint)}
+
+    start = time.perf_counter()
+    tokens = sampler.generate()
+    record["generation_seconds"] = round(time.perf_counter() - start, 2)
+    with atomic_path(args.out / "samples_tokens.npy") as tmp, tmp.open("wb") as fh:
+        np.save(fh, tokens.numpy())
+    preview = decode_images(vqgan, tokens[: args.grid_images * args.grid_images].to(device), sampler.grid_size,
+                            cfg.dtype)
+    save_image_grid(preview, args.out / "samples.png", nrow=args.grid_images)
+    record["grids"] = {"samples": str(args.out / "samples.png")}
+    if args.val_shards:
+        record["grids"].update(_task_grids(sampler, vqgan, args.val_shards, args.grid_images, args.out))
+    if args.reference is not None:
+        from lease.evaluate.fid import FidConfig, TokenImages, fid_is
+
+        if args.inception_weights is None:
+            raise SystemExit("--reference needs --inception-weights (the torch-fidelity inception-v3-compat file)")
+        fid_cfg = FidConfig(weights=str(args.inception_weights))
+        source = TokenImages(tokens, lambda t: decode_images(vqgan, t.to(device), sampler.grid_size, cfg.dtype))
+        record["fid"] = fid_is(source, args.reference, fid_cfg, device=device)
+        atomic_write_json(args.out / "fid.json", {"protocol": "fid", **record["fid"]})
+    atomic_write_json(args.out / "generate.json", record)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lease bench generate` (the lead wires the command into the `lease` CLI)."""
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: random weights of --preset")
+    parser.add_argument("--preset", default="vit_base")
+    parser.add_argument("--vqgan-kind", choices=["maskgit", "taming"], default="maskgit")
+    parser.add_argument("--vqgan-checkpoint", type=Path, default=None,
+                        help="default: random weights at MAGE's full width (ch 128, 2 blocks, 1024 codes)")
+    parser.add_argument("--vqgan-config", type=Path, default=None)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[256])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="on")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out-dir", default=None, help="where the JSON records go (default benchmarks/results)")
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    """`lease bench generate`: one JSON record per batch size and compile mode."""
+    from lease.bench import write_record
+    from lease.checkpoints import model_from_checkpoint
+    from lease.configs import model_config
+    from lease.model import LeaseModel
+
+    if not torch.cuda.is_available():
+        raise SystemExit("lease bench generate measures GPU throughput: no CUDA device found")
+    device = torch.device("cuda")
+    if args.checkpoint is not None:
+        model = model_from_checkpoint(args.checkpoint, device)
+    else:
+        model = LeaseModel(model_config(args.preset, contrast_on="none")).to(device)
+    if args.vqgan_checkpoint is None:  # no weights needed to time it: MAGE's architecture, random init
+        import tempfile
+
+        from lease.tokenizers.tiny import save_tiny_maskgit_vqgan
+
+        args.vqgan_checkpoint = save_tiny_maskgit_vqgan(Path(tempfile.mkdtemp()) / "vqgan_full_width.ckpt",
+                                                        ch=128, num_res_blocks=2, z_channels=256, n_embed=1024)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    for batch in args.batch_size:
+        for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+            vqgan = load_vqgan_from_args(args, device, dtype=torch_dtype, compile=compiled)
+            check_compatible(model, vqgan)
+            result = bench_generate(model, vqgan, batch, args.steps, args.dtype, compiled, device,
+                                    warmup=args.warmup * (2 if compiled else 1), repeats=args.repeats)
+            name = f"generate-{args.checkpoint.stem if args.checkpoint else args.preset}-b{batch}-{args.dtype}-" \
+                   f"{'compile' if compiled else 'eager'}"
+            write_record(name, {"results": {**result, "vqgan": str(args.vqgan_checkpoint)}}, args.out_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lease.evaluate import command_main
+
+    return command_main("python -m lease.evaluate.generate", add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

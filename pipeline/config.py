@@ -1,0 +1,259 @@
+"""Typed configuration of the whole pipeline (`lease run --config configs/<preset>.yaml a.b=c ...`).
+
+One YAML file holds every stage's section; `load_pipeline_config` validates all of it (unknown keys and
+bad values fail naming the dotted key) before any stage starts. The `pretrain` section is the trainer's
+own `lease.configs.TrainConfig` (its `preset` fills the model sizes); the flow fills `pretrain.data.shards`
+and `pretrain.data.codebook` from the pack and k-means artifacts.
+
+Paths may be the word `demo`: the data source then is the generated demo set, and tokenizer checkpoints
+are tiny random-weight models written in the real checkpoint formats by the `demo-assets` stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lease.configs import TrainConfig, train_config
+from lease.evaluate.generate import GenerateConfig
+from lease.evaluate.knn import KnnConfig
+from lease.evaluate.linear_probe import ProbeConfig
+from lease.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, require
+
+DEMO = "demo"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class DataConfig:
+    """The image source that the manifest stage reads."""
+
+    source: str = DEMO  # `demo`, an ImageFolder root, a list file, or WebDataset tars (dir or glob)
+    kind: Literal["auto", "imagefolder", "list", "webdataset"] = "auto"
+    val_fraction: float = 0.1  # held-out share of train when the source has no val split
+    seed: int = 0
+    num_workers: int = 2  # performance only: not part of the manifest's key
+
+    def __post_init__(self) -> None:
+        require(bool(self.source), "source", "give `demo` or a path to your images")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+
+
+@dataclass
+class DemoDataConfig:
+    """The procedurally generated demo set (>= 10 classes, train and val splits)."""
+
+    num_classes: int = 10
+    train_per_class: int = 24
+    val_per_class: int = 8
+    image_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.num_classes >= 2, "num_classes", "must be >= 2")
+        require(self.train_per_class > 0 and self.val_per_class > 0, "train_per_class",
+                "train_per_class and val_per_class must be > 0")
+        require(self.image_size >= 16, "image_size", "must be >= 16")
+
+
+@dataclass
+class VQGANConfig:
+    """The generative tokenizer (DESIGN.md "Checkpoints and formats")."""
+
+    kind: Literal["maskgit", "taming"] = "maskgit"
+    checkpoint: str = DEMO  # vqgan_jax_strongaug.ckpt / taming .ckpt, or `demo`
+    config: str = ""  # taming-transformers YAML (kind taming only)
+
+
+@dataclass
+class DinoConfig:
+    """The DINOv2 feature extractor and the layer whose patch features are clustered."""
+
+    kind: Literal["hf", "timm"] = "hf"
+    path: str = DEMO  # HF model directory, or a timm/Meta weights file (.pth/.safetensors), or `demo`
+    layer: int = -3  # third from last, as DiGIT's l3
+
+
+@dataclass
+class DemoAssetsConfig:
+    """Sizes of the tiny random-weight tokenizers the demo uses (`lease.tokenizers.tiny`, real formats)."""
+
+    vqgan_codes: int = 64  # n_embed: must equal pretrain.model.vocab_gen
+    vqgan_channels: int = 32
+    vqgan_res_blocks: int = 1
+    vqgan_z_channels: int = 32
+    dino_hidden: int = 128  # DINOv2's 64-dim heads
+    dino_depth: int = 4
+    dino_heads: int = 2
+    dino_registers: int = 4
+    seed: int = 0
+
+
+@dataclass
+class TokenizersConfig:
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    dinov2: DinoConfig = field(default_factory=DinoConfig)
+    demo: DemoAssetsConfig = field(default_factory=DemoAssetsConfig)
+
+    def __post_init__(self) -> None:
+        require(self.vqgan.kind != "taming" or self.vqgan.checkpoint == DEMO or bool(self.vqgan.config),
+                "vqgan.config", "a taming-transformers checkpoint needs its YAML config")
+        require(self.vqgan.checkpoint != DEMO or self.vqgan.kind == "maskgit", "vqgan.kind",
+                "the demo tokenizer is a MaskGIT VQGAN: use kind maskgit with checkpoint demo")
+        require(self.dinov2.path != DEMO or self.dinov2.kind == "hf", "dinov2.kind",
+                "the demo DINOv2 is an HF directory: use kind hf with path demo")
+
+
+@dataclass
+class FeatureSampleConfig:
+    """The random sample of DINOv2 patch features that k-means trains on."""
+
+    num_images: int = 100_000
+    patches_per_image: int = 64  # of the 256 per image
+    seed: int = 0
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # DINOv2 compute dtype (auto: bf16 on GPU)
+    batch_size: int = 256  # performance only
+    num_workers: int = 8  # performance only
+
+
+@dataclass
+class KMeansConfig:
+    """The discriminative codebook (DESIGN.md step 3); `codebook` set → use that file instead."""
+
+    k: int = 16384
+    iters: int = 20
+    sample_size: int = 4_000_000  # vectors taken from the feature sample
+    num_neighbours: int = 5
+    seed: int = 0
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+    codebook: str = ""  # existing centroids .npy float32 [K, D], e.g. DiGIT's km_16k.npy
+
+    def __post_init__(self) -> None:
+        require(self.k >= 2, "k", "must be >= 2")
+        require(self.iters >= 1, "iters", "must be >= 1")
+
+
+@dataclass
+class TokenizeConfig:
+    """The fused decode → VQGAN + DINOv2 → nearest-centroid pass."""
+
+    batch_size: int = 128  # performance only
+    num_workers: int = 8  # performance only
+    images_per_shard: int = 10_000
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    gpu_decode: bool = False  # nvJPEG on the device (CUDA only)
+
+
+@dataclass
+class PackConfig:
+    samples_per_shard: int = 10_000
+    num_workers: int = 4  # performance only
+
+
+@dataclass
+class EvaluateConfig:
+    """Protocols run on the pretrained encoder (configs of `lease.evaluate`); FID needs `lease eval fid`."""
+
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    linear_probe: ProbeConfig = field(default_factory=ProbeConfig)
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(num_images=64))
+    grid_rows: int = 8  # rows of the sample and reconstruction/inpainting/outpainting grids
+    batch_size: int = 256  # feature extraction; performance only
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.grid_rows > 0, "grid_rows", "must be > 0")
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "lease"
+    artifacts: str = "artifacts"  # root of artifacts/<stage>/<key>/ (relative to the working directory)
+    device: str = "auto"  # auto: cuda when present, else cpu
+    data: DataConfig = field(default_factory=DataConfig)
+    demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    tokenizers: TokenizersConfig = field(default_factory=TokenizersConfig)
+    features: FeatureSampleConfig = field(default_factory=FeatureSampleConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def uses_demo_data(self) -> bool:
+        return self.data.source == DEMO
+
+    @property
+    def uses_demo_assets(self) -> bool:
+        return self.tokenizers.vqgan.checkpoint == DEMO or self.tokenizers.dinov2.path == DEMO
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """`demo` → configs/demo.yaml; anything else is taken as a path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") and (CONFIG_DIR / f"{path}.yaml").is_file():
+        return CONFIG_DIR / f"{path}.yaml"
+    return path
+
+
+def pipeline_config(data: dict[str, Any]) -> PipelineConfig:
+    """Validate plain data into a PipelineConfig; `pretrain` goes through the trainer's own loader."""
+    data = dict(data)
+    pretrain = data.pop("pretrain", None) or {}
+    if not isinstance(pretrain, dict):
+        raise ConfigError(f"pretrain: expected a mapping, got {pretrain!r}")
+    cfg = from_dict(PipelineConfig, data)
+    try:
+        cfg.pretrain = train_config(pretrain)
+    except ConfigError as err:
+        raise ConfigError(_under("pretrain", str(err))) from None
+    _check_consistency(cfg)
+    _check_paths(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: PipelineConfig) -> None:
+    """Cross-section facts that would otherwise fail hours into a run."""
+    if cfg.tokenizers.vqgan.checkpoint == DEMO:
+        codes = cfg.tokenizers.demo.vqgan_codes
+        require(cfg.pretrain.model.vocab_gen == codes, "pretrain.model.vocab_gen",
+                f"must equal the demo VQGAN's {codes} codes (tokenizers.demo.vqgan_codes)")
+    if not cfg.kmeans.codebook:
+        sampled = cfg.features.num_images * cfg.features.patches_per_image
+        require(sampled >= cfg.kmeans.k, "kmeans.k",
+                f"{cfg.kmeans.k} centroids need at least as many sampled features; features.num_images x "
+                f"features.patches_per_image gives {sampled}")
+
+
+def _under(section: str, message: str) -> str:
+    """Re-root a nested config's error message under `section` (`model.depth` → `pretrain.model.depth`)."""
+    head, sep, tail = message.partition("valid keys under '")
+    if message.startswith("unknown key '") and sep:
+        head = head.replace("unknown key '", f"unknown key '{section}.", 1)
+        tail = tail.replace("<top>'", f"{section}'", 1) if tail.startswith("<top>'") else f"{section}.{tail}"
+        return head + sep + tail
+    return f"{section}.{message}"
+
+
+def _check_paths(cfg: PipelineConfig) -> None:
+    """External files must exist before any work starts (`demo` stands for generated ones)."""
+    checks = [("data.source", cfg.data.source), ("tokenizers.vqgan.checkpoint", cfg.tokenizers.vqgan.checkpoint),
+              ("tokenizers.dinov2.path", cfg.tokenizers.dinov2.path)]
+    if cfg.tokenizers.vqgan.kind == "taming":
+        checks.append(("tokenizers.vqgan.config", cfg.tokenizers.vqgan.config))
+    if cfg.kmeans.codebook:
+        checks.append(("kmeans.codebook", cfg.kmeans.codebook))
+    for key, value in checks:
+        if value == DEMO or any(ch in value for ch in "*?["):  # a glob of tar shards is checked by the stage
+            continue
+        require(Path(value).exists(), key, f"{value} does not exist")
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a preset or YAML file, apply `a.b=c` overrides, validate everything."""
+    return pipeline_config(apply_overrides(load_yaml(preset_path(path)), list(overrides or [])))
+
+
+__all__ = ["PipelineConfig", "ConfigError", "load_pipeline_config", "pipeline_config",
+           "preset_path", "DEMO"]

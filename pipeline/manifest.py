@@ -1,0 +1,468 @@
+"""Manifest stage: an image source → a parquet table with one checked row per image (DESIGN.md step 1).
+
+Sources:
+- an ImageFolder tree, either `root/train/<class>/<img>` + `root/val/<class>/<img>`, or a flat
+  `root/<class>/<img>` (then `val_fraction` of it is held out as val by a seeded hash of the key, so
+  the split is stable when files are added);
+- a list file, one image per line: `path[ label]` (paths relative to the list file's folder; the label
+  is an integer id or a class name; without labels the class is the parent folder's name);
+- WebDataset tars of images (a `.tar` file, a folder of them, or a glob; `train/` and `val/`
+  sub-folders give the split, else `val_fraction`); a sample's `cls` member is its integer label.
+
+Every file is decoded (in parallel worker processes). A file that cannot be read or decoded stays in
+the manifest with `status` = the reason (`empty file`, `not an image`, `truncated`, `corrupt`,
+`unreadable`, ...) and is left out downstream by `read_manifest`. Nothing about bad data is fatal; the
+stage logs each bad file with its reason and returns the counts.
+
+Columns: key, location (a path or `tar_path::member`), label, class_name, split, bytes, status, width,
+height. Class names sorted → label ids (integer labels from list files or tars are kept as given).
+Rows are sorted by (split, key), so the file is identical for identical inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Literal, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from lease.io import atomic_path
+from pipeline.images import TAR_SEPARATOR, to_rgb
+
+log = logging.getLogger(__name__)
+
+OK = "ok"
+SPLIT_ORDER = ("train", "val")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+SourceKind = Literal["auto", "imagefolder", "list", "webdataset"]
+_FILES_PER_TASK = 64  # images checked per worker task: large enough to amortise the task overhead
+_WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset: key = path up to the basename's first dot
+
+SCHEMA = pa.schema([
+    ("key", pa.string()), ("location", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
+    ("split", pa.string()), ("bytes", pa.int64()), ("status", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+
+
+@dataclass
+class ManifestSummary:
+    """What the manifest stage found; `bad` names every excluded image with its reason."""
+
+    path: Path
+    kind: str
+    num_images: int
+    num_ok: int
+    split_counts: dict[str, int]  # usable (status ok) images per split
+    class_names: list[str]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
+
+    @property
+    def num_bad(self) -> int:
+        return len(self.bad)
+
+
+@dataclass
+class Candidate:
+    """An image location found in the source, before checking."""
+
+    key: str
+    location: str
+    class_name: str
+    split: str
+    label: int | None = None  # given by the source (list file / tar `cls`), else from sorted class names
+
+
+@dataclass
+class Check:
+    """Outcome of decoding one image."""
+
+    status: str
+    nbytes: int
+    width: int = 0
+    height: int = 0
+
+
+# ---------------------------------------------------------------------------------------- checking
+
+
+def check_image_bytes(data: bytes) -> Check:
+    """Decode `data` fully enough to find corrupt or truncated images; never raises."""
+    if not data:
+        return Check("empty file", 0)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if img.format == "JPEG":
+                # Entropy decoding still reads every coefficient (so damage is found), but the
+                # inverse DCT runs at 1/8 scale: the check costs a fraction of a full decode.
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+            img.load()
+            to_rgb(img)
+    except Image.UnidentifiedImageError:
+        return Check("not an image (format not recognised)", len(data))
+    except Image.DecompressionBombError as err:
+        return Check(f"too large: {err}", len(data))
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
+        kind = "truncated" if "truncated" in str(err).lower() else "corrupt"
+        return Check(f"{kind}: {err}", len(data))
+    return Check(OK, len(data), width, height)
+
+
+def check_file(path: str) -> Check:
+    try:
+        data = Path(path).read_bytes()
+    except PermissionError:
+        return Check("unreadable: permission denied", _size_or_zero(path))
+    except OSError as err:
+        return Check(f"unreadable: {err.strerror or err}", _size_or_zero(path))
+    return check_image_bytes(data)
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _check_files(paths: Sequence[str]) -> list[Check]:
+    return [check_file(p) for p in paths]
+
+
+@dataclass
+class TarSample:
+    """One WebDataset sample as found in a tar: its image member (if any) checked, its `cls` label."""
+
+    key: str
+    member: str
+    label: int | None
+    check: Check
+
+
+def scan_tar(tar_path: str) -> list[TarSample]:
+    """Group a tar's members by WebDataset key; check each sample's image; read its `cls`."""
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            for info in tar:
+                match = _WDS_KEY.match(info.name)
+                if not info.isfile() or match is None or Path(info.name).name.startswith("."):
+                    continue
+                fh = tar.extractfile(info)
+                members.setdefault(match.group(1), {})[match.group(2).lower()] = fh.read() if fh else b""
+    except (tarfile.TarError, OSError) as err:
+        # A damaged tar: its readable samples before the damage are kept, the damage is one bad row.
+        return _tar_samples(members) + [TarSample(f"{Path(tar_path).name}:damaged", "", None,
+                                                  Check(f"unreadable tar: {err}", 0))]
+    return _tar_samples(members)
+
+
+def _tar_samples(members: dict[str, dict[str, bytes]]) -> list[TarSample]:
+    samples = []
+    for key, parts in members.items():
+        image_ext = next((ext for ext in parts if f".{ext.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
+        label = _parse_cls(parts.get("cls"))
+        if image_ext is None:
+            samples.append(TarSample(key, "", label, Check(f"no image member (has: {', '.join(sorted(parts))})", 0)))
+        else:
+            samples.append(TarSample(key, f"{key}.{image_ext}", label, check_image_bytes(parts[image_ext])))
+    return samples
+
+
+def _parse_cls(raw: bytes | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return int(raw.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _parallel_map(fn, tasks: list, num_workers: int, desc: str, unit_count: Sequence[int],
+                  unit: str = "img") -> Iterator:
+    """Map `fn` over tasks in worker processes (in order), with a progress bar (images/s by default)."""
+    bar = tqdm(total=sum(unit_count), desc=desc, unit=unit, dynamic_ncols=True, disable=None)
+    try:
+        if num_workers <= 0:
+            results: Iterable = map(fn, tasks)
+            for result, n in zip(results, unit_count):
+                bar.update(n)
+                yield result
+            return
+        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            for result, n in zip(pool.map(fn, tasks), unit_count):
+                bar.update(n)
+                yield result
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------- discovery
+
+
+def held_out(key: str, seed: int, val_fraction: float) -> bool:
+    """Seeded hash split: the same key lands in the same split whatever else is in the source."""
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction
+
+
+def _hash_split(key: str, seed: int, val_fraction: float) -> str:
+    return "val" if held_out(key, seed, val_fraction) else "train"
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and (p.is_file() or p.is_symlink())
+                  and not p.is_dir())
+
+
+def imagefolder_candidates(root: Path, val_fraction: float, seed: int) -> list[Candidate]:
+    """`root/{train,val}/<class>/...` or `root/<class>/...` (then a seeded held-out val fraction)."""
+    split_dirs = {s: root / s for s in SPLIT_ORDER if (root / s).is_dir()}
+    layout = [(d, s) for s, d in split_dirs.items()] or [(root, "train")]
+    hold_out = "val" not in split_dirs  # no val/ folder: the val split is a seeded share of train
+    candidates = []
+    for base, split in layout:
+        class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise ValueError(f"{base} has no class folders: an ImageFolder source is <root>/<class>/<image> "
+                             f"(or <root>/train/<class>/<image> with an optional <root>/val/)")
+        for class_dir in class_dirs:
+            for path in _visible_files(class_dir):
+                key = path.relative_to(root).with_suffix("").as_posix()
+                use_split = _hash_split(key, seed, val_fraction) if hold_out else split
+                candidates.append(Candidate(key, str(path.absolute()), class_dir.name, use_split))
+    return candidates
+
+
+def list_candidates(list_file: Path, val_fraction: float, seed: int) -> list[Candidate]:
+    """Lines `path[ label]`; blank lines and `#` comments are skipped."""
+    base = list_file.parent
+    candidates = []
+    for number, raw in enumerate(list_file.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        path_text, label_text = _split_list_line(line, base)
+        path = Path(path_text) if Path(path_text).is_absolute() else base / path_text
+        label = int(label_text) if label_text is not None and _is_int(label_text) else None
+        class_name = label_text if label_text is not None else path.parent.name
+        if not class_name:
+            raise ValueError(f"{list_file}:{number}: no label and no parent folder to name the class: {raw!r}")
+        key = Path(path_text).with_suffix("").as_posix().lstrip("/")
+        candidates.append(Candidate(key, str(path.absolute()), class_name, _hash_split(key, seed, val_fraction),
+                                    label))
+    labelled = {c.label is not None for c in candidates}
+    if len(labelled) > 1:
+        raise ValueError(f"{list_file}: mix of integer labels and class names; use one or the other")
+    return candidates
+
+
+def _split_list_line(line: str, base: Path) -> tuple[str, str | None]:
+    """A path may contain spaces: the last token is a label only if the whole line is not a file."""
+    parts = line.rsplit(None, 1)
+    if len(parts) == 1 or (base / line).exists() or Path(line).exists():
+        return line, None
+    return parts[0], parts[1]
+
+
+def _is_int(text: str) -> bool:
+    return re.fullmatch(r"[+-]?\d+", text) is not None
+
+
+def find_tars(source: str) -> list[tuple[Path, str | None]]:
+    """(tar path, split or None) for a tar file, a folder of tars (with optional train/ val/) or a glob."""
+    path = Path(source)
+    if any(ch in source for ch in "*?["):
+        tars = [(Path(p), None) for p in sorted(glob.glob(source, recursive=True)) if p.endswith(".tar")]
+    elif path.is_file():
+        tars = [(path, None)]
+    elif any((path / s).is_dir() for s in SPLIT_ORDER):
+        tars = [(p, s) for s in SPLIT_ORDER if (path / s).is_dir() for p in sorted((path / s).glob("*.tar"))]
+    else:
+        tars = [(p, None) for p in sorted(path.glob("*.tar"))]
+    if not tars:
+        raise ValueError(f"no .tar files found at {source}")
+    return tars
+
+
+def detect_kind(source: str) -> str:
+    path = Path(source)
+    if any(ch in source for ch in "*?["):
+        return "webdataset"
+    if path.is_file():
+        return "webdataset" if tarfile.is_tarfile(path) else "list"
+    if path.is_dir():
+        roots = [path] + [path / s for s in SPLIT_ORDER if (path / s).is_dir()]
+        has_tars = any(any(r.glob("*.tar")) for r in roots)
+        has_class_dirs = any(p.is_dir() for r in roots for p in r.iterdir() if p.name not in SPLIT_ORDER)
+        return "webdataset" if has_tars and not has_class_dirs else "imagefolder"
+    raise ValueError(f"image source {source} does not exist (give an ImageFolder root, a list file, "
+                     f"a .tar, a folder of .tar files or a glob of them)")
+
+
+# ----------------------------------------------------------------------------------------- the stage
+
+
+def _checked_file_rows(candidates: list[Candidate], num_workers: int) -> list[tuple[Candidate, Check]]:
+    chunks = [candidates[i:i + _FILES_PER_TASK] for i in range(0, len(candidates), _FILES_PER_TASK)]
+    tasks = [[c.location for c in chunk] for chunk in chunks]
+    checks = [check for result in _parallel_map(_check_files, tasks, num_workers, "manifest",
+                                                [len(t) for t in tasks]) for check in result]
+    return list(zip(candidates, checks))
+
+
+def _checked_tar_rows(source: str, val_fraction: float, seed: int,
+                      num_workers: int) -> list[tuple[Candidate, Check]]:
+    tars = find_tars(source)
+    sizes = [max(1, p.stat().st_size >> 20) for p, _ in tars]  # progress in MiB of tar, shown as units
+    rows = []
+    for (tar_path, split), samples in zip(tars, _parallel_map(scan_tar, [str(p) for p, _ in tars], num_workers,
+                                                              "manifest (tars)", sizes, unit="MiB")):
+        for s in samples:
+            location = f"{tar_path.absolute()}{TAR_SEPARATOR}{s.member}" if s.member else str(tar_path.absolute())
+            class_name = str(s.label) if s.label is not None else ""
+            rows.append((Candidate(s.key, location, class_name, split or _hash_split(s.key, seed, val_fraction),
+                                   s.label), s.check))
+    return rows
+
+
+def _assign_labels(rows: list[tuple[Candidate, Check]]) -> list[str]:
+    """Fill labels from sorted class names where the source gave none; returns names by label id."""
+    given = [c for c, _ in rows if c.label is not None]
+    if given:
+        names = {}
+        for c in given:
+            names.setdefault(c.label, c.class_name)
+        for c, _ in rows:
+            if c.label is None:
+                c.label = -1  # a tar sample without `cls`: kept, but unlabelled
+        return [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
+    class_names = sorted({c.class_name for c, _ in rows if c.class_name})
+    ids = {name: i for i, name in enumerate(class_names)}
+    for c, _ in rows:
+        c.label = ids.get(c.class_name, -1)
+    return class_names
+
+
+def _mark_duplicates(rows: list[tuple[Candidate, Check]]) -> None:
+    """Keys must be unique (they name samples downstream): later duplicates become bad rows."""
+    seen: dict[str, str] = {}
+    for c, check in rows:
+        if c.key in seen:
+            check.status = f"duplicate key (also {seen[c.key]})"
+        else:
+            seen[c.key] = c.location
+
+
+def _table(rows: list[tuple[Candidate, Check]]) -> pa.Table:
+    columns = {
+        "key": [c.key for c, _ in rows], "location": [c.location for c, _ in rows],
+        "label": [c.label for c, _ in rows], "class_name": [c.class_name for c, _ in rows],
+        "split": [c.split for c, _ in rows], "bytes": [k.nbytes for _, k in rows],
+        "status": [k.status for _, k in rows], "width": [k.width for _, k in rows],
+        "height": [k.height for _, k in rows],
+    }
+    return pa.table(columns, schema=SCHEMA)
+
+
+def build_manifest(source: str | Path, out_path: str | Path, *, kind: SourceKind = "auto",
+                   val_fraction: float = 0.0, seed: int = 0, num_workers: int | None = None) -> ManifestSummary:
+    """Scan and check every image of `source`; write the parquet manifest atomically to `out_path`."""
+    source = str(source)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    kind = detect_kind(source) if kind == "auto" else kind
+    workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    if kind == "imagefolder":
+        rows = _checked_file_rows(imagefolder_candidates(Path(source), val_fraction, seed), workers)
+    elif kind == "list":
+        rows = _checked_file_rows(list_candidates(Path(source), val_fraction, seed), workers)
+    elif kind == "webdataset":
+        rows = _checked_tar_rows(source, val_fraction, seed, workers)
+    else:
+        raise ValueError(f"unknown source kind {kind!r} (auto, imagefolder, list, webdataset)")
+    if not rows:
+        raise ValueError(f"no images found in {source} (kind {kind})")
+
+    rows.sort(key=lambda row: (SPLIT_ORDER.index(row[0].split), row[0].key, row[0].location))
+    _mark_duplicates(rows)
+    class_names = _assign_labels(rows)
+    table = _table(rows).replace_schema_metadata({
+        "lease.classes": json.dumps(class_names), "lease.source": source, "lease.kind": kind})
+    with atomic_path(out_path) as tmp:
+        pq.write_table(table, tmp)
+
+    bad = [(c.location, k.status) for c, k in rows if k.status != OK]
+    split_counts = {s: sum(1 for c, k in rows if c.split == s and k.status == OK) for s in SPLIT_ORDER}
+    summary = ManifestSummary(Path(out_path), kind, len(rows), len(rows) - len(bad), split_counts, class_names,
+                              bad)
+    _log_summary(summary)
+    return summary
+
+
+def _log_summary(summary: ManifestSummary) -> None:
+    log.info("manifest %s: %d images, %d usable (train %d, val %d), %d classes, %d left out", summary.path,
+             summary.num_images, summary.num_ok, summary.split_counts["train"], summary.split_counts["val"],
+             len(summary.class_names), summary.num_bad)
+    for location, reason in summary.bad:
+        log.warning("left out %s: %s", location, reason)
+
+
+def read_manifest(path: str | Path, split: str | None = None, only_ok: bool = True) -> pa.Table:
+    """The manifest's rows (in file order), optionally one split, by default only usable images."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist (build it with `python -m pipeline.manifest`)")
+    if split is not None and split not in SPLIT_ORDER:
+        raise ValueError(f"split must be one of {SPLIT_ORDER}, got {split!r}")
+    table = pq.read_table(path)
+    mask = None
+    if only_ok:
+        mask = pc.equal(table["status"], OK)
+    if split is not None:
+        in_split = pc.equal(table["split"], split)
+        mask = in_split if mask is None else pc.and_(mask, in_split)
+    return table if mask is None else table.filter(mask)
+
+
+def manifest_classes(path: str | Path) -> list[str]:
+    """Class names by label id, as stored in the manifest's metadata."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"lease.classes", b"[]"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=__doc__.split("\n")[0])
+    parser.add_argument("source", help="ImageFolder root, list file, .tar / folder of tars / glob of tars")
+    parser.add_argument("--out", type=Path, required=True, help="parquet file to write")
+    parser.add_argument("--kind", default="auto", choices=["auto", "imagefolder", "list", "webdataset"])
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="held-out val share when the source has no val split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    parser.add_argument("--num-workers", type=int, default=None, help="decode-check processes (default: all cores)")
+    args = parser.parse_args(argv)
+    build_manifest(args.source, args.out, kind=args.kind, val_fraction=args.val_fraction, seed=args.seed,
+                   num_workers=args.num_workers)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,358 @@
+"""Fused tokenize stage: JPEG → both crops → VQGAN codes + DINOv2 codebook ids, per shard (DESIGN.md 2 and 4).
+
+Every image is decoded once; its `vqgan.image_size` crop (256 for MAGE's VQGAN) is encoded to a 16×16
+grid of codes and its 224 crop goes through DINOv2 to 16×16 patch features, whose nearest centroids
+(`pipeline.assign`, the k-means metric) are the discriminative tokens. Features stay on the device.
+Both grids are position-aligned because both crops cover the same central square of the image.
+
+Output, one folder per split: `<out>/<split>/shard-000123.npz` with `keys` (str [n]), `vq` (uint16
+[n, 256]), `disc` (uint16 [n, 256]) and `labels` (int64 [n]); shard j holds rows
+[j·images_per_shard, (j+1)·images_per_shard) of the split's usable manifest rows, in manifest order.
+Each shard is written atomically with fixed zip timestamps, so a shard's bytes depend only on its
+inputs: an interrupted run resumes by skipping the shards that exist and ends identical to an
+uninterrupted one.
+
+`sample_features` is the pass before k-means: DINOv2 patch features of a seeded random sample of
+train images (a seeded random subset of patches per image) written to one `.npy` for the k-means stage.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lease.codebook import load_codebook
+from lease.io import atomic_path
+from lease.tokenizers import codes_to_uint16, load_vqgan
+from lease.tokenizers.dinov2 import DEFAULT_LAYER, load_dinov2
+from pipeline.assign import Assigner, resolve_device
+from pipeline.images import make_loader
+from pipeline.manifest import SPLIT_ORDER, read_manifest
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: identical inputs → identical shard bytes
+
+
+@dataclass
+class TokenizeSummary:
+    out_dir: Path
+    num_images: dict[str, int]  # tokenized images per split (all shards, including skipped ones)
+    num_shards: dict[str, int]
+    shards_written: int
+    shards_skipped: int  # already complete from an earlier run
+    seconds: float
+    images_per_second: float  # over the images processed by this run
+    vq_codes: int
+    disc_codes: int
+
+
+@dataclass
+class FeatureSampleSummary:
+    path: Path
+    num_images: int
+    patches_per_image: int
+    dim: int
+    dtype: str
+    seconds: float
+    images_per_second: float
+    layer: int = DEFAULT_LAYER
+
+
+# ------------------------------------------------------------------------------------------- shards
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.npz"
+
+
+def save_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an `.npz` (readable by np.load) atomically, with no timestamps that vary between runs."""
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, array in arrays.items():
+                with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH), "w") as fh:
+                    np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def shard_ranges(num_rows: int, images_per_shard: int) -> list[range]:
+    if images_per_shard < 1:
+        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
+    return [range(s, min(s + images_per_shard, num_rows)) for s in range(0, num_rows, images_per_shard)]
+
+
+# ------------------------------------------------------------------------------------ the fused pass
+
+
+class FusedTokenizer:
+    """VQGAN + DINOv2 + nearest centroid on one device: uint8 crops in, two int64 [B, N] token grids out."""
+
+    def __init__(self, vqgan, dinov2, assigner: Assigner, device: torch.device):
+        self.vqgan, self.dinov2, self.assigner, self.device = vqgan, dinov2, assigner, device
+        vq_tokens, dino_tokens = vqgan.grid_size ** 2, dinov2.grid_size ** 2
+        if vq_tokens != dino_tokens:
+            raise ValueError(f"VQGAN grid {vqgan.grid_size}x{vqgan.grid_size} at {vqgan.image_size} px and DINOv2 "
+                             f"grid {dinov2.grid_size}x{dinov2.grid_size} at {dinov2.image_size} px are not "
+                             "position-aligned: choose crop sizes that give both the same grid")
+        if dinov2.embed_dim != assigner.dim:
+            raise ValueError(f"DINOv2 features have D={dinov2.embed_dim} but the codebook has D={assigner.dim}: "
+                             "use the codebook trained on this DINOv2 model and layer")
+
+    @property
+    def crop_sizes(self) -> tuple[int, int]:
+        return self.vqgan.image_size, self.dinov2.image_size
+
+    @torch.inference_mode()
+    def __call__(self, img_vq: torch.Tensor, img_dino: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vq = self.vqgan.encode(to_unit_float(img_vq, self.device)).flatten(1)
+        features = self.dinov2(to_unit_float(img_dino, self.device))  # [B, N, D], never leaves the device
+        return vq, self.assigner.assign(features)
+
+
+def to_unit_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B,3,H,W] (pinned or on device) → float32 in [0, 1] on `device` (the tokenizers' input range)."""
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+def load_fused_tokenizer(*, vqgan_kind: str, vqgan_checkpoint: str | Path, vqgan_config: str | Path | None,
+                         dinov2_kind: str, dinov2_path: str | Path, layer: int, centroids: str | Path,
+                         dino_size: int, dtype: str, device: torch.device) -> FusedTokenizer:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    vqgan = load_vqgan(vqgan_kind, vqgan_checkpoint, vqgan_config, device, dtype=torch_dtype)
+    dinov2 = load_dinov2(dinov2_kind, dinov2_path, device, layer, image_size=dino_size, dtype=torch_dtype)
+    return FusedTokenizer(vqgan, dinov2, Assigner(load_codebook(centroids), device=device), device)
+
+
+def _shard_arrays(rows, shard: range, vq: torch.Tensor, disc: torch.Tensor, vq_codes: int,
+                  disc_codes: int) -> dict[str, np.ndarray]:
+    return {"keys": np.asarray(rows["key"][shard.start:shard.stop], dtype=str),
+            "vq": codes_to_uint16(vq, vq_codes).cpu().numpy(),
+            "disc": codes_to_uint16(disc, disc_codes).cpu().numpy(),
+            "labels": np.asarray(rows["label"][shard.start:shard.stop], dtype=np.int64)}
+
+
+@dataclass
+class SplitResult:
+    images: int  # usable rows of the split
+    shards: int
+    written: int
+    skipped: int  # complete before this run
+    processed: int  # images run through the models by this call
+
+
+def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_dir: Path, *, batch_size: int,
+                   num_workers: int, images_per_shard: int, gpu_decode: bool = False,
+                   max_shards: int | None = None) -> SplitResult:
+    """Tokenize one split into `out_dir/shard-*.npz`, skipping the shards that already exist."""
+    table = read_manifest(manifest, split=split)
+    rows = {"key": table["key"].to_pylist(), "label": table["label"].to_pylist(),
+            "location": table["location"].to_pylist()}
+    shards = shard_ranges(len(rows["key"]), images_per_shard)
+    done = {j for j in range(len(shards)) if (out_dir / shard_name(j)).exists()}
+    pending = [j for j in range(len(shards)) if j not in done][:max_shards]
+    if not pending:
+        return SplitResult(len(rows["key"]), len(shards), 0, len(done), 0)
+
+    # One loader over the pending shards' rows (in order); outputs are cut back into shards as they come.
+    order = [i for j in pending for i in shards[j]]
+    loader = make_loader([rows["location"][i] for i in order], batch_size, num_workers,
+                         pin_memory=model.device.type == "cuda", sizes=model.crop_sizes, gpu_decode=gpu_decode,
+                         device=model.device)
+    bar = tqdm(total=len(order), desc=f"tokenize {split}", unit="img", dynamic_ncols=True, disable=None)
+    queue = list(pending)
+    vq_parts: list[torch.Tensor] = []
+    disc_parts: list[torch.Tensor] = []
+    filled = 0
+    for _, img_vq, img_dino in loader:
+        vq, disc = model(img_vq, img_dino)
+        vq_parts.append(vq)
+        disc_parts.append(disc)
+        filled += vq.shape[0]
+        bar.update(vq.shape[0])
+        while queue and filled >= len(shards[queue[0]]):
+            j = queue.pop(0)
+            n = len(shards[j])
+            vq_all, disc_all = torch.cat(vq_parts), torch.cat(disc_parts)
+            save_shard(out_dir / shard_name(j), _shard_arrays(rows, shards[j], vq_all[:n], disc_all[:n],
+                                                              model.vqgan.num_codes, model.assigner.num_centroids))
+            vq_parts, disc_parts, filled = [vq_all[n:]], [disc_all[n:]], filled - n
+    bar.close()
+    return SplitResult(len(rows["key"]), len(shards), len(pending), len(done), len(order))
+
+
+def tokenize(manifest: str | Path, centroids: str | Path, out_dir: str | Path, *, vqgan_kind: str,
+             vqgan_checkpoint: str | Path, vqgan_config: str | Path | None = None, dinov2_kind: str = "hf",
+             dinov2_path: str | Path, layer: int = DEFAULT_LAYER, dino_size: int = 224,
+             splits: Sequence[str] = SPLIT_ORDER, batch_size: int = 128, num_workers: int = 8,
+             images_per_shard: int = 10_000, dtype: str = "auto", device: str | torch.device = "auto",
+             gpu_decode: bool = False, max_shards: int | None = None) -> TokenizeSummary:
+    """Tokenize the usable rows of each split of `manifest` into `out_dir/<split>/shard-*.npz`.
+
+    `max_shards` stops after that many new shards per split (a later call continues); `gpu_decode`
+    decodes JPEGs with nvJPEG on `device`.
+    """
+    device = resolve_device(device)
+    out_dir = Path(out_dir)
+    model = load_fused_tokenizer(vqgan_kind=vqgan_kind, vqgan_checkpoint=vqgan_checkpoint, vqgan_config=vqgan_config,
+                                 dinov2_kind=dinov2_kind, dinov2_path=dinov2_path, layer=layer, centroids=centroids,
+                                 dino_size=dino_size, dtype=dtype, device=device)
+    log.info("tokenize on %s: VQGAN %s (%d codes, %d px), DINOv2 %s layer %d (%d px), %d centroids", device,
+             vqgan_kind, model.vqgan.num_codes, model.vqgan.image_size, dinov2_kind, layer, dino_size,
+             model.assigner.num_centroids)
+    start = time.perf_counter()
+    results = {split: tokenize_split(model, manifest, split, out_dir / split, batch_size=batch_size,
+                                     num_workers=num_workers, images_per_shard=images_per_shard,
+                                     gpu_decode=gpu_decode, max_shards=max_shards) for split in splits}
+    seconds = time.perf_counter() - start
+    processed = sum(r.processed for r in results.values())
+    summary = TokenizeSummary(out_dir, {s: r.images for s, r in results.items()},
+                              {s: r.shards for s, r in results.items()}, sum(r.written for r in results.values()),
+                              sum(r.skipped for r in results.values()), seconds,
+                              processed / seconds if seconds > 0 else 0.0, model.vqgan.num_codes,
+                              model.assigner.num_centroids)
+    log.info("tokenized %s images into %s shards (%d written, %d already done) in %.1f s (%.0f img/s)",
+             summary.num_images, summary.num_shards, summary.shards_written, summary.shards_skipped, seconds,
+             summary.images_per_second)
+    return summary
+
+
+def read_shards(folder: str | Path) -> dict[str, np.ndarray]:
+    """All shards of one split folder concatenated in order (for tests, statistics and packing)."""
+    paths = sorted(Path(folder).glob("shard-*.npz"))
+    if not paths:
+        raise FileNotFoundError(f"no shard-*.npz in {folder}: run the tokenize stage first")
+    parts = [dict(np.load(p, allow_pickle=False)) for p in paths]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+# ------------------------------------------------------------------------------------ feature sample
+
+
+def sample_rows(num_rows: int, num_images: int, seed: int) -> np.ndarray:
+    """A seeded random subset of row indices, sorted (files are then read in manifest order)."""
+    rng = np.random.default_rng(seed)
+    take = min(num_images, num_rows)
+    return np.sort(rng.choice(num_rows, size=take, replace=False))
+
+
+def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: str, dinov2_path: str | Path,
+                    layer: int = DEFAULT_LAYER, num_images: int = 100_000, patches_per_image: int = 64,
+                    seed: int = 0, batch_size: int = 256, num_workers: int | None = None, dino_size: int = 224,
+                    dtype: str = "auto", out_dtype: str = "float16", device: str | torch.device = "auto",
+                    gpu_decode: bool = False) -> FeatureSampleSummary:
+    """DINOv2 patch features of a seeded sample of train images → `.npy` [num_images·patches, D].
+
+    The patch subset of each image is drawn from a CPU generator seeded with `seed`, in row order, so the
+    sample is the same on any device and with any batch size. `num_workers` defaults to min(8, cores).
+    """
+    num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    if out_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"out_dtype {out_dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    dinov2 = load_dinov2(dinov2_kind, dinov2_path, device, layer, image_size=dino_size, dtype=DTYPES[dtype])
+    num_patches = dinov2.grid_size ** 2
+    if not 1 <= patches_per_image <= num_patches:
+        raise ValueError(f"patches_per_image must be in [1, {num_patches}], got {patches_per_image}")
+    table = read_manifest(manifest, split="train")
+    if table.num_rows == 0:
+        raise ValueError(f"{manifest} has no usable train images to sample features from")
+    chosen = sample_rows(table.num_rows, num_images, seed)
+    locations = table["location"].to_pylist()
+    loader = make_loader([locations[i] for i in chosen], batch_size, num_workers,
+                         pin_memory=device.type == "cuda", sizes=(dino_size,), gpu_decode=gpu_decode, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    out_path = Path(out_path)
+    start, done = time.perf_counter(), 0
+    bar = tqdm(total=len(chosen), desc="sample features", unit="img", dynamic_ncols=True, disable=None)
+    with atomic_path(out_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=FEATURE_DTYPES[out_dtype],
+                                        shape=(len(chosen) * patches_per_image, dinov2.embed_dim))
+        for _, img in loader:
+            n = img.shape[0]
+            pick = torch.rand(n, num_patches, generator=generator).argsort(dim=1)[:, :patches_per_image]
+            features = dinov2(to_unit_float(img, device))
+            picked = features.gather(1, pick.to(device)[..., None].expand(-1, -1, features.shape[-1]))
+            out[done * patches_per_image:(done + n) * patches_per_image] = \
+                picked.reshape(-1, features.shape[-1]).to(torch.float32).cpu().numpy()
+            done += n
+            bar.update(n)
+        out.flush()
+        del out
+    bar.close()
+    seconds = time.perf_counter() - start
+    log.info("sampled %d patch features of %d images (dim %d, %s) into %s in %.1f s", len(chosen) * patches_per_image,
+             len(chosen), dinov2.embed_dim, out_dtype, out_path, seconds)
+    return FeatureSampleSummary(out_path, len(chosen), patches_per_image, dinov2.embed_dim, out_dtype, seconds,
+                                len(chosen) / seconds if seconds > 0 else 0.0, layer)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("manifest", type=Path, help="parquet manifest from the manifest stage")
+        p.add_argument("--dinov2-kind", default="hf", choices=["hf", "timm"])
+        p.add_argument("--dinov2", type=Path, required=True, help="HF model directory or timm weights file")
+        p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="DINOv2 block (default: third from last)")
+        p.add_argument("--dino-size", type=int, default=224, help="DINOv2 crop size")
+        p.add_argument("--batch-size", type=int, default=128)
+        p.add_argument("--num-workers", type=int, default=8, help="decode worker processes")
+        p.add_argument("--dtype", default="auto", choices=list(DTYPES))
+        p.add_argument("--device", default="auto")
+        p.add_argument("--gpu-decode", action="store_true", help="decode JPEGs with nvJPEG on the device")
+
+    p = sub.add_parser("run", help="VQGAN codes + codebook ids of every usable image, sharded")
+    common(p)
+    p.add_argument("--centroids", type=Path, required=True, help="codebook .npy float32 [K, D]")
+    p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per split)")
+    p.add_argument("--vqgan-kind", default="maskgit", choices=["maskgit", "taming"])
+    p.add_argument("--vqgan", type=Path, required=True, help="VQGAN checkpoint")
+    p.add_argument("--vqgan-config", type=Path, default=None, help="taming YAML config (kind taming)")
+    p.add_argument("--images-per-shard", type=int, default=10_000)
+    p.add_argument("--splits", nargs="+", default=list(SPLIT_ORDER), choices=list(SPLIT_ORDER))
+    p.add_argument("--max-shards", type=int, default=None, help="stop after this many new shards per split")
+
+    p = sub.add_parser("features", help="DINOv2 patch features of a random train sample, for k-means")
+    common(p)
+    p.add_argument("--out", type=Path, required=True, help=".npy file to write")
+    p.add_argument("--num-images", type=int, default=100_000)
+    p.add_argument("--patches-per-image", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dtype", default="float16", choices=list(FEATURE_DTYPES))
+
+    args = parser.parse_args(argv)
+    shared = dict(dinov2_kind=args.dinov2_kind, dinov2_path=args.dinov2, layer=args.layer, dino_size=args.dino_size,
+                  batch_size=args.batch_size, num_workers=args.num_workers, dtype=args.dtype, device=args.device,
+                  gpu_decode=args.gpu_decode)
+    if args.command == "run":
+        tokenize(args.manifest, args.centroids, args.out, vqgan_kind=args.vqgan_kind, vqgan_checkpoint=args.vqgan,
+                 vqgan_config=args.vqgan_config, splits=args.splits, images_per_shard=args.images_per_shard,
+                 max_shards=args.max_shards, **shared)
+    else:
+        sample_features(args.manifest, args.out, num_images=args.num_images, patches_per_image=args.patches_per_image,
+                        seed=args.seed, out_dtype=args.out_dtype, **shared)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

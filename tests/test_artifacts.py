@@ -1,0 +1,140 @@
+"""The artifact cache: hits, misses after a change, and never a hit on a missing or damaged output."""
+import json
+import os
+
+import pytest
+
+from pipeline.artifacts import (RECORD_NAME, ArtifactStore, StageSpec, code_version, input_digest, pending_items,
+                                quick_file_digest)
+
+
+def spec(config=None, upstream=None, inputs=None, stage="demo", code="v1") -> StageSpec:
+    return StageSpec(stage=stage, config=config or {"n": 3}, code_version=code, upstream=upstream or {},
+                     inputs=inputs or {})
+
+
+class CountingBuild:
+    """A stage that writes a small and a large output and counts its runs."""
+
+    def __init__(self, big_bytes: int = 5 << 20):
+        self.calls, self.big_bytes = 0, big_bytes
+
+    def __call__(self, out):
+        self.calls += 1
+        (out / "small.json").write_text(json.dumps({"call": self.calls}))
+        (out / "shards").mkdir()
+        (out / "shards" / "big.bin").write_bytes(os.urandom(self.big_bytes))
+        return {"rows": 3}
+
+
+def test_second_run_is_a_hit_with_the_recorded_result(tmp_path):
+    store, build = ArtifactStore(tmp_path), CountingBuild()
+    first = store.run(spec(), build)
+    second = store.run(spec(), build)
+    assert (first.status, second.status, build.calls) == ("ran", "cached", 1)
+    assert second.result == {"rows": 3} and second.key == first.key
+    record = json.loads((tmp_path / "demo" / first.key / RECORD_NAME).read_text())
+    assert record["outputs"]["shards/big.bin"]["size"] == 5 << 20
+    assert set(record) >= {"stage", "code_version", "config", "upstream", "inputs", "outputs", "seconds"}
+    assert not list((tmp_path / "demo").glob("*.partial"))  # published by rename
+
+
+@pytest.mark.parametrize("change", [
+    {"config": {"n": 4}}, {"upstream": {"manifest": "abc"}}, {"inputs": {"ckpt": "d1"}}, {"code": "v2"},
+])
+def test_any_change_of_what_determines_the_output_is_a_miss(tmp_path, change):
+    store, build = ArtifactStore(tmp_path), CountingBuild(big_bytes=10)
+    base = store.run(spec(), build)
+    changed = store.run(spec(**change), build)
+    assert changed.status == "ran" and changed.key != base.key and build.calls == 2
+
+
+@pytest.mark.parametrize("damage", ["delete_dir", "delete_file", "truncate", "flip_small", "flip_big_same_mtime",
+                                    "delete_record"])
+def test_missing_or_damaged_output_recomputes(tmp_path, damage):
+    store, build = ArtifactStore(tmp_path), CountingBuild()
+    key = store.run(spec(), build).key
+    root = tmp_path / "demo" / key
+    big = root / "shards" / "big.bin"
+    if damage == "delete_dir":
+        import shutil
+        shutil.rmtree(root)
+    elif damage == "delete_file":
+        big.unlink()
+    elif damage == "truncate":
+        big.write_bytes(big.read_bytes()[:-1])
+    elif damage == "flip_small":
+        (root / "small.json").write_text(json.dumps({"call": 9}))  # same size, other content
+    elif damage == "flip_big_same_mtime":
+        stat = big.stat()
+        data = bytearray(big.read_bytes())
+        data[123] ^= 0xFF
+        big.write_bytes(bytes(data))
+        os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # only a full verify can see this
+        assert store.run(spec(), build).status == "cached"
+        assert store.run(spec(), build, verify=True).status == "ran"
+        return
+    elif damage == "delete_record":
+        (root / RECORD_NAME).unlink()
+    record, reason = store.check(spec())
+    assert record is None and reason != "hit"
+    assert store.run(spec(), build).status == "ran" and build.calls == 2
+    assert store.run(spec(), build).status == "cached"
+
+
+def test_failed_build_publishes_nothing_and_the_rerun_resumes_in_the_partial_dir(tmp_path):
+    store = ArtifactStore(tmp_path)
+    written = []
+
+    def build(out):
+        todo = pending_items(range(4), out, lambda i: f"shard-{i}.npy")
+        for i in todo:
+            (out / f"shard-{i}.npy").write_bytes(b"x" * (i + 1))
+            written.append(i)
+            if i == 1 and len(written) == 2:
+                raise KeyboardInterrupt  # killed after two shards
+        return {"shards": 4}
+
+    with pytest.raises(KeyboardInterrupt):
+        store.run(spec(), build)
+    assert store.check(spec())[0] is None
+    assert store.run(spec(), build).status == "ran"
+    assert written == [0, 1, 2, 3]  # shards 0 and 1 were not redone
+    assert store.run(spec(), build).status == "cached"
+
+
+def test_forced_run_starts_fresh_and_replaces_the_artifact(tmp_path):
+    store, build = ArtifactStore(tmp_path), CountingBuild(big_bytes=10)
+    key = store.run(spec(), build).key
+    assert store.run(spec(), build, force=True).status == "ran"
+    assert json.loads((tmp_path / "demo" / key / "small.json").read_text()) == {"call": 2}
+
+
+def test_input_digests_change_with_content_or_metadata(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"a" * (3 << 20))  # > 2 MiB: head/tail digest
+    before = quick_file_digest(ckpt)
+    data = bytearray(ckpt.read_bytes())
+    data[-5] = ord("b")
+    ckpt.write_bytes(bytes(data))
+    assert quick_file_digest(ckpt) != before
+    images = tmp_path / "images" / "cls"
+    images.mkdir(parents=True)
+    (images / "a.jpg").write_bytes(b"1")
+    tree = input_digest(tmp_path / "images", content=False)
+    (images / "b.jpg").write_bytes(b"2")
+    assert input_digest(tmp_path / "images", content=False) != tree
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        input_digest(tmp_path / "nope")
+
+
+def test_code_version_follows_the_source(tmp_path, monkeypatch):
+    pkg = tmp_path / "fakestage"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = code_version(["fakestage"])
+    (pkg / "__init__.py").write_text("X = 2\n")
+    assert code_version(["fakestage"]) != first
+    with pytest.raises(ModuleNotFoundError, match="no_such_stage"):
+        code_version(["no_such_stage"])

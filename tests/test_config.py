@@ -1,0 +1,58 @@
+"""Pipeline config: presets load, overrides apply, bad keys and values fail naming the key."""
+import pytest
+
+from lease.typed_config import ConfigError
+from pipeline.cli import main as lease_main
+from pipeline.config import load_pipeline_config
+
+
+def test_demo_preset_loads_with_its_trainer_preset():
+    cfg = load_pipeline_config("demo")
+    assert cfg.uses_demo_data and cfg.uses_demo_assets
+    assert cfg.pretrain.preset == "tiny" and cfg.pretrain.model.embed_dim == 64  # preset filled the sizes
+    assert cfg.pretrain.model.vocab_gen == cfg.tokenizers.demo.vqgan_codes
+
+
+def test_overrides_reach_nested_sections():
+    cfg = load_pipeline_config("demo", ["kmeans.k=32", "pretrain.model.dropout=0.5", "tokenizers.dinov2.layer=-2"])
+    assert (cfg.kmeans.k, cfg.pretrain.model.dropout, cfg.tokenizers.dinov2.layer) == (32, 0.5, -2)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("kmeans.kk=3", "kmeans.kk"),
+    ("nosuch=1", "nosuch"),
+    ("kmeans.k=many", "kmeans.k"),
+    ("kmeans.k=1", "kmeans.k"),
+    ("tokenizers.vqgan.kind=jax", "tokenizers.vqgan.kind"),
+    ("pretrain.model.depth=x", "pretrain.model.depth"),
+    ("pretrain.optim.nope=1", "pretrain.optim.nope"),
+    ("pretrain.batch_size=0", "pretrain.batch_size"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
+    ("data.source=/no/such/folder", "data.source"),
+    ("kmeans.codebook=/no/such/km.npy", "kmeans.codebook"),
+    ("pretrain.model.vocab_gen=1024", "pretrain.model.vocab_gen"),  # the demo VQGAN has 64 codes
+    ("kmeans.k=100000", "kmeans.k"),  # more centroids than sampled features
+])
+def test_bad_key_or_value_is_named(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_pipeline_config("demo", [override])
+    assert named in str(err.value)
+
+
+def test_paper_preset_needs_its_files_and_loads_when_they_exist(tmp_path):
+    with pytest.raises(ConfigError, match="data.source"):
+        load_pipeline_config("in1k_vitb")
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "vqgan.ckpt").write_bytes(b"")
+    (tmp_path / "dinov2").mkdir()
+    cfg = load_pipeline_config("in1k_vitb", [f"data.source={tmp_path / 'imagenet'}",
+                                             f"tokenizers.vqgan.checkpoint={tmp_path / 'vqgan.ckpt'}",
+                                             f"tokenizers.dinov2.path={tmp_path / 'dinov2'}"])
+    assert cfg.kmeans.k == 16384 and cfg.pretrain.epochs == 1600 and cfg.pretrain.batch_size == 4096
+    assert cfg.pretrain.model.embed_dim == 768 and cfg.pretrain.model.depth == 12
+
+
+def test_lease_run_rejects_a_bad_key_before_any_work(tmp_path, caplog):
+    assert lease_main(["run", "--config", "demo", f"artifacts={tmp_path}", "pack.samples_per_shard=lots"]) == 2
+    assert "pack.samples_per_shard" in caplog.text
+    assert not any(tmp_path.iterdir())  # nothing ran

@@ -1,0 +1,144 @@
+"""The Prefect flow end to end: a real local server, the served `lease/full-pipeline` deployment run
+through the API on a tiny demo config, then cache behaviour of the in-process flows against that server."""
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # a real server, a served deployment and three pipeline runs (~50 s on 2 cores)
+
+# Prefect's home (results, cache records) in a temp dir, set before Prefect is imported; no network.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="lease-prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+import flows  # noqa: E402,F401  (the project's Prefect defaults: analytics and telemetry off)
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.deployments import run_deployment  # noqa: E402
+from prefect.settings import PREFECT_API_URL  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.lease_flow import StageFailed, lease_flow, tokenize_flow  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack", "pretrain",
+              "evaluate"]
+TINY = [  # the demo preset at test sizes: 4 classes, 24 train + 8 val images, 4 training steps
+    "demo_data.num_classes=4", "demo_data.train_per_class=6", "demo_data.val_per_class=2",
+    "demo_data.image_size=32", "features.num_images=16", "features.patches_per_image=16",
+    "features.num_workers=0", "kmeans.k=8", "kmeans.iters=3", "tokenize.num_workers=1",
+    "tokenize.images_per_shard=16", "pack.samples_per_shard=16", "pretrain.batch_size=8", "pretrain.max_steps=4",
+    "pretrain.log_every=2", "evaluate.knn.k=3", "evaluate.linear_probe.epochs=2",
+    "evaluate.linear_probe.batch_size=8", "evaluate.generate.num_images=4", "evaluate.generate.batch_size=4",
+    "evaluate.generate.num_steps=2", "evaluate.grid_rows=2", "evaluate.batch_size=16",
+]
+
+
+def statuses(artifacts: Path) -> dict[str, str]:
+    record = json.loads((artifacts / "runs" / "latest.json").read_text())
+    return {row["name"]: row["status"] for row in record["stages"]}
+
+
+def serve_deployment(api_url: str, artifacts: Path, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    with log_path.open("w") as log:
+        return subprocess.Popen([sys.executable, "-m", "flows.deploy", "--config", "demo", *TINY,
+                                 f"artifacts={artifacts}"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_deployment(name: str, server: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"the deployment server exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except Exception:  # not registered yet
+                time.sleep(1)
+    pytest.fail(f"deployment {name} was not registered within {timeout} s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def deployed_run(tmp_path_factory):
+    """Start a local server, serve lease/full-pipeline, run it once through the API; keep the server up."""
+    root = tmp_path_factory.mktemp("flow")
+    artifacts, log_path = root / "artifacts", root / "serve.log"
+    with prefect_test_harness(server_startup_timeout=120):
+        server = serve_deployment(PREFECT_API_URL.value(), artifacts, log_path)
+        try:
+            wait_for_deployment("lease/full-pipeline", server, log_path)
+            flow_run = run_deployment("lease/full-pipeline", timeout=600)
+            first = statuses(artifacts) if (artifacts / "runs" / "latest.json").is_file() else {}
+            forced = run_deployment("lease/full-pipeline", parameters={"force": ["pretrain"]}, timeout=600)
+            yield {"root": root, "artifacts": artifacts, "run": flow_run, "first": first, "forced": forced,
+                   "after_force": statuses(artifacts), "log": log_path}
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def run_tokenize(artifacts: Path, *extra: str) -> dict[str, str]:
+    tokenize_flow(config="demo", overrides=[*TINY, f"artifacts={artifacts}", *extra])
+    return statuses(artifacts)
+
+
+def test_deployment_runs_every_stage_through_the_api(deployed_run):
+    state = deployed_run["run"].state
+    assert state.is_completed(), f"{state}\n{deployed_run['log'].read_text()[-4000:]}"
+    assert deployed_run["first"] == {name: "ran" for name in ALL_STAGES}
+    record = json.loads((deployed_run["artifacts"] / "runs" / "latest.json").read_text())
+    assert record["flow"] == "lease" and all(row["key"] and row["seconds"] >= 0 for row in record["stages"])
+    evaluation = Path(record["artifacts"]["evaluate"])
+    assert (evaluation / "report" / "report.md").is_file() and (evaluation / "knn.json").is_file()
+
+
+def test_forcing_pretrain_reruns_it_and_its_dependents_only(deployed_run):
+    assert deployed_run["forced"].state.is_completed()
+    expected = {name: "cached" for name in ALL_STAGES} | {"pretrain": "ran", "evaluate": "ran"}
+    assert deployed_run["after_force"] == expected
+
+
+def test_prefect_cache_and_artifact_records_agree(deployed_run):
+    artifacts = deployed_run["artifacts"]  # in-process flows below talk to the fixture's server
+    assert set(run_tokenize(artifacts).values()) == {"cached"}
+
+    # Prefect holds a cache record for k-means, but its artifact is gone: it must recompute.
+    kmeans_dirs = list((artifacts / "kmeans").iterdir())
+    shutil.rmtree(kmeans_dirs[0])
+    after_delete = run_tokenize(artifacts)
+    assert after_delete["kmeans"] == "ran"
+    assert {s for n, s in after_delete.items() if n != "kmeans"} == {"cached"}
+
+    # A damaged shard (same size, other bytes) is caught by the digest of small outputs.
+    shard = next((artifacts / "pack").glob("*/train/shard-*.tar"))
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert run_tokenize(artifacts)["pack"] == "ran"
+
+    # A changed config recomputes that stage and what depends on it, nothing upstream.
+    changed = run_tokenize(artifacts, "kmeans.iters=4")
+    assert [n for n, s in changed.items() if s == "ran"] == ["kmeans", "tokenize", "pack"]
+
+    # A failing stage is reported as failed in the table, and the run fails: 1000 images x 16 patches
+    # would allow 1000 centroids, but only 24 train images exist, so k-means gets 384 vectors.
+    with pytest.raises(StageFailed, match="kmeans"):
+        tokenize_flow(config="demo", overrides=[*TINY, f"artifacts={artifacts}", "features.num_images=1000",
+                                                "kmeans.k=1000"])
+    assert statuses(artifacts)["kmeans"] == "failed"
+
+
+def test_flow_rejects_a_bad_config_before_any_stage(deployed_run, tmp_path):
+    from lease.typed_config import ConfigError
+
+    with pytest.raises(ConfigError, match="kmeans.kk"):
+        lease_flow(config="demo", overrides=[f"artifacts={tmp_path}", "kmeans.kk=3"])
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,146 @@
+"""Decoding: RGB conversion of every mode, both center crops from one decode, loader batches, GPU-path parity."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.images import (RawBatch, both_crops, center_square, collate_encoded, decode_raw_batch, decode_rgb,
+                             EncodedDataset, is_gpu_decodable_jpeg, make_loader, pil_to_tensor, resize_squares)
+
+SIZES = (32, 28)  # the 256/224 pair at tiny scale: same code path, sizes from arguments
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _gradient(width: int, height: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1),
+                     (x + y) * 255 // max(1, width + height - 2)], -1).astype(np.uint8)
+
+
+def test_every_mode_becomes_rgb():
+    rgb = Image.fromarray(_gradient(20, 10))
+    palette_with_alpha = rgb.convert("P")
+    palette_with_alpha.info["transparency"] = 0
+    cases = {
+        "L": _encode(rgb.convert("L"), "PNG"),
+        "RGBA": _encode(rgb.convert("RGBA"), "PNG"),
+        "P": _encode(rgb.convert("P"), "PNG"),
+        "P+transparency": _encode(palette_with_alpha, "PNG"),
+        "CMYK": _encode(rgb.convert("CMYK"), "JPEG"),
+        "LA": _encode(rgb.convert("LA"), "PNG"),
+        "1": _encode(rgb.convert("1"), "PNG"),
+    }
+    for name, data in cases.items():
+        out = decode_rgb(data)
+        assert out.mode == "RGB" and out.size == (20, 10), name
+    sixteen = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    out = np.asarray(decode_rgb(_encode(Image.fromarray(sixteen), "PNG")))
+    assert out.shape == (1, 3, 3) and out[0, :, 1].tolist() == [0, 100, 255]  # 16-bit gray scaled, not clipped
+    # The GPU path sends only YCbCr/gray JPEGs to nvJPEG; CMYK JPEGs and other formats go decoded.
+    assert is_gpu_decodable_jpeg(_encode(rgb, "JPEG")) and is_gpu_decodable_jpeg(_encode(rgb.convert("L"), "JPEG"))
+    assert not is_gpu_decodable_jpeg(cases["CMYK"]) and not is_gpu_decodable_jpeg(cases["RGBA"])
+    gray = np.asarray(decode_rgb(cases["L"]))
+    assert np.array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_crops_cover_the_same_central_square():
+    """A wide image: both crops show its central square (equal to resize-short-side + center crop)."""
+    img = torch.from_numpy(_gradient(90, 40)).permute(2, 0, 1).contiguous()
+    square = center_square(img)
+    assert square.shape == (3, 40, 40) and torch.equal(square, img[:, :, 25:65])
+    tall = center_square(img.transpose(1, 2))
+    assert tall.shape == (3, 40, 40)
+    big, small = both_crops(img, SIZES)
+    assert big.shape == (3, 32, 32) and small.shape == (3, 28, 28) and big.dtype == torch.uint8
+    # Each crop equals torchvision's resize(short side) + center crop to within a pixel shift of rounding.
+    from torchvision.transforms.v2 import functional as TF
+    reference = TF.center_crop(TF.resize(img.float(), 32, interpolation=TF.InterpolationMode.BICUBIC,
+                                         antialias=True), 32).round().clamp(0, 255)
+    assert (reference - big.float()).abs().mean() < 3.0
+    # The CPU kernel is PIL's bicubic filter (within one grey level).
+    pil = Image.fromarray(square.permute(1, 2, 0).numpy()).resize((32, 32), Image.BICUBIC)
+    assert (pil_to_tensor(pil).int() - big.int()).abs().max() <= 1
+    # Identity when the square already has the target size.
+    assert torch.equal(resize_squares(square.unsqueeze(0), 40)[0], square)
+
+
+def test_crops_of_a_known_pattern():
+    """Left half red, right half blue, square image: the crops keep the halves in place."""
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:, :32, 0] = 255
+    pixels[:, 32:, 2] = 255
+    big, small = both_crops(pil_to_tensor(Image.fromarray(pixels)), SIZES)
+    for crop, size in ((big, 32), (small, 28)):
+        assert torch.all(crop[0, :, : size // 2 - 2] == 255) and torch.all(crop[2, :, : size // 2 - 2] == 0)
+        assert torch.all(crop[2, :, size // 2 + 2:] == 255) and torch.all(crop[0, :, size // 2 + 2:] == 0)
+
+
+@pytest.fixture()
+def image_files(tmp_path):
+    rng = np.random.default_rng(0)
+    locations = []
+    for i, (w, h) in enumerate([(50, 37), (37, 50), (40, 40), (64, 31), (33, 45)]):
+        pixels = (_gradient(w, h).astype(int) + rng.integers(0, 30, (h, w, 3))).clip(0, 255).astype(np.uint8)
+        path = tmp_path / f"img{i}.jpg"
+        path.write_bytes(_encode(Image.fromarray(pixels), "JPEG", quality=95))
+        locations.append(str(path))
+    gray = tmp_path / "gray.png"
+    gray.write_bytes(_encode(Image.fromarray(_gradient(30, 20)).convert("L"), "PNG"))
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        data = _encode(Image.fromarray(_gradient(44, 36)), "JPEG", quality=95)
+        info = tarfile.TarInfo("k0.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return locations + [str(gray), f"{tmp_path / 'shard.tar'}::k0.jpg"]
+
+
+def _expected(location: str) -> list[torch.Tensor]:
+    from pipeline.images import read_bytes
+    return both_crops(pil_to_tensor(decode_rgb(read_bytes(location))), SIZES)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_batches_in_row_order(image_files, num_workers):
+    loader = make_loader(image_files, batch_size=3, num_workers=num_workers, pin_memory=False, sizes=SIZES)
+    batches = list(loader)
+    assert [b[0].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6]]
+    index, big, small = (torch.cat(parts) for parts in zip(*batches))
+    assert index.dtype == torch.int64 and big.dtype == torch.uint8
+    assert big.shape == (7, 3, 32, 32) and small.shape == (7, 3, 28, 28)
+    for i, location in enumerate(image_files):
+        want_big, want_small = _expected(location)
+        assert torch.equal(big[i], want_big) and torch.equal(small[i], want_small)
+
+
+def test_encoded_path_matches_cpu_path(image_files):
+    """The GPU decoder's batch logic, run on the CPU with torchvision's JPEG decoder: same crops."""
+    dataset = EncodedDataset(image_files)
+    batch = collate_encoded([dataset[i] for i in range(len(dataset))])
+    assert isinstance(batch, RawBatch) and batch.jpeg_lengths.numel() == 6 and batch.pixel_shapes.tolist() == [[20, 30]]
+    index, big, small = decode_raw_batch(batch, SIZES, "cpu")
+    assert index.tolist() == list(range(7))  # row order restored (the PNG travelled decoded, after the JPEGs)
+    for row, i in enumerate(index.tolist()):
+        want_big, want_small = _expected(image_files[i])
+        # libjpeg (PIL) and torchvision's decoder may round the IDCT differently by a level or two.
+        assert (big[row].int() - want_big.int()).abs().max() <= 3
+        assert (small[row].int() - want_small.int()).abs().max() <= 3
+    if torch.cuda.is_available():  # float resampling on the device: within a few grey levels of the CPU
+        _, big_gpu, _ = decode_raw_batch(batch, SIZES, "cuda")
+        assert (big_gpu.cpu().float() - big.float()).abs().mean() < 0.5
+
+
+def test_loader_rejects_bad_arguments(image_files):
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader(image_files, batch_size=0, num_workers=0, pin_memory=False)
+    with pytest.raises(ValueError, match="crop size"):
+        make_loader(image_files, batch_size=2, num_workers=0, pin_memory=False, sizes=())

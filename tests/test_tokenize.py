@@ -1,0 +1,153 @@
+"""Fused tokenize stage: shard contents against the modules run by hand, resume equality, feature sample."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lease.io import file_digest
+from lease.tokenizers import load_vqgan
+from lease.tokenizers.dinov2 import load_dinov2
+from lease.tokenizers.vqgan_maskgit import MaskGITVQGAN, MaskGITVQGANConfig
+from pipeline import tokenize as tok
+from pipeline.assign import nearest_centroid
+from pipeline.demo_data import make_demo_dataset
+from pipeline.images import both_crops, decode_rgb, pil_to_tensor, read_bytes
+from pipeline.manifest import build_manifest, read_manifest
+
+DINO_SIZE = 32  # patch 2 → the same 16x16 grid as the f4 VQGAN at 64 px
+K = 16
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A demo manifest, a tiny MaskGIT VQGAN and HF DINOv2 in their real formats, and a codebook."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    root = tmp_path_factory.mktemp("tokenize")
+    make_demo_dataset(root / "images", num_classes=3, train_per_class=4, val_per_class=2, image_size=40, seed=0)
+    build_manifest(root / "images", root / "manifest.parquet", num_workers=0)
+    torch.manual_seed(0)
+    vq = MaskGITVQGAN(MaskGITVQGANConfig(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=8, embed_dim=8,
+                                         n_embed=32, resolution=64))
+    torch.save({"state_dict": vq.state_dict()}, root / "vqgan.ckpt")
+    dino = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                    patch_size=2, image_size=DINO_SIZE))
+    dino.save_pretrained(root / "dinov2")
+    # Centroids drawn from real patch features (as k-means would start), so many ids get used.
+    tok.sample_features(root / "manifest.parquet", root / "features.npy", dinov2_kind="hf", dinov2_path=root / "dinov2",
+                        layer=-2, num_images=K // 2, patches_per_image=2, dino_size=DINO_SIZE, num_workers=0,
+                        device="cpu", out_dtype="float32")
+    np.save(root / "centroids.npy", np.load(root / "features.npy"))
+    return root
+
+
+def _run(assets, out, **kw):
+    args = dict(vqgan_kind="maskgit", vqgan_checkpoint=assets / "vqgan.ckpt", dinov2_kind="hf",
+                dinov2_path=assets / "dinov2", layer=-2, dino_size=DINO_SIZE, batch_size=3, num_workers=0,
+                images_per_shard=5, device="cpu")
+    args.update(kw)
+    return tok.tokenize(assets / "manifest.parquet", assets / "centroids.npy", out, **args)
+
+
+def _digests(folder):
+    return {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def full_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    summary = _run(assets, out)
+    return out, summary
+
+
+def test_shards_hold_the_tokens_of_every_usable_image(assets, full_run):
+    out, summary = full_run
+    assert summary.num_images == {"train": 12, "val": 6} and summary.num_shards == {"train": 3, "val": 2}
+    assert summary.shards_written == 5 and summary.shards_skipped == 0 and summary.vq_codes == 32
+    assert summary.disc_codes == K
+    train = tok.read_shards(out / "train")
+    rows = read_manifest(assets / "manifest.parquet", split="train").to_pylist()
+    assert train["keys"].tolist() == [r["key"] for r in rows]
+    assert train["labels"].tolist() == [r["label"] for r in rows] and train["labels"].dtype == np.int64
+    assert train["vq"].dtype == np.uint16 and train["vq"].shape == (12, 256) and train["vq"].max() < 32
+    assert train["disc"].dtype == np.uint16 and train["disc"].shape == (12, 256) and train["disc"].max() < K
+    assert len(np.unique(train["vq"])) > 1 and len(np.unique(train["disc"])) > 1
+
+    # The same tokens, computed by hand image by image from the tokenizers and the assignment.
+    vqgan = load_vqgan("maskgit", assets / "vqgan.ckpt", None, "cpu")
+    dino = load_dinov2("hf", assets / "dinov2", "cpu", -2, image_size=DINO_SIZE)
+    centroids = torch.from_numpy(np.load(assets / "centroids.npy"))
+    for i in (0, 6, 11):
+        img64, img32 = both_crops(pil_to_tensor(decode_rgb(read_bytes(rows[i]["location"]))), (64, DINO_SIZE))
+        codes = vqgan.encode(img64[None].float() / 255).flatten(1)[0]
+        disc = nearest_centroid(dino(img32[None].float() / 255), centroids)[0]
+        assert np.array_equal(train["vq"][i], codes.numpy()) and np.array_equal(train["disc"][i], disc.numpy())
+
+
+def test_interrupted_run_resumes_to_identical_bytes(assets, full_run, tmp_path, monkeypatch):
+    reference, _ = full_run
+    out = tmp_path / "resumed"
+    first = _run(assets, out, max_shards=1)
+    assert first.shards_written == 2 and sorted(_digests(out)) == ["train/shard-000000.npz", "val/shard-000000.npz"]
+
+    calls = {"n": 0}
+    real_call = tok.FusedTokenizer.__call__
+
+    def crash_on_third_batch(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        return real_call(self, *args)
+
+    monkeypatch.setattr(tok.FusedTokenizer, "__call__", crash_on_third_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(assets, out)
+    monkeypatch.undo()
+    # Batches 1-2 (6 of the 7 pending train images) completed train shard 1 only; nothing half-written is left behind.
+    assert sorted(_digests(out)) == ["train/shard-000000.npz", "train/shard-000001.npz", "val/shard-000000.npz"]
+
+    last = _run(assets, out, batch_size=5)  # another batch size: shard contents do not depend on it
+    assert last.shards_skipped == 3 and last.shards_written == 2
+    assert _digests(out) == _digests(reference)
+
+
+def test_misaligned_grids_and_codebooks_are_rejected(assets, tmp_path):
+    with pytest.raises(ValueError, match="position-aligned"):
+        _run(assets, tmp_path / "a", dino_size=16)
+    np.save(tmp_path / "wrong.npy", np.zeros((K, 7), np.float32))
+    with pytest.raises(ValueError, match="D=32 but the codebook has D=7"):
+        tok.tokenize(assets / "manifest.parquet", tmp_path / "wrong.npy", tmp_path / "b", vqgan_kind="maskgit",
+                     vqgan_checkpoint=assets / "vqgan.ckpt", dinov2_path=assets / "dinov2", dino_size=DINO_SIZE,
+                     num_workers=0, device="cpu")
+    with pytest.raises(ValueError, match="images_per_shard"):
+        _run(assets, tmp_path / "c", images_per_shard=0)
+
+
+def test_feature_sample_is_seeded_and_batch_size_free(assets, tmp_path):
+    common = dict(dinov2_kind="hf", dinov2_path=assets / "dinov2", layer=-2, num_images=6, patches_per_image=5,
+                  dino_size=DINO_SIZE, num_workers=0, device="cpu", out_dtype="float32")
+    summary = tok.sample_features(assets / "manifest.parquet", tmp_path / "a.npy", seed=1, batch_size=4, **common)
+    tok.sample_features(assets / "manifest.parquet", tmp_path / "b.npy", seed=1, batch_size=5, **common)
+    tok.sample_features(assets / "manifest.parquet", tmp_path / "c.npy", seed=2, batch_size=4, **common)
+    tok.sample_features(assets / "manifest.parquet", tmp_path / "d.npy", seed=1, batch_size=4, **common)
+    a, b, c, d = (np.load(tmp_path / f"{n}.npy") for n in "abcd")
+    assert summary.num_images == 6 and a.shape == (30, 32) and a.dtype == np.float32
+    assert np.array_equal(a, d) and not np.allclose(a, c, atol=1e-3)
+    # Another batch size picks the same patches; only float rounding of the batched matmuls differs.
+    assert np.allclose(a, b, atol=1e-5)
+
+    # Each sampled vector is one of its image's 256 patch features.
+    rows = read_manifest(assets / "manifest.parquet", split="train").to_pylist()
+    first = rows[int(tok.sample_rows(len(rows), 6, seed=1)[0])]
+    img = both_crops(pil_to_tensor(decode_rgb(read_bytes(first["location"]))), (DINO_SIZE,))[0]
+    feats = load_dinov2("hf", assets / "dinov2", "cpu", -2, image_size=DINO_SIZE)(img[None].float() / 255)[0]
+    error = (torch.from_numpy(a[:5])[:, None] - feats[None]).abs().amax(dim=-1).min(dim=1).values
+    assert error.max() < 1e-5
+
+    half = tok.sample_features(assets / "manifest.parquet", tmp_path / "h.npy", seed=1, batch_size=4,
+                               **{**common, "out_dtype": "float16", "num_images": 100})
+    assert half.num_images == 12 and np.load(tmp_path / "h.npy").dtype == np.float16
+    with pytest.raises(ValueError, match="patches_per_image"):
+        tok.sample_features(assets / "manifest.parquet", tmp_path / "x.npy", seed=1, **{**common,
+                                                                                       "patches_per_image": 300})
