@@ -1,4 +1,4 @@
-"""Core `lease` commands: train, import-reference, export, bench train.
+"""Core `lease` commands: train, import-reference, export, bench train / generate / knn.
 
 `register(subparsers)` adds them to a parser; the `lease` console entry (pipeline/cli.py) composes these
 with the pipeline stages. `python -m lease.cli ...` runs the core commands alone.
@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from lease import bench, train
+from lease.evaluate import generate, knn
 
 
 def _import_reference(args: argparse.Namespace) -> int:
@@ -60,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     p = bench_group.add_parser("train", help="training steps/s, memory and MFU")
     bench.add_train_arguments(p)
     p.set_defaults(func=bench.run_train_cli)
+    p = bench_group.add_parser("generate", help="MaskGIT generation + VQGAN decoding images/s")
+    generate.add_bench_arguments(p)
+    p.set_defaults(func=generate.run_bench_cli)
+    p = bench_group.add_parser("knn", help="k-NN over ImageNet-sized random features")
+    knn.add_bench_arguments(p)
+    p.set_defaults(func=knn.run_bench_cli)
     return bench_group
 
 

@@ -4,7 +4,7 @@
     lease run --flow tokenize --config demo data.source=/path/to/images          tokenization alone
     lease manifest | demo-data | tokenize | kmeans | pack ... ARGS               one stage, no Prefect
     lease train | import-reference | export | eval ... | bench ...                core commands
-    lease bench kmeans | assign ...                                               pipeline benchmarks
+    lease bench kmeans | assign | tokenize ...                                    pipeline benchmarks
     lease deploy [--config ...]                                                   serve lease/full-pipeline
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ STAGE_COMMANDS = {
 BENCH_COMMANDS = {
     "kmeans": ("pipeline.kmeans", "k-means K x D on synthetic vectors"),
     "assign": ("pipeline.assign", "nearest-centroid assignment on synthetic vectors"),
+    "tokenize": ("pipeline.bench", "VQGAN, DINOv2 and JPEG-to-shards tokenize throughput"),
 }
 
 

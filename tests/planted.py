@@ -10,10 +10,12 @@ import numpy as np
 import webdataset as wds
 
 
-def planted_tokens(n: int, num_classes: int, seq_len: int, concepts: int, synonyms: int, seed: int):
+def planted_tokens(n: int, num_classes: int, seq_len: int, concepts: int, synonyms: int, seed: int,
+                   concentration: float = 0.2):
+    """Class preferences over concepts ~ Dirichlet(concentration): small = peaky, easy to tell apart."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, size=n)
-    prefs = np.random.default_rng(1234).dirichlet(np.full(concepts, 0.2), size=num_classes)
+    prefs = np.random.default_rng(1234).dirichlet(np.full(concepts, concentration), size=num_classes)
     concept = np.stack([rng.choice(concepts, size=seq_len, p=prefs[c]) for c in labels])
     vq = concept * synonyms + rng.integers(0, synonyms, size=concept.shape)
     return vq.astype(np.uint16), concept.astype(np.uint16), labels.astype(np.int64)

@@ -10,16 +10,20 @@ from lease.checkpoints import CheckpointError, load_checkpoint, model_from_check
 from lease.configs import train_config
 from lease.data import read_token_set
 from lease.io import file_digest
+from lease.model import LeaseModel
 from lease.train import NonFiniteLoss, train
 from planted import planted_codebook, planted_tokens, write_shards
 
-CLASSES, CONCEPTS, SYNONYMS, GRID = 8, 24, 8, 8
+# Flat class preferences and many synonyms: the bag of generative codes alone separates classes
+# only partly, so what training adds shows in the k-NN accuracy.
+CLASSES, CONCEPTS, SYNONYMS, GRID, CONCENTRATION = 8, 24, 16, 8, 1.0
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
-    vq, disc, labels = planted_tokens(1024, CLASSES, GRID * GRID, CONCEPTS, SYNONYMS, seed=0)
+    vq, disc, labels = planted_tokens(1024, CLASSES, GRID * GRID, CONCEPTS, SYNONYMS, seed=0,
+                                       concentration=CONCENTRATION)
     write_shards(root / "train", vq[:768], disc[:768], labels[:768], per_shard=256)
     write_shards(root / "val", vq[768:], disc[768:], labels[768:], per_shard=256, prefix="val")
     np.save(root / "codebook.npy", planted_codebook(CONCEPTS, 16, seed=1))
@@ -102,15 +106,18 @@ def _knn_accuracy(model, train_set, val_set, k=10):
 @pytest.mark.slow
 def test_planted_structure_knn_rises_and_contrast_helps(planted, tmp_path):
     train_set, val_set = read_token_set(planted / "train"), read_token_set(planted / "val")
-    accuracy = {}
+    torch.manual_seed(0)
+    untrained = LeaseModel(tiny_cfg(planted, **{"model.contrast_on": "none"}).model)
+    accuracy = {"untrained": _knn_accuracy(untrained, train_set, val_set)}
     for placement in ("none", "encoder"):
         cfg = tiny_cfg(planted, **{"max_steps": 150, "log_every": 50, "ckpt_every": 150,
                                    "model.contrast_on": placement, "loss.contrast_weight": 1.0})
         result = train(cfg, tmp_path / placement)
         accuracy[placement] = _knn_accuracy(model_from_checkpoint(result["checkpoint"]), train_set, val_set)
     chance = 1.0 / CLASSES
-    assert accuracy["encoder"] > 3 * chance, accuracy
-    assert accuracy["encoder"] > accuracy["none"], accuracy
+    assert accuracy["encoder"] > 5 * chance, accuracy
+    assert accuracy["none"] > accuracy["untrained"] + 0.05, accuracy
+    assert accuracy["encoder"] > accuracy["none"] + 0.1, accuracy
 
 
 def test_ddp_two_processes_stay_in_sync(planted, tmp_path):

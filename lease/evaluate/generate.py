@@ -351,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `lease bench generate` (the lead wires the command into the `lease` CLI)."""
+    """Arguments of `lease bench generate`."""
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: random weights of --preset")
     parser.add_argument("--preset", default="vit_base")
     parser.add_argument("--vqgan-kind", choices=["maskgit", "taming"], default="maskgit")
