@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
-from lease.configs import TrainConfig, model_config
+from lease.configs import MaskConfig, TrainConfig, model_config
 from lease.data import ResidentBatches, TokenSet
-from lease.model import flops_per_image
+from lease.model import SDPA_KERNELS, flops_per_image
 from lease.train import Dist, Trainer, build_model
 
 log = logging.getLogger(__name__)
@@ -99,13 +101,15 @@ def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 30) -> str:
 
 def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: int, warmup: int,
                 codebook_size: int, codebook_dim: int, contrast_on: str = "encoder",
-                profile_to: Path | None = None) -> dict[str, Any]:
+                profile_to: Path | None = None, sdpa_kernel: str = "default",
+                compile_mode: str = "default") -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise RuntimeError("lease bench train measures GPU training speed: no CUDA device found")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
-    cfg = TrainConfig(preset=preset, model=model_config(preset, contrast_on=contrast_on), batch_size=batch_size,
-                      dtype=dtype, compile=compile, max_steps=10**9)
+    cfg = TrainConfig(preset=preset, model=model_config(preset, contrast_on=contrast_on, sdpa_kernel=sdpa_kernel),
+                      batch_size=batch_size, dtype=dtype, compile=compile, compile_mode=compile_mode,
+                      max_steps=10**9)
     centroids = torch.randn(codebook_size, codebook_dim) if contrast_on != "none" else None
     model = build_model(cfg, centroids)
     tokens = synthetic_tokens(batch_size * 8, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
@@ -116,6 +120,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     ms = time_cuda(lambda: trainer.step(next(data)), warmup=warmup, steps=steps)
     median_ms = statistics.median(ms)
     if profile_to is not None:
+        profile_to.parent.mkdir(parents=True, exist_ok=True)
         profile_to.write_text(profile_table(lambda: trainer.step(next(data))))
     kept = model.cfg.seq_len - trainer.num_dropped
     flops = flops_per_image(model.cfg, kept, codebook_size)
@@ -123,13 +128,50 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     peak = matmul_peak_tflops()
     achieved = flops * images_per_s / 1e12
     return {"preset": preset, "batch_size": batch_size, "dtype": dtype, "compile": compile,
-            "attention": model.attention_backend, "contrast_on": contrast_on, "codebook_size": codebook_size,
+            "compile_mode": compile_mode if compile else None, "attention": model.attention_backend,
+            "sdpa_kernel": sdpa_kernel, "contrast_on": contrast_on, "codebook_size": codebook_size,
             "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
             "images_per_s": round(images_per_s, 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "useful_tflop_per_image": round(flops / 1e12, 6), "achieved_tflops": round(achieved, 1),
             "measured_bf16_matmul_peak_tflops": round(peak, 1), "mfu": round(achieved / peak, 4)}
+
+
+def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, Any]]:
+    """Forward + backward of SDPA at the preset's encoder and decoder shapes, per SDPA kernel.
+
+    The encoder attends over [CLS] + kept tokens, the decoder over [CLS] + the full canvas; dropout as
+    configured. Kernels that refuse a shape are reported as unsupported.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = model_config(preset)
+    kept = cfg.seq_len - math.ceil(cfg.seq_len * MaskConfig().ratio_min)
+    shapes = {"encoder": (cfg.num_heads, kept + 1, cfg.embed_dim // cfg.num_heads),
+              "decoder": (cfg.decoder_num_heads, cfg.seq_len + 1, cfg.decoder_embed_dim // cfg.decoder_num_heads)}
+    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    rows = []
+    for part, (heads, tokens, head_dim) in shapes.items():
+        q, k, v = (torch.randn(batch_size, heads, tokens, head_dim, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        grad = torch.randn_like(q)
+        for name, kernel in kernels.items():
+            def fwd_bwd() -> None:
+                with sdpa_kernel([kernel]):
+                    F.scaled_dot_product_attention(q, k, v, dropout_p=cfg.attn_dropout).backward(grad)
+            try:
+                ms = statistics.median(time_cuda(fwd_bwd, warmup=5, steps=steps))
+            except RuntimeError as err:
+                rows.append({"part": part, "kernel": name, "supported": False, "error": str(err).splitlines()[0]})
+                continue
+            rows.append({"part": part, "kernel": name, "supported": True, "batch": batch_size, "heads": heads,
+                         "tokens": tokens, "head_dim": head_dim, "dropout": cfg.attn_dropout,
+                         "fwd_bwd_ms": round(ms, 3)})
+            log.info("%s attention [%d, %d, %d, %d] %s: %.3f ms fwd+bwd", part, batch_size, heads, tokens,
+                     head_dim, name, ms)
+    return rows
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,20 +185,35 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codebook-dim", type=int, default=768)
     parser.add_argument("--out-dir", default=None, help="where the JSON records go (default benchmarks/results)")
     parser.add_argument("--profile", action="store_true", help="also write a kernel-time table beside each record")
+    parser.add_argument("--sdpa-kernel", nargs="+", default=["default"], choices=["default", *SDPA_KERNELS],
+                        help="SDPA kernel(s) to run the step with (one record each)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
+    parser.add_argument("--attention-only", action="store_true",
+                        help="time SDPA fwd+bwd per kernel at the preset's shapes instead of whole steps")
 
 
 def run_train_cli(args: argparse.Namespace) -> int:
     if args.steps < 30:
         raise SystemExit("--steps must be >= 30 for a meaningful median")
+    if args.attention_only:
+        for batch in args.batch_size:
+            rows = bench_attention(args.preset, batch, args.steps)
+            write_record(f"attention-{args.preset}-b{batch}", {"results": rows}, args.out_dir)
+        return 0
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for batch in args.batch_size:
         for compiled in modes:
-            name = f"train-{args.preset}-b{batch}-{args.dtype}-{'compile' if compiled else 'eager'}"
-            profile_to = Path(args.out_dir or RESULTS_DIR) / f"{name}.profile.txt" if args.profile else None
-            result = bench_train(args.preset, batch, args.dtype, compiled, args.steps,
-                                 args.warmup * (3 if compiled else 1), args.codebook_size, args.codebook_dim,
-                                 profile_to=profile_to)
-            write_record(name, {"results": result}, args.out_dir)
-            log.info("%s: %.0f img/s, %.1f ms/step, MFU %.1f%%, peak %.1f GiB", name, result["images_per_s"],
-                     result["median_ms_per_step"], 100 * result["mfu"], result["peak_memory_gib"])
+            for kernel in args.sdpa_kernel:
+                mode = args.compile_mode if compiled else "eager"
+                name = f"train-{args.preset}-b{batch}-{args.dtype}-{'compile' if compiled else 'eager'}" + \
+                    (f"-{mode}" if compiled and mode != "default" else "") + \
+                    (f"-sdpa_{kernel}" if kernel != "default" else "")
+                profile_to = Path(args.out_dir or RESULTS_DIR) / f"{name}.profile.txt" if args.profile else None
+                result = bench_train(args.preset, batch, args.dtype, compiled, args.steps,
+                                     args.warmup * (3 if compiled else 1), args.codebook_size, args.codebook_dim,
+                                     profile_to=profile_to, sdpa_kernel=kernel, compile_mode=args.compile_mode)
+                write_record(name, {"results": result}, args.out_dir)
+                log.info("%s: %.0f img/s, %.1f ms/step, MFU %.1f%%, peak %.1f GiB", name, result["images_per_s"],
+                         result["median_ms_per_step"], 100 * result["mfu"], result["peak_memory_gib"])
     return 0

@@ -40,6 +40,9 @@ class ModelConfig:
     contrast_on: ContrastPlacement = "encoder"
     num_classes: int = 0  # online (detached) linear classifier for monitoring: 0 off, -1 from the labels
     attention_backend: Literal["sdpa", "flash_attn", "auto"] = "auto"
+    # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
+    # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).
+    sdpa_kernel: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
 
     def __post_init__(self) -> None:
         if self.vocab_size is None:
@@ -138,6 +141,9 @@ class TrainConfig:
     max_steps: int = 0  # > 0 caps the run (tests, benchmarks)
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
+    # torch.compile mode: "reduce-overhead" adds CUDA graphs (fewer launches per step), the
+    # "max-autotune" modes also search matmul kernels (minutes of compile time)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 1000

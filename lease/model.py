@@ -11,12 +11,15 @@ Losses (`lease.losses`): eq. 1 on masked positions, eq. 4 on kept unmasked encod
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import LossConfig, ModelConfig
@@ -46,11 +49,21 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat([embed(cols), embed(rows)], dim=1).float()
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through SDPA (or flash-attn when installed and chosen)."""
+SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
-    def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float, use_flash: bool):
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA (or flash-attn when installed and chosen).
+
+    `kernel` pins one SDPA kernel (None: PyTorch's choice); the math kernel stays allowed as a fallback
+    for devices and dtypes the pinned one does not take (CPU, fp32).
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float, use_flash: bool,
+                 kernel: str = "default"):
         super().__init__()
+        self.sdpa_backends = None if kernel == "default" else [SDPA_KERNELS[kernel], SDPBackend.MATH]
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
@@ -66,7 +79,9 @@ class Attention(nn.Module):
             out = flash_attn_qkvpacked_func(qkv, dropout_p=drop).reshape(b, n, c)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop).transpose(1, 2).reshape(b, n, c)
+            with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            out = out.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
 
@@ -88,7 +103,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, cfg: ModelConfig, use_flash: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=cfg.ln_eps)
-        self.attn = Attention(dim, num_heads, cfg.attn_dropout, cfg.dropout, use_flash)
+        self.attn = Attention(dim, num_heads, cfg.attn_dropout, cfg.dropout, use_flash, cfg.sdpa_kernel)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.ln_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.dropout)
 

@@ -127,7 +127,7 @@ class Trainer:
         self.lr = 0.0
         wrapped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None
                                           ) if ddp.world_size > 1 else self.model
-        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
+        self.forward = torch.compile(wrapped, mode=cfg.compile_mode) if cfg.compile else wrapped
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
     # ------------------------------------------------------------------------------ one step
