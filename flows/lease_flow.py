@@ -157,7 +157,7 @@ def build_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
                                 dinov2_kind=tok.dinov2.kind, dinov2_path=dino_path, layer=tok.dinov2.layer,
                                 batch_size=t.batch_size, num_workers=t.num_workers,
                                 images_per_shard=t.images_per_shard, dtype=t.dtype, device=_device(cfg),
-                                gpu_decode=t.gpu_decode)
+                                gpu_decode=t.gpu_decode, compile=t.compile)
     return _plain(summary)
 
 

@@ -102,12 +102,14 @@ def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 30) -> str:
 def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: int, warmup: int,
                 codebook_size: int, codebook_dim: int, contrast_on: str = "encoder",
                 profile_to: Path | None = None, sdpa_kernel: str = "default",
-                compile_mode: str = "default") -> dict[str, Any]:
+                compile_mode: str = "default", dropout: float | None = None) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise RuntimeError("lease bench train measures GPU training speed: no CUDA device found")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
-    cfg = TrainConfig(preset=preset, model=model_config(preset, contrast_on=contrast_on, sdpa_kernel=sdpa_kernel),
+    drop = {} if dropout is None else {"dropout": dropout, "attn_dropout": dropout}
+    cfg = TrainConfig(preset=preset, model=model_config(preset, contrast_on=contrast_on, sdpa_kernel=sdpa_kernel,
+                                                        **drop),
                       batch_size=batch_size, dtype=dtype, compile=compile, compile_mode=compile_mode,
                       max_steps=10**9)
     centroids = torch.randn(codebook_size, codebook_dim) if contrast_on != "none" else None
@@ -129,7 +131,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     achieved = flops * images_per_s / 1e12
     return {"preset": preset, "batch_size": batch_size, "dtype": dtype, "compile": compile,
             "compile_mode": compile_mode if compile else None, "attention": model.attention_backend,
-            "sdpa_kernel": sdpa_kernel, "contrast_on": contrast_on, "codebook_size": codebook_size,
+            "sdpa_kernel": sdpa_kernel, "dropout": model.cfg.dropout, "attn_dropout": model.cfg.attn_dropout, "contrast_on": contrast_on, "codebook_size": codebook_size,
             "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
             "images_per_s": round(images_per_s, 1),
@@ -187,6 +189,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="also write a kernel-time table beside each record")
     parser.add_argument("--sdpa-kernel", nargs="+", default=["default"], choices=["default", *SDPA_KERNELS],
                         help="SDPA kernel(s) to run the step with (one record each)")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="override dropout and attention dropout (default: the preset's 0.1); 0 shows their cost")
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
     parser.add_argument("--attention-only", action="store_true",
@@ -208,11 +212,13 @@ def run_train_cli(args: argparse.Namespace) -> int:
                 mode = args.compile_mode if compiled else "eager"
                 name = f"train-{args.preset}-b{batch}-{args.dtype}-{'compile' if compiled else 'eager'}" + \
                     (f"-{mode}" if compiled and mode != "default" else "") + \
-                    (f"-sdpa_{kernel}" if kernel != "default" else "")
+                    (f"-sdpa_{kernel}" if kernel != "default" else "") + \
+                    (f"-dropout{args.dropout:g}" if args.dropout is not None else "")
                 profile_to = Path(args.out_dir or RESULTS_DIR) / f"{name}.profile.txt" if args.profile else None
                 result = bench_train(args.preset, batch, args.dtype, compiled, args.steps,
                                      args.warmup * (3 if compiled else 1), args.codebook_size, args.codebook_dim,
-                                     profile_to=profile_to, sdpa_kernel=kernel, compile_mode=args.compile_mode)
+                                     profile_to=profile_to, sdpa_kernel=kernel, compile_mode=args.compile_mode,
+                                     dropout=args.dropout)
                 write_record(name, {"results": result}, args.out_dir)
                 log.info("%s: %.0f img/s, %.1f ms/step, MFU %.1f%%, peak %.1f GiB", name, result["images_per_s"],
                          result["median_ms_per_step"], 100 * result["mfu"], result["peak_memory_gib"])

@@ -105,7 +105,7 @@ def bench_end_to_end(assets: dict[str, Path], work: Path, args: argparse.Namespa
     common = dict(vqgan_kind="maskgit", vqgan_checkpoint=assets["vqgan"], dinov2_kind="hf",
                   dinov2_path=assets["dinov2"], splits=["train"], batch_size=args.batch_size,
                   num_workers=args.workers, images_per_shard=args.images_per_shard, dtype=args.dtype,
-                  device="cuda", gpu_decode=args.gpu_decode)
+                  device="cuda", gpu_decode=args.gpu_decode, compile=args.compile)
     tokenize(work / "manifest.parquet", assets["codebook"], work / "warmup", max_shards=1, **common)
     summary = tokenize(work / "manifest.parquet", assets["codebook"], work / "tokens", **common)
     return {"num_images": args.num_images, "mean_jpeg_kib": round(kib, 1),
@@ -113,7 +113,7 @@ def bench_end_to_end(assets: dict[str, Path], work: Path, args: argparse.Namespa
             "manifest_images_per_s": round(manifest.num_images / manifest_s, 1),
             "tokenize_seconds": round(summary.seconds, 2), "images_per_s": round(summary.images_per_second, 1),
             "batch_size": args.batch_size, "workers": args.workers, "gpu_decode": args.gpu_decode,
-            "dtype": args.dtype, "codebook_size": args.codebook_size, "images_per_shard": args.images_per_shard}
+            "dtype": args.dtype, "compile": args.compile, "codebook_size": args.codebook_size, "images_per_shard": args.images_per_shard}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codebook-size", type=int, default=16384)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--gpu-decode", action="store_true", help="decode JPEGs with nvJPEG on the GPU")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--steps", type=int, default=30, help="timed calls of the component benchmarks")
     parser.add_argument("--skip-components", action="store_true")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed)")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_components:
             bench_components(assets, 128, args.dtype, args.steps)
         result = bench_end_to_end(assets, work, args)
-        name = f"tokenize-end-to-end-{'gpudecode' if args.gpu_decode else 'cpudecode'}"
+        name = f"tokenize-end-to-end-{'gpudecode' if args.gpu_decode else 'cpudecode'}-compile_{args.compile}"
         write_record(name, {"results": result})
         log.info("end-to-end tokenize: %.0f img/s over %d JPEGs", result["images_per_s"], args.num_images)
     finally:

@@ -142,6 +142,7 @@ class TokenizeConfig:
     images_per_shard: int = 10_000
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     gpu_decode: bool = False  # nvJPEG on the device (CUDA only)
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the tokenizers (auto: on CUDA)
 
 
 @dataclass

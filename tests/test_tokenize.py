@@ -151,3 +151,20 @@ def test_feature_sample_is_seeded_and_batch_size_free(assets, tmp_path):
     with pytest.raises(ValueError, match="patches_per_image"):
         tok.sample_features(assets / "manifest.parquet", tmp_path / "x.npy", seed=1, **{**common,
                                                                                        "patches_per_image": 300})
+
+
+def test_padding_a_short_batch_leaves_its_tokens_unchanged(assets):
+    """The compiled path pads a short last batch to the compiled size; the real rows' tokens must not move."""
+    model = tok.load_fused_tokenizer(vqgan_kind="maskgit", vqgan_checkpoint=assets / "vqgan.ckpt", vqgan_config=None,
+                                     dinov2_kind="hf", dinov2_path=assets / "dinov2", layer=-2,
+                                     centroids=assets / "centroids.npy", dino_size=DINO_SIZE, dtype="fp32",
+                                     device=torch.device("cpu"), compile="off")
+    gen = torch.Generator().manual_seed(0)
+    img_vq = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    img_dino = torch.randint(0, 256, (3, 3, DINO_SIZE, DINO_SIZE), dtype=torch.uint8, generator=gen)
+    plain = model(img_vq, img_dino)
+    model.pad_to = 8
+    padded = model(img_vq, img_dino)
+    for a, b in zip(plain, padded):
+        assert b.shape[0] == 3 and torch.equal(a, b)
+    assert tok.pad_batch(img_vq, 8).shape[0] == 8 and tok.pad_batch(img_vq, 2) is img_vq
