@@ -176,6 +176,65 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
     return rows
 
 
+def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
+    """(what, measured, settings) rows of one record for the README table; [] for records not tabled."""
+    r = results
+    if name.startswith("train-") and isinstance(r, dict):
+        mode = "compiled" if r["compile"] else "eager"
+        extra = "".join(f", {k} {r[k]}" for k in ("sdpa_kernel",) if r.get(k, "default") != "default")
+        extra += f", dropout {r['dropout']:g}" if r.get("dropout", 0.1) != 0.1 else ""
+        extra += f", {r['compile_mode']}" if r.get("compile_mode") not in (None, "default") else ""
+        return [(f"train {r['preset']} b{r['batch_size']} {r['dtype']} {mode}{extra}",
+                 f"{r['images_per_s']:.0f} img/s", f"{r['median_ms_per_step']:.1f} ms/step, MFU {100 * r['mfu']:.1f} %, "
+                 f"{r['peak_memory_gib']:.1f} GiB")]
+    if name.startswith("tokenize-vqgan-encode"):
+        return [(f"VQGAN encode (MaskGIT, ch 128) b{r['batch_size']} {r['dtype']} "
+                 f"{'compiled' if r['compile'] else 'eager'}", f"{r['images_per_s']:.0f} img/s",
+                 f"{r['median_ms_per_step']:.1f} ms/batch")]
+    if name.startswith("tokenize-dinov2"):
+        return [(f"DINOv2-B/14 features b{r['batch_size']} {r['dtype']}", f"{r['images_per_s']:.0f} img/s",
+                 f"block {r['block']}")]
+    if name.startswith("tokenize-end-to-end"):
+        return [(f"tokenize JPEG → shards ({'nvJPEG' if r['gpu_decode'] else 'CPU'} decode, compile "
+                 f"{r.get('compile', 'off')})", f"{r['images_per_s']:.0f} img/s",
+                 f"{r['num_images']} JPEGs of {r['sides'][0]}-{r['sides'][1]} px, {r['workers']} workers")]
+    if name.startswith("kmeans"):
+        return [(f"k-means K={r['k']} D={r['d']} N={r['n'] / 1e6:g}M, {r['iters']} iters",
+                 f"{r['seconds']:.1f} s", r["backend"])]
+    if name.startswith("assign"):
+        return [(f"nearest centroid N={r['n'] / 1e6:g}M vs K={r['k']}×{r['d']}", f"{r['seconds_median']:.3f} s",
+                 f"{r['matmul_dtype']}, agreement with fp64 {r['agreement_with_fp64']:.5f}")]
+    if name.startswith("knn"):
+        return [(f"k-NN {r['num_train']}×768 bank, {r['num_query']} queries", f"{r['seconds']:.1f} s",
+                 r["matmul_dtype"])]
+    if name.startswith("generate"):
+        return [(f"generate {r['steps']}-step MaskGIT + VQGAN decode b{r['batch_size']} {r['dtype']}",
+                 f"{r['images_per_s']:.0f} img/s", f"50K samples in {r['seconds_for_50k']:.0f} s")]
+    if name.startswith("attention") and isinstance(r, list):
+        return [(f"SDPA fwd+bwd {x['part']} [{x['batch']}, {x['heads']}, {x['tokens']}, {x['head_dim']}] "
+                 f"{x['kernel']}", f"{x['fwd_bwd_ms']:.2f} ms", f"dropout {x['dropout']:g}")
+                for x in r if x.get("supported")]
+    return []
+
+
+def results_table(directory: str | Path = RESULTS_DIR) -> str:
+    """Markdown table of every record under `directory` (what the README's benchmark table shows)."""
+    lines = ["| benchmark | measured | details | machine |", "|---|---|---|---|"]
+    for path in sorted(Path(directory).glob("*.json")):
+        record = json.loads(path.read_text())
+        machine = record.get("machine", {})
+        where = f"{machine.get('gpu', '?')}, torch {machine.get('torch', '?')}"
+        results = record.get("results", record)
+        for what, value, details in _result_rows(record.get("name", path.stem), results):
+            lines.append(f"| {what} | {value} | {details} | {where} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_table_cli(args: argparse.Namespace) -> int:
+    sys.stdout.write(results_table(args.dir))
+    return 0
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="vit_base")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[256, 128])

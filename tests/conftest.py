@@ -13,7 +13,8 @@ def fixture_dir(env_var: str, default_name: str) -> Path:
     """Fixture directory from an environment variable, defaulting to ../shared/fixtures/<name>."""
     path = Path(os.environ.get(env_var, REPO.parent / "shared" / "fixtures" / default_name))
     if not path.is_dir():
-        pytest.fail(f"fixture directory {path} not found (set {env_var})")
+        pytest.fail(f"fixture directory {path} not found: the fixtures ship beside the repository in "
+                    f"../shared/fixtures/ (DESIGN.md); clone next to them or set {env_var} to their directory")
     return path
 
 

@@ -138,3 +138,17 @@ def test_code_version_follows_the_source(tmp_path, monkeypatch):
     assert code_version(["fakestage"]) != first
     with pytest.raises(ModuleNotFoundError, match="no_such_stage"):
         code_version(["no_such_stage"])
+
+
+def test_atomic_writes_get_the_umask_mode_not_0600(tmp_path):
+    import os
+    import stat
+
+    from lease.io import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
