@@ -47,9 +47,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def results_dir(out_dir: str | Path | None = None) -> Path:
+    """Where records go: `out_dir`, else $LEASE_BENCH_DIR, else benchmarks/results."""
+    return Path(out_dir or os.environ.get("LEASE_BENCH_DIR", RESULTS_DIR))
+
+
 def write_record(name: str, record: dict[str, Any], out_dir: str | Path | None = None) -> Path:
     """Write a benchmark record with machine, versions and the command line that produced it."""
-    out_dir = Path(out_dir or os.environ.get("LEASE_BENCH_DIR", RESULTS_DIR))
+    out_dir = results_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     full = {"name": name, "command": "lease " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "machine": machine_info(), "unix_time": int(time.time()), **record}
@@ -273,7 +278,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
                     (f"-{mode}" if compiled and mode != "default" else "") + \
                     (f"-sdpa_{kernel}" if kernel != "default" else "") + \
                     (f"-dropout{args.dropout:g}" if args.dropout is not None else "")
-                profile_to = Path(args.out_dir or RESULTS_DIR) / f"{name}.profile.txt" if args.profile else None
+                profile_to = results_dir(args.out_dir) / f"{name}.profile.txt" if args.profile else None
                 result = bench_train(args.preset, batch, args.dtype, compiled, args.steps,
                                      args.warmup * (3 if compiled else 1), args.codebook_size, args.codebook_dim,
                                      profile_to=profile_to, sdpa_kernel=kernel, compile_mode=args.compile_mode,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lease.bench import write_record
+from lease.bench import profile_table, results_dir, write_record
 from lease.tokenizers.bench import (DTYPES, full_width_maskgit_config, random_maskgit_tokenizer,
                                     time_dinov2_features, time_vqgan_encode)
 
@@ -76,15 +76,18 @@ def save_full_size_tokenizers(work: Path, codebook_size: int, seed: int = 0) -> 
     return {"vqgan": vqgan, "dinov2": work / "dinov2_vitb14", "codebook": codebook}
 
 
-def bench_components(assets: dict[str, Path], batch_size: int, dtype: str, steps: int) -> None:
+def bench_components(assets: dict[str, Path], batch_size: int, dtype: str, steps: int, profile: bool) -> None:
     from lease.tokenizers.dinov2 import load_dinov2
 
     device = torch.device("cuda")
     for compiled in (False, True):
         tok = random_maskgit_tokenizer(full_width_maskgit_config(), device, DTYPES[dtype], compiled)
         result = time_vqgan_encode(tok, batch_size, warmup=30 if compiled else 10, steps=steps)
-        write_record(f"tokenize-vqgan-encode-b{batch_size}-{dtype}-{'compile' if compiled else 'eager'}",
-                     {"results": result})
+        name = f"tokenize-vqgan-encode-b{batch_size}-{dtype}-{'compile' if compiled else 'eager'}"
+        write_record(name, {"results": result})
+        if profile:
+            images = torch.rand(batch_size, 3, tok.image_size, tok.image_size, device=device)
+            (results_dir() / f"{name}.profile.txt").write_text(profile_table(lambda: tok.encode(images)))
         log.info("VQGAN encode %s: %.0f img/s", "compiled" if compiled else "eager", result["images_per_s"])
     dino = load_dinov2("hf", assets["dinov2"], device, dtype=DTYPES[dtype])
     result = time_dinov2_features(dino, 256, steps=steps)
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--steps", type=int, default=30, help="timed calls of the component benchmarks")
     parser.add_argument("--skip-components", action="store_true")
+    parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also write the VQGAN encoder's kernel-time table")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -141,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assets = save_full_size_tokenizers(work, args.codebook_size)
         if not args.skip_components:
-            bench_components(assets, 128, args.dtype, args.steps)
-        result = bench_end_to_end(assets, work, args)
-        name = f"tokenize-end-to-end-{'gpudecode' if args.gpu_decode else 'cpudecode'}-compile_{args.compile}"
-        write_record(name, {"results": result})
-        log.info("end-to-end tokenize: %.0f img/s over %d JPEGs", result["images_per_s"], args.num_images)
+            bench_components(assets, 128, args.dtype, args.steps, args.profile)
+        if not args.skip_end_to_end:
+            result = bench_end_to_end(assets, work, args)
+            name = f"tokenize-end-to-end-{'gpudecode' if args.gpu_decode else 'cpudecode'}-compile_{args.compile}"
+            write_record(name, {"results": result})
+            log.info("end-to-end tokenize: %.0f img/s over %d JPEGs", result["images_per_s"], args.num_images)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

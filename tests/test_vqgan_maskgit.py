@@ -141,3 +141,18 @@ def test_vqgan_bench_helper_reports_throughput(fixture_tokenizer):
     result = time_vqgan_encode(fixture_tokenizer, batch_size=2, warmup=1, steps=2)
     assert result["images_per_s"] > 0 and result["median_ms_per_step"] > 0
     assert result["num_codes"] == fixture_tokenizer.num_codes and result["dtype"] == "float32"
+
+
+def test_vqgan_channels_last_group_norm_matches_torch():
+    """The compiled path's channels-last statistics give F.group_norm's numbers (fp32 and bf16 inputs)."""
+    from lease.tokenizers.vqgan_maskgit import channels_last_group_norm
+
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(128, generator=gen), torch.randn(128, generator=gen)
+    x = torch.randn(2, 128, 12, 12, generator=gen) * 3 + 5
+    expected = torch.nn.functional.group_norm(x, 32, weight, bias, 1e-6)
+    got = channels_last_group_norm(x.contiguous(memory_format=torch.channels_last), 32, weight, bias, 1e-6)
+    assert torch.allclose(got, expected, atol=1e-5)
+    half = channels_last_group_norm(x.bfloat16().contiguous(memory_format=torch.channels_last), 32, weight, bias,
+                                    1e-6)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), expected, atol=0.1)
