@@ -424,6 +424,20 @@ def _run(config: str, overrides: list[str], force: list[str], verify: bool, name
     return list(runner.outcomes.values())
 
 
+def left_out_note(outcomes: list[StageOutcome], shown: int = 20) -> str:
+    """The manifest's excluded images with their reasons, repeated on cached runs too ("" when none)."""
+    manifest = next((o for o in outcomes if o.name == "manifest"), None)
+    bad = (manifest.result or {}).get("bad", []) if manifest is not None else []
+    if not bad:
+        return ""
+    lines = [f"{len(bad)} image(s) of the source were left out (manifest {manifest.status}; all listed in "
+             f"{Path(manifest.path) / RECORD_NAME}):"]
+    lines += [f"  {location}: {reason}" for location, reason in bad[:shown]]
+    if len(bad) > shown:
+        lines.append(f"  ... and {len(bad) - shown} more")
+    return "\n".join(lines)
+
+
 def _finish(flow_name: str, config: str, overrides: list[str], force: list[str], t0: float,
             run: Callable[[], list[StageOutcome]]) -> dict[str, Any]:
     """Run, then print the stage table and write the run record, also when a stage failed."""
@@ -437,6 +451,9 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
             "status": status, "seconds": round(time.perf_counter() - t0, 3)}
     path = write_run_record(cfg, outcomes, meta)
     get_run_logger().info("stage table (%s):\n%s", path, stage_table(outcomes))
+    note = left_out_note(outcomes)
+    if note:
+        get_run_logger().warning("%s", note)
     if error is not None:
         raise error
     return {"stages": [o.row() for o in outcomes], "record": str(path), "outcomes": outcomes}

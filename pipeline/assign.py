@@ -248,7 +248,7 @@ def _run(args: argparse.Namespace) -> int:
     assigner = Assigner(load_codebook(args.codebook), device=device, matmul_dtype=args.matmul_dtype)
     flat = features.reshape(-1, features.shape[-1])
     out = np.empty(flat.shape[0], dtype=np.uint16 if assigner.num_centroids <= 1 << 16 else np.int64)
-    with tqdm(total=flat.shape[0], unit="vec", unit_scale=True, desc="assign") as bar:
+    with tqdm(total=flat.shape[0], unit="vec", unit_scale=True, desc="assign", disable=None) as bar:
         for start in range(0, flat.shape[0], args.rows_per_read):
             block = torch.from_numpy(np.ascontiguousarray(flat[start:start + args.rows_per_read]))
             out[start:start + len(block)] = assigner.assign(block.to(device)).cpu().numpy()

@@ -40,6 +40,7 @@ BENCH_COMMANDS = {
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its fallbacks read like failures at INFO
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -142,3 +142,15 @@ def test_flow_rejects_a_bad_config_before_any_stage(deployed_run, tmp_path):
     with pytest.raises(ConfigError, match="kmeans.kk"):
         lease_flow(config="demo", overrides=[f"artifacts={tmp_path}", "kmeans.kk=3"])
     assert not any(tmp_path.iterdir())
+
+
+def test_left_out_images_are_named_on_cached_runs_too():
+    from flows.lease_flow import left_out_note
+    from pipeline.artifacts import StageOutcome
+
+    bad = [[f"/data/c/{i}.jpg", "empty file"] for i in range(25)]
+    cached = StageOutcome("manifest", "cached", "k", 0.0, "/a/manifest/k", {"bad": bad})
+    note = left_out_note([cached])
+    assert note.startswith("25 image(s)") and "manifest cached" in note and "/a/manifest/k/record.json" in note
+    assert "/data/c/0.jpg: empty file" in note and "... and 5 more" in note
+    assert left_out_note([StageOutcome("manifest", "ran", "k", 0.0, "/a", {"bad": []})]) == ""

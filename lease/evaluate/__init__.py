@@ -58,7 +58,10 @@ def config_from_args(cls: type[T], args: argparse.Namespace, **fixed: Any) -> T:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `eval <protocol>` commands to a `lease` parser (each calls its module's `run(args)`)."""
     eval_parser = subparsers.add_parser("eval", help="evaluation protocols (k-NN, linear probe, generation, ...)")
-    group = eval_parser.add_subparsers(dest="protocol", required=True)
+    _add_protocols(eval_parser.add_subparsers(dest="protocol", required=True))
+
+
+def _add_protocols(group: argparse._SubParsersAction) -> None:
     for protocol, help_text in PROTOCOLS.items():
         module = _module_for(protocol)
         p = group.add_parser(protocol, help=help_text)
@@ -69,12 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m lease.evaluate")
-    sub = parser.add_subparsers(dest="protocol", required=True)
-    for protocol, help_text in PROTOCOLS.items():
-        module = _module_for(protocol)
-        p = sub.add_parser(protocol, help=help_text)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+    _add_protocols(parser.add_subparsers(dest="protocol", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

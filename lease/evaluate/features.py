@@ -79,7 +79,7 @@ def extract_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size: i
     n = tokens.shape[0]
     out: torch.Tensor | None = None
     start = time.perf_counter()
-    with eval_mode(model), tqdm(total=n, unit="img", desc=f"features ({pool})", leave=False) as bar:
+    with eval_mode(model), tqdm(total=n, unit="img", desc=f"features ({pool})", leave=False, disable=None) as bar:
         for lo in range(0, n, batch_size):
             batch = as_ids(tokens[lo : lo + batch_size].to(device, non_blocking=True))
             with autocast_for(device, dtype):

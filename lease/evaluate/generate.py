@@ -185,7 +185,7 @@ class MaskGitSampler:
         """`num_images` unconditional token grids, uint16 [N, L] on the CPU (always full batches)."""
         num_images = num_images or self.cfg.num_images
         out = torch.empty(num_images, self.seq_len, dtype=torch.uint16)
-        with tqdm(total=num_images, unit="img", desc="MaskGIT", leave=False) as bar:
+        with tqdm(total=num_images, unit="img", desc="MaskGIT", leave=False, disable=None) as bar:
             for lo in range(0, num_images, self.cfg.batch_size):
                 batch = self.sample(self.cfg.batch_size)[: num_images - lo]
                 out[lo : lo + batch.shape[0]] = batch.to(torch.int32).cpu().to(torch.uint16)

@@ -95,7 +95,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, query
     bank_labels = train_labels.to(device).long()
     correct = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5 hits, summed on the device
     n = query_features.shape[0]
-    with tqdm(total=n, unit="img", desc="k-NN", leave=False) as bar:
+    with tqdm(total=n, unit="img", desc="k-NN", leave=False, disable=None) as bar:
         for lo in range(0, n, cfg.query_chunk):
             queries = normalized(query_features[lo : lo + cfg.query_chunk], device, dtype, cfg.query_chunk)
             sims, idx = (queries @ bank.T).topk(k, dim=1)

@@ -92,7 +92,7 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
     head.train()
     step = 0
-    with tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False) as bar:
+    with tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False, disable=None) as bar:
         for _ in bar:
             order = torch.randperm(n, device=device, generator=shuffle)
             loss_sum = torch.zeros((), device=device)
