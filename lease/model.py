@@ -151,6 +151,13 @@ class LeaseOutput:
     classifier_loss: torch.Tensor | None = None
     classifier_acc: torch.Tensor | None = None
 
+    def backward_loss(self) -> torch.Tensor:
+        """What the optimizer minimises: eq. 5 plus the (detached-feature) monitoring classifier's loss.
+
+        `loss` itself stays eq. 5, so logged losses mean the same with or without the classifier.
+        """
+        return self.loss if self.classifier_loss is None else self.loss + self.classifier_loss
+
 
 class LeaseModel(nn.Module):
     """LEASE encoder-decoder. `forward` computes the training losses for one masked batch."""
@@ -300,7 +307,6 @@ class LeaseModel(nn.Module):
         out = LeaseOutput(loss=total, rec_loss=rec, contrast_loss=contrast)
         if self.online_classifier is not None and labels is not None:
             out.classifier_loss, out.classifier_acc = self.classifier_loss(latent, labels)
-            out.loss = out.loss + out.classifier_loss
         return out
 
     def contrast_loss(self, latent: torch.Tensor, hidden: torch.Tensor, disc: torch.Tensor | None,

@@ -155,7 +155,7 @@ class Trainer:
             with sync, torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
                                       enabled=self.dtype is not None):
                 out = self.forward(micro.vq, micro.disc, plan, labels)
-                (out.loss / self.cfg.grad_accum).backward()
+                (out.backward_loss() / self.cfg.grad_accum).backward()
             for key in ("loss", "rec_loss", "contrast_loss"):
                 sums[key] += getattr(out, key).detach().float() / self.cfg.grad_accum
             if out.classifier_acc is not None:

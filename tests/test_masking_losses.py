@@ -128,3 +128,18 @@ def test_ablation_switches(placement):
     assert (model.proj_to_dino is not None) == (placement in ("encoder", "both"))
     assert (model.dec_to_dino is not None) == (placement in ("decoder", "both"))
     out.loss.backward()
+
+
+def test_monitoring_classifier_trains_apart_from_the_objective():
+    """`loss` stays eq. 5 with the classifier on; the classifier learns only its own head (detached input)."""
+    cfg = ModelConfig(embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                      decoder_num_heads=2, vocab_gen=32, grid_size=4, codebook_dim=8, num_classes=3)
+    model = LeaseModel(cfg)
+    model.set_codebook(torch.randn(10, 8))
+    tokens, disc, labels = torch.randint(0, 32, (4, 16)), torch.randint(0, 10, (4, 16)), torch.tensor([0, 1, 2, 0])
+    plan = random_plan(4, 16, 8, 12, torch.device("cpu"))
+    out = model(tokens, disc, plan, labels)
+    assert torch.allclose(out.loss, out.rec_loss + model.loss_cfg.contrast_weight * out.contrast_loss)
+    out.classifier_loss.backward()
+    assert model.online_classifier.weight.grad is not None and model.blocks[0].attn.qkv.weight.grad is None
+    assert torch.allclose(out.backward_loss(), out.loss + out.classifier_loss)

@@ -73,19 +73,20 @@ def plot_loss_curves(rows: list[dict], path: str | Path) -> Path:
     """Training losses (and the learning rate) against the step."""
     if not rows:
         raise ValueError("the metrics log has no rows to plot")
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
     steps = [r["step"] for r in rows]
     for key in CURVE_KEYS:
         if any(key in r for r in rows):
             ax_loss.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
-    ax_loss.legend()
+    ax_loss.legend(loc="upper right", fontsize="small")
     ax_loss.grid(alpha=0.3)
     if any("lr" in r for r in rows):
         ax_lr.plot([r["step"] for r in rows if "lr" in r], [r["lr"] for r in rows if "lr" in r], color="C3")
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax_lr.set_xlim(min(steps), max(max(steps), min(steps) + 1))
     ax_lr.grid(alpha=0.3)
     return _save_figure(fig, Path(path))
