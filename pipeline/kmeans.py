@@ -138,7 +138,7 @@ def _torch_kmeans(features: torch.Tensor, k: int, iters: int, seed: int, matmul_
     n = features.shape[0]
     centroids = features[initial_indices(n, k, seed).to(features.device)].float()
     inertia, reseeded = [], 0
-    bar = tqdm(range(iters), desc="k-means", unit="iter", disable=not progress)
+    bar = tqdm(range(iters), desc="k-means", unit="iter", disable=None if progress else True)
     for _ in bar:
         assigner = Assigner(centroids, matmul_dtype=matmul_dtype, chunk=chunk)
         ids, sq_dists = assigner.assign(features, return_distances=True)

@@ -230,7 +230,7 @@ def pack(token_dirs: Mapping[str, str | Path], out_dir: str | Path, *, vocab_gen
     summary: dict[str, Any] = {"splits": {}, "written": 0, "reused": 0, "samples_per_shard": samples_per_shard}
     seen: set[str] = set()
     writer = ShardWriterPool(num_workers)
-    bar = tqdm(total=total, unit="img", unit_scale=True, desc="pack", disable=not progress)
+    bar = tqdm(total=total, unit="img", unit_scale=True, desc="pack", disable=None if progress else True)
     try:
         for split, token_dir in dirs.items():
             (out_dir / split).mkdir(exist_ok=True)
