@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from lease.codebook import load_codebook
 from lease.configs import MODEL_PRESETS, LossConfig, ModelConfig
-from lease.io import atomic_path, atomic_write_json
+from lease.io import atomic_path, atomic_write_json, load_torch_file
 from lease.model import LeaseModel, sincos_2d
 from lease.typed_config import from_dict, to_dict
 
@@ -36,13 +36,7 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------- raw file access
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a torch file holding it raw or under "model"/"state_dict", `module.` stripped."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a torch checkpoint"
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+    obj = load_torch_file(path, CheckpointError)
     if isinstance(obj, dict):
         for wrapper in ("model", "state_dict"):
             if wrapper in obj and isinstance(obj[wrapper], dict):

@@ -47,6 +47,19 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def load_torch_file(path: str | Path, error: type[Exception], missing_hint: str = "") -> Any:
+    """`torch.load` (CPU, weights only) with `error` naming the file when it is missing or unreadable."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist{missing_hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a plain torch checkpoint"
+        raise error(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+
+
 def file_digest(path: str | Path, algo: str = "sha256") -> str:
     h = hashlib.new(algo)
     with Path(path).open("rb") as fh:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lease.io import load_torch_file
 from lease.tokenizers import ConvVQGANTokenizer
 from lease.typed_config import require
 
@@ -317,13 +318,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> MaskGITVQGANConfig:
 
 def read_vqgan_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a `{"state_dict": sd}` (or raw) torch file, with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise VQGANCheckpointError(f"VQGAN checkpoint {path} does not exist (MAGE's file is vqgan_jax_strongaug.ckpt)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a plain torch checkpoint"
-        raise VQGANCheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+    obj = load_torch_file(path, VQGANCheckpointError, " (MAGE's VQGAN file is vqgan_jax_strongaug.ckpt)")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
