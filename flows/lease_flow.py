@@ -8,8 +8,8 @@
 `features` is skipped when `kmeans.codebook` names an existing codebook; `demo-data` and `demo-assets`
 run only when the config says `demo` for the images or the tokenizer checkpoints.
 
-Wiring only: each stage is `pipeline.artifacts.ArtifactStore.run` around a call into `pipeline/` or
-`lease/`. A stage's Prefect task cache key is exactly its artifact key, and the cache policy only offers
+Wiring only: the stage table (keys and build functions) is `pipeline.stages`; each task here is
+`pipeline.artifacts.ArtifactStore.run` around a stage's build. A stage's Prefect task cache key is exactly its artifact key, and the cache policy only offers
 the key when the artifact on disk is intact: a deleted or damaged artifact makes Prefect run the task,
 which rebuilds it (the task itself checks the record too, so running it outside Prefect is just as safe).
 `force` names stages to recompute; their dependents recompute with them.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import flows  # noqa: F401  (Prefect's environment defaults, before Prefect is imported)
 
 import functools
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,269 +30,9 @@ from prefect.cache_policies import CachePolicy
 from prefect.runtime import flow_run
 
 from lease.io import atomic_write_json
-from lease.typed_config import to_dict
-from pipeline.artifacts import RECORD_NAME, ArtifactStore, StageOutcome, StageSpec, code_version, input_digest
-from lease.typed_config import ConfigError
-from pipeline.config import DEMO, PipelineConfig, load_pipeline_config
-
-
-Dirs = dict[str, Path]  # upstream stage name -> its artifact directory
-
-
-# ------------------------------------------------------------------------------------ stage table
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One node of the DAG: what its key depends on and how to build its artifact."""
-
-    name: str
-    modules: tuple[str, ...]  # source whose digest is the stage's code version
-    after: tuple[str, ...]  # upstream stages (those enabled for a config)
-    config: Callable[[PipelineConfig], dict[str, Any]]  # the config that determines the output
-    build: Callable[[PipelineConfig, Dirs, Path], dict[str, Any]]  # writes into the dir, returns a summary
-    inputs: Callable[[PipelineConfig], dict[str, str]] = lambda cfg: {}  # external inputs -> digests
-    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
-
-
-def _device(cfg: PipelineConfig) -> str:
-    import torch
-
-    if cfg.device != "auto":
-        return cfg.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _external(**paths: str) -> dict[str, str]:
-    """Digests of user-supplied checkpoints/files (the word `demo` means a demo-assets output)."""
-    return {name: input_digest(path) for name, path in paths.items() if path and path != DEMO}
-
-
-def _tokenizer_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    vq, dino = cfg.tokenizers.vqgan, cfg.tokenizers.dinov2
-    return _external(vqgan_checkpoint=vq.checkpoint, vqgan_config=vq.config, dinov2=dino.path)
-
-
-def _tokenizer_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """Which tokenizers, not where their files lie (their contents enter the key as input digests)."""
-    vq, dino = cfg.tokenizers.vqgan, cfg.tokenizers.dinov2
-    return {"vqgan": {"kind": vq.kind, "demo": vq.checkpoint == DEMO},
-            "dinov2": {"kind": dino.kind, "layer": dino.layer, "demo": dino.path == DEMO}}
-
-
-def _tokenizer_paths(cfg: PipelineConfig, dirs: Dirs) -> tuple[Path, Path | None, Path]:
-    """(VQGAN checkpoint, taming YAML or None, DINOv2 path), demo ones from the demo-assets artifact."""
-    vq, dino = cfg.tokenizers.vqgan, cfg.tokenizers.dinov2
-    assets = dirs.get("demo-assets")
-    vq_ckpt = assets / DEMO_VQGAN if vq.checkpoint == DEMO else Path(vq.checkpoint)
-    dino_path = assets / DEMO_DINOV2 if dino.path == DEMO else Path(dino.path)
-    return vq_ckpt, Path(vq.config) if vq.config else None, dino_path
-
-
-DEMO_VQGAN = "vqgan_maskgit_tiny.ckpt"
-DEMO_DINOV2 = "dinov2_tiny_hf"
-
-
-def build_demo_data(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    from pipeline.demo_data import make_demo_dataset
-
-    d = cfg.demo_data
-    make_demo_dataset(out / "images", d.num_classes, d.train_per_class, d.val_per_class, d.image_size, d.seed)
-    return {"images": "images", "num_images": d.num_classes * (d.train_per_class + d.val_per_class)}
-
-
-def build_demo_assets(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    from lease.tokenizers import tiny
-
-    a = cfg.tokenizers.demo
-    tiny.save_tiny_maskgit_vqgan(out / DEMO_VQGAN, a.seed, n_embed=a.vqgan_codes, ch=a.vqgan_channels,
-                                 num_res_blocks=a.vqgan_res_blocks, z_channels=a.vqgan_z_channels)
-    tiny.save_tiny_hf_dinov2(out / DEMO_DINOV2, a.seed, hidden_size=a.dino_hidden, depth=a.dino_depth,
-                             num_heads=a.dino_heads, registers=a.dino_registers)
-    return {"vqgan": DEMO_VQGAN, "dinov2": DEMO_DINOV2}
-
-
-def build_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    from pipeline import manifest
-
-    source = dirs["demo-data"] / "images" if cfg.uses_demo_data else cfg.data.source
-    summary = manifest.build_manifest(source, out / "manifest.parquet", kind=cfg.data.kind,
-                                      val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
-                                      num_workers=cfg.data.num_workers)
-    return {"manifest": "manifest.parquet", **_plain(summary)}
-
-
-def build_features(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    from pipeline import tokenize
-
-    _, _, dino_path = _tokenizer_paths(cfg, dirs)
-    f, dino = cfg.features, cfg.tokenizers.dinov2
-    summary = tokenize.sample_features(dirs["manifest"] / "manifest.parquet", out / "features.npy",
-                                       dinov2_kind=dino.kind, dinov2_path=dino_path, layer=dino.layer,
-                                       num_images=f.num_images, patches_per_image=f.patches_per_image, seed=f.seed,
-                                       batch_size=f.batch_size, num_workers=f.num_workers, dtype=f.dtype,
-                                       device=_device(cfg))
-    return {"features": "features.npy", **_plain(summary)}
-
-
-def build_kmeans(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    from pipeline import kmeans
-
-    k, device = cfg.kmeans, _device(cfg)
-    if k.codebook:
-        return kmeans.use_existing_codebook(k.codebook, out, k.num_neighbours, device=device)
-    features = kmeans.load_feature_sample(dirs["features"] / "features.npy", k.sample_size, k.seed)
-    result = kmeans.train_kmeans(features, k.k, k.iters, k.seed, backend=k.backend, device=device)
-    return kmeans.write_kmeans_outputs(result, out, k.num_neighbours, k.iters, k.seed, device)
-
-
-def build_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    from pipeline import tokenize
-
-    vq_ckpt, vq_config, dino_path = _tokenizer_paths(cfg, dirs)
-    t, tok = cfg.tokenize, cfg.tokenizers
-    summary = tokenize.tokenize(dirs["manifest"] / "manifest.parquet", dirs["kmeans"] / "centroids.npy", out,
-                                vqgan_kind=tok.vqgan.kind, vqgan_checkpoint=vq_ckpt, vqgan_config=vq_config,
-                                dinov2_kind=tok.dinov2.kind, dinov2_path=dino_path, layer=tok.dinov2.layer,
-                                batch_size=t.batch_size, num_workers=t.num_workers,
-                                images_per_shard=t.images_per_shard, dtype=t.dtype, device=_device(cfg),
-                                gpu_decode=t.gpu_decode, compile=t.compile)
-    return _plain(summary)
-
-
-def _recorded_result(directory: Path) -> dict[str, Any]:
-    """The summary an upstream stage stored in its completion record."""
-    return json.loads((directory / RECORD_NAME).read_text())["result"]
-
-
-def build_pack(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    from pipeline import pack
-
-    tokens = _recorded_result(dirs["tokenize"])
-    splits = {split: dirs["tokenize"] / split for split, count in tokens["num_images"].items() if count > 0}
-    return pack.pack(splits, out, vocab_gen=tokens["vq_codes"], codebook_size=tokens["disc_codes"],
-                     samples_per_shard=cfg.pack.samples_per_shard, num_workers=cfg.pack.num_workers)
-
-
-def _pretrain_config(cfg: PipelineConfig, dirs: Dirs | None = None) -> dict[str, Any]:
-    """The trainer's config with the data paths of this run filled in (blank for the key)."""
-    train_cfg = to_dict(cfg.pretrain)
-    train_cfg["data"]["shards"] = str(dirs["pack"] / "train") if dirs else ""
-    train_cfg["data"]["codebook"] = str(dirs["kmeans"] / "centroids.npy") if dirs else ""
-    return train_cfg
-
-
-def build_pretrain(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    from lease.configs import train_config
-    from lease.train import train
-
-    # An interrupted run left its checkpoint in this (work) directory: continue it exactly.
-    result = train(train_config(_pretrain_config(cfg, dirs)), out, resume=(out / "checkpoint.pt").is_file())
-    if not result.get("completed"):
-        raise RuntimeError(f"pretraining stopped at step {result['steps']} before finishing: rerun to resume")
-    return {"steps": result["steps"], "checkpoint": "checkpoint.pt", "final": result["final"]}
-
-
-def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    """k-NN and linear probe on mean-pooled encoder features (train → val), MaskGIT sample and
-    reconstruction/inpainting/outpainting grids through the VQGAN, and the Markdown report."""
-    from lease.checkpoints import model_from_checkpoint
-    from lease.data import read_token_set
-    from lease.evaluate import generate, grids, knn, linear_probe, report
-    from lease.evaluate.features import extract_token_set
-    from lease.tokenizers import load_vqgan
-
-    e, device = cfg.evaluate, _device(cfg)
-    model = model_from_checkpoint(dirs["pretrain"] / "checkpoint.pt", device)
-    train, val = (extract_token_set(model, read_token_set(dirs["pack"] / split), e.batch_size, device=device,
-                                    dtype=e.dtype) for split in ("train", "val"))
-    results = {"knn": knn.knn_classify(*train, *val, e.knn, device),
-               "linear_probe": linear_probe.linear_probe(*train, *val, e.linear_probe, device)}
-    for name, result in results.items():
-        atomic_write_json(out / report.RESULT_FILES[name], result)
-
-    vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
-    vqgan = load_vqgan(cfg.tokenizers.vqgan.kind, vq_ckpt, config=vq_config, device=device)
-    generate.check_compatible(model, vqgan)
-    sampler = generate.MaskGitSampler(model, e.generate, device)
-    tokens = sampler.generate()
-    shown = tokens[: e.grid_rows * e.grid_rows].to(device)
-    images = generate.decode_images(vqgan, shown, sampler.grid_size, e.generate.dtype)
-    pictures = {"samples": grids.save_image_grid(images, out / "samples.png", nrow=e.grid_rows)}
-    pictures.update(generate._task_grids(sampler, vqgan, str(dirs["pack"] / "val"), e.grid_rows, out))
-    report.write_report(out / "report", results, dirs["pretrain"] / "metrics.jsonl", dirs["pack"] / "stats.json",
-                        pictures, title=f"LEASE evaluation ({cfg.name})")
-    return {"knn_top1": results["knn"]["top1"], "linear_probe_top1": results["linear_probe"]["top1"],
-            "report": "report/report.md", "grids": sorted(pictures)}
-
-
-def _plain(summary: Any) -> dict[str, Any]:
-    """A stage's return value as JSON-able data for the record."""
-    if summary is None:
-        return {}
-    data = to_dict(summary)
-    return data if isinstance(data, dict) else {"result": data}
-
-
-TRAIN_MODULES = ("lease.train", "lease.model", "lease.losses", "lease.masking", "lease.data", "lease.checkpoints",
-                 "lease.configs", "lease.codebook")
-TOKENIZER_MODULES = ("lease.tokenizers", "pipeline.images", "pipeline.assign", "pipeline.manifest")
-
-STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("demo-data", ("pipeline.demo_data",), (), lambda c: to_dict(c.demo_data), build_demo_data,
-          enabled=lambda c: c.uses_demo_data),
-    Stage("demo-assets", ("lease.tokenizers",), (), lambda c: to_dict(c.tokenizers.demo), build_demo_assets,
-          enabled=lambda c: c.uses_demo_assets),
-    Stage("manifest", ("pipeline.manifest", "pipeline.images"), ("demo-data",),
-          lambda c: _without(to_dict(c.data), "num_workers"), build_manifest,
-          inputs=lambda c: {} if c.uses_demo_data else {"source": input_digest(c.data.source, content=False)}),
-    Stage("features", ("pipeline.tokenize",) + TOKENIZER_MODULES, ("manifest", "demo-assets"),
-          lambda c: {"features": _without(to_dict(c.features), "batch_size", "num_workers"),
-                     "dinov2": _tokenizer_config(c)["dinov2"]}, build_features,
-          inputs=lambda c: _external(dinov2=c.tokenizers.dinov2.path),
-          enabled=lambda c: not c.kmeans.codebook),
-    Stage("kmeans", ("pipeline.kmeans", "pipeline.assign", "lease.codebook"), ("features",),
-          lambda c: to_dict(c.kmeans),
-          build_kmeans, inputs=lambda c: _external(codebook=c.kmeans.codebook)),
-    Stage("tokenize", ("pipeline.tokenize",) + TOKENIZER_MODULES, ("manifest", "kmeans", "demo-assets"),
-          lambda c: {"tokenize": _without(to_dict(c.tokenize), "batch_size", "num_workers"),
-                     "tokenizers": _tokenizer_config(c)}, build_tokenize, inputs=_tokenizer_inputs),
-    Stage("pack", ("pipeline.pack", "pipeline.stats"), ("tokenize",),
-          lambda c: _without(to_dict(c.pack), "num_workers"), build_pack),
-    Stage("pretrain", TRAIN_MODULES, ("pack", "kmeans"),
-          lambda c: _without(_pretrain_config(c), "data.num_workers", "log_every", "ckpt_every"),
-          build_pretrain),
-    Stage("evaluate", ("lease.evaluate", "lease.model", "lease.checkpoints", "lease.data", "lease.tokenizers"),
-          ("pretrain", "pack", "demo-assets"),
-          lambda c: {"evaluate": _without(to_dict(c.evaluate), "batch_size"), "vqgan": _tokenizer_config(c)["vqgan"]},
-          build_evaluate, inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
-                                                     vqgan_config=c.tokenizers.vqgan.config)),
-]}
-TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack")
-TRAIN_STAGES = ("pretrain", "evaluate")
-
-
-def _without(data: dict[str, Any], *keys: str) -> dict[str, Any]:
-    """`data` without the dotted `keys` (performance-only settings that do not change a stage's output)."""
-    for key in keys:
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
-    return data
-
-
-def with_dependents(cfg: PipelineConfig, names: list[str] | set[str]) -> set[str]:
-    """`names` plus every enabled stage downstream of them."""
-    unknown = sorted(set(names) - set(STAGES))
-    if unknown:
-        raise ConfigError(f"force: unknown stage {unknown[0]!r}; stages are: {', '.join(STAGES)}")
-    forced = set(names)
-    for stage in STAGES.values():  # STAGES is in topological order
-        if stage.enabled(cfg) and forced & set(stage.after):
-            forced.add(stage.name)
-    return forced
+from pipeline.artifacts import RECORD_NAME, ArtifactStore, StageOutcome, StageSpec
+from pipeline.config import PipelineConfig, load_pipeline_config
+from pipeline.stages import STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Stage, with_dependents
 
 
 # ------------------------------------------------------------------------------- Prefect plumbing
@@ -356,9 +95,7 @@ class Runner:
     outcomes: dict[str, StageOutcome] = field(default_factory=dict)
 
     def spec(self, stage: Stage) -> StageSpec:
-        upstream = {name: self.outcomes[name].key for name in stage.after if name in self.outcomes}
-        return StageSpec(stage=stage.name, config=stage.config(self.cfg), code_version=code_version(stage.modules),
-                         upstream=upstream, inputs=stage.inputs(self.cfg))
+        return stage.spec(self.cfg, {name: self.outcomes[name].key for name in stage.after if name in self.outcomes})
 
     def run(self, names: tuple[str, ...]) -> None:
         for name in names:

@@ -26,6 +26,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+YAML_BOOL_WORDS = {True: "on", False: "off"}
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
@@ -44,6 +47,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and YAML_BOOL_WORDS[value] in get_args(tp):
+            value = YAML_BOOL_WORDS[value]  # YAML 1.1 reads a bare on/off as a bool
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value

@@ -11,6 +11,13 @@ Records:
 - `tokenize-dinov2-b<B>`: DINOv2 patch features of the configured layer alone;
 - `tokenize-end-to-end`: manifest of the JPEG folder, then `pipeline.tokenize.tokenize` from files to
   shards (decode, both crops, VQGAN, DINOv2, nearest centroid, writing), after one untimed warm-up shard.
+
+`lease bench precompute` times the whole tokenization sub-flow instead: the stages of `pipeline.stages`
+(manifest → features → k-means → tokenize → pack) with a preset's settings (default `in1k_vitb`), through
+`ArtifactStore` exactly as the flow runs them, on a synthetic train/ + val/ ImageFolder; nothing is warm
+before it starts (compilation included). Record `precompute-<preset>-<N>`: seconds per stage, and the
+ImageNet-1K estimate, where stages that work per image (manifest, tokenize, pack) scale with the image
+count and the others (features on a fixed sample, k-means) are counted as measured.
 """
 from __future__ import annotations
 
@@ -48,10 +55,10 @@ def _write_jpeg(args: tuple[Path, int, int, int]) -> int:
 
 
 def synthetic_imagefolder(root: Path, num_images: int, num_classes: int, min_side: int, max_side: int,
-                          workers: int) -> float:
+                          workers: int, first_seed: int = 0) -> float:
     """Write `num_images` JPEGs into `root/<class>/`; returns the mean file size in KiB."""
-    tasks = [(root / f"class{i % num_classes:03d}" / f"img{i:07d}.jpg", i, min_side, max_side)
-             for i in range(num_images)]
+    tasks = [(root / f"class{i % num_classes:04d}" / f"img{i:07d}.jpg", i, min_side, max_side)
+             for i in range(first_seed, first_seed + num_images)]
     with ProcessPoolExecutor(workers) as pool:
         sizes = list(pool.map(_write_jpeg, tasks, chunksize=64))
     return float(np.mean(sizes)) / 1024
@@ -119,9 +126,77 @@ def bench_end_to_end(assets: dict[str, Path], work: Path, args: argparse.Namespa
             "dtype": args.dtype, "compile": args.compile, "codebook_size": args.codebook_size, "images_per_shard": args.images_per_shard}
 
 
+IMAGENET_1K_IMAGES = {"train": 1_281_167, "val": 50_000}
+PER_IMAGE_STAGES = ("manifest", "tokenize", "pack")  # the rest cost the same for any dataset size
+
+
+def synthetic_split_imagefolder(root: Path, num_images: dict[str, int], num_classes: int, min_side: int,
+                                max_side: int, workers: int) -> float:
+    """`root/train/<class>/` and `root/val/<class>/` JPEGs; returns the mean file size in KiB."""
+    first, sizes = 0, []
+    for split, count in num_images.items():
+        sizes.append(synthetic_imagefolder(root / split, count, num_classes, min_side, max_side, workers, first)
+                     * count)
+        first += count
+    return sum(sizes) / max(1, sum(num_images.values()))
+
+
+def imagenet_estimate(stage_seconds: dict[str, float], num_images: int) -> dict[str, float]:
+    """Each stage's seconds at ImageNet-1K's size (train + val): per-image stages scaled linearly."""
+    scale = sum(IMAGENET_1K_IMAGES.values()) / num_images
+    return {name: round(sec * scale if name in PER_IMAGE_STAGES else sec, 1) for name, sec in stage_seconds.items()}
+
+
+def save_tiny_tokenizers(work: Path) -> dict[str, Path]:
+    """The demo's tiny random tokenizers: a quick check of the precompute harness on any machine."""
+    from lease.tokenizers.tiny import save_tiny_hf_dinov2, save_tiny_maskgit_vqgan
+
+    return {"vqgan": save_tiny_maskgit_vqgan(work / "vqgan_tiny.ckpt"),
+            "dinov2": save_tiny_hf_dinov2(work / "dinov2_tiny")}
+
+
+def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.config import load_pipeline_config
+    from pipeline.stages import STAGES, TOKENIZE_STAGES
+
+    assets = (save_full_size_tokenizers(work, args.codebook_size) if args.tokenizers == "full"
+              else save_tiny_tokenizers(work))
+    counts = {"train": args.num_images, "val": max(1, round(args.num_images * IMAGENET_1K_IMAGES["val"]
+                                                            / IMAGENET_1K_IMAGES["train"]))}
+    start = time.perf_counter()
+    kib = synthetic_split_imagefolder(work / "images", counts, args.num_classes, args.min_side, args.max_side,
+                                      args.workers)
+    log.info("wrote %s JPEGs (mean %.0f KiB) in %.1f s", counts, kib, time.perf_counter() - start)
+    overrides = [f"data.source={work / 'images'}", f"artifacts={work / 'artifacts'}", f"device={args.device}",
+                 f"tokenizers.vqgan.checkpoint={assets['vqgan']}", f"tokenizers.dinov2.path={assets['dinov2']}",
+                 f"kmeans.k={args.codebook_size}", *args.override]
+    cfg = load_pipeline_config(args.preset, overrides)
+    store, keys, dirs, seconds = ArtifactStore(cfg.artifacts), {}, {}, {}
+    for stage in (STAGES[name] for name in TOKENIZE_STAGES):
+        if not stage.enabled(cfg):
+            continue
+        t0 = time.perf_counter()
+        spec = stage.spec(cfg, {n: keys[n] for n in stage.after if n in keys})
+        upstream = {n: dirs[n] for n in stage.after if n in dirs}
+        outcome = store.run(spec, lambda out: stage.build(cfg, upstream, out), force=True)
+        seconds[stage.name] = round(time.perf_counter() - t0, 2)
+        keys[stage.name], dirs[stage.name] = outcome.key, Path(outcome.path)
+        log.info("precompute stage %s: %.1f s", stage.name, seconds[stage.name])
+    total = sum(counts.values())
+    estimate = imagenet_estimate(seconds, total)
+    return {"preset": args.preset, "overrides": list(args.override), "tokenizers": args.tokenizers,
+            "device": args.device, "num_images": counts,
+            "mean_jpeg_kib": round(kib, 1), "sides": [args.min_side, args.max_side],
+            "stage_seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
+            "images_per_s": round(total / sum(seconds[n] for n in PER_IMAGE_STAGES if n in seconds), 1),
+            "imagenet_1k_stage_seconds": estimate,
+            "imagenet_1k_minutes": round(sum(estimate.values()) / 60, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lease bench tokenize", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["bench"], help=argparse.SUPPRESS)
+    parser.add_argument("what", choices=["bench", "precompute"], help=argparse.SUPPRESS)
     parser.add_argument("--num-images", type=int, default=20000)
     parser.add_argument("--min-side", type=int, default=300)
     parser.add_argument("--max-side", type=int, default=500)
@@ -137,13 +212,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also write the VQGAN encoder's kernel-time table")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed)")
+    parser.add_argument("--preset", default="in1k_vitb", help="precompute: the pipeline preset whose settings run")
+    parser.add_argument("--num-classes", type=int, default=1000, help="precompute: class folders")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="precompute: a pipeline config override, e.g. tokenize.gpu_decode=true (repeatable)")
+    parser.add_argument("--tokenizers", choices=["full", "tiny"], default="full",
+                        help="precompute: released sizes (the measurement) or the demo's tiny ones (a harness check)")
+    parser.add_argument("--device", default="cuda", help="precompute: cuda, or cpu with --tokenizers tiny")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("lease bench tokenize measures GPU throughput: no CUDA device found")
     torch.backends.cudnn.benchmark = True
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lease-bench-"))
     try:
+        if args.what == "precompute":
+            result = bench_precompute(args, work)
+            tiny = "-tiny" if args.tokenizers == "tiny" else ""
+            write_record(f"precompute-{args.preset}-{args.num_images}{tiny}", {"results": result})
+            log.info("precompute of %s images: %.1f s; ImageNet-1K estimate %.1f min", result["num_images"],
+                     result["total_seconds"], result["imagenet_1k_minutes"])
+            return 0
         assets = save_full_size_tokenizers(work, args.codebook_size)
         if not args.skip_components:
             bench_components(assets, 128, args.dtype, args.steps, args.profile)

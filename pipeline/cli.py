@@ -29,11 +29,13 @@ STAGE_COMMANDS = {
     "deploy": ("flows.deploy", "serve the lease/full-pipeline deployment (needs `make server`)"),
 }
 
-# `lease bench <name> ARGS` for the pipeline's benchmarks: the module's own `bench` sub-command.
+# `lease bench <name> ARGS` for the pipeline's benchmarks: the module's own `bench` sub-command
+# (`precompute` is its own sub-command of pipeline.bench).
 BENCH_COMMANDS = {
     "kmeans": ("pipeline.kmeans", "k-means K x D on synthetic vectors"),
     "assign": ("pipeline.assign", "nearest-centroid assignment on synthetic vectors"),
     "tokenize": ("pipeline.bench", "VQGAN, DINOv2 and JPEG-to-shards tokenize throughput"),
+    "precompute": ("pipeline.bench", "the whole tokenization sub-flow on synthetic JPEGs, ImageNet-1K estimate"),
 }
 
 
@@ -59,7 +61,8 @@ def run_flow(args: argparse.Namespace) -> int:
     from pipeline.config import load_pipeline_config
 
     cfg = load_pipeline_config(args.config, args.overrides)
-    from flows.lease_flow import StageFailed, lease_flow, tokenize_flow, with_dependents
+    from flows.lease_flow import StageFailed, lease_flow, tokenize_flow
+    from pipeline.stages import with_dependents
 
     with_dependents(cfg, args.force)  # unknown stage names fail here, before any work
     flow_fn = lease_flow if args.flow == "lease" else tokenize_flow
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in STAGE_COMMANDS:
         return importlib.import_module(STAGE_COMMANDS[argv[0]][0]).main(argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCH_COMMANDS:
-        return importlib.import_module(BENCH_COMMANDS[argv[1]][0]).main(["bench", *argv[2:]])
+        sub_command = "precompute" if argv[1] == "precompute" else "bench"
+        return importlib.import_module(BENCH_COMMANDS[argv[1]][0]).main([sub_command, *argv[2:]])
     args = build_parser().parse_args(argv)
     _setup_logging()  # before Prefect is imported: Prefect then keeps this root handler
     try:

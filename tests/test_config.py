@@ -18,6 +18,14 @@ def test_overrides_reach_nested_sections():
     assert (cfg.kmeans.k, cfg.pretrain.model.dropout, cfg.tokenizers.dinov2.layer) == (32, 0.5, -2)
 
 
+def test_on_off_words_reach_choice_settings_as_words():
+    """YAML 1.1 reads a bare `off` as false; a setting whose choices are words still gets the word."""
+    assert load_pipeline_config("demo", ["tokenize.compile=off"]).tokenize.compile == "off"
+    assert load_pipeline_config("demo", ["tokenize.compile=on"]).tokenize.compile == "on"
+    with pytest.raises(ConfigError, match="tokenize.compile"):
+        load_pipeline_config("demo", ["tokenize.compile=maybe"])
+
+
 @pytest.mark.parametrize("override, named", [
     ("kmeans.kk=3", "kmeans.kk"),
     ("nosuch=1", "nosuch"),
