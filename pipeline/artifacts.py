@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import stat as stat_module
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -88,16 +89,36 @@ def input_digest(path: str | Path, content: bool = True) -> str:
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist: check the path in the config")
     if path.is_file():
-        return quick_file_digest(path) if content else json_digest(_stat_entry(path, path.parent))
-    entries = [_stat_entry(p, path) + ([quick_file_digest(p)] if content else []) for p in _files_under(path)]
+        stat = path.stat()
+        return quick_file_digest(path) if content else json_digest([path.name, stat.st_size, stat.st_mtime_ns])
+    entries = _file_stats_under(path)
     if not entries:
         raise FileNotFoundError(f"input directory {path} holds no files")
+    if content:
+        entries = [entry + [quick_file_digest(path / entry[0])] for entry in entries]
     return json_digest(entries)
 
 
-def _stat_entry(path: Path, root: Path) -> list:
-    stat = path.stat()
-    return [str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns]
+def _file_stats_under(root: Path) -> list[list]:
+    """[relative path, size, mtime_ns] of the visible files below `root`, sorted as `_files_under` sorts.
+
+    os.walk + os.stat rather than Path.rglob: ImageNet's 1.3M files take seconds, not minutes.
+    Directory links are not followed (as rglob does not).
+    """
+    entries = []
+    for dirpath, _, names in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:  # a dangling link is not a file
+                continue
+            if stat_module.S_ISREG(st.st_mode):
+                entries.append([name if rel_dir == "." else f"{rel_dir}/{name}", st.st_size, st.st_mtime_ns])
+    entries.sort(key=lambda entry: entry[0].split("/"))
+    return entries
 
 
 def module_files(module: str) -> list[Path]:

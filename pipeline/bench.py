@@ -141,10 +141,33 @@ def synthetic_split_imagefolder(root: Path, num_images: dict[str, int], num_clas
     return sum(sizes) / max(1, sum(num_images.values()))
 
 
-def imagenet_estimate(stage_seconds: dict[str, float], num_images: int) -> dict[str, float]:
-    """Each stage's seconds at ImageNet-1K's size (train + val): per-image stages scaled linearly."""
-    scale = sum(IMAGENET_1K_IMAGES.values()) / num_images
-    return {name: round(sec * scale if name in PER_IMAGE_STAGES else sec, 1) for name, sec in stage_seconds.items()}
+def imagenet_estimate(stage_seconds: dict[str, float], num_images: int, feature_images: int,
+                      feature_sample: int) -> dict[str, float]:
+    """Each stage's seconds at ImageNet-1K's size (train + val): per-image stages scaled linearly, the
+    feature sample scaled to its configured size when the synthetic train set was smaller than that."""
+    scales = {name: sum(IMAGENET_1K_IMAGES.values()) / num_images for name in PER_IMAGE_STAGES}
+    scales["features"] = min(feature_sample, IMAGENET_1K_IMAGES["train"]) / feature_images
+    return {name: round(sec * scales.get(name, 1.0), 1) for name, sec in stage_seconds.items()}
+
+
+def time_decoding(locations: list[str], batch_size: int, workers: int, shares: list[float]) -> list[dict]:
+    """Images/s of the tokenize loader alone (JPEG → both crops on the GPU, no networks): the CPU path,
+    then nvJPEG with each share of the JPEGs decoded by the workers meanwhile."""
+    from pipeline.images import make_loader
+
+    results = []
+    for gpu_decode, share in [(False, 0.0)] + [(True, s) for s in shares]:
+        loader = make_loader(locations, batch_size, workers, sizes=(256, 224), gpu_decode=gpu_decode, cpu_share=share)
+        start = time.perf_counter()
+        for _, *crops in loader:
+            for crop in crops:
+                crop.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        rate = len(locations) / (time.perf_counter() - start)
+        results.append({"decode": "nvJPEG" if gpu_decode else "CPU", "cpu_share": share if gpu_decode else 1.0,
+                        "images_per_s": round(rate, 1)})
+        log.info("decode %s (workers' share %.2f): %.0f img/s", results[-1]["decode"], results[-1]["cpu_share"], rate)
+    return results
 
 
 def save_tiny_tokenizers(work: Path) -> dict[str, Path]:
@@ -168,6 +191,10 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
     kib = synthetic_split_imagefolder(work / "images", counts, args.num_classes, args.min_side, args.max_side,
                                       args.workers)
     log.info("wrote %s JPEGs (mean %.0f KiB) in %.1f s", counts, kib, time.perf_counter() - start)
+    decoding = []
+    if args.decode_shares is not None:
+        train = sorted(str(p) for p in (work / "images" / "train").rglob("*.jpg"))[: args.decode_images]
+        decoding = time_decoding(train, args.batch_size, args.workers, args.decode_shares)
     overrides = [f"data.source={work / 'images'}", f"artifacts={work / 'artifacts'}", f"device={args.device}",
                  f"tokenizers.vqgan.checkpoint={assets['vqgan']}", f"tokenizers.dinov2.path={assets['dinov2']}",
                  f"kmeans.k={args.codebook_size}", *args.override]
@@ -184,14 +211,15 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
         keys[stage.name], dirs[stage.name] = outcome.key, Path(outcome.path)
         log.info("precompute stage %s: %.1f s", stage.name, seconds[stage.name])
     total = sum(counts.values())
-    estimate = imagenet_estimate(seconds, total)
+    estimate = imagenet_estimate(seconds, total, min(cfg.features.num_images, counts["train"]),
+                                 cfg.features.num_images)
     return {"preset": args.preset, "overrides": list(args.override), "tokenizers": args.tokenizers,
             "device": args.device, "num_images": counts,
             "mean_jpeg_kib": round(kib, 1), "sides": [args.min_side, args.max_side],
             "stage_seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
             "images_per_s": round(total / sum(seconds[n] for n in PER_IMAGE_STAGES if n in seconds), 1),
             "imagenet_1k_stage_seconds": estimate,
-            "imagenet_1k_minutes": round(sum(estimate.values()) / 60, 2)}
+            "imagenet_1k_minutes": round(sum(estimate.values()) / 60, 2), "decode_loader": decoding}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizers", choices=["full", "tiny"], default="full",
                         help="precompute: released sizes (the measurement) or the demo's tiny ones (a harness check)")
     parser.add_argument("--device", default="cuda", help="precompute: cuda, or cpu with --tokenizers tiny")
+    parser.add_argument("--decode-shares", type=lambda text: [float(v) for v in text.split(",")], default=None,
+                        help="precompute: first time the loader alone, CPU decode and nvJPEG with these "
+                             "comma-separated shares decoded by the workers, e.g. 0,0.3,0.5")
+    parser.add_argument("--decode-images", type=int, default=30000, help="precompute: images per decode timing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
