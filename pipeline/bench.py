@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 def _write_jpeg(args: tuple[Path, int, int, int]) -> int:
     path, seed, min_side, max_side = args
+    if path.exists():  # a reused --work-dir: the same seed wrote the same file
+        return path.stat().st_size
     rng = np.random.default_rng(seed)
     w, h = (int(s) for s in rng.integers(min_side, max_side + 1, size=2))
     coarse = rng.integers(0, 256, size=(max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
@@ -150,24 +152,43 @@ def imagenet_estimate(stage_seconds: dict[str, float], num_images: int, feature_
     return {name: round(sec * scales.get(name, 1.0), 1) for name, sec in stage_seconds.items()}
 
 
-def time_decoding(locations: list[str], batch_size: int, workers: int, shares: list[float]) -> list[dict]:
-    """Images/s of the tokenize loader alone (JPEG → both crops on the GPU, no networks): the CPU path,
-    then nvJPEG with each share of the JPEGs decoded by the workers meanwhile."""
+def time_decoding(locations: list[str], batch_size: int, workers: int) -> dict[str, float]:
+    """Images/s of the tokenize loader alone (JPEG → both crops on the GPU, no networks), per decoder."""
     from pipeline.images import make_loader
 
-    results = []
-    for gpu_decode, share in [(False, 0.0)] + [(True, s) for s in shares]:
-        loader = make_loader(locations, batch_size, workers, sizes=(256, 224), gpu_decode=gpu_decode, cpu_share=share)
+    rates = {}
+    for name, gpu_decode in (("CPU", False), ("nvJPEG", True)):
+        loader = make_loader(locations, batch_size, workers, sizes=(256, 224), gpu_decode=gpu_decode)
         start = time.perf_counter()
         for _, *crops in loader:
             for crop in crops:
                 crop.to("cuda", non_blocking=True)
         torch.cuda.synchronize()
-        rate = len(locations) / (time.perf_counter() - start)
-        results.append({"decode": "nvJPEG" if gpu_decode else "CPU", "cpu_share": share if gpu_decode else 1.0,
-                        "images_per_s": round(rate, 1)})
-        log.info("decode %s (workers' share %.2f): %.0f img/s", results[-1]["decode"], results[-1]["cpu_share"], rate)
-    return results
+        rates[name] = round(len(locations) / (time.perf_counter() - start), 1)
+        log.info("loader alone, %s decode: %.0f img/s", name, rates[name])
+    return rates
+
+
+def time_fused_tokenizer(assets: dict[str, Path], batch_size: int, steps: int = 20) -> float:
+    """Images/s of the compiled VQGAN + DINOv2 + nearest centroid on device-resident uint8 batches."""
+    from pipeline.tokenize import load_fused_tokenizer
+
+    device = torch.device("cuda")
+    model = load_fused_tokenizer(vqgan_kind="maskgit", vqgan_checkpoint=assets["vqgan"], vqgan_config=None,
+                                 dinov2_kind="hf", dinov2_path=assets["dinov2"], layer=-3, centroids=assets["codebook"],
+                                 dino_size=224, dtype="bf16", device=device, compile="on", batch_size=batch_size)
+    img_vq, img_dino = (torch.randint(0, 256, (batch_size, 3, s, s), dtype=torch.uint8, device=device)
+                        for s in model.crop_sizes)
+    for _ in range(3):  # compilation and autotuning
+        model(img_vq, img_dino)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(img_vq, img_dino)
+    torch.cuda.synchronize()
+    rate = steps * batch_size / (time.perf_counter() - start)
+    log.info("fused tokenizer alone (batch %d): %.0f img/s", batch_size, rate)
+    return round(rate, 1)
 
 
 def save_tiny_tokenizers(work: Path) -> dict[str, Path]:
@@ -191,10 +212,11 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
     kib = synthetic_split_imagefolder(work / "images", counts, args.num_classes, args.min_side, args.max_side,
                                       args.workers)
     log.info("wrote %s JPEGs (mean %.0f KiB) in %.1f s", counts, kib, time.perf_counter() - start)
-    decoding = []
-    if args.decode_shares is not None:
+    parts = {}
+    if args.time_parts:
         train = sorted(str(p) for p in (work / "images" / "train").rglob("*.jpg"))[: args.decode_images]
-        decoding = time_decoding(train, args.batch_size, args.workers, args.decode_shares)
+        parts = {"loader_images_per_s": time_decoding(train, args.batch_size, args.workers),
+                 "fused_tokenizer_images_per_s": time_fused_tokenizer(assets, args.batch_size)}
     overrides = [f"data.source={work / 'images'}", f"artifacts={work / 'artifacts'}", f"device={args.device}",
                  f"tokenizers.vqgan.checkpoint={assets['vqgan']}", f"tokenizers.dinov2.path={assets['dinov2']}",
                  f"kmeans.k={args.codebook_size}", *args.override]
@@ -219,7 +241,7 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
             "stage_seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
             "images_per_s": round(total / sum(seconds[n] for n in PER_IMAGE_STAGES if n in seconds), 1),
             "imagenet_1k_stage_seconds": estimate,
-            "imagenet_1k_minutes": round(sum(estimate.values()) / 60, 2), "decode_loader": decoding}
+            "imagenet_1k_minutes": round(sum(estimate.values()) / 60, 2), **parts}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizers", choices=["full", "tiny"], default="full",
                         help="precompute: released sizes (the measurement) or the demo's tiny ones (a harness check)")
     parser.add_argument("--device", default="cuda", help="precompute: cuda, or cpu with --tokenizers tiny")
-    parser.add_argument("--decode-shares", type=lambda text: [float(v) for v in text.split(",")], default=None,
-                        help="precompute: first time the loader alone, CPU decode and nvJPEG with these "
-                             "comma-separated shares decoded by the workers, e.g. 0,0.3,0.5")
-    parser.add_argument("--decode-images", type=int, default=30000, help="precompute: images per decode timing")
+    parser.add_argument("--time-parts", action="store_true",
+                        help="precompute: first time the loader alone (CPU and nvJPEG decode) and the networks alone")
+    parser.add_argument("--decode-images", type=int, default=30000, help="precompute: images per loader timing")
+    parser.add_argument("--tag", default="", help="precompute: suffix of the record name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -260,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.what == "precompute":
             result = bench_precompute(args, work)
-            tiny = "-tiny" if args.tokenizers == "tiny" else ""
-            write_record(f"precompute-{args.preset}-{args.num_images}{tiny}", {"results": result})
+            suffix = ("-tiny" if args.tokenizers == "tiny" else "") + (f"-{args.tag}" if args.tag else "")
+            write_record(f"precompute-{args.preset}-{args.num_images}{suffix}", {"results": result})
             log.info("precompute of %s images: %.1f s; ImageNet-1K estimate %.1f min", result["num_images"],
                      result["total_seconds"], result["imagenet_1k_minutes"])
             return 0

@@ -112,13 +112,8 @@ class FeatureSampleConfig:
     patches_per_image: int = 64  # of the 256 per image
     seed: int = 0
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # DINOv2 compute dtype (auto: bf16 on GPU)
-    gpu_decode: bool = False  # nvJPEG on the device (CUDA only)
-    cpu_decode_share: float = 0.0  # with gpu_decode: share of JPEGs the loader workers decode meanwhile
     batch_size: int = 256  # performance only
     num_workers: int = 8  # performance only
-
-    def __post_init__(self) -> None:
-        require(0.0 <= self.cpu_decode_share <= 1.0, "cpu_decode_share", "must be in [0, 1]")
 
 
 @dataclass
@@ -147,11 +142,7 @@ class TokenizeConfig:
     images_per_shard: int = 10_000
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     gpu_decode: bool = False  # nvJPEG on the device (CUDA only)
-    cpu_decode_share: float = 0.0  # with gpu_decode: share of JPEGs the loader workers decode meanwhile
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the tokenizers (auto: on CUDA)
-
-    def __post_init__(self) -> None:
-        require(0.0 <= self.cpu_decode_share <= 1.0, "cpu_decode_share", "must be in [0, 1]")
 
 
 @dataclass

@@ -14,9 +14,6 @@ Two decoders with the same semantics:
   batches of JPEGs with nvJPEG (`torchvision.io.decode_jpeg(device=...)`) and resizes on the device.
   Images nvJPEG should not take (non-JPEG files, CMYK JPEGs) are decoded to RGB by the workers and
   resized on the device with the same function.
-- Both at once (`gpu_decode=True, cpu_share=s`): the workers also fully decode a fixed share s of the
-  JPEGs (spread evenly over the rows), so the CPU cores and the GPU decoder work side by side; which
-  rows go where depends only on s, so outputs stay deterministic.
 """
 from __future__ import annotations
 
@@ -178,29 +175,18 @@ def is_gpu_decodable_jpeg(data: bytes) -> bool:
         return False
 
 
-def decoded_by_workers(index: int, cpu_share: float) -> bool:
-    """Whether row `index` falls in the evenly spread share of rows the CPU workers decode."""
-    return int((index + 1) * cpu_share) > int(index * cpu_share)
-
-
 class EncodedDataset(Dataset):
-    """Manifest rows → (row index, encoded JPEG bytes or, for other images, decoded RGB pixels).
+    """Manifest rows → (row index, encoded JPEG bytes or, for other images, decoded RGB pixels)."""
 
-    `cpu_share` of the rows are decoded here even when they are JPEGs nvJPEG could take.
-    """
-
-    def __init__(self, locations: Sequence[str], cpu_share: float = 0.0):
-        if not 0.0 <= cpu_share <= 1.0:
-            raise ValueError(f"cpu_share must be in [0, 1], got {cpu_share}")
+    def __init__(self, locations: Sequence[str]):
         self.locations = list(locations)
-        self.cpu_share = cpu_share
 
     def __len__(self) -> int:
         return len(self.locations)
 
     def __getitem__(self, index: int) -> tuple[int, bytes | None, torch.Tensor | None]:
         data = read_bytes(self.locations[index])
-        if not decoded_by_workers(index, self.cpu_share) and is_gpu_decodable_jpeg(data):
+        if is_gpu_decodable_jpeg(data):
             return index, data, None
         return index, None, pil_to_tensor(decode_rgb(data))
 
@@ -279,20 +265,19 @@ class GpuDecodingLoader:
 
 
 def make_loader(locations: Sequence[str], batch_size: int, num_workers: int, pin_memory: bool = True, *,
-                sizes: Sequence[int] = (256, 224), gpu_decode: bool = False, cpu_share: float = 0.0,
+                sizes: Sequence[int] = (256, 224), gpu_decode: bool = False,
                 device: torch.device | str = "cuda") -> DataLoader | GpuDecodingLoader:
     """Batches (row_index int64 [B], img256 uint8 [B,3,256,256], img224 uint8 [B,3,224,224]) in order.
 
     `locations` are manifest locations (row i of the batch index refers to `locations[i]`); `sizes`
     picks the crop sizes (default: VQGAN 256, DINOv2 224). Order is the row order, so outputs can be
-    written deterministically. With `gpu_decode`, JPEGs are decoded and resized on `device`, except the
-    `cpu_share` of them that the workers decode meanwhile.
+    written deterministically. With `gpu_decode`, JPEGs are decoded and resized on `device`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     common = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
     if gpu_decode:
-        loader = DataLoader(EncodedDataset(locations, cpu_share), collate_fn=collate_encoded, **common)
+        loader = DataLoader(EncodedDataset(locations), collate_fn=collate_encoded, **common)
         return GpuDecodingLoader(loader, sizes, device)
     return DataLoader(CropDataset(locations, sizes), collate_fn=collate_crops, **common)

@@ -120,8 +120,7 @@ def build_features(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
                                        dinov2_kind=dino.kind, dinov2_path=dino_path, layer=dino.layer,
                                        num_images=f.num_images, patches_per_image=f.patches_per_image, seed=f.seed,
                                        batch_size=f.batch_size, num_workers=f.num_workers, dtype=f.dtype,
-                                       device=_device(cfg), gpu_decode=f.gpu_decode,
-                                       cpu_decode_share=f.cpu_decode_share)
+                                       device=_device(cfg))
     return {"features": "features.npy", **_plain(summary)}
 
 
@@ -146,7 +145,7 @@ def build_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
                                 dinov2_kind=tok.dinov2.kind, dinov2_path=dino_path, layer=tok.dinov2.layer,
                                 batch_size=t.batch_size, num_workers=t.num_workers,
                                 images_per_shard=t.images_per_shard, dtype=t.dtype, device=_device(cfg),
-                                gpu_decode=t.gpu_decode, cpu_decode_share=t.cpu_decode_share, compile=t.compile)
+                                gpu_decode=t.gpu_decode, compile=t.compile)
     return _plain(summary)
 
 

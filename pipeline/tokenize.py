@@ -176,7 +176,7 @@ class SplitResult:
 
 
 def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_dir: Path, *, batch_size: int,
-                   num_workers: int, images_per_shard: int, gpu_decode: bool = False, cpu_decode_share: float = 0.0,
+                   num_workers: int, images_per_shard: int, gpu_decode: bool = False,
                    max_shards: int | None = None) -> SplitResult:
     """Tokenize one split into `out_dir/shard-*.npz`, skipping the shards that already exist."""
     table = read_manifest(manifest, split=split)
@@ -192,7 +192,7 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
     order = [i for j in pending for i in shards[j]]
     loader = make_loader([rows["location"][i] for i in order], batch_size, num_workers,
                          pin_memory=model.device.type == "cuda", sizes=model.crop_sizes, gpu_decode=gpu_decode,
-                         cpu_share=cpu_decode_share, device=model.device)
+                         device=model.device)
     bar = tqdm(total=len(order), desc=f"tokenize {split}", unit="img", dynamic_ncols=True, disable=None)
     queue = list(pending)
     vq_parts: list[torch.Tensor] = []
@@ -220,13 +220,11 @@ def tokenize(manifest: str | Path, centroids: str | Path, out_dir: str | Path, *
              dinov2_path: str | Path, layer: int = DEFAULT_LAYER, dino_size: int = 224,
              splits: Sequence[str] = SPLIT_ORDER, batch_size: int = 128, num_workers: int = 8,
              images_per_shard: int = 10_000, dtype: str = "auto", device: str | torch.device = "auto",
-             gpu_decode: bool = False, cpu_decode_share: float = 0.0, max_shards: int | None = None,
-             compile: str = "auto") -> TokenizeSummary:
+             gpu_decode: bool = False, max_shards: int | None = None, compile: str = "auto") -> TokenizeSummary:
     """Tokenize the usable rows of each split of `manifest` into `out_dir/<split>/shard-*.npz`.
 
     `max_shards` stops after that many new shards per split (a later call continues); `gpu_decode`
-    decodes JPEGs with nvJPEG on `device`, all but `cpu_decode_share` of them (the loader workers
-    decode those meanwhile).
+    decodes JPEGs with nvJPEG on `device`.
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
@@ -240,8 +238,7 @@ def tokenize(manifest: str | Path, centroids: str | Path, out_dir: str | Path, *
     start = time.perf_counter()
     results = {split: tokenize_split(model, manifest, split, out_dir / split, batch_size=batch_size,
                                      num_workers=num_workers, images_per_shard=images_per_shard,
-                                     gpu_decode=gpu_decode, cpu_decode_share=cpu_decode_share,
-                                     max_shards=max_shards) for split in splits}
+                                     gpu_decode=gpu_decode, max_shards=max_shards) for split in splits}
     seconds = time.perf_counter() - start
     processed = sum(r.processed for r in results.values())
     summary = TokenizeSummary(out_dir, {s: r.images for s, r in results.items()},
@@ -278,7 +275,7 @@ def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: 
                     layer: int = DEFAULT_LAYER, num_images: int = 100_000, patches_per_image: int = 64,
                     seed: int = 0, batch_size: int = 256, num_workers: int | None = None, dino_size: int = 224,
                     dtype: str = "auto", out_dtype: str = "float16", device: str | torch.device = "auto",
-                    gpu_decode: bool = False, cpu_decode_share: float = 0.0) -> FeatureSampleSummary:
+                    gpu_decode: bool = False) -> FeatureSampleSummary:
     """DINOv2 patch features of a seeded sample of train images → `.npy` [num_images·patches, D].
 
     The patch subset of each image is drawn from a CPU generator seeded with `seed`, in row order, so the
@@ -300,8 +297,7 @@ def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: 
     chosen = sample_rows(table.num_rows, num_images, seed)
     locations = table["location"].to_pylist()
     loader = make_loader([locations[i] for i in chosen], batch_size, num_workers,
-                         pin_memory=device.type == "cuda", sizes=(dino_size,), gpu_decode=gpu_decode,
-                         cpu_share=cpu_decode_share, device=device)
+                         pin_memory=device.type == "cuda", sizes=(dino_size,), gpu_decode=gpu_decode, device=device)
     generator = torch.Generator().manual_seed(seed)
     out_path = Path(out_path)
     start, done = time.perf_counter(), 0
@@ -347,8 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dtype", default="auto", choices=list(DTYPES))
         p.add_argument("--device", default="auto")
         p.add_argument("--gpu-decode", action="store_true", help="decode JPEGs with nvJPEG on the device")
-        p.add_argument("--cpu-decode-share", type=float, default=0.0,
-                       help="with --gpu-decode: share of JPEGs the workers decode meanwhile")
 
     p = sub.add_parser("run", help="VQGAN codes + codebook ids of every usable image, sharded")
     common(p)
@@ -373,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shared = dict(dinov2_kind=args.dinov2_kind, dinov2_path=args.dinov2, layer=args.layer, dino_size=args.dino_size,
                   batch_size=args.batch_size, num_workers=args.num_workers, dtype=args.dtype, device=args.device,
-                  gpu_decode=args.gpu_decode, cpu_decode_share=args.cpu_decode_share)
+                  gpu_decode=args.gpu_decode)
     if args.command == "run":
         tokenize(args.manifest, args.centroids, args.out, vqgan_kind=args.vqgan_kind, vqgan_checkpoint=args.vqgan,
                  vqgan_config=args.vqgan_config, splits=args.splits, images_per_shard=args.images_per_shard,

@@ -40,7 +40,6 @@ def test_on_off_words_reach_choice_settings_as_words():
     ("kmeans.codebook=/no/such/km.npy", "kmeans.codebook"),
     ("pretrain.model.vocab_gen=1024", "pretrain.model.vocab_gen"),  # the demo VQGAN has 64 codes
     ("kmeans.k=100000", "kmeans.k"),  # more centroids than sampled features
-    ("tokenize.cpu_decode_share=1.5", "tokenize.cpu_decode_share"),
 ])
 def test_bad_key_or_value_is_named(override, named):
     with pytest.raises(ConfigError) as err:

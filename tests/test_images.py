@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline.images import (RawBatch, both_crops, center_square, collate_encoded, decode_raw_batch, decode_rgb,
-                             EncodedDataset, decoded_by_workers, is_gpu_decodable_jpeg, make_loader, pil_to_tensor, resize_squares)
+                             EncodedDataset, is_gpu_decodable_jpeg, make_loader, pil_to_tensor, resize_squares)
 
 SIZES = (32, 28)  # the 256/224 pair at tiny scale: same code path, sizes from arguments
 
@@ -137,29 +137,6 @@ def test_encoded_path_matches_cpu_path(image_files):
     if torch.cuda.is_available():  # float resampling on the device: within a few grey levels of the CPU
         _, big_gpu, _ = decode_raw_batch(batch, SIZES, "cuda")
         assert (big_gpu.cpu().float() - big.float()).abs().mean() < 0.5
-
-
-@pytest.mark.parametrize("share", [0.0, 0.3, 0.5, 1.0])
-def test_cpu_share_spreads_exactly_that_many_rows(share):
-    picked = [i for i in range(1000) if decoded_by_workers(i, share)]
-    assert len(picked) == round(1000 * share)
-    if 0 < share < 1:  # spread evenly: every window of 100 rows has its share
-        assert all(abs(sum(1 for i in picked if w <= i < w + 100) - 100 * share) <= 1 for w in range(0, 900, 100))
-
-
-def test_shared_decoding_gives_worker_rows_the_cpu_crops(image_files):
-    """With cpu_share 0.5, half the JPEGs travel decoded: those rows equal the CPU path exactly."""
-    dataset = EncodedDataset(image_files, cpu_share=0.5)
-    samples = [dataset[i] for i in range(len(dataset))]
-    by_workers = {i for i, data, _ in samples if data is None}
-    assert by_workers == {i for i in range(7) if decoded_by_workers(i, 0.5)} | {5}  # and the PNG (row 5)
-    index, big, small = decode_raw_batch(collate_encoded(samples), SIZES, "cpu")
-    assert index.tolist() == list(range(7))
-    for row in by_workers:
-        want_big, want_small = _expected(image_files[row])
-        assert torch.equal(big[row], want_big) and torch.equal(small[row], want_small)
-    with pytest.raises(ValueError, match="cpu_share"):
-        EncodedDataset(image_files, cpu_share=1.5)
 
 
 def test_loader_rejects_bad_arguments(image_files):
