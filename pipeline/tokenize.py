@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 COMPILE_CHOICES = ("auto", "on", "off")
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+TORCH_FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: identical inputs → identical shard bytes
 
 
@@ -197,8 +198,15 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
     queue = list(pending)
     vq_parts: list[torch.Tensor] = []
     disc_parts: list[torch.Tensor] = []
-    filled = 0
-    for _, img_vq, img_dino in loader:
+    filled, waited, started = 0, 0.0, time.perf_counter()
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - t0
+        if batch is None:
+            break
+        _, img_vq, img_dino = batch
         vq, disc = model(img_vq, img_dino)
         vq_parts.append(vq)
         disc_parts.append(disc)
@@ -212,7 +220,16 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
                                                               model.vqgan.num_codes, model.assigner.num_centroids))
             vq_parts, disc_parts, filled = [vq_all[n:]], [disc_all[n:]], filled - n
     bar.close()
+    _log_loader_wait(split, waited, time.perf_counter() - started, num_workers)
     return SplitResult(len(rows["key"]), len(shards), len(pending), len(done), len(order))
+
+
+def _log_loader_wait(split: str, waited: float, total: float, num_workers: int) -> None:
+    """How long the GPU loop waited for decoded batches: the hint for choosing num_workers."""
+    share = waited / total if total > 0 else 0.0
+    hint = f": decoding is the bottleneck, more workers than {num_workers} would help" if share > 0.1 else ""
+    log.info("tokenize %s: waited %.1f s of %.1f s (%.0f%%) for decoded batches%s", split, waited, total,
+             100 * share, hint)
 
 
 def tokenize(manifest: str | Path, centroids: str | Path, out_dir: str | Path, *, vqgan_kind: str,
@@ -310,8 +327,9 @@ def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: 
             pick = torch.rand(n, num_patches, generator=generator).argsort(dim=1)[:, :patches_per_image]
             features = dinov2(to_unit_float(img, device))
             picked = features.gather(1, pick.to(device)[..., None].expand(-1, -1, features.shape[-1]))
+            # Cast on the device: half the bytes cross to the host and no numpy cast runs in this thread.
             out[done * patches_per_image:(done + n) * patches_per_image] = \
-                picked.reshape(-1, features.shape[-1]).to(torch.float32).cpu().numpy()
+                picked.reshape(-1, features.shape[-1]).to(TORCH_FEATURE_DTYPES[out_dtype]).cpu().numpy()
             done += n
             bar.update(n)
         out.flush()
