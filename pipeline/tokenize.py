@@ -208,6 +208,9 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
             break
         _, img_vq, img_dino = batch
         vq, disc = model(img_vq, img_dino)
+        if not vq_parts and not filled:  # the first batch also compiles the networks: say what it cost
+            log.info("tokenize %s: first batch (compilation included) done after %.1f s", split,
+                     time.perf_counter() - started)
         vq_parts.append(vq)
         disc_parts.append(disc)
         filled += vq.shape[0]
