@@ -203,6 +203,11 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
         return [(f"tokenize JPEG → shards ({'nvJPEG' if r['gpu_decode'] else 'CPU'} decode, compile "
                  f"{r.get('compile', 'off')})", f"{r['images_per_s']:.0f} img/s",
                  f"{r['num_images']} JPEGs of {r['sides'][0]}-{r['sides'][1]} px, {r['workers']} workers")]
+    if name.startswith("precompute") and r.get("tokenizers", "full") == "full":
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["imagenet_1k_stage_seconds"].items())
+        return [(f"precompute {r['preset']}: {r['num_images']['train'] + r['num_images']['val']} JPEGs, "
+                 f"all tokenize stages", f"{r['total_seconds']:.0f} s",
+                 f"ImageNet-1K estimate {r['imagenet_1k_minutes']:.1f} min ({stages})")]
     if name.startswith("kmeans"):
         return [(f"k-means K={r['k']} D={r['d']} N={r['n'] / 1e6:g}M, {r['iters']} iters",
                  f"{r['seconds']:.1f} s", r["backend"])]

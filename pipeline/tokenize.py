@@ -58,6 +58,7 @@ class TokenizeSummary:
     images_per_second: float  # over the images processed by this run
     vq_codes: int
     disc_codes: int
+    first_batch_seconds: float = 0.0  # per split, summed: loader start and compilation, not per image
 
 
 @dataclass
@@ -174,6 +175,7 @@ class SplitResult:
     written: int
     skipped: int  # complete before this run
     processed: int  # images run through the models by this call
+    first_batch_seconds: float = 0.0  # loader start + compilation: the same for any number of images
 
 
 def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_dir: Path, *, batch_size: int,
@@ -198,7 +200,7 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
     queue = list(pending)
     vq_parts: list[torch.Tensor] = []
     disc_parts: list[torch.Tensor] = []
-    filled, waited, started = 0, 0.0, time.perf_counter()
+    filled, waited, started, first_batch = 0, 0.0, time.perf_counter(), 0.0
     batches = iter(loader)
     while True:
         t0 = time.perf_counter()
@@ -208,9 +210,9 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
             break
         _, img_vq, img_dino = batch
         vq, disc = model(img_vq, img_dino)
-        if not vq_parts and not filled:  # the first batch also compiles the networks: say what it cost
-            log.info("tokenize %s: first batch (compilation included) done after %.1f s", split,
-                     time.perf_counter() - started)
+        if not first_batch:  # the first batch also compiles the networks: say what it cost
+            first_batch = time.perf_counter() - started
+            log.info("tokenize %s: first batch (compilation included) done after %.1f s", split, first_batch)
         vq_parts.append(vq)
         disc_parts.append(disc)
         filled += vq.shape[0]
@@ -224,7 +226,7 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
             vq_parts, disc_parts, filled = [vq_all[n:]], [disc_all[n:]], filled - n
     bar.close()
     _log_loader_wait(split, waited, time.perf_counter() - started, num_workers)
-    return SplitResult(len(rows["key"]), len(shards), len(pending), len(done), len(order))
+    return SplitResult(len(rows["key"]), len(shards), len(pending), len(done), len(order), first_batch)
 
 
 def _log_loader_wait(split: str, waited: float, total: float, num_workers: int) -> None:
@@ -265,7 +267,7 @@ def tokenize(manifest: str | Path, centroids: str | Path, out_dir: str | Path, *
                               {s: r.shards for s, r in results.items()}, sum(r.written for r in results.values()),
                               sum(r.skipped for r in results.values()), seconds,
                               processed / seconds if seconds > 0 else 0.0, model.vqgan.num_codes,
-                              model.assigner.num_centroids)
+                              model.assigner.num_centroids, sum(r.first_batch_seconds for r in results.values()))
     log.info("tokenized %s images into %s shards (%d written, %d already done) in %.1f s (%.0f img/s)",
              summary.num_images, summary.num_shards, summary.shards_written, summary.shards_skipped, seconds,
              summary.images_per_second)

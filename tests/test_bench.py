@@ -1,0 +1,36 @@
+"""The precompute benchmark's ImageNet-1K estimate: what scales with the image count and what does not."""
+import pytest
+
+from lease.bench import results_table
+from pipeline.bench import IMAGENET_1K_IMAGES, imagenet_estimate
+
+IMAGENET = sum(IMAGENET_1K_IMAGES.values())
+
+
+def test_per_image_stages_scale_and_fixed_costs_do_not():
+    measured = {"manifest": 10.0, "features": 40.0, "kmeans": 15.0, "tokenize": 150.0, "pack": 5.0}
+    est = imagenet_estimate(measured, {"tokenize": 50.0}, num_images=IMAGENET // 10, feature_images=100_000,
+                            feature_sample=100_000)
+    scale = IMAGENET / (IMAGENET // 10)
+    assert est["manifest"] == pytest.approx(10.0 * scale, abs=0.05)
+    assert est["pack"] == pytest.approx(5.0 * scale, abs=0.05)
+    assert est["tokenize"] == pytest.approx(50.0 + 100.0 * scale, abs=0.05)  # compilation counted once
+    assert (est["features"], est["kmeans"]) == (40.0, 15.0)  # a fixed sample and a fixed k-means
+
+
+def test_a_feature_sample_smaller_than_configured_is_scaled_up():
+    est = imagenet_estimate({"features": 10.0}, {}, num_images=50_000, feature_images=25_000, feature_sample=100_000)
+    assert est["features"] == pytest.approx(40.0)
+
+
+def test_precompute_records_reach_the_table(tmp_path):
+    import json
+    record = {"name": "precompute-in1k_vitb-1000", "machine": {"gpu": "GPU", "torch": "2"},
+              "results": {"preset": "in1k_vitb", "tokenizers": "full", "num_images": {"train": 1000, "val": 39},
+                          "total_seconds": 12.0, "imagenet_1k_minutes": 19.5,
+                          "imagenet_1k_stage_seconds": {"manifest": 200.0, "tokenize": 800.0}}}
+    (tmp_path / "precompute-in1k_vitb-1000.json").write_text(json.dumps(record))
+    (tmp_path / "precompute-in1k_vitb-1000-tiny.json").write_text(json.dumps(
+        {**record, "results": {**record["results"], "tokenizers": "tiny"}}))
+    rows = [line for line in results_table(tmp_path).splitlines() if line.startswith("| precompute")]
+    assert len(rows) == 1 and "ImageNet-1K estimate 19.5 min" in rows[0] and "1039 JPEGs" in rows[0]
