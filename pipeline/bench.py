@@ -70,6 +70,7 @@ def save_full_size_tokenizers(work: Path, codebook_size: int, seed: int = 0) -> 
     """Random-weight MaskGIT VQGAN (MAGE's sizes), HF DINOv2 ViT-B/14 and a K×768 codebook, saved."""
     from transformers import Dinov2Config, Dinov2Model
 
+    from lease.tokenizers.dinov2 import hf_progress_bars_only_on_terminals
     from lease.tokenizers.tiny import save_tiny_maskgit_vqgan
 
     cfg = full_width_maskgit_config()
@@ -78,6 +79,7 @@ def save_full_size_tokenizers(work: Path, codebook_size: int, seed: int = 0) -> 
     torch.manual_seed(seed)
     dino_cfg = Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14,
                             image_size=518)
+    hf_progress_bars_only_on_terminals()
     Dinov2Model(dino_cfg).save_pretrained(work / "dinov2_vitb14")
     codebook = work / "codebook.npy"
     np.save(codebook, np.random.default_rng(seed).normal(size=(codebook_size, dino_cfg.hidden_size))

@@ -171,10 +171,23 @@ def _pretrain_config(cfg: PipelineConfig, dirs: Dirs | None = None) -> dict[str,
     return train_cfg
 
 
+def _check_batch_fits(batch_size: int, train_split: dict[str, Any]) -> None:
+    """A small image folder packs fewer samples than one batch: say which setting to lower, and to what."""
+    samples = int(train_split.get("samples", 0))
+    if samples >= batch_size:
+        return
+    if samples == 0:
+        raise ValueError("the pack stage holds no train samples to pretrain on: check data.source")
+    fits = 1 << (samples.bit_length() - 1)  # the largest power of two not above the sample count
+    raise ValueError(f"pretrain.batch_size={batch_size} is more than the {samples} train samples of this data: "
+                     f"rerun with pretrain.batch_size={fits} (make: ARGS=\"pretrain.batch_size={fits}\")")
+
+
 def build_pretrain(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     from lease.configs import train_config
     from lease.train import train
 
+    _check_batch_fits(cfg.pretrain.batch_size, _recorded_result(dirs["pack"])["splits"].get("train", {}))
     # An interrupted run left its checkpoint in this (work) directory: continue it exactly.
     result = train(train_config(_pretrain_config(cfg, dirs)), out, resume=(out / "checkpoint.pt").is_file())
     if not result.get("completed"):

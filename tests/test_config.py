@@ -64,3 +64,15 @@ def test_lease_run_rejects_a_bad_key_before_any_work(tmp_path, caplog):
     assert lease_main(["run", "--config", "demo", f"artifacts={tmp_path}", "pack.samples_per_shard=lots"]) == 2
     assert "pack.samples_per_shard" in caplog.text
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.parametrize("samples, fits", [(26, 16), (31, 16), (8, 8)])
+def test_pretrain_names_the_batch_size_that_fits_a_small_folder(samples, fits):
+    from pipeline.stages import _check_batch_fits
+
+    with pytest.raises(ValueError, match=rf"pretrain.batch_size=32 is more than the {samples} .*"
+                                         rf"pretrain.batch_size={fits}\b"):
+        _check_batch_fits(32, {"samples": samples})
+    _check_batch_fits(fits, {"samples": samples})  # that one fits
+    with pytest.raises(ValueError, match="no train samples"):
+        _check_batch_fits(32, {})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -112,11 +113,20 @@ class Dinov2Features(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- HF
+def hf_progress_bars_only_on_terminals() -> None:
+    """Hugging Face's load/save bars print one fragment per update into piped logs: off there."""
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+
+
 def load_hf_dinov2(model_dir: str | Path, device: str | torch.device = "cpu", layer: int = DEFAULT_LAYER,
                    image_size: int = 224, dtype: torch.dtype | None = None, compile: bool = False) -> Dinov2Features:
     """Features from an HF `Dinov2Model` / `Dinov2WithRegistersModel` directory (never contacts a hub)."""
     from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
 
+    hf_progress_bars_only_on_terminals()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise Dinov2LoadError(f"{model_dir} is not an HF model directory (no config.json); expected the output of "

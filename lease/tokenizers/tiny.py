@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 
 from lease.io import atomic_path
+from lease.tokenizers.dinov2 import hf_progress_bars_only_on_terminals
 from lease.tokenizers.vqgan_maskgit import MaskGITVQGAN, MaskGITVQGANConfig
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def save_tiny_hf_dinov2(directory: str | Path, seed: int = 0, **sizes) -> Path:
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    hf_progress_bars_only_on_terminals()
     tiny_hf_dinov2(seed, **sizes).save_pretrained(tmp)
     # save_pretrained writes several files: build them aside, then swap the directory in.
     shutil.rmtree(directory, ignore_errors=True)
