@@ -41,15 +41,15 @@ from lease.tokenizers.bench import (DTYPES, full_width_maskgit_config, random_ma
 log = logging.getLogger(__name__)
 
 
-def _write_jpeg(args: tuple[Path, int, int, int]) -> int:
-    path, seed, min_side, max_side = args
+def _write_jpeg(args: tuple[Path, int, int, int, float]) -> int:
+    path, seed, min_side, max_side, noise = args
     if path.exists():  # a reused --work-dir: the same seed wrote the same file
         return path.stat().st_size
     rng = np.random.default_rng(seed)
     w, h = (int(s) for s in rng.integers(min_side, max_side + 1, size=2))
     coarse = rng.integers(0, 256, size=(max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
     img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
-    fine = rng.normal(0, 12, size=(h, w, 3))
+    fine = rng.normal(0, noise, size=(h, w, 3))  # grain: sets the bytes per pixel
     pixels = np.clip(np.asarray(img, dtype=np.float32) + fine, 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, quality=90)
@@ -57,9 +57,9 @@ def _write_jpeg(args: tuple[Path, int, int, int]) -> int:
 
 
 def synthetic_imagefolder(root: Path, num_images: int, num_classes: int, min_side: int, max_side: int,
-                          workers: int, first_seed: int = 0) -> float:
+                          workers: int, first_seed: int = 0, noise: float = 12.0) -> float:
     """Write `num_images` JPEGs into `root/<class>/`; returns the mean file size in KiB."""
-    tasks = [(root / f"class{i % num_classes:04d}" / f"img{i:07d}.jpg", i, min_side, max_side)
+    tasks = [(root / f"class{i % num_classes:04d}" / f"img{i:07d}.jpg", i, min_side, max_side, noise)
              for i in range(first_seed, first_seed + num_images)]
     with ProcessPoolExecutor(workers) as pool:
         sizes = list(pool.map(_write_jpeg, tasks, chunksize=64))
@@ -111,7 +111,8 @@ def bench_end_to_end(assets: dict[str, Path], work: Path, args: argparse.Namespa
     from pipeline.tokenize import tokenize
 
     start = time.perf_counter()
-    kib = synthetic_imagefolder(work / "images", args.num_images, 100, args.min_side, args.max_side, args.workers)
+    kib = synthetic_imagefolder(work / "images", args.num_images, 100, args.min_side, args.max_side, args.workers,
+                                noise=args.jpeg_noise)
     log.info("wrote %d JPEGs (mean %.0f KiB) in %.1f s", args.num_images, kib, time.perf_counter() - start)
     start = time.perf_counter()
     manifest = build_manifest(work / "images", work / "manifest.parquet", num_workers=args.workers)
@@ -135,12 +136,12 @@ PER_IMAGE_STAGES = ("manifest", "tokenize", "pack")  # the rest cost the same fo
 
 
 def synthetic_split_imagefolder(root: Path, num_images: dict[str, int], num_classes: int, min_side: int,
-                                max_side: int, workers: int) -> float:
+                                max_side: int, workers: int, noise: float) -> float:
     """`root/train/<class>/` and `root/val/<class>/` JPEGs; returns the mean file size in KiB."""
     first, sizes = 0, []
     for split, count in num_images.items():
-        sizes.append(synthetic_imagefolder(root / split, count, num_classes, min_side, max_side, workers, first)
-                     * count)
+        sizes.append(synthetic_imagefolder(root / split, count, num_classes, min_side, max_side, workers, first,
+                                           noise) * count)
         first += count
     return sum(sizes) / max(1, sum(num_images.values()))
 
@@ -219,7 +220,7 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
                                                             / IMAGENET_1K_IMAGES["train"]))}
     start = time.perf_counter()
     kib = synthetic_split_imagefolder(work / "images", counts, args.num_classes, args.min_side, args.max_side,
-                                      args.workers)
+                                      args.workers, args.jpeg_noise)
     log.info("wrote %s JPEGs (mean %.0f KiB) in %.1f s", counts, kib, time.perf_counter() - start)
     parts = {}
     if args.time_parts:
@@ -260,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=20000)
     parser.add_argument("--min-side", type=int, default=300)
     parser.add_argument("--max-side", type=int, default=500)
+    parser.add_argument("--jpeg-noise", type=float, default=12.0,
+                        help="grain of the synthetic images (std, grey levels): 12 gives ~66 KiB files, "
+                             "34 ~110 KiB like ImageNet's JPEGs")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--images-per-shard", type=int, default=5000)

@@ -32,6 +32,7 @@ class DataConfig:
     kind: Literal["auto", "imagefolder", "list", "webdataset"] = "auto"
     val_fraction: float = 0.1  # held-out share of train when the source has no val split
     seed: int = 0
+    check: Literal["full", "quick"] = "full"  # quick: headers + JPEG end markers (pipeline/manifest.py)
     num_workers: int = 2  # performance only: not part of the manifest's key
 
     def __post_init__(self) -> None:

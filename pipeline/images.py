@@ -73,6 +73,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class UndecodableImage(ValueError):
+    """An image the manifest passed but the decoder cannot read (possible after a `quick` check)."""
+
+
+def decode_location(location: str) -> Image.Image:
+    """Read and fully decode one manifest location; a failure names the file and the remedy."""
+    data = read_bytes(location)
+    try:
+        return decode_rgb(data)
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
+        raise UndecodableImage(f"{location} cannot be decoded ({err}), although the manifest passed it: a quick "
+                               "check reads only headers and end markers. Rebuild the manifest with "
+                               "data.check=full to leave such files out") from err
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Fully decode encoded image bytes to an RGB PIL image; raises on corrupt or truncated data."""
     with Image.open(io.BytesIO(data)) as img:
@@ -131,7 +146,7 @@ class CropDataset(Dataset):
         return len(self.locations)
 
     def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor]]:
-        img = pil_to_tensor(decode_rgb(read_bytes(self.locations[index])))
+        img = pil_to_tensor(decode_location(self.locations[index]))
         return index, both_crops(img, self.sizes)
 
 

@@ -107,7 +107,7 @@ def build_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     source = dirs["demo-data"] / "images" if cfg.uses_demo_data else cfg.data.source
     summary = manifest.build_manifest(source, out / "manifest.parquet", kind=cfg.data.kind,
                                       val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
-                                      num_workers=cfg.data.num_workers)
+                                      num_workers=cfg.data.num_workers, check=cfg.data.check)
     return {"manifest": "manifest.parquet", **_plain(summary)}
 
 

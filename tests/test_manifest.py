@@ -121,6 +121,38 @@ def test_imagefolder_manifest_records_bad_files(tmp_path, monkeypatch, caplog):
     assert manifest_classes(tmp_path / "m.parquet") == ["ant", "zebra"]
 
 
+def test_quick_check_finds_the_same_bad_files_except_damage_inside_an_intact_jpeg(tmp_path, monkeypatch):
+    """quick reads headers and end markers: every kind of bad file is still named, except the JPEG whose
+    Huffman table is damaged while its end marker is intact; tokenize then stops on it, naming it."""
+    from pipeline.images import UndecodableImage, make_loader
+
+    expected = _tree_with_bad_files(tmp_path / "src", monkeypatch)
+    full = build_manifest(tmp_path / "src", tmp_path / "full.parquet", num_workers=0)
+    quick = build_manifest(tmp_path / "src", tmp_path / "quick.parquet", num_workers=0, check="quick")
+    full_reasons = {pathlib.Path(loc).name: reason for loc, reason in full.bad}
+    quick_reasons = {pathlib.Path(loc).name: reason for loc, reason in quick.bad}
+    assert quick_reasons == {name: full_reasons[name] for name in expected if name != "corrupt.jpg"}
+    assert quick.num_ok == full.num_ok + 1
+    ok_rows = read_manifest(tmp_path / "quick.parquet").to_pylist()
+    assert {(r["width"], r["height"]) for r in ok_rows} == {(40, 30)}  # sizes from the header alone
+
+    corrupt = [r["location"] for r in ok_rows if r["key"].endswith("/corrupt")]
+    with pytest.raises(UndecodableImage, match=r"corrupt\.jpg cannot be decoded.*data\.check=full"):
+        list(make_loader(corrupt, batch_size=1, num_workers=0, pin_memory=False, sizes=(32,)))
+    with pytest.raises(ValueError, match="check must be one of"):
+        build_manifest(tmp_path / "src", tmp_path / "x.parquet", num_workers=0, check="deep")
+
+
+def test_quick_check_passes_trailing_padding_and_checks_jpegs_without_an_end_marker(tmp_path):
+    from pipeline.manifest import check_image_bytes
+
+    good = _jpeg()
+    assert check_image_bytes(good + b"\x00" * 16, "quick").status == "ok"
+    # bytes after the end marker (an appended trailer): no quick verdict, the full decode passes it
+    assert check_image_bytes(good + b"TRAILER", "quick").status == "ok"
+    assert check_image_bytes(good[: len(good) - 40], "quick").status.startswith("truncated")
+
+
 def test_manifest_is_deterministic_across_worker_counts(tmp_path, demo_root):
     build_manifest(demo_root, tmp_path / "a.parquet", num_workers=0)
     build_manifest(demo_root, tmp_path / "b.parquet", num_workers=2)
