@@ -178,6 +178,23 @@ class SplitResult:
     first_batch_seconds: float = 0.0  # loader start + compilation: the same for any number of images
 
 
+class WaitClock:
+    """Iterates `items`, adding up in `waited` the seconds spent waiting for each next item."""
+
+    def __init__(self, items):
+        self.items, self.waited = items, 0.0
+
+    def __iter__(self):
+        iterator = iter(self.items)
+        while True:
+            t0 = time.perf_counter()
+            item = next(iterator, None)
+            self.waited += time.perf_counter() - t0
+            if item is None:
+                return
+            yield item
+
+
 def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_dir: Path, *, batch_size: int,
                    num_workers: int, images_per_shard: int, gpu_decode: bool = False,
                    max_shards: int | None = None) -> SplitResult:
@@ -200,15 +217,9 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
     queue = list(pending)
     vq_parts: list[torch.Tensor] = []
     disc_parts: list[torch.Tensor] = []
-    filled, waited, started, first_batch = 0, 0.0, time.perf_counter(), 0.0
-    batches = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        waited += time.perf_counter() - t0
-        if batch is None:
-            break
-        _, img_vq, img_dino = batch
+    filled, started, first_batch = 0, time.perf_counter(), 0.0
+    batches = WaitClock(loader)
+    for _, img_vq, img_dino in batches:
         vq, disc = model(img_vq, img_dino)
         if not first_batch:  # the first batch also compiles the networks: say what it cost
             first_batch = time.perf_counter() - started
@@ -225,7 +236,7 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
                                                               model.vqgan.num_codes, model.assigner.num_centroids))
             vq_parts, disc_parts, filled = [vq_all[n:]], [disc_all[n:]], filled - n
     bar.close()
-    _log_loader_wait(split, waited, time.perf_counter() - started, num_workers)
+    _log_loader_wait(split, batches.waited, time.perf_counter() - started, num_workers)
     return SplitResult(len(rows["key"]), len(shards), len(pending), len(done), len(order), first_batch)
 
 
