@@ -1,17 +1,11 @@
 """The Prefect flow `lease` (deployment `full-pipeline`) and its tokenization sub-flow `tokenize`.
 
-    tokenize sub-flow:
-      demo-data (demo source only) ──> manifest ──> features ──> kmeans ──> tokenize ──> pack
-      demo-assets (tiny checkpoints) ─────────────────┴──────────────────────────┘
-    then:  pack + kmeans ──> pretrain ──> evaluate
-
-`features` is skipped when `kmeans.codebook` names an existing codebook; `demo-data` and `demo-assets`
-run only when the config says `demo` for the images or the tokenizer checkpoints.
-
-Wiring only: the stage table (keys and build functions) is `pipeline.stages`; each task here is
-`pipeline.artifacts.ArtifactStore.run` around a stage's build. A stage's Prefect task cache key is exactly its artifact key, and the cache policy only offers
-the key when the artifact on disk is intact: a deleted or damaged artifact makes Prefect run the task,
-which rebuilds it (the task itself checks the record too, so running it outside Prefect is just as safe).
+Wiring only: the DAG (keys and build functions of each stage) is `pipeline.stages`; each task here is
+`pipeline.artifacts.ArtifactStore.run` around a stage's build. The tokenize sub-flow runs the stages up to
+`pack`, the `lease` flow then `pretrain` and `evaluate`. A stage's Prefect task cache key is exactly its
+artifact key, and the cache policy only offers the key when the artifact on disk is intact: a deleted or
+damaged artifact makes Prefect run the task, which rebuilds it (the task itself checks the record too, so
+running it outside Prefect is just as safe).
 `force` names stages to recompute; their dependents recompute with them.
 """
 from __future__ import annotations

@@ -25,6 +25,7 @@ import argparse
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lease.bench import profile_table, results_dir, write_record
+from lease.bench import profile_table, results_dir, time_cuda, write_record
 from lease.tokenizers.bench import (DTYPES, full_width_maskgit_config, random_maskgit_tokenizer,
                                     time_dinov2_features, time_vqgan_encode)
 
@@ -128,7 +129,8 @@ def bench_end_to_end(assets: dict[str, Path], work: Path, args: argparse.Namespa
             "manifest_images_per_s": round(manifest.num_images / manifest_s, 1),
             "tokenize_seconds": round(summary.seconds, 2), "images_per_s": round(summary.images_per_second, 1),
             "batch_size": args.batch_size, "workers": args.workers, "gpu_decode": args.gpu_decode,
-            "dtype": args.dtype, "compile": args.compile, "codebook_size": args.codebook_size, "images_per_shard": args.images_per_shard}
+            "dtype": args.dtype, "compile": args.compile, "codebook_size": args.codebook_size,
+            "images_per_shard": args.images_per_shard}
 
 
 IMAGENET_1K_IMAGES = {"train": 1_281_167, "val": 50_000}
@@ -168,7 +170,7 @@ def time_decoding(locations: list[str], batch_size: int, workers: int) -> dict[s
 
     rates = {}
     for name, gpu_decode in (("CPU", False), ("nvJPEG", True)):
-        loader = make_loader(locations, batch_size, workers, sizes=(256, 224), gpu_decode=gpu_decode)
+        loader = make_loader(locations, batch_size, workers, gpu_decode=gpu_decode)  # its default: both crops
         start = time.perf_counter()
         for _, *crops in loader:
             for crop in crops:
@@ -179,24 +181,20 @@ def time_decoding(locations: list[str], batch_size: int, workers: int) -> dict[s
     return rates
 
 
-def time_fused_tokenizer(assets: dict[str, Path], batch_size: int, steps: int = 20) -> float:
+def time_fused_tokenizer(assets: dict[str, Path], batch_size: int, layer: int, steps: int = 20) -> float:
     """Images/s of the compiled VQGAN + DINOv2 + nearest centroid on device-resident uint8 batches."""
+    from lease.tokenizers.dinov2 import DEFAULT_IMAGE_SIZE
     from pipeline.tokenize import load_fused_tokenizer
 
     device = torch.device("cuda")
     model = load_fused_tokenizer(vqgan_kind="maskgit", vqgan_checkpoint=assets["vqgan"], vqgan_config=None,
-                                 dinov2_kind="hf", dinov2_path=assets["dinov2"], layer=-3, centroids=assets["codebook"],
-                                 dino_size=224, dtype="bf16", device=device, compile="on", batch_size=batch_size)
+                                 dinov2_kind="hf", dinov2_path=assets["dinov2"], layer=layer,
+                                 centroids=assets["codebook"], dino_size=DEFAULT_IMAGE_SIZE, dtype="bf16",
+                                 device=device, compile="on", batch_size=batch_size)
     img_vq, img_dino = (torch.randint(0, 256, (batch_size, 3, s, s), dtype=torch.uint8, device=device)
                         for s in model.crop_sizes)
-    for _ in range(3):  # compilation and autotuning
-        model(img_vq, img_dino)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        model(img_vq, img_dino)
-    torch.cuda.synchronize()
-    rate = steps * batch_size / (time.perf_counter() - start)
+    ms = statistics.median(time_cuda(lambda: model(img_vq, img_dino), warmup=3, steps=steps))  # warm-up compiles
+    rate = batch_size / (ms / 1000)
     log.info("fused tokenizer alone (batch %d): %.0f img/s", batch_size, rate)
     return round(rate, 1)
 
@@ -222,15 +220,16 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
     kib = synthetic_split_imagefolder(work / "images", counts, args.num_classes, args.min_side, args.max_side,
                                       args.workers, args.jpeg_noise)
     log.info("wrote %s JPEGs (mean %.0f KiB) in %.1f s", counts, kib, time.perf_counter() - start)
-    parts = {}
-    if args.time_parts:
-        train = sorted(str(p) for p in (work / "images" / "train").rglob("*.jpg"))[: args.decode_images]
-        parts = {"loader_images_per_s": time_decoding(train, args.batch_size, args.workers),
-                 "fused_tokenizer_images_per_s": time_fused_tokenizer(assets, args.batch_size)}
     overrides = [f"data.source={work / 'images'}", f"artifacts={work / 'artifacts'}", f"device={args.device}",
                  f"tokenizers.vqgan.checkpoint={assets['vqgan']}", f"tokenizers.dinov2.path={assets['dinov2']}",
                  f"kmeans.k={args.codebook_size}", *args.override]
     cfg = load_pipeline_config(args.preset, overrides)
+    parts = {}
+    if args.time_parts:
+        train = sorted(str(p) for p in (work / "images" / "train").rglob("*.jpg"))[: args.decode_images]
+        parts = {"loader_images_per_s": time_decoding(train, args.batch_size, args.workers),
+                 "fused_tokenizer_images_per_s": time_fused_tokenizer(assets, args.batch_size,
+                                                                      cfg.tokenizers.dinov2.layer)}
     store, keys, dirs, seconds, results = ArtifactStore(cfg.artifacts), {}, {}, {}, {}
     for stage in (STAGES[name] for name in TOKENIZE_STAGES):
         if not stage.enabled(cfg):
@@ -250,7 +249,6 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
             "device": args.device, "num_images": counts,
             "mean_jpeg_kib": round(kib, 1), "sides": [args.min_side, args.max_side],
             "stage_seconds": seconds, "fixed_seconds": fixed, "total_seconds": round(sum(seconds.values()), 1),
-            "images_per_s": round(total / sum(seconds[n] for n in PER_IMAGE_STAGES if n in seconds), 1),
             "imagenet_1k_stage_seconds": estimate,
             "imagenet_1k_minutes": round(sum(estimate.values()) / 60, 2), **parts}
 
@@ -289,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="precompute: suffix of the record name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.time_parts and args.tokenizers != "full":
+        raise SystemExit("--time-parts times the released-size networks: use it with --tokenizers full")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("lease bench tokenize measures GPU throughput: no CUDA device found")
     torch.backends.cudnn.benchmark = True

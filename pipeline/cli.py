@@ -29,13 +29,13 @@ STAGE_COMMANDS = {
     "deploy": ("flows.deploy", "serve the lease/full-pipeline deployment (needs `make server`)"),
 }
 
-# `lease bench <name> ARGS` for the pipeline's benchmarks: the module's own `bench` sub-command
-# (`precompute` is its own sub-command of pipeline.bench).
+# `lease bench <name> ARGS` for the pipeline's benchmarks: (module, its sub-command that runs it, help).
 BENCH_COMMANDS = {
-    "kmeans": ("pipeline.kmeans", "k-means K x D on synthetic vectors"),
-    "assign": ("pipeline.assign", "nearest-centroid assignment on synthetic vectors"),
-    "tokenize": ("pipeline.bench", "VQGAN, DINOv2 and JPEG-to-shards tokenize throughput"),
-    "precompute": ("pipeline.bench", "the whole tokenization sub-flow on synthetic JPEGs, ImageNet-1K estimate"),
+    "kmeans": ("pipeline.kmeans", "bench", "k-means K x D on synthetic vectors"),
+    "assign": ("pipeline.assign", "bench", "nearest-centroid assignment on synthetic vectors"),
+    "tokenize": ("pipeline.bench", "bench", "VQGAN, DINOv2 and JPEG-to-shards tokenize throughput"),
+    "precompute": ("pipeline.bench", "precompute",
+                   "the whole tokenization sub-flow on synthetic JPEGs, ImageNet-1K estimate"),
 }
 
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lease import evaluate
 
     bench_group = core_cli.register(sub)
-    for name, (_, help_text) in BENCH_COMMANDS.items():
+    for name, (_, _, help_text) in BENCH_COMMANDS.items():
         bench_group.add_parser(name, help=f"{help_text} (`lease bench {name} --help`)", add_help=False)
     evaluate.register(sub)
     return parser
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in STAGE_COMMANDS:
         return importlib.import_module(STAGE_COMMANDS[argv[0]][0]).main(argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCH_COMMANDS:
-        sub_command = "precompute" if argv[1] == "precompute" else "bench"
-        return importlib.import_module(BENCH_COMMANDS[argv[1]][0]).main([sub_command, *argv[2:]])
+        module, sub_command, _ = BENCH_COMMANDS[argv[1]]
+        return importlib.import_module(module).main([sub_command, *argv[2:]])
     args = build_parser().parse_args(argv)
     _setup_logging()  # before Prefect is imported: Prefect then keeps this root handler
     try:

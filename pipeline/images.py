@@ -73,6 +73,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# What PIL raises for data it cannot decode (too-large images raise Image.DecompressionBombError apart).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+
+
 class UndecodableImage(ValueError):
     """An image the manifest passed but the decoder cannot read (possible after a `quick` check)."""
 
@@ -82,7 +86,7 @@ def decode_location(location: str) -> Image.Image:
     data = read_bytes(location)
     try:
         return decode_rgb(data)
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
+    except DECODE_ERRORS as err:
         raise UndecodableImage(f"{location} cannot be decoded ({err}), although the manifest passed it: a quick "
                                "check reads only headers and end markers. Rebuild the manifest with "
                                "data.check=full to leave such files out") from err

@@ -50,7 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lease.io import atomic_path
-from pipeline.images import TAR_SEPARATOR, to_rgb
+from pipeline.images import DECODE_ERRORS, TAR_SEPARATOR, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def quick_jpeg_check(data: bytes) -> Check | None:
             if img.format != "JPEG":
                 return None
             width, height = img.size
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, Image.DecompressionBombError):
+    except (*DECODE_ERRORS, Image.DecompressionBombError):
         return None
     return Check(OK, len(data), width, height)
 
@@ -149,7 +149,7 @@ def check_image_bytes(data: bytes, check: str = "full") -> Check:
         return Check("not an image (format not recognised)", len(data))
     except Image.DecompressionBombError as err:
         return Check(f"too large: {err}", len(data))
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
+    except DECODE_ERRORS as err:
         kind = "truncated" if "truncated" in str(err).lower() else "corrupt"
         return Check(f"{kind}: {err}", len(data))
     return Check(OK, len(data), width, height)
@@ -365,8 +365,9 @@ def _checked_tar_rows(source: str, val_fraction: float, seed: int, num_workers: 
     tars = find_tars(source)
     sizes = [max(1, p.stat().st_size >> 20) for p, _ in tars]  # progress in MiB of tar, shown as units
     rows = []
-    for (tar_path, split), samples in zip(tars, _parallel_map(functools.partial(scan_tar, check=check), [str(p) for p, _ in tars], num_workers,
-                                                              "manifest (tars)", sizes, unit="MiB")):
+    scanned = _parallel_map(functools.partial(scan_tar, check=check), [str(p) for p, _ in tars], num_workers,
+                            "manifest (tars)", sizes, unit="MiB")
+    for (tar_path, split), samples in zip(tars, scanned):
         for s in samples:
             location = f"{tar_path.absolute()}{TAR_SEPARATOR}{s.member}" if s.member else str(tar_path.absolute())
             class_name = str(s.label) if s.label is not None else ""

@@ -4,6 +4,9 @@
     demo-assets (tiny checkpoints) ─────────────────┴──────────────────────────┘
     then:  pack + kmeans ──> pretrain ──> evaluate
 
+`features` is skipped when `kmeans.codebook` names an existing codebook; `demo-data` and `demo-assets`
+run only when the config says `demo` for the images or the tokenizer checkpoints.
+
 Each `build_*` is a plain call into `pipeline/` or `lease/` that writes one artifact directory; it knows
 nothing of Prefect. `flows/lease_flow.py` runs these stages as cached Prefect tasks, and
 `lease bench precompute` runs the tokenization stages directly through `ArtifactStore` to time them.

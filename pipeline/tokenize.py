@@ -33,7 +33,7 @@ from tqdm import tqdm
 from lease.codebook import load_codebook
 from lease.io import atomic_path
 from lease.tokenizers import codes_to_uint16, load_vqgan
-from lease.tokenizers.dinov2 import DEFAULT_LAYER, load_dinov2
+from lease.tokenizers.dinov2 import DEFAULT_IMAGE_SIZE, DEFAULT_LAYER, load_dinov2
 from pipeline.assign import Assigner, resolve_device
 from pipeline.images import make_loader
 from pipeline.manifest import SPLIT_ORDER, read_manifest
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 COMPILE_CHOICES = ("auto", "on", "off")
-FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
-TORCH_FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # the .npy dtype is the same name
+WAIT_HINT_SHARE = 0.1  # the loop waiting longer than this share of its time for decoding is worth a hint
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: identical inputs → identical shard bytes
 
 
@@ -243,14 +243,15 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
 def _log_loader_wait(split: str, waited: float, total: float, num_workers: int) -> None:
     """How long the GPU loop waited for decoded batches: the hint for choosing num_workers."""
     share = waited / total if total > 0 else 0.0
-    hint = f": decoding is the bottleneck, more workers than {num_workers} would help" if share > 0.1 else ""
+    hint = f": decoding is the bottleneck, more workers than {num_workers} would help" \
+        if share > WAIT_HINT_SHARE else ""
     log.info("tokenize %s: waited %.1f s of %.1f s (%.0f%%) for decoded batches%s", split, waited, total,
              100 * share, hint)
 
 
 def tokenize(manifest: str | Path, centroids: str | Path, out_dir: str | Path, *, vqgan_kind: str,
              vqgan_checkpoint: str | Path, vqgan_config: str | Path | None = None, dinov2_kind: str = "hf",
-             dinov2_path: str | Path, layer: int = DEFAULT_LAYER, dino_size: int = 224,
+             dinov2_path: str | Path, layer: int = DEFAULT_LAYER, dino_size: int = DEFAULT_IMAGE_SIZE,
              splits: Sequence[str] = SPLIT_ORDER, batch_size: int = 128, num_workers: int = 8,
              images_per_shard: int = 10_000, dtype: str = "auto", device: str | torch.device = "auto",
              gpu_decode: bool = False, max_shards: int | None = None, compile: str = "auto") -> TokenizeSummary:
@@ -306,7 +307,8 @@ def sample_rows(num_rows: int, num_images: int, seed: int) -> np.ndarray:
 
 def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: str, dinov2_path: str | Path,
                     layer: int = DEFAULT_LAYER, num_images: int = 100_000, patches_per_image: int = 64,
-                    seed: int = 0, batch_size: int = 256, num_workers: int | None = None, dino_size: int = 224,
+                    seed: int = 0, batch_size: int = 256, num_workers: int | None = None,
+                    dino_size: int = DEFAULT_IMAGE_SIZE,
                     dtype: str = "auto", out_dtype: str = "float16", device: str | torch.device = "auto",
                     gpu_decode: bool = False) -> FeatureSampleSummary:
     """DINOv2 patch features of a seeded sample of train images → `.npy` [num_images·patches, D].
@@ -336,7 +338,7 @@ def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: 
     start, done = time.perf_counter(), 0
     bar = tqdm(total=len(chosen), desc="sample features", unit="img", dynamic_ncols=True, disable=None)
     with atomic_path(out_path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=FEATURE_DTYPES[out_dtype],
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(out_dtype),
                                         shape=(len(chosen) * patches_per_image, dinov2.embed_dim))
         for _, img in loader:
             n = img.shape[0]
@@ -345,7 +347,7 @@ def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: 
             picked = features.gather(1, pick.to(device)[..., None].expand(-1, -1, features.shape[-1]))
             # Cast on the device: half the bytes cross to the host and no numpy cast runs in this thread.
             out[done * patches_per_image:(done + n) * patches_per_image] = \
-                picked.reshape(-1, features.shape[-1]).to(TORCH_FEATURE_DTYPES[out_dtype]).cpu().numpy()
+                picked.reshape(-1, features.shape[-1]).to(FEATURE_DTYPES[out_dtype]).cpu().numpy()
             done += n
             bar.update(n)
         out.flush()
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dinov2-kind", default="hf", choices=["hf", "timm"])
         p.add_argument("--dinov2", type=Path, required=True, help="HF model directory or timm weights file")
         p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="DINOv2 block (default: third from last)")
-        p.add_argument("--dino-size", type=int, default=224, help="DINOv2 crop size")
+        p.add_argument("--dino-size", type=int, default=DEFAULT_IMAGE_SIZE, help="DINOv2 crop size")
         p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--num-workers", type=int, default=8, help="decode worker processes")
         p.add_argument("--dtype", default="auto", choices=list(DTYPES))
@@ -388,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-shard", type=int, default=10_000)
     p.add_argument("--splits", nargs="+", default=list(SPLIT_ORDER), choices=list(SPLIT_ORDER))
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many new shards per split")
-    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES, help="torch.compile the networks (auto: on CUDA)")
+    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
+                   help="torch.compile the networks (auto: on CUDA)")
 
     p = sub.add_parser("features", help="DINOv2 patch features of a random train sample, for k-means")
     common(p)

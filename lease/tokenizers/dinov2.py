@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_LAYER = -3
+DEFAULT_IMAGE_SIZE = 224  # DINOv2-B/14 at 224 px: a 16x16 patch grid, aligned with the VQGAN's
 DINOV2_HEAD_DIM = 64  # every released DINOv2 (S/B/L/g) uses 64-dim heads
 HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
@@ -57,7 +58,8 @@ class Dinov2Features(nn.Module):
     """
 
     def __init__(self, backend: Literal["hf", "timm"], model: nn.Module, *, depth: int, embed_dim: int,
-                 patch_size: int, num_prefix_tokens: int, layer: int = DEFAULT_LAYER, image_size: int = 224,
+                 patch_size: int, num_prefix_tokens: int, layer: int = DEFAULT_LAYER,
+                 image_size: int = DEFAULT_IMAGE_SIZE,
                  dtype: torch.dtype | None = None, compile: bool = False) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -122,7 +124,8 @@ def hf_progress_bars_only_on_terminals() -> None:
 
 
 def load_hf_dinov2(model_dir: str | Path, device: str | torch.device = "cpu", layer: int = DEFAULT_LAYER,
-                   image_size: int = 224, dtype: torch.dtype | None = None, compile: bool = False) -> Dinov2Features:
+                   image_size: int = DEFAULT_IMAGE_SIZE, dtype: torch.dtype | None = None,
+                   compile: bool = False) -> Dinov2Features:
     """Features from an HF `Dinov2Model` / `Dinov2WithRegistersModel` directory (never contacts a hub)."""
     from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
 
@@ -180,7 +183,8 @@ def infer_timm_arch(sd: dict[str, torch.Tensor], source: str) -> TimmDinov2Arch:
                           layer_scale="blocks.0.ls1.gamma" in sd)
 
 
-def create_timm_dinov2(arch: TimmDinov2Arch, num_heads: int | None = None, image_size: int = 224,
+def create_timm_dinov2(arch: TimmDinov2Arch, num_heads: int | None = None,
+                       image_size: int = DEFAULT_IMAGE_SIZE,
                        model_name: str | None = None) -> nn.Module:
     """A randomly initialised timm DINOv2 ViT of the given architecture (no classifier head)."""
     import timm
@@ -207,7 +211,8 @@ def to_timm_layout(sd: dict[str, torch.Tensor], model: nn.Module, arch: TimmDino
 
 
 def load_timm_dinov2(weights: str | Path, device: str | torch.device = "cpu", layer: int = DEFAULT_LAYER,
-                     image_size: int = 224, num_heads: int | None = None, model_name: str | None = None,
+                     image_size: int = DEFAULT_IMAGE_SIZE, num_heads: int | None = None,
+                     model_name: str | None = None,
                      dtype: torch.dtype | None = None, compile: bool = False) -> Dinov2Features:
     """Features from a timm DINOv2 ViT built from a local weights file (.pth/.bin/.safetensors).
 
