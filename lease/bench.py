@@ -7,6 +7,7 @@ steps, peak memory, images/s, useful FLOPs per image and MFU against the measure
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -93,30 +94,67 @@ def synthetic_tokens(n: int, seq_len: int, vocab_gen: int, codebook_size: int, s
                     labels=torch.zeros(n, dtype=torch.int64), keys=[])
 
 
-def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 30) -> str:
-    """Top CUDA kernels by self time over a few calls (for finding where a step's time goes)."""
+KERNEL_CATEGORIES = (  # first match wins: cuDNN's attention kernels also carry "gemm"-like names
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion", "compute_dot_do_o")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma")),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("dropout mask (lease/dropout.py)", ("keep_mask",)),
+    ("fused elementwise (Triton)", ("triton_",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, needles in KERNEL_CATEGORIES:
+        if any(needle in lowered for needle in needles):
+            return category
+    return "other"
+
+
+def _profiled(fn: Callable[[], Any], steps: int):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
+    return prof.key_averages()
+
+
+def _device_us(event) -> float:
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def category_ms(events, steps: int) -> dict[str, float]:
+    """GPU milliseconds per call by kernel category (matmul, attention, Triton elementwise, ...)."""
+    totals: dict[str, float] = {}
+    for event in events:
+        category = kernel_category(event.key)
+        totals[category] = totals.get(category, 0.0) + _device_us(event) / 1e3 / steps
+    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
+def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 30) -> tuple[str, dict[str, float]]:
+    """Top CUDA kernels by self time over a few calls, and the per-call time of each kernel category."""
+    events = _profiled(fn, steps)
+    categories = category_ms(events, steps)
+    summary = "\n".join(f"{name:>30}: {ms:8.2f} ms per call" for name, ms in categories.items())
+    table = events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
+    return f"{summary}\n\n{table}", categories
 
 
 def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: int, warmup: int,
-                codebook_size: int, codebook_dim: int, contrast_on: str = "encoder",
-                profile_to: Path | None = None, sdpa_kernel: str = "default",
-                compile_mode: str = "default", dropout: float | None = None) -> dict[str, Any]:
+                codebook_size: int, codebook_dim: int, model_overrides: dict[str, Any] | None = None,
+                profile_to: Path | None = None, compile_mode: str = "default") -> dict[str, Any]:
+    """Time `Trainer.step` for a preset; `model_overrides` are ModelConfig fields (dropout, kernels, ...)."""
     if not torch.cuda.is_available():
         raise RuntimeError("lease bench train measures GPU training speed: no CUDA device found")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
-    drop = {} if dropout is None else {"dropout": dropout, "attn_dropout": dropout}
-    cfg = TrainConfig(preset=preset, model=model_config(preset, contrast_on=contrast_on, sdpa_kernel=sdpa_kernel,
-                                                        **drop),
+    cfg = TrainConfig(preset=preset, model=model_config(preset, **(model_overrides or {})),
                       batch_size=batch_size, dtype=dtype, compile=compile, compile_mode=compile_mode,
                       max_steps=10**9)
+    contrast_on = cfg.model.contrast_on
     centroids = torch.randn(codebook_size, codebook_dim) if contrast_on != "none" else None
     model = build_model(cfg, centroids)
     tokens = synthetic_tokens(batch_size * 8, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
@@ -126,9 +164,11 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     torch.cuda.reset_peak_memory_stats()
     ms = time_cuda(lambda: trainer.step(next(data)), warmup=warmup, steps=steps)
     median_ms = statistics.median(ms)
+    kernel_ms = None
     if profile_to is not None:
         profile_to.parent.mkdir(parents=True, exist_ok=True)
-        profile_to.write_text(profile_table(lambda: trainer.step(next(data))))
+        table, kernel_ms = profile_table(lambda: trainer.step(next(data)))
+        profile_to.write_text(table)
     kept = model.cfg.seq_len - trainer.num_dropped
     flops = flops_per_image(model.cfg, kept, codebook_size)
     images_per_s = batch_size / (median_ms / 1e3)
@@ -136,20 +176,23 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     achieved = flops * images_per_s / 1e12
     return {"preset": preset, "batch_size": batch_size, "dtype": dtype, "compile": compile,
             "compile_mode": compile_mode if compile else None, "attention": model.attention_backend,
-            "sdpa_kernel": sdpa_kernel, "dropout": model.cfg.dropout, "attn_dropout": model.cfg.attn_dropout, "contrast_on": contrast_on, "codebook_size": codebook_size,
+            "sdpa_kernel": model.cfg.sdpa_kernel, "dropout": model.cfg.dropout, "attn_dropout": model.cfg.attn_dropout,
+            "dropout_impl": model.cfg.dropout_impl, "contrast_on": contrast_on, "codebook_size": codebook_size,
             "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
             "images_per_s": round(images_per_s, 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "useful_tflop_per_image": round(flops / 1e12, 6), "achieved_tflops": round(achieved, 1),
-            "measured_bf16_matmul_peak_tflops": round(peak, 1), "mfu": round(achieved / peak, 4)}
+            "measured_bf16_matmul_peak_tflops": round(peak, 1), "mfu": round(achieved / peak, 4),
+            **({"profile_ms_per_step": kernel_ms} if kernel_ms else {})}
 
 
 def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, Any]]:
     """Forward + backward of SDPA at the preset's encoder and decoder shapes, per SDPA kernel.
 
-    The encoder attends over [CLS] + kept tokens, the decoder over [CLS] + the full canvas; dropout as
-    configured. Kernels that refuse a shape are reported as unsupported.
+    The encoder attends over [CLS] + kept tokens, the decoder over [CLS] + the full canvas; with the
+    preset's attention dropout and without (what dropout costs inside the kernel). Kernels that refuse
+    a shape are reported as unsupported.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -160,24 +203,24 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
     kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION}
     rows = []
-    for part, (heads, tokens, head_dim) in shapes.items():
+    for (part, (heads, tokens, head_dim)), dropout in itertools.product(shapes.items(), (cfg.attn_dropout, 0.0)):
         q, k, v = (torch.randn(batch_size, heads, tokens, head_dim, device="cuda", dtype=torch.bfloat16,
                                requires_grad=True) for _ in range(3))
         grad = torch.randn_like(q)
         for name, kernel in kernels.items():
             def fwd_bwd() -> None:
                 with sdpa_kernel([kernel]):
-                    F.scaled_dot_product_attention(q, k, v, dropout_p=cfg.attn_dropout).backward(grad)
+                    F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).backward(grad)
             try:
                 ms = statistics.median(time_cuda(fwd_bwd, warmup=5, steps=steps))
             except RuntimeError as err:
                 rows.append({"part": part, "kernel": name, "supported": False, "error": str(err).splitlines()[0]})
                 continue
             rows.append({"part": part, "kernel": name, "supported": True, "batch": batch_size, "heads": heads,
-                         "tokens": tokens, "head_dim": head_dim, "dropout": cfg.attn_dropout,
+                         "tokens": tokens, "head_dim": head_dim, "dropout": dropout,
                          "fwd_bwd_ms": round(ms, 3)})
-            log.info("%s attention [%d, %d, %d, %d] %s: %.3f ms fwd+bwd", part, batch_size, heads, tokens,
-                     head_dim, name, ms)
+            log.info("%s attention [%d, %d, %d, %d] %s, dropout %g: %.3f ms fwd+bwd", part, batch_size, heads,
+                     tokens, head_dim, name, dropout, ms)
     return rows
 
 
@@ -188,6 +231,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
         mode = "compiled" if r["compile"] else "eager"
         extra = "".join(f", {k} {r[k]}" for k in ("sdpa_kernel",) if r.get(k, "default") != "default")
         extra += f", dropout {r['dropout']:g}" if r.get("dropout", 0.1) != 0.1 else ""
+        extra += f", {r.get('dropout_impl', 'torch')} dropout mask" if r.get("dropout", 0.1) else ""
         extra += f", {r['compile_mode']}" if r.get("compile_mode") not in (None, "default") else ""
         return [(f"train {r['preset']} b{r['batch_size']} {r['dtype']} {mode}{extra}",
                  f"{r['images_per_s']:.0f} img/s", f"{r['median_ms_per_step']:.1f} ms/step, MFU {100 * r['mfu']:.1f} %, "
@@ -258,12 +302,29 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="also write a kernel-time table beside each record")
     parser.add_argument("--sdpa-kernel", nargs="+", default=["default"], choices=["default", *SDPA_KERNELS],
                         help="SDPA kernel(s) to run the step with (one record each)")
+    parser.add_argument("--dropout-impl", nargs="+", default=["triton"], choices=["triton", "torch"],
+                        help="dropout mask RNG(s) outside attention (one record each; see lease/dropout.py)")
     parser.add_argument("--dropout", type=float, default=None,
                         help="override dropout and attention dropout (default: the preset's 0.1); 0 shows their cost")
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
     parser.add_argument("--attention-only", action="store_true",
                         help="time SDPA fwd+bwd per kernel at the preset's shapes instead of whole steps")
+
+
+def train_record_name(preset: str, batch: int, dtype: str, compile_mode: str | None,
+                      overrides: dict[str, Any]) -> str:
+    """`train-<preset>-b<batch>-<dtype>-<compile|eager>[-mode]` plus a suffix per non-default setting."""
+    name = f"train-{preset}-b{batch}-{dtype}-{'eager' if compile_mode is None else 'compile'}"
+    if compile_mode not in (None, "default"):
+        name += f"-{compile_mode}"
+    if overrides.get("sdpa_kernel", "default") != "default":
+        name += f"-sdpa_{overrides['sdpa_kernel']}"
+    if overrides.get("dropout_impl", "triton") != "triton":
+        name += f"-dropout_{overrides['dropout_impl']}"
+    if "dropout" in overrides:
+        name += f"-dropout{overrides['dropout']:g}"
+    return name
 
 
 def run_train_cli(args: argparse.Namespace) -> int:
@@ -275,20 +336,18 @@ def run_train_cli(args: argparse.Namespace) -> int:
             write_record(f"attention-{args.preset}-b{batch}", {"results": rows}, args.out_dir)
         return 0
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    for batch in args.batch_size:
-        for compiled in modes:
-            for kernel in args.sdpa_kernel:
-                mode = args.compile_mode if compiled else "eager"
-                name = f"train-{args.preset}-b{batch}-{args.dtype}-{'compile' if compiled else 'eager'}" + \
-                    (f"-{mode}" if compiled and mode != "default" else "") + \
-                    (f"-sdpa_{kernel}" if kernel != "default" else "") + \
-                    (f"-dropout{args.dropout:g}" if args.dropout is not None else "")
-                profile_to = results_dir(args.out_dir) / f"{name}.profile.txt" if args.profile else None
-                result = bench_train(args.preset, batch, args.dtype, compiled, args.steps,
-                                     args.warmup * (3 if compiled else 1), args.codebook_size, args.codebook_dim,
-                                     profile_to=profile_to, sdpa_kernel=kernel, compile_mode=args.compile_mode,
-                                     dropout=args.dropout)
-                write_record(name, {"results": result}, args.out_dir)
-                log.info("%s: %.0f img/s, %.1f ms/step, MFU %.1f%%, peak %.1f GiB", name, result["images_per_s"],
-                         result["median_ms_per_step"], 100 * result["mfu"], result["peak_memory_gib"])
+    for batch, compiled, kernel, impl in itertools.product(args.batch_size, modes, args.sdpa_kernel,
+                                                           args.dropout_impl):
+        overrides = {"sdpa_kernel": kernel, "dropout_impl": impl}
+        if args.dropout is not None:
+            overrides.update(dropout=args.dropout, attn_dropout=args.dropout)
+        name = train_record_name(args.preset, batch, args.dtype, args.compile_mode if compiled else None,
+                                 overrides)
+        profile_to = results_dir(args.out_dir) / f"{name}.profile.txt" if args.profile else None
+        result = bench_train(args.preset, batch, args.dtype, compiled, args.steps,
+                             args.warmup * (3 if compiled else 1), args.codebook_size, args.codebook_dim,
+                             model_overrides=overrides, profile_to=profile_to, compile_mode=args.compile_mode)
+        write_record(name, {"results": result}, args.out_dir)
+        log.info("%s: %.0f img/s, %.1f ms/step, MFU %.1f%%, peak %.1f GiB", name, result["images_per_s"],
+                 result["median_ms_per_step"], 100 * result["mfu"], result["peak_memory_gib"])
     return 0

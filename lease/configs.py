@@ -36,6 +36,10 @@ class ModelConfig:
     decoder_pos_rows: int | None = None  # learned decoder positions; default seq_len + 1
     dropout: float = 0.1
     attn_dropout: float = 0.1
+    # Mask RNG of the dropout layers outside attention on CUDA: "triton" draws eight 16-bit uniforms per
+    # Philox call (drop probability round(p·2¹⁶)/2¹⁶; see lease/dropout.py), "torch" uses torch's kernel.
+    # CPU runs always use torch's.
+    dropout_impl: Literal["triton", "torch"] = "triton"
     codebook_dim: int | None = None  # set from the codebook file when the model is built
     contrast_on: ContrastPlacement = "encoder"
     num_classes: int = 0  # online (detached) linear classifier for monitoring: 0 off, -1 from the labels

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import LossConfig, ModelConfig
+from lease.dropout import Dropout
 from lease.losses import codebook_contrast_loss, reconstruction_loss
 from lease.masking import MaskPlan
 
@@ -60,7 +61,7 @@ class Attention(nn.Module):
     for devices and dtypes the pinned one does not take (CPU, fp32).
     """
 
-    def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float, use_flash: bool,
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_drop: Dropout, use_flash: bool,
                  kernel: str = "default"):
         super().__init__()
         self.sdpa_backends = None if kernel == "default" else [SDPA_KERNELS[kernel], SDPBackend.MATH]
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
         self.attn_dropout = attn_dropout
-        self.proj_drop = nn.Dropout(proj_dropout)
+        self.proj_drop = proj_drop
         self.use_flash = use_flash
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,12 +87,12 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
+    def __init__(self, dim: int, hidden: int, drop: Dropout):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -103,9 +104,10 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, cfg: ModelConfig, use_flash: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=cfg.ln_eps)
-        self.attn = Attention(dim, num_heads, cfg.attn_dropout, cfg.dropout, use_flash, cfg.sdpa_kernel)
+        self.attn = Attention(dim, num_heads, cfg.attn_dropout, Dropout(cfg.dropout, cfg.dropout_impl), use_flash,
+                              cfg.sdpa_kernel)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.ln_eps)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.dropout)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), Dropout(cfg.dropout, cfg.dropout_impl))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -120,7 +122,7 @@ class TokenEmbedding(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         self.position_embeddings = nn.Embedding(cfg.seq_len + 1, cfg.embed_dim)
         self.LayerNorm = nn.LayerNorm(cfg.embed_dim, eps=cfg.ln_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.dropout_impl)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(ids) + self.position_embeddings(positions)
