@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from lease.configs import MaskConfig, TrainConfig, model_config
 from lease.data import ResidentBatches, TokenSet
 from lease.model import SDPA_KERNELS, flops_per_image
+from lease.typed_config import apply_overrides
 from lease.train import Dist, Trainer, build_model
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     return {"preset": preset, "batch_size": batch_size, "dtype": dtype, "compile": compile,
             "compile_mode": compile_mode if compile else None, "attention": model.attention_backend,
             "sdpa_kernel": model.cfg.sdpa_kernel, "dropout": model.cfg.dropout, "attn_dropout": model.cfg.attn_dropout,
-            "dropout_impl": model.cfg.dropout_impl, "contrast_on": contrast_on, "codebook_size": codebook_size,
+            "dropout_impl": model.cfg.dropout_impl, "decode_masked_only": model.decodes_masked_only,
+            "contrast_on": contrast_on, "codebook_size": codebook_size,
             "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
             "images_per_s": round(images_per_s, 1),
@@ -232,6 +234,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
         extra = "".join(f", {k} {r[k]}" for k in ("sdpa_kernel",) if r.get(k, "default") != "default")
         extra += f", dropout {r['dropout']:g}" if r.get("dropout", 0.1) != 0.1 else ""
         extra += f", {r.get('dropout_impl', 'torch')} dropout mask" if r.get("dropout", 0.1) else ""
+        extra += ", decoder at every position" if r.get("decode_masked_only") is False else ""
         extra += f", {r['compile_mode']}" if r.get("compile_mode") not in (None, "default") else ""
         return [(f"train {r['preset']} b{r['batch_size']} {r['dtype']} {mode}{extra}",
                  f"{r['images_per_s']:.0f} img/s", f"{r['median_ms_per_step']:.1f} ms/step, MFU {100 * r['mfu']:.1f} %, "
@@ -304,6 +307,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SDPA kernel(s) to run the step with (one record each)")
     parser.add_argument("--dropout-impl", nargs="+", default=["triton"], choices=["triton", "torch"],
                         help="dropout mask RNG(s) outside attention (one record each; see lease/dropout.py)")
+    parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="ModelConfig overrides, e.g. decode_masked_only=off (named in the record's file name)")
     parser.add_argument("--dropout", type=float, default=None,
                         help="override dropout and attention dropout (default: the preset's 0.1); 0 shows their cost")
     parser.add_argument("--compile-mode", default="default",
@@ -324,6 +329,9 @@ def train_record_name(preset: str, batch: int, dtype: str, compile_mode: str | N
         name += f"-dropout_{overrides['dropout_impl']}"
     if "dropout" in overrides:
         name += f"-dropout{overrides['dropout']:g}"
+    for key, value in overrides.items():
+        if key not in ("sdpa_kernel", "dropout_impl", "dropout", "attn_dropout"):
+            name += f"-{key}_{value}"
     return name
 
 
@@ -338,7 +346,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for batch, compiled, kernel, impl in itertools.product(args.batch_size, modes, args.sdpa_kernel,
                                                            args.dropout_impl):
-        overrides = {"sdpa_kernel": kernel, "dropout_impl": impl}
+        overrides = {"sdpa_kernel": kernel, "dropout_impl": impl, **apply_overrides({}, args.model)}
         if args.dropout is not None:
             overrides.update(dropout=args.dropout, attn_dropout=args.dropout)
         name = train_record_name(args.preset, batch, args.dtype, args.compile_mode if compiled else None,

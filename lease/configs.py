@@ -40,6 +40,9 @@ class ModelConfig:
     # Philox call (drop probability round(p·2¹⁶)/2¹⁶; see lease/dropout.py), "torch" uses torch's kernel.
     # CPU runs always use torch's.
     dropout_impl: Literal["triton", "torch"] = "triton"
+    # Training: the decoder's last block, its norm and the MLM head run only at the masked positions,
+    # the only ones a loss reads unless the contrast is on the decoder. Same losses; less compute.
+    decode_masked_only: bool = True
     codebook_dim: int | None = None  # set from the codebook file when the model is built
     contrast_on: ContrastPlacement = "encoder"
     num_classes: int = 0  # online (detached) linear classifier for monitoring: 0 off, -1 from the labels
@@ -99,11 +102,16 @@ class MaskConfig:
     ratio_max: float = 1.0
     ratio_mode: float = 0.55
     ratio_std: float = 0.25
+    # With model.decode_masked_only the decoded rows are padded (with unmasked, unscored positions) to a
+    # multiple of this: a handful of shapes instead of one per masked count, each with its own cuDNN
+    # attention plan and compiled-kernel launch setup.
+    decode_rows_multiple: int = 16
 
     def __post_init__(self) -> None:
         require(0.0 < self.ratio_min <= self.ratio_max <= 1.0, "ratio_min",
                 "need 0 < ratio_min <= ratio_max <= 1")
         require(self.ratio_std > 0, "ratio_std", "must be > 0")
+        require(self.decode_rows_multiple >= 1, "decode_rows_multiple", "must be >= 1")
 
 
 @dataclass

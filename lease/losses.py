@@ -9,7 +9,8 @@ def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor, masked: tor
                         label_smoothing: float) -> torch.Tensor:
     """Eq. 1: label-smoothed cross-entropy over the code logits, averaged over masked positions.
 
-    logits [B, L, V_gen], targets [B, L] code ids, masked [B, L] bool. Computed in float32.
+    logits [B, n, V_gen], targets [B, n] code ids, masked [B, n] bool (n = L, or the decoded rows of
+    `MaskPlan.decode_idx`). Computed in float32.
     """
     per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(),
                                 label_smoothing=label_smoothing, reduction="none")

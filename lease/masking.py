@@ -61,6 +61,9 @@ class MaskPlan:
     keep_idx: torch.Tensor  # long [B, L_keep]: kept positions (0-based, grid order)
     keep_masked: torch.Tensor  # bool [B, L_keep]: kept but masked ([MASK] id enters the encoder)
     masked: torch.Tensor  # bool [B, L]: positions scored by the reconstruction loss
+    # long [B, M], grid order: the positions the decoder's last block computes (`decode_masked_only`):
+    # every masked one, plus unmasked ones (not scored) up to a multiple of `decode_rows_multiple`
+    decode_idx: torch.Tensor
 
 
 def num_masked_tokens(seq_len: int, ratio: float) -> int:
@@ -71,18 +74,22 @@ def num_dropped_tokens(seq_len: int, cfg: MaskConfig) -> int:
     return int(math.ceil(seq_len * cfg.ratio_min))
 
 
-def plan_from_permutation(perm: torch.Tensor, num_dropped: int, num_masked: int | torch.Tensor) -> MaskPlan:
+def plan_from_permutation(perm: torch.Tensor, num_dropped: int, num_masked: int,
+                          decode_rows_multiple: int = 1) -> MaskPlan:
     """Masks from a permutation per image: first `num_dropped` dropped, first `num_masked` masked."""
     rank = torch.empty_like(perm)
     rank.scatter_(1, perm, torch.arange(perm.shape[1], device=perm.device).expand_as(perm))
     masked = rank < num_masked
     keep_idx = perm[:, num_dropped:].sort(dim=1).values
     keep_masked = masked.gather(1, keep_idx)
-    return MaskPlan(keep_idx=keep_idx, keep_masked=keep_masked, masked=masked)
+    decode_rows = min(perm.shape[1], -(-num_masked // decode_rows_multiple) * decode_rows_multiple)
+    return MaskPlan(keep_idx=keep_idx, keep_masked=keep_masked, masked=masked,
+                    decode_idx=perm[:, :decode_rows].sort(dim=1).values)
 
 
-def random_plan(batch: int, seq_len: int, num_dropped: int, num_masked: int | torch.Tensor,
-                device: torch.device, generator: torch.Generator | None = None) -> MaskPlan:
+def random_plan(batch: int, seq_len: int, num_dropped: int, num_masked: int,
+                device: torch.device, generator: torch.Generator | None = None,
+                decode_rows_multiple: int = 1) -> MaskPlan:
     """A fresh random permutation per image (argsort of uniform noise, on the device)."""
     noise = torch.rand(batch, seq_len, device=device, generator=generator)
-    return plan_from_permutation(noise.argsort(dim=1), num_dropped, num_masked)
+    return plan_from_permutation(noise.argsort(dim=1), num_dropped, num_masked, decode_rows_multiple)

@@ -72,7 +72,10 @@ class Attention(nn.Module):
         self.proj_drop = proj_drop
         self.use_flash = use_flash
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over `x` [B, N, C]; with `query_rows` [B, M] only those rows' outputs [B, M, C]."""
+        if query_rows is not None:
+            return self._attend_rows(x, query_rows)
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
         drop = self.attn_dropout if self.training else 0.0
@@ -80,10 +83,22 @@ class Attention(nn.Module):
             out = flash_attn_qkvpacked_func(qkv, dropout_p=drop).reshape(b, n, c)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-            out = out.transpose(1, 2).reshape(b, n, c)
+            out = self._sdpa(q, k, v, drop).transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
+
+    def _attend_rows(self, x: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
+        """Queries from the chosen rows only, keys and values from all rows (same weights as `qkv`)."""
+        b, n, c = x.shape
+        heads = lambda t: t.view(b, t.shape[1], -1, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # noqa: E731
+        rows = x.gather(1, query_rows.unsqueeze(-1).expand(-1, -1, c))
+        q = heads(F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c]))[0]
+        k, v = heads(F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])).unbind(0)
+        out = self._sdpa(q, k, v, self.attn_dropout if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, rows.shape[1], c)))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
+        with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
 
 
 class Mlp(nn.Module):
@@ -109,8 +124,13 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=cfg.ln_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), Dropout(cfg.dropout, cfg.dropout_impl))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, C] → [B, N, C]; with `query_rows` [B, M] only those rows come out ([B, M, C])."""
+        if query_rows is None:
+            x = x + self.attn(self.norm1(x))
+        else:
+            residual = x.gather(1, query_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = residual + self.attn(self.norm1(x), query_rows)
         return x + self.mlp(self.norm2(x))
 
 
@@ -238,6 +258,11 @@ class LeaseModel(nn.Module):
         return table
 
     @property
+    def decodes_masked_only(self) -> bool:
+        """Whether training decodes only the masked positions: no loss reads the others' decoder output."""
+        return self.cfg.decode_masked_only and self.dec_to_dino is None
+
+    @property
     def codebook_size(self) -> int:
         return self.codebook_unit.shape[0] if self.cfg.contrast_on != "none" else 0
 
@@ -273,13 +298,17 @@ class LeaseModel(nn.Module):
         return self.encode(self.embed(self.with_cls(tokens), positions))
 
     # --------------------------------------------------------------------------------- decoder
-    def forward_decoder(self, latent: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def forward_decoder(self, latent: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor,
+                        out_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder hidden states [B, 1 + L, Dd] from the canvas (paper §3.1, reconstruction step).
 
         `latent` [B, 1 + n, D] are encoder outputs with [CLS] first, `slots` [B, n] their grid positions
         and `visible` [B, n] whether each is unmasked. Every canvas slot starts as the [CLS] latent and
         the visible slots add their own latent to it (what the authors' code computes; checked against
         the reference fixture's golden logits).
+
+        With `out_positions` [B, M] (grid positions) only those rows come out, [B, M, Dd]: the last
+        block then computes queries, MLP and norm for them alone, which gives the same numbers.
         """
         x = self.decoder_embed(latent)
         b, _, dd = x.shape
@@ -288,9 +317,9 @@ class LeaseModel(nn.Module):
         canvas = cls.expand(b, self.cfg.seq_len + 1, dd).clone()
         canvas.scatter_(1, (slots + 1).unsqueeze(-1).expand(-1, -1, dd), fill)
         x = canvas + self.decoder_pos_embed_learned[:, : self.cfg.seq_len + 1]
-        for block in self.decoder_blocks:
+        for block in self.decoder_blocks[:-1]:
             x = block(x)
-        return self.decoder_norm(x)
+        return self.decoder_norm(self.decoder_blocks[-1](x, None if out_positions is None else out_positions + 1))
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlm_layer(hidden, self.token_emb.word_embeddings.weight, self.cfg.vocab_gen)
@@ -301,9 +330,15 @@ class LeaseModel(nn.Module):
         """Losses of eq. 5 for a batch of generative `tokens` [B, L] and codebook ids `disc` [B, L]."""
         latent = self.forward_encoder(tokens, plan)
         visible = ~plan.keep_masked
-        hidden = self.forward_decoder(latent, plan.keep_idx, visible)
-        rec = reconstruction_loss(self.mlm_logits(hidden[:, 1:]), tokens, plan.masked,
-                                  self.loss_cfg.label_smoothing)
+        if self.decodes_masked_only:
+            rows = plan.decode_idx
+            hidden = self.forward_decoder(latent, plan.keep_idx, visible, rows)
+            rec = reconstruction_loss(self.mlm_logits(hidden), tokens.gather(1, rows), plan.masked.gather(1, rows),
+                                      self.loss_cfg.label_smoothing)
+        else:
+            hidden = self.forward_decoder(latent, plan.keep_idx, visible)
+            rec = reconstruction_loss(self.mlm_logits(hidden[:, 1:]), tokens, plan.masked,
+                                      self.loss_cfg.label_smoothing)
         contrast = self.contrast_loss(latent, hidden, disc, plan)
         total = rec + self.loss_cfg.contrast_weight * contrast
         out = LeaseOutput(loss=total, rec_loss=rec, contrast_loss=contrast)
@@ -375,7 +410,10 @@ def count_parameters(model: nn.Module) -> int:
 
 def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
     """Useful training FLOPs per image (fwd + bwd = 3× fwd) of the matmuls: encoder on 1 + kept tokens,
-    decoder on 1 + L, attention scores, MLM logits over V_gen and the contrast logits over K."""
+    decoder on 1 + L, attention scores, MLM logits over V_gen and the contrast logits over K.
+
+    Counted as the authors' code computes them (every decoder position), so work that
+    `decode_masked_only` skips shows up as a higher MFU rather than fewer FLOPs."""
     def blocks(n_tok: int, dim: int, depth: int) -> float:
         dense = 2 * n_tok * (4 * dim * dim + 2 * dim * int(dim * cfg.mlp_ratio))
         attn = 2 * 2 * n_tok * n_tok * dim

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lease.codebook import neighbour_table
-from lease.configs import LossConfig, MaskConfig, ModelConfig, train_config
+from lease.configs import LossConfig, MaskConfig, ModelConfig, train_config, with_model
 from lease.losses import codebook_contrast_loss, reconstruction_loss
 from lease.masking import MaskRatioSampler, num_dropped_tokens, num_masked_tokens, random_plan
 from lease.model import LeaseModel
@@ -42,6 +42,13 @@ def test_plan_counts_and_nesting(ratio):
     dropped = torch.ones(8, seq, dtype=torch.bool).scatter(1, plan.keep_idx, False)
     assert (plan.masked | ~dropped).all() and (dropped <= plan.masked).all()  # dropped ⊆ masked
     assert (plan.keep_masked.sum(1) == num_masked - num_dropped).all()
+    assert torch.equal(plan.decode_idx.sort(dim=1).values, plan.decode_idx)
+    assert torch.equal(torch.zeros(8, seq, dtype=torch.bool).scatter(1, plan.decode_idx, True), plan.masked)
+    padded = random_plan(8, seq, num_dropped, num_masked, torch.device("cpu"), torch.Generator().manual_seed(0),
+                         decode_rows_multiple=16)
+    rows = padded.decode_idx
+    assert rows.shape[1] == min(seq, 16 * math.ceil(num_masked / 16)) and (rows.diff(dim=1) > 0).all()
+    assert (padded.masked.gather(1, rows).sum(1) == num_masked).all()  # every masked position is decoded
 
 
 def test_reconstruction_loss_touches_only_masked_positions():
@@ -143,3 +150,29 @@ def test_monitoring_classifier_trains_apart_from_the_objective():
     out.classifier_loss.backward()
     assert model.online_classifier.weight.grad is not None and model.blocks[0].attn.qkv.weight.grad is None
     assert torch.allclose(out.backward_loss(), out.loss + out.classifier_loss)
+
+
+def test_decoding_masked_positions_only_gives_the_same_losses_and_gradients():
+    """`decode_masked_only` (the last decoder block at masked positions alone) is exact, not an approximation."""
+    cfg = ModelConfig(embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=2,
+                      decoder_num_heads=2, vocab_gen=32, grid_size=4, codebook_dim=8, dropout=0.0, attn_dropout=0.0)
+    torch.manual_seed(3)
+    tokens, disc = torch.randint(0, 32, (3, 16)), torch.randint(0, 10, (3, 16))
+    plan = random_plan(3, 16, 8, 11, torch.device("cpu"), torch.Generator().manual_seed(0), decode_rows_multiple=4)
+    assert plan.decode_idx.shape[1] == 12  # one unmasked, unscored row decoded per image
+    runs = []
+    for masked_only in (True, False):
+        torch.manual_seed(4)
+        model = LeaseModel(with_model(cfg, decode_masked_only=masked_only), LossConfig(num_neighbours=2))
+        model.set_codebook(torch.randn(10, 8))
+        out = model(tokens, disc, plan)
+        out.loss.backward()
+        assert model.decodes_masked_only == masked_only
+        runs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (fast, fast_grads), (full, full_grads) = runs
+    assert torch.allclose(fast.rec_loss, full.rec_loss, atol=1e-6) and torch.equal(fast.contrast_loss, full.contrast_loss)
+    assert fast_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        assert torch.allclose(fast_grads[name], full_grads[name], atol=1e-6), name
+    dc = LeaseModel(with_model(cfg, contrast_on="both"))
+    assert not dc.decodes_masked_only  # the decoder contrast reads every position
