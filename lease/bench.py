@@ -178,7 +178,8 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     return {"preset": preset, "batch_size": batch_size, "dtype": dtype, "compile": compile,
             "compile_mode": compile_mode if compile else None, "attention": model.attention_backend,
             "sdpa_kernel": model.cfg.sdpa_kernel, "dropout": model.cfg.dropout, "attn_dropout": model.cfg.attn_dropout,
-            "dropout_impl": model.cfg.dropout_impl, "decode_masked_only": model.decodes_masked_only,
+            "dropout_impl": model.cfg.dropout_impl if compile else "torch",  # eager: always torch's kernel
+            "decode_masked_only": model.decodes_masked_only,
             "contrast_on": contrast_on, "codebook_size": codebook_size,
             "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),

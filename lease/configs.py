@@ -36,9 +36,9 @@ class ModelConfig:
     decoder_pos_rows: int | None = None  # learned decoder positions; default seq_len + 1
     dropout: float = 0.1
     attn_dropout: float = 0.1
-    # Mask RNG of the dropout layers outside attention on CUDA: "triton" draws eight 16-bit uniforms per
-    # Philox call (drop probability round(p·2¹⁶)/2¹⁶; see lease/dropout.py), "torch" uses torch's kernel.
-    # CPU runs always use torch's.
+    # Mask RNG of the dropout layers outside attention in compiled CUDA training: "triton" draws eight
+    # 16-bit uniforms per Philox call (drop probability round(p·2¹⁶)/2¹⁶; see lease/dropout.py), "torch"
+    # uses torch's kernel. Eager and CPU runs always use torch's.
     dropout_impl: Literal["triton", "torch"] = "triton"
     # Training: the decoder's last block, its norm and the MLM head run only at the masked positions,
     # the only ones a loss reads unless the contrast is on the decoder. Same losses; less compute.

@@ -113,7 +113,11 @@ def philox_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class Dropout(nn.Module):
-    """`nn.Dropout` with the cheap Philox mask on CUDA (`impl="triton"`), torch's kernel otherwise."""
+    """`nn.Dropout` with the cheap Philox mask (`impl="triton"`) in CUDA code that `torch.compile` traces.
+
+    Run eagerly, unpacking the mask and applying it are separate passes over memory, slower than torch's
+    one fused dropout kernel, which is used there and on the CPU.
+    """
 
     def __init__(self, p: float, impl: str = "triton"):
         super().__init__()
@@ -123,7 +127,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self.impl == "triton" and fast_dropout_available(x):
+        if self.impl == "triton" and fast_dropout_available(x) and torch.compiler.is_compiling():
             return philox_dropout(x, self.p)
         return F.dropout(x, self.p, training=True)
 

@@ -77,24 +77,29 @@ class Attention(nn.Module):
         if query_rows is not None:
             return self._attend_rows(x, query_rows)
         b, n, c = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
+        qkv = self.qkv(x)
         drop = self.attn_dropout if self.training else 0.0
         if self.use_flash and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            qkv = qkv.view(b, n, 3, self.num_heads, c // self.num_heads)
             out = flash_attn_qkvpacked_func(qkv, dropout_p=drop).reshape(b, n, c)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self._heads(qkv).unbind(0)
             out = self._sdpa(q, k, v, drop).transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
     def _attend_rows(self, x: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
         """Queries from the chosen rows only, keys and values from all rows (same weights as `qkv`)."""
         b, n, c = x.shape
-        heads = lambda t: t.view(b, t.shape[1], -1, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # noqa: E731
         rows = x.gather(1, query_rows.unsqueeze(-1).expand(-1, -1, c))
-        q = heads(F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c]))[0]
-        k, v = heads(F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])).unbind(0)
+        q = self._heads(F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c]))[0]
+        k, v = self._heads(F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])).unbind(0)
         out = self._sdpa(q, k, v, self.attn_dropout if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, rows.shape[1], c)))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, k·C] projections → [k, B, heads, N, C / heads]."""
+        head_dim = self.proj.in_features // self.num_heads
+        return t.view(t.shape[0], t.shape[1], -1, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
         with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():
