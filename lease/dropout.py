@@ -7,8 +7,8 @@ u, and keeps an element when u ≥ t with t = round(p·2¹⁶). The drop probabi
 p' = t / 2¹⁶ (p = 0.1 gives 0.1000061) and survivors are scaled by 1 / (1 − p'), so E[out] = x exactly.
 
 The kernel writes the mask bit-packed, one byte per Philox call. Unpacking it is ordinary tensor code,
-so `torch.compile` fuses it, and the multiply, into the neighbouring kernels; the backward pass keeps
-only the packed bytes. A mask thus costs an eighth of the memory traffic and memory of a bool mask.
+so `torch.compile` fuses it, and the multiply, into the kernels that apply the mask; the backward pass
+keeps only the packed bytes.
 
 Each call draws a fresh 62-bit Philox key from torch's CUDA generator, so masks follow
 `torch.manual_seed` and the generator state saved in checkpoints.
@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - depends on the install
 UNIFORM_BITS = 16
 DRAWS_PER_CALL = 128 // UNIFORM_BITS  # uniforms per Philox-4x32 call
 SEED_BOUND = 2**62
+BYTES_PER_PROGRAM = 1024  # mask bytes (Philox calls) per Triton program
 
 
 def drop_threshold(p: float) -> int:
@@ -63,12 +64,11 @@ if triton is not None:
     def philox_keep_bits(seed: torch.Tensor, num_bytes: int, threshold: int) -> torch.Tensor:
         """uint8 [num_bytes]: bit j of byte c keeps element 8c + j; Philox key from int64 `seed` [1]."""
         out = torch.empty(num_bytes, dtype=torch.uint8, device=seed.device)
-        block = 1024
 
         def grid(meta):
-            return (triton.cdiv(num_bytes, block),)
+            return (triton.cdiv(num_bytes, BYTES_PER_PROGRAM),)
 
-        torch.library.wrap_triton(_keep_mask_kernel)[grid](seed, out, num_bytes, threshold, BLOCK=block)
+        torch.library.wrap_triton(_keep_mask_kernel)[grid](seed, out, num_bytes, threshold, BLOCK=BYTES_PER_PROGRAM)
         return out
 
 

@@ -8,6 +8,7 @@ conversion (`lease.checkpoints.import_reference`):
              ──► decoder blocks ► norm ► MLM head (tied to word embeddings) ──► code logits   (decoder)
 
 Losses (`lease.losses`): eq. 1 on masked positions, eq. 4 on kept unmasked encoder tokens, eq. 5 total.
+In training the decoder's last block runs only at the rows a loss reads (`decode_masked_only`).
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat([embed(cols), embed(rows)], dim=1).float()
 
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, N, C] at row indices `rows` [B, M] → [B, M, C]."""
+    return x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -90,7 +96,7 @@ class Attention(nn.Module):
     def _attend_rows(self, x: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
         """Queries from the chosen rows only, keys and values from all rows (same weights as `qkv`)."""
         b, n, c = x.shape
-        rows = x.gather(1, query_rows.unsqueeze(-1).expand(-1, -1, c))
+        rows = gather_rows(x, query_rows)
         q = self._heads(F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c]))[0]
         k, v = self._heads(F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])).unbind(0)
         out = self._sdpa(q, k, v, self.attn_dropout if self.training else 0.0)
@@ -134,8 +140,7 @@ class Block(nn.Module):
         if query_rows is None:
             x = x + self.attn(self.norm1(x))
         else:
-            residual = x.gather(1, query_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            x = residual + self.attn(self.norm1(x), query_rows)
+            x = gather_rows(x, query_rows) + self.attn(self.norm1(x), query_rows)
         return x + self.mlp(self.norm2(x))
 
 
