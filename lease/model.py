@@ -94,7 +94,9 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def _attend_rows(self, x: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
-        """Queries from the chosen rows only, keys and values from all rows (same weights as `qkv`)."""
+        """Queries from the chosen rows only, keys and values from all rows (same weights as `qkv`).
+
+        Always through SDPA: flash-attn's packed call wants queries and keys of one length."""
         b, n, c = x.shape
         rows = gather_rows(x, query_rows)
         q = self._heads(F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c]))[0]

@@ -34,3 +34,24 @@ def test_precompute_records_reach_the_table(tmp_path):
         {**record, "results": {**record["results"], "tokenizers": "tiny"}}))
     rows = [line for line in results_table(tmp_path).splitlines() if line.startswith("| precompute")]
     assert len(rows) == 1 and "ImageNet-1K estimate 19.5 min" in rows[0] and "1039 JPEGs" in rows[0]
+
+
+def test_train_record_names_carry_every_non_default_setting():
+    from lease.bench import train_record_name
+    assert train_record_name("vit_base", 256, "bf16", "default", {"sdpa_kernel": "default", "dropout_impl": "triton"}
+                             ) == "train-vit_base-b256-bf16-compile"
+    name = train_record_name("vit_base", 128, "bf16", None, {"sdpa_kernel": "flash", "dropout_impl": "torch",
+                                                             "dropout": 0.0, "decode_masked_only": False})
+    assert name == "train-vit_base-b128-bf16-eager-sdpa_flash-dropout_torch-dropout0-decode_masked_only_False"
+
+
+def test_profiled_kernels_fall_into_their_categories():
+    from lease.bench import kernel_category
+    names = {"cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": "attention",
+             "void cudnn::fusion::convert_dq_to_16bits<true>": "attention",
+             "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN": "matmul",
+             "triton_poi_fused_gelu_gelu_backward_mul_view_15": "fused elementwise (Triton)",
+             "_keep_mask_kernel": "dropout mask (lease/dropout.py)",
+             "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+             "Memcpy DtoD (Device -> Device)": "other"}
+    assert {name: kernel_category(name) for name in names} == names
