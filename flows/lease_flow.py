@@ -89,7 +89,7 @@ class Runner:
     outcomes: dict[str, StageOutcome] = field(default_factory=dict)
 
     def spec(self, stage: Stage) -> StageSpec:
-        return stage.spec(self.cfg, {name: self.outcomes[name].key for name in stage.after if name in self.outcomes})
+        return stage.spec(self.cfg, {name: outcome.key for name, outcome in self.outcomes.items()})
 
     def run(self, names: tuple[str, ...]) -> None:
         for name in names:

@@ -60,8 +60,8 @@ class ModelConfig:
             self.mask_token_id = self.vocab_size - 1
         if self.decoder_pos_rows is None:
             self.decoder_pos_rows = self.seq_len + 1
-        require(self.depth >= 1 and self.decoder_depth >= 1, "decoder_depth" if self.depth >= 1 else "depth",
-                "must be >= 1")
+        require(self.depth >= 1, "depth", "must be >= 1")
+        require(self.decoder_depth >= 1, "decoder_depth", "must be >= 1")
         require(self.embed_dim % self.num_heads == 0, "embed_dim", "must be divisible by num_heads")
         require(self.decoder_embed_dim % self.decoder_num_heads == 0, "decoder_embed_dim",
                 "must be divisible by decoder_num_heads")

@@ -235,7 +235,7 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
         if not stage.enabled(cfg):
             continue
         t0 = time.perf_counter()
-        spec = stage.spec(cfg, {n: keys[n] for n in stage.after if n in keys})
+        spec = stage.spec(cfg, keys)
         upstream = {n: dirs[n] for n in stage.after if n in dirs}
         outcome = store.run(spec, lambda out: stage.build(cfg, upstream, out), force=True)
         seconds[stage.name] = round(time.perf_counter() - t0, 2)

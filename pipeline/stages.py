@@ -41,10 +41,13 @@ class Stage:
     inputs: Callable[[PipelineConfig], dict[str, str]] = lambda cfg: {}  # external inputs -> digests
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
 
-    def spec(self, cfg: PipelineConfig, upstream_keys: dict[str, str]) -> StageSpec:
-        """The stage's cache identity; digests its external inputs (a missing checkpoint fails here)."""
+    def spec(self, cfg: PipelineConfig, done_keys: dict[str, str]) -> StageSpec:
+        """The stage's cache identity from the keys of the stages done so far (its own upstream ones are
+        taken; a disabled upstream stage is simply absent). Digests its external inputs, so a missing
+        checkpoint fails here."""
+        upstream = {name: done_keys[name] for name in self.after if name in done_keys}
         return StageSpec(stage=self.name, config=self.config(cfg), code_version=code_version(self.modules),
-                         upstream=upstream_keys, inputs=self.inputs(cfg))
+                         upstream=upstream, inputs=self.inputs(cfg))
 
 
 def _device(cfg: PipelineConfig) -> str:
