@@ -7,6 +7,7 @@ steps, peak memory, images/s, useful FLOPs per image and MFU against the measure
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -191,29 +193,31 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
 
 
 def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, Any]]:
-    """Forward + backward of SDPA at the preset's encoder and decoder shapes, per SDPA kernel.
+    """Forward + backward of attention at the preset's encoder and decoder shapes, per kernel.
 
     The encoder attends over [CLS] + kept tokens, the decoder over [CLS] + the full canvas; with the
-    preset's attention dropout and without (what dropout costs inside the kernel). Kernels that refuse
-    a shape are reported as unsupported.
+    preset's attention dropout and without (what dropout costs inside the kernel). The SDPA kernels
+    and our Triton kernel (`lease.attention`) each get q, k, v as views of one packed projection, as in
+    the model. Kernels that refuse a shape are reported as unsupported.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
+
+    from lease.attention import TILING, triton_attention
 
     cfg = model_config(preset)
     kept = cfg.seq_len - math.ceil(cfg.seq_len * MaskConfig().ratio_min)
     shapes = {"encoder": (cfg.num_heads, kept + 1, cfg.embed_dim // cfg.num_heads),
               "decoder": (cfg.decoder_num_heads, cfg.seq_len + 1, cfg.decoder_embed_dim // cfg.decoder_num_heads)}
-    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    sdpa = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
     rows = []
     for (part, (heads, tokens, head_dim)), dropout in itertools.product(shapes.items(), (cfg.attn_dropout, 0.0)):
-        q, k, v = (torch.randn(batch_size, heads, tokens, head_dim, device="cuda", dtype=torch.bfloat16,
-                               requires_grad=True) for _ in range(3))
-        grad = torch.randn_like(q)
-        for name, kernel in kernels.items():
-            def fwd_bwd() -> None:
-                with sdpa_kernel([kernel]):
-                    F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).backward(grad)
+        packed = torch.randn(batch_size, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        qkv = [t.detach().requires_grad_() for t in packed.unbind(2)]  # leaves with the model's strides
+        grad = torch.randn(batch_size, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        runs = {name: functools.partial(_sdpa_fwd_bwd, qkv, grad, dropout, kernel) for name, kernel in sdpa.items()}
+        runs["triton"] = lambda: torch.autograd.grad(triton_attention(*qkv, dropout), qkv, grad)
+        for name, fwd_bwd in runs.items():
             try:
                 ms = statistics.median(time_cuda(fwd_bwd, warmup=5, steps=steps))
             except RuntimeError as err:
@@ -221,10 +225,19 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
                 continue
             rows.append({"part": part, "kernel": name, "supported": True, "batch": batch_size, "heads": heads,
                          "tokens": tokens, "head_dim": head_dim, "dropout": dropout,
-                         "fwd_bwd_ms": round(ms, 3)})
+                         "fwd_bwd_ms": round(ms, 3), **({"tiling": asdict(TILING)} if name == "triton" else {})})
             log.info("%s attention [%d, %d, %d, %d] %s, dropout %g: %.3f ms fwd+bwd", part, batch_size, heads,
                      tokens, head_dim, name, dropout, ms)
     return rows
+
+
+def _sdpa_fwd_bwd(qkv: list[torch.Tensor], grad: torch.Tensor, dropout: float, kernel) -> None:
+    """q, k, v [B, N, H, D] → SDPA's [B, H, N, D] views; gradients for the leaves, not accumulated."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([kernel]):
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qkv), dropout_p=dropout)
+    torch.autograd.grad(out, qkv, grad.transpose(1, 2))
 
 
 def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
@@ -233,6 +246,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
     if name.startswith("train-") and isinstance(r, dict):
         mode = "compiled" if r["compile"] else "eager"
         extra = "".join(f", {k} {r[k]}" for k in ("sdpa_kernel",) if r.get(k, "default") != "default")
+        extra += ", Triton attention" if r.get("attention") == "triton" else ""
         extra += f", dropout {r['dropout']:g}" if r.get("dropout", 0.1) != 0.1 else ""
         extra += f", {r.get('dropout_impl', 'torch')} dropout mask" if r.get("dropout", 0.1) else ""
         extra += ", decoder at every position" if r.get("decode_masked_only") is False else ""
@@ -269,7 +283,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
         return [(f"generate {r['steps']}-step MaskGIT + VQGAN decode b{r['batch_size']} {r['dtype']}",
                  f"{r['images_per_s']:.0f} img/s", f"50K samples in {r['seconds_for_50k']:.0f} s")]
     if name.startswith("attention") and isinstance(r, list):
-        return [(f"SDPA fwd+bwd {x['part']} [{x['batch']}, {x['heads']}, {x['tokens']}, {x['head_dim']}] "
+        return [(f"attention fwd+bwd {x['part']} [{x['batch']}, {x['heads']}, {x['tokens']}, {x['head_dim']}] "
                  f"{x['kernel']}", f"{x['fwd_bwd_ms']:.2f} ms", f"dropout {x['dropout']:g}")
                 for x in r if x.get("supported")]
     return []
@@ -315,7 +329,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
     parser.add_argument("--attention-only", action="store_true",
-                        help="time SDPA fwd+bwd per kernel at the preset's shapes instead of whole steps")
+                        help="time attention fwd+bwd per kernel (SDPA's and lease/attention.py) at the preset's "
+                             "shapes instead of whole steps")
 
 
 def train_record_name(preset: str, batch: int, dtype: str, compile_mode: str | None,

@@ -46,7 +46,9 @@ class ModelConfig:
     codebook_dim: int | None = None  # set from the codebook file when the model is built
     contrast_on: ContrastPlacement = "encoder"
     num_classes: int = 0  # online (detached) linear classifier for monitoring: 0 off, -1 from the labels
-    attention_backend: Literal["sdpa", "flash_attn", "auto"] = "auto"
+    # "triton": lease/attention.py, tiled for short sequences, dropout mask from Philox (as lease/dropout.py);
+    # "auto": flash-attn when installed, else SDPA.
+    attention_backend: Literal["sdpa", "flash_attn", "triton", "auto"] = "auto"
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
     # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).
     sdpa_kernel: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"

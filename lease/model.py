@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lease.attention import triton_attention, triton_attention_available
 from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import LossConfig, ModelConfig
 from lease.dropout import Dropout
@@ -61,13 +62,15 @@ SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_A
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through SDPA (or flash-attn when installed and chosen).
+    """Multi-head self-attention through SDPA, flash-attn or our Triton kernel (`lease.attention`).
 
-    `kernel` pins one SDPA kernel (None: PyTorch's choice); the math kernel stays allowed as a fallback
-    for devices and dtypes the pinned one does not take (CPU, fp32).
+    `backend` is "sdpa", "flash_attn" or "triton"; the last two apply to CUDA tensors (flash-attn to
+    half precision only) and SDPA takes the rest. `kernel` pins one SDPA kernel (None: PyTorch's
+    choice); the math kernel stays allowed as a fallback for devices and dtypes the pinned one does
+    not take (CPU, fp32).
     """
 
-    def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_drop: Dropout, use_flash: bool,
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_drop: Dropout, backend: str,
                  kernel: str = "default"):
         super().__init__()
         self.sdpa_backends = None if kernel == "default" else [SDPA_KERNELS[kernel], SDPBackend.MATH]
@@ -76,7 +79,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_dropout = attn_dropout
         self.proj_drop = proj_drop
-        self.use_flash = use_flash
+        self.backend = backend
 
     def forward(self, x: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention over `x` [B, N, C]; with `query_rows` [B, M] only those rows' outputs [B, M, C]."""
@@ -85,7 +88,10 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x)
         drop = self.attn_dropout if self.training else 0.0
-        if self.use_flash and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        if self.backend == "triton" and triton_attention_available(x):
+            q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2)
+            out = triton_attention(q, k, v, drop).view(b, n, c)
+        elif self.backend == "flash_attn" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             qkv = qkv.view(b, n, 3, self.num_heads, c // self.num_heads)
             out = flash_attn_qkvpacked_func(qkv, dropout_p=drop).reshape(b, n, c)
         else:
@@ -96,13 +102,19 @@ class Attention(nn.Module):
     def _attend_rows(self, x: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
         """Queries from the chosen rows only, keys and values from all rows (same weights as `qkv`).
 
-        Always through SDPA: flash-attn's packed call wants queries and keys of one length."""
+        flash-attn's packed call wants queries and keys of one length, so that backend uses SDPA here."""
         b, n, c = x.shape
         rows = gather_rows(x, query_rows)
-        q = self._heads(F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c]))[0]
-        k, v = self._heads(F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])).unbind(0)
-        out = self._sdpa(q, k, v, self.attn_dropout if self.training else 0.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, rows.shape[1], c)))
+        m, drop = rows.shape[1], self.attn_dropout if self.training else 0.0
+        q = F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c])
+        kv = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])
+        if self.backend == "triton" and triton_attention_available(x):
+            k, v = kv.view(b, n, 2, self.num_heads, c // self.num_heads).unbind(2)
+            out = triton_attention(q.view(b, m, self.num_heads, c // self.num_heads), k, v, drop).view(b, m, c)
+        else:
+            k, v = self._heads(kv).unbind(0)
+            out = self._sdpa(self._heads(q)[0], k, v, drop).transpose(1, 2).reshape(b, m, c)
+        return self.proj_drop(self.proj(out))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, N, k·C] projections → [k, B, heads, N, C / heads]."""
@@ -112,6 +124,16 @@ class Attention(nn.Module):
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
         with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():
             return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+
+
+def resolve_attention_backend(choice: str) -> str:
+    """model.attention_backend → the backend the blocks use: "auto" takes flash-attn when installed."""
+    if choice == "flash_attn" and flash_attn_qkvpacked_func is None:
+        raise ImportError("model.attention_backend=flash_attn but flash-attn is not installed; "
+                          "install the 'flash' extra or use attention_backend=sdpa")
+    if choice == "auto":
+        return "flash_attn" if flash_attn_qkvpacked_func is not None else "sdpa"
+    return choice
 
 
 class Mlp(nn.Module):
@@ -129,11 +151,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (timm layout: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
 
-    def __init__(self, dim: int, num_heads: int, cfg: ModelConfig, use_flash: bool):
+    def __init__(self, dim: int, num_heads: int, cfg: ModelConfig, attention_backend: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=cfg.ln_eps)
-        self.attn = Attention(dim, num_heads, cfg.attn_dropout, Dropout(cfg.dropout, cfg.dropout_impl), use_flash,
-                              cfg.sdpa_kernel)
+        self.attn = Attention(dim, num_heads, cfg.attn_dropout, Dropout(cfg.dropout, cfg.dropout_impl),
+                              attention_backend, cfg.sdpa_kernel)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.ln_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), Dropout(cfg.dropout, cfg.dropout_impl))
 
@@ -200,23 +222,18 @@ class LeaseModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.loss_cfg = loss_cfg or LossConfig()
-        use_flash = cfg.attention_backend == "flash_attn" or (
-            cfg.attention_backend == "auto" and flash_attn_qkvpacked_func is not None)
-        if cfg.attention_backend == "flash_attn" and flash_attn_qkvpacked_func is None:
-            raise ImportError("model.attention_backend=flash_attn but flash-attn is not installed; "
-                              "install the 'flash' extra or use attention_backend=sdpa")
-        self.attention_backend = "flash_attn" if use_flash else "sdpa"
+        self.attention_backend = resolve_attention_backend(cfg.attention_backend)
         d, dd = cfg.embed_dim, cfg.decoder_embed_dim
 
         self.token_emb = TokenEmbedding(cfg)
         self.register_buffer("pos2d", sincos_2d(d, cfg.grid_size).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg, use_flash) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg, self.attention_backend) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
 
         self.decoder_embed = nn.Linear(d, dd)
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, cfg.decoder_pos_rows, dd))
         self.decoder_blocks = nn.ModuleList(
-            Block(dd, cfg.decoder_num_heads, cfg, use_flash) for _ in range(cfg.decoder_depth))
+            Block(dd, cfg.decoder_num_heads, cfg, self.attention_backend) for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dd, eps=cfg.ln_eps)
         self.mlm_layer = MlmLayer(cfg)
 
