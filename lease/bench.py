@@ -25,7 +25,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
+from lease.attention import TILING, triton_attention
 from lease.configs import MaskConfig, TrainConfig, model_config
 from lease.data import ResidentBatches, TokenSet
 from lease.model import SDPA_KERNELS, flops_per_image
@@ -200,16 +202,11 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
     and our Triton kernel (`lease.attention`) each get q, k, v as views of one packed projection, as in
     the model. Kernels that refuse a shape are reported as unsupported.
     """
-    from torch.nn.attention import SDPBackend
-
-    from lease.attention import TILING, triton_attention
-
     cfg = model_config(preset)
     kept = cfg.seq_len - math.ceil(cfg.seq_len * MaskConfig().ratio_min)
     shapes = {"encoder": (cfg.num_heads, kept + 1, cfg.embed_dim // cfg.num_heads),
               "decoder": (cfg.decoder_num_heads, cfg.seq_len + 1, cfg.decoder_embed_dim // cfg.decoder_num_heads)}
-    sdpa = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    sdpa = {name: SDPA_KERNELS[name] for name in ("cudnn", "flash", "efficient")}
     rows = []
     for (part, (heads, tokens, head_dim)), dropout in itertools.product(shapes.items(), (cfg.attn_dropout, 0.0)):
         packed = torch.randn(batch_size, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -233,8 +230,6 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
 
 def _sdpa_fwd_bwd(qkv: list[torch.Tensor], grad: torch.Tensor, dropout: float, kernel) -> None:
     """q, k, v [B, N, H, D] → SDPA's [B, H, N, D] views; gradients for the leaves, not accumulated."""
-    from torch.nn.attention import sdpa_kernel
-
     with sdpa_kernel([kernel]):
         out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qkv), dropout_p=dropout)
     torch.autograd.grad(out, qkv, grad.transpose(1, 2))

@@ -46,7 +46,8 @@ class ModelConfig:
     codebook_dim: int | None = None  # set from the codebook file when the model is built
     contrast_on: ContrastPlacement = "encoder"
     num_classes: int = 0  # online (detached) linear classifier for monitoring: 0 off, -1 from the labels
-    # "triton": lease/attention.py, tiled for short sequences, dropout mask from Philox (as lease/dropout.py);
+    # "triton": lease/attention.py, tiled for short sequences, dropout mask from Philox (as lease/dropout.py).
+    # Experimental: with attention dropout its dK is wrong at a few elements on an H100 (README, issue 2).
     # "auto": flash-attn when installed, else SDPA.
     attention_backend: Literal["sdpa", "flash_attn", "triton", "auto"] = "auto"
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`

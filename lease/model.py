@@ -74,7 +74,7 @@ class Attention(nn.Module):
                  kernel: str = "default"):
         super().__init__()
         self.sdpa_backends = None if kernel == "default" else [SDPA_KERNELS[kernel], SDPBackend.MATH]
-        self.num_heads = num_heads
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
         self.attn_dropout = attn_dropout
@@ -89,11 +89,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         drop = self.attn_dropout if self.training else 0.0
         if self.backend == "triton" and triton_attention_available(x):
-            q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2)
-            out = triton_attention(q, k, v, drop).view(b, n, c)
+            out = triton_attention(*self._per_head(qkv).unbind(2), drop).view(b, n, c)
         elif self.backend == "flash_attn" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            qkv = qkv.view(b, n, 3, self.num_heads, c // self.num_heads)
-            out = flash_attn_qkvpacked_func(qkv, dropout_p=drop).reshape(b, n, c)
+            out = flash_attn_qkvpacked_func(self._per_head(qkv), dropout_p=drop).reshape(b, n, c)
         else:
             q, k, v = self._heads(qkv).unbind(0)
             out = self._sdpa(q, k, v, drop).transpose(1, 2).reshape(b, n, c)
@@ -109,17 +107,19 @@ class Attention(nn.Module):
         q = F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c])
         kv = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])
         if self.backend == "triton" and triton_attention_available(x):
-            k, v = kv.view(b, n, 2, self.num_heads, c // self.num_heads).unbind(2)
-            out = triton_attention(q.view(b, m, self.num_heads, c // self.num_heads), k, v, drop).view(b, m, c)
+            out = triton_attention(self._per_head(q)[:, :, 0], *self._per_head(kv).unbind(2), drop).view(b, m, c)
         else:
             k, v = self._heads(kv).unbind(0)
             out = self._sdpa(self._heads(q)[0], k, v, drop).transpose(1, 2).reshape(b, m, c)
         return self.proj_drop(self.proj(out))
 
+    def _per_head(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, k·C] projections → a [B, N, k, heads, C / heads] view."""
+        return t.view(t.shape[0], t.shape[1], -1, self.num_heads, self.head_dim)
+
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, N, k·C] projections → [k, B, heads, N, C / heads]."""
-        head_dim = self.proj.in_features // self.num_heads
-        return t.view(t.shape[0], t.shape[1], -1, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        """[B, N, k·C] projections → [k, B, heads, N, C / heads], SDPA's layout."""
+        return self._per_head(t).permute(2, 0, 3, 1, 4)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
         with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():

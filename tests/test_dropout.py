@@ -3,13 +3,9 @@
 The Triton kernel runs here on the CPU through Triton's interpreter, in a subprocess because the
 interpreter is chosen when the kernel is defined.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 from lease.dropout import Dropout, drop_threshold, keep_scale, unpack_bits
 
@@ -38,16 +34,9 @@ json.dump({"drop": 1 - a.float().mean().item(), "same_seed_equal": bool(torch.eq
 """
 
 
-def run_interpreted(n: int, p: float) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", MASK_STATS, str(n), str(p)], env=env, capture_output=True,
-                         text=True, timeout=300, check=True)
-    return json.loads(out.stdout)
-
-
 def test_philox_mask_drops_at_the_rate_with_independent_lanes():
     n, p = 8 * 1024 * 40 + 123, 0.1  # a partial last block and a partial last byte too
-    stats = run_interpreted(n, p)
+    stats = run_interpreted(MASK_STATS, n, p)
     assert stats["len"] == n and stats["tail_dtype"] == "torch.bool"
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(stats["drop"] - p) < 5 * sigma
