@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from lease.attention import TILING, triton_attention
+from lease.attention import split_cls_attention
 from lease.configs import MaskConfig, TrainConfig, model_config
 from lease.data import ResidentBatches, TokenSet
 from lease.model import SDPA_KERNELS, flops_per_image
@@ -199,21 +198,22 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
 
     The encoder attends over [CLS] + kept tokens, the decoder over [CLS] + the full canvas; with the
     preset's attention dropout and without (what dropout costs inside the kernel). The SDPA kernels
-    and our Triton kernel (`lease.attention`) each get q, k, v as views of one packed projection, as in
-    the model. Kernels that refuse a shape are reported as unsupported.
+    and `lease.attention`'s split of the [CLS] row and column (compiled, as in the model) each get
+    q, k, v as views of one packed projection. Kernels that refuse a shape are reported as unsupported.
     """
     cfg = model_config(preset)
     kept = cfg.seq_len - math.ceil(cfg.seq_len * MaskConfig().ratio_min)
     shapes = {"encoder": (cfg.num_heads, kept + 1, cfg.embed_dim // cfg.num_heads),
               "decoder": (cfg.decoder_num_heads, cfg.seq_len + 1, cfg.decoder_embed_dim // cfg.decoder_num_heads)}
     sdpa = {name: SDPA_KERNELS[name] for name in ("cudnn", "flash", "efficient")}
+    compiled_split = torch.compile(split_cls_attention, dynamic=False)  # as in the model: merge work fused
     rows = []
     for (part, (heads, tokens, head_dim)), dropout in itertools.product(shapes.items(), (cfg.attn_dropout, 0.0)):
         packed = torch.randn(batch_size, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         qkv = [t.detach().requires_grad_() for t in packed.unbind(2)]  # leaves with the model's strides
         grad = torch.randn(batch_size, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         runs = {name: functools.partial(_sdpa_fwd_bwd, qkv, grad, dropout, kernel) for name, kernel in sdpa.items()}
-        runs["triton"] = lambda: torch.autograd.grad(triton_attention(*qkv, dropout), qkv, grad)
+        runs["split_cls"] = functools.partial(_split_cls_fwd_bwd, compiled_split, qkv, grad, dropout)
         for name, fwd_bwd in runs.items():
             try:
                 ms = statistics.median(time_cuda(fwd_bwd, warmup=5, steps=steps))
@@ -222,7 +222,7 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
                 continue
             rows.append({"part": part, "kernel": name, "supported": True, "batch": batch_size, "heads": heads,
                          "tokens": tokens, "head_dim": head_dim, "dropout": dropout,
-                         "fwd_bwd_ms": round(ms, 3), **({"tiling": asdict(TILING)} if name == "triton" else {})})
+                         "fwd_bwd_ms": round(ms, 3)})
             log.info("%s attention [%d, %d, %d, %d] %s, dropout %g: %.3f ms fwd+bwd", part, batch_size, heads,
                      tokens, head_dim, name, dropout, ms)
     return rows
@@ -235,13 +235,18 @@ def _sdpa_fwd_bwd(qkv: list[torch.Tensor], grad: torch.Tensor, dropout: float, k
     torch.autograd.grad(out, qkv, grad.transpose(1, 2))
 
 
+def _split_cls_fwd_bwd(split: Callable, qkv: list[torch.Tensor], grad: torch.Tensor, dropout: float) -> None:
+    out = split(*(t.transpose(1, 2) for t in qkv), dropout)
+    torch.autograd.grad(out, qkv, grad.transpose(1, 2))
+
+
 def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
     """(what, measured, settings) rows of one record for the README table; [] for records not tabled."""
     r = results
     if name.startswith("train-") and isinstance(r, dict):
         mode = "compiled" if r["compile"] else "eager"
         extra = "".join(f", {k} {r[k]}" for k in ("sdpa_kernel",) if r.get(k, "default") != "default")
-        extra += ", Triton attention" if r.get("attention") == "triton" else ""
+        extra += ", [CLS] apart in attention" if r.get("attention") == "split_cls" else ""
         extra += f", dropout {r['dropout']:g}" if r.get("dropout", 0.1) != 0.1 else ""
         extra += f", {r.get('dropout_impl', 'torch')} dropout mask" if r.get("dropout", 0.1) else ""
         extra += ", decoder at every position" if r.get("decode_masked_only") is False else ""
@@ -324,7 +329,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
     parser.add_argument("--attention-only", action="store_true",
-                        help="time attention fwd+bwd per kernel (SDPA's and lease/attention.py) at the preset's "
+                        help="time attention fwd+bwd per kernel (SDPA's and lease/attention.py's split_cls) at the preset's "
                              "shapes instead of whole steps")
 
 

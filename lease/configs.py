@@ -46,10 +46,10 @@ class ModelConfig:
     codebook_dim: int | None = None  # set from the codebook file when the model is built
     contrast_on: ContrastPlacement = "encoder"
     num_classes: int = 0  # online (detached) linear classifier for monitoring: 0 off, -1 from the labels
-    # "triton": lease/attention.py, tiled for short sequences, dropout mask from Philox (as lease/dropout.py).
-    # Experimental: with attention dropout its dK is wrong at a few elements on an H100 (README, issue 2).
+    # "split_cls": SDPA's cuDNN kernel on the tokens after [CLS], the [CLS] row and column merged in
+    # through the log-sum-exp (lease/attention.py); same attention, no kernel tile spent on one token.
     # "auto": flash-attn when installed, else SDPA.
-    attention_backend: Literal["sdpa", "flash_attn", "triton", "auto"] = "auto"
+    attention_backend: Literal["sdpa", "flash_attn", "split_cls", "auto"] = "auto"
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
     # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).
     sdpa_kernel: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"

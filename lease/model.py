@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lease.attention import triton_attention, triton_attention_available
+from lease.attention import split_cls_attention, split_cls_supported
 from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import LossConfig, ModelConfig
 from lease.dropout import Dropout
@@ -62,10 +62,11 @@ SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_A
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through SDPA, flash-attn or our Triton kernel (`lease.attention`).
+    """Multi-head self-attention through SDPA, flash-attn, or SDPA's cuDNN kernel with the [CLS] row
+    and column apart (`lease.attention`; sequences are [CLS] + a multiple of 64 tokens).
 
-    `backend` is "sdpa", "flash_attn" or "triton"; the last two apply to CUDA tensors (flash-attn to
-    half precision only) and SDPA takes the rest. `kernel` pins one SDPA kernel (None: PyTorch's
+    `backend` is "sdpa", "flash_attn" or "split_cls"; the last two apply to CUDA tensors in half
+    precision and SDPA takes the rest. `kernel` pins one SDPA kernel (None: PyTorch's
     choice); the math kernel stays allowed as a fallback for devices and dtypes the pinned one does
     not take (CPU, fp32).
     """
@@ -88,13 +89,10 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x)
         drop = self.attn_dropout if self.training else 0.0
-        if self.backend == "triton" and triton_attention_available(x):
-            out = triton_attention(*self._per_head(qkv).unbind(2), drop).view(b, n, c)
-        elif self.backend == "flash_attn" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        if self.backend == "flash_attn" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             out = flash_attn_qkvpacked_func(self._per_head(qkv), dropout_p=drop).reshape(b, n, c)
         else:
-            q, k, v = self._heads(qkv).unbind(0)
-            out = self._sdpa(q, k, v, drop).transpose(1, 2).reshape(b, n, c)
+            out = self._attend(*self._heads(qkv).unbind(0), drop, q_has_cls=True).transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
     def _attend_rows(self, x: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
@@ -106,12 +104,15 @@ class Attention(nn.Module):
         m, drop = rows.shape[1], self.attn_dropout if self.training else 0.0
         q = F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c])
         kv = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])
-        if self.backend == "triton" and triton_attention_available(x):
-            out = triton_attention(self._per_head(q)[:, :, 0], *self._per_head(kv).unbind(2), drop).view(b, m, c)
-        else:
-            k, v = self._heads(kv).unbind(0)
-            out = self._sdpa(self._heads(q)[0], k, v, drop).transpose(1, 2).reshape(b, m, c)
-        return self.proj_drop(self.proj(out))
+        out = self._attend(self._heads(q)[0], *self._heads(kv).unbind(0), drop, q_has_cls=False)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, c)))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float,
+                q_has_cls: bool) -> torch.Tensor:
+        """[B, heads, M, D] queries over [B, heads, N, D] keys and values (first row [CLS])."""
+        if self.backend == "split_cls" and split_cls_supported(q):
+            return split_cls_attention(q, k, v, drop, q_has_cls)
+        return self._sdpa(q, k, v, drop)
 
     def _per_head(self, t: torch.Tensor) -> torch.Tensor:
         """[B, N, k·C] projections → a [B, N, k, heads, C / heads] view."""
