@@ -45,11 +45,16 @@ def machine_info() -> dict[str, Any]:
         info["gpu_count"] = torch.cuda.device_count()
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     try:
-        info["lease_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                              text=True, check=False).stdout.strip() or None
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")  # a copied or edited tree is not HEAD
+        info["lease_commit"] = (commit + ("+dirty" if dirty else "")) or None
     except OSError:
         info["lease_commit"] = None
     return info
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def results_dir(out_dir: str | Path | None = None) -> Path:
@@ -246,7 +251,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
     if name.startswith("train-") and isinstance(r, dict):
         mode = "compiled" if r["compile"] else "eager"
         extra = "".join(f", {k} {r[k]}" for k in ("sdpa_kernel",) if r.get(k, "default") != "default")
-        extra += ", [CLS] apart in attention" if r.get("attention") == "split_cls" else ""
+        extra += f", attention_backend {r['attention']}" if "-attention_backend_" in name else ""
         extra += f", dropout {r['dropout']:g}" if r.get("dropout", 0.1) != 0.1 else ""
         extra += f", {r.get('dropout_impl', 'torch')} dropout mask" if r.get("dropout", 0.1) else ""
         extra += ", decoder at every position" if r.get("decode_masked_only") is False else ""
