@@ -3,8 +3,8 @@
 LEASE attends over [CLS] + 128 kept tokens in the ViT-B encoder and [CLS] + 256 canvas slots in the
 decoder: one token more than a multiple of 64. SDPA's fused kernels tile both axes in 64 or 128, so
 that one token costs a whole extra tile per axis: on an H100 cuDNN's forward + backward takes
-0.89 ms at 129 tokens and 0.59 ms at 128, 2.50 ms at 257 and 1.51 ms at 256 (batch 256, dropout 0.1;
-README). So the same attention is computed in three parts:
+0.89 ms at 129 tokens and 0.54 ms at 128, 2.51 ms at 257 and 1.51 ms at 256 (batch 256, dropout 0.1;
+`lease bench train --attention-only`). So the same attention is computed in three parts:
 
 * the patch queries against the patch keys: SDPA's cuDNN kernel, which also returns each row's
   log-sum-exp ℓ of its scores;

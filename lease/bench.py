@@ -204,44 +204,49 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
     The encoder attends over [CLS] + kept tokens, the decoder over [CLS] + the full canvas; with the
     preset's attention dropout and without (what dropout costs inside the kernel). The SDPA kernels
     and `lease.attention`'s split of the [CLS] row and column (compiled, as in the model) each get
-    q, k, v as views of one packed projection. Kernels that refuse a shape are reported as unsupported.
+    q, k, v as views of one packed projection. cuDNN also runs without the [CLS] token: the bound the
+    split aims at. Kernels that refuse a shape are reported as unsupported.
     """
     cfg = model_config(preset)
     kept = cfg.seq_len - math.ceil(cfg.seq_len * MaskConfig().ratio_min)
     shapes = {"encoder": (cfg.num_heads, kept + 1, cfg.embed_dim // cfg.num_heads),
               "decoder": (cfg.decoder_num_heads, cfg.seq_len + 1, cfg.decoder_embed_dim // cfg.decoder_num_heads)}
-    sdpa = {name: SDPA_KERNELS[name] for name in ("cudnn", "flash", "efficient")}
     compiled_split = torch.compile(split_cls_attention, dynamic=False)  # as in the model: merge work fused
     rows = []
     for (part, (heads, tokens, head_dim)), dropout in itertools.product(shapes.items(), (cfg.attn_dropout, 0.0)):
-        packed = torch.randn(batch_size, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        qkv = [t.detach().requires_grad_() for t in packed.unbind(2)]  # leaves with the model's strides
-        grad = torch.randn(batch_size, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        runs = {name: functools.partial(_sdpa_fwd_bwd, qkv, grad, dropout, kernel) for name, kernel in sdpa.items()}
-        runs["split_cls"] = functools.partial(_split_cls_fwd_bwd, compiled_split, qkv, grad, dropout)
-        for name, fwd_bwd in runs.items():
+        runs = [(name, tokens, functools.partial(_pinned_sdpa, SDPA_KERNELS[name], dropout_p=dropout))
+                for name in ("cudnn", "flash", "efficient")]
+        runs += [("split_cls", tokens, functools.partial(compiled_split, dropout_p=dropout)),
+                 ("cudnn", tokens - 1, functools.partial(_pinned_sdpa, SDPA_KERNELS["cudnn"], dropout_p=dropout))]
+        for name, n, attend in runs:
+            fwd_bwd = functools.partial(_fwd_bwd, attend, *_packed_qkv(batch_size, n, heads, head_dim))
             try:
                 ms = statistics.median(time_cuda(fwd_bwd, warmup=5, steps=steps))
             except RuntimeError as err:
                 rows.append({"part": part, "kernel": name, "supported": False, "error": str(err).splitlines()[0]})
                 continue
             rows.append({"part": part, "kernel": name, "supported": True, "batch": batch_size, "heads": heads,
-                         "tokens": tokens, "head_dim": head_dim, "dropout": dropout,
-                         "fwd_bwd_ms": round(ms, 3)})
+                         "tokens": n, "head_dim": head_dim, "dropout": dropout, "fwd_bwd_ms": round(ms, 3)})
             log.info("%s attention [%d, %d, %d, %d] %s, dropout %g: %.3f ms fwd+bwd", part, batch_size, heads,
-                     tokens, head_dim, name, dropout, ms)
+                     n, head_dim, name, dropout, ms)
     return rows
 
 
-def _sdpa_fwd_bwd(qkv: list[torch.Tensor], grad: torch.Tensor, dropout: float, kernel) -> None:
-    """q, k, v [B, N, H, D] → SDPA's [B, H, N, D] views; gradients for the leaves, not accumulated."""
+def _packed_qkv(batch: int, tokens: int, heads: int, head_dim: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """q, k, v leaves [B, N, H, D] with the strides of the model's packed projection, and an output grad."""
+    packed = torch.randn(batch, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    return [t.detach().requires_grad_() for t in packed.unbind(2)], grad
+
+
+def _pinned_sdpa(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     with sdpa_kernel([kernel]):
-        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qkv), dropout_p=dropout)
-    torch.autograd.grad(out, qkv, grad.transpose(1, 2))
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
-def _split_cls_fwd_bwd(split: Callable, qkv: list[torch.Tensor], grad: torch.Tensor, dropout: float) -> None:
-    out = split(*(t.transpose(1, 2) for t in qkv), dropout)
+def _fwd_bwd(attend: Callable, qkv: list[torch.Tensor], grad: torch.Tensor) -> None:
+    """`attend` on SDPA's [B, H, N, D] views of the leaves; their gradients, not accumulated."""
+    out = attend(*(t.transpose(1, 2) for t in qkv))
     torch.autograd.grad(out, qkv, grad.transpose(1, 2))
 
 
@@ -334,8 +339,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
     parser.add_argument("--attention-only", action="store_true",
-                        help="time attention fwd+bwd per kernel (SDPA's and lease/attention.py's split_cls) at the preset's "
-                             "shapes instead of whole steps")
+                        help="time attention fwd+bwd per kernel (SDPA's and lease/attention.py's split_cls) "
+                             "at the preset's shapes instead of whole steps")
 
 
 def train_record_name(preset: str, batch: int, dtype: str, compile_mode: str | None,

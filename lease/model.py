@@ -89,7 +89,8 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x)
         drop = self.attn_dropout if self.training else 0.0
-        if self.backend == "flash_attn" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        # the projection's dtype: under autocast x stays fp32 while qkv comes out in 16 bits
+        if self.backend == "flash_attn" and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
             out = flash_attn_qkvpacked_func(self._per_head(qkv), dropout_p=drop).reshape(b, n, c)
         else:
             out = self._attend(*self._heads(qkv).unbind(0), drop, q_has_cls=True).transpose(1, 2).reshape(b, n, c)
