@@ -28,7 +28,8 @@ from torch.nn.attention import sdpa_kernel
 
 from lease.attention import split_cls_attention
 from lease.configs import MaskConfig, TrainConfig, model_config
-from lease.data import ResidentBatches, TokenSet
+from lease.data import Batch, ResidentBatches, TokenSet
+from lease.masking import num_masked_tokens, random_plan
 from lease.model import SDPA_KERNELS, flops_per_image
 from lease.typed_config import apply_overrides
 from lease.train import Dist, Trainer, build_model
@@ -152,6 +153,32 @@ def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 30) -> tupl
     return f"{summary}\n\n{table}", categories
 
 
+def executed_tflop(trainer: Trainer, batch: Batch) -> dict[str, float]:
+    """TFLOP that one eager forward + backward of `batch` executes, by torch's FLOP counter: matmuls
+    (mm, addmm, bmm) and the fused attention kernels, at the mean mask ratio. Unlike
+    `flops_per_image`, what `decode_masked_only` skips is not in it: divided by the profile's kernel
+    times it gives the rate at which the matmuls and attention kernels actually ran."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = trainer.model
+    num_masked = num_masked_tokens(model.cfg.seq_len, trainer.ratio_sampler.mean())
+    plan = random_plan(batch.vq.shape[0], model.cfg.seq_len, trainer.num_dropped, num_masked, trainer.device,
+                       None, trainer.cfg.mask.decode_rows_multiple)
+    with FlopCounterMode(display=False) as counter, trainer.autocast():
+        model(batch.vq, batch.disc, plan).backward_loss().backward()
+    model.zero_grad(set_to_none=True)
+    totals = {"matmul": 0.0, "attention": 0.0}
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        totals["attention" if "scaled_dot_product" in str(op) else "matmul"] += flops / 1e12
+    return totals
+
+
+def kernel_tflops(executed: dict[str, float], kernel_ms: dict[str, float]) -> dict[str, float]:
+    """TFLOP/s of each kernel category that did FLOPs: executed TFLOP per step / profiled ms per step."""
+    return {name: round(tflop / (kernel_ms[name] / 1e3), 1) for name, tflop in executed.items()
+            if tflop > 0 and kernel_ms.get(name)}
+
+
 def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: int, warmup: int,
                 codebook_size: int, codebook_dim: int, model_overrides: dict[str, Any] | None = None,
                 profile_to: Path | None = None, compile_mode: str = "default") -> dict[str, Any]:
@@ -173,11 +200,13 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     torch.cuda.reset_peak_memory_stats()
     ms = time_cuda(lambda: trainer.step(next(data)), warmup=warmup, steps=steps)
     median_ms = statistics.median(ms)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30  # before the eager step that counts FLOPs
     kernel_ms = None
     if profile_to is not None:
         profile_to.parent.mkdir(parents=True, exist_ok=True)
         table, kernel_ms = profile_table(lambda: trainer.step(next(data)))
         profile_to.write_text(table)
+        executed = executed_tflop(trainer, next(data))
     kept = model.cfg.seq_len - trainer.num_dropped
     flops = flops_per_image(model.cfg, kept, codebook_size)
     images_per_s = batch_size / (median_ms / 1e3)
@@ -192,10 +221,12 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
             "images_per_s": round(images_per_s, 1),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_memory_gib": round(peak_gib, 2),
             "useful_tflop_per_image": round(flops / 1e12, 6), "achieved_tflops": round(achieved, 1),
             "measured_bf16_matmul_peak_tflops": round(peak, 1), "mfu": round(achieved / peak, 4),
-            **({"profile_ms_per_step": kernel_ms} if kernel_ms else {})}
+            **({"profile_ms_per_step": kernel_ms,
+                "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
+                "profile_kernel_tflops": kernel_tflops(executed, kernel_ms)} if kernel_ms else {})}
 
 
 def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, Any]]:

@@ -440,22 +440,33 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
-    """Useful training FLOPs per image (fwd + bwd = 3× fwd) of the matmuls: encoder on 1 + kept tokens,
-    decoder on 1 + L, attention scores, MLM logits over V_gen and the contrast logits over K.
+    """Training FLOPs per image of the matmuls the method needs: encoder blocks on 1 + kept tokens,
+    decoder embedding, decoder blocks on 1 + L, attention scores and mixing, MLM head and logits, the
+    contrast projection and logits.
 
-    Counted as the authors' code computes them (every decoder position), so work that
-    `decode_masked_only` skips shows up as a higher MFU rather than fewer FLOPs."""
+    A matmul against a trained weight costs 3× its forward (forward, input gradient, weight gradient);
+    the MLM logits against the detached token embeddings and the contrast logits against the fixed
+    codebook cost 2× (no weight gradient). Counted at every decoder position, as the authors' code
+    computes, so work that `decode_masked_only` skips shows up as a higher MFU rather than fewer FLOPs.
+    `tests/test_bench.py` checks this against torch's FLOP counter on an eager step.
+    """
+    trained, frozen = 3.0, 2.0
+
     def blocks(n_tok: int, dim: int, depth: int) -> float:
         dense = 2 * n_tok * (4 * dim * dim + 2 * dim * int(dim * cfg.mlp_ratio))
-        attn = 2 * 2 * n_tok * n_tok * dim
-        return depth * (dense + attn)
+        attn = 2 * 2 * n_tok * n_tok * dim  # q·kᵀ and p·v
+        return trained * depth * (dense + attn)
 
-    seq = cfg.seq_len
-    fwd = blocks(kept + 1, cfg.embed_dim, cfg.depth) + blocks(seq + 1, cfg.decoder_embed_dim, cfg.decoder_depth)
-    fwd += 2 * seq * (cfg.decoder_embed_dim * cfg.embed_dim + cfg.embed_dim * cfg.vocab_gen)
-    if cfg.contrast_on != "none" and cfg.codebook_dim:
-        fwd += 2 * kept * cfg.codebook_dim * (cfg.embed_dim + codebook_size)
-    return 3.0 * fwd
+    d, dd, seq = cfg.embed_dim, cfg.decoder_embed_dim, cfg.seq_len
+    total = blocks(kept + 1, d, cfg.depth) + blocks(seq + 1, dd, cfg.decoder_depth)
+    total += trained * 2 * (kept + 1) * d * dd  # decoder_embed
+    total += trained * 2 * seq * dd * d + frozen * 2 * seq * d * cfg.vocab_gen  # MLM head, logits
+    if cfg.codebook_dim:
+        contrast_rows = {"encoder": [(kept, d)], "decoder": [(seq, dd)], "both": [(kept, d), (seq, dd)],
+                         "none": []}[cfg.contrast_on]
+        for rows, width in contrast_rows:
+            total += trained * 2 * rows * width * cfg.codebook_dim + frozen * 2 * rows * cfg.codebook_dim * codebook_size
+    return total
 
 
 def describe(model: LeaseModel) -> str:

@@ -131,6 +131,10 @@ class Trainer:
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
     # ------------------------------------------------------------------------------ one step
+    def autocast(self) -> torch.autocast:
+        """bf16/fp16 autocast on the GPU, a no-op in fp32."""
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
     def _micro_batches(self, batch: Batch) -> Iterator[Batch]:
         for i in range(self.cfg.grad_accum):
             sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
@@ -154,8 +158,7 @@ class Trainer:
             labels = micro.labels if self.model.online_classifier is not None else None
             sync = contextlib.nullcontext() if (i == self.cfg.grad_accum - 1 or self.ddp.world_size == 1) \
                 else self.forward.no_sync()
-            with sync, torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
-                                      enabled=self.dtype is not None):
+            with sync, self.autocast():
                 out = self.forward(micro.vq, micro.disc, plan, labels)
                 (out.backward_loss() / self.cfg.grad_accum).backward()
             for key in ("loss", "rec_loss", "contrast_loss"):

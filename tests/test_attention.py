@@ -99,6 +99,24 @@ def test_cuda_split_attention_dropout_backward_uses_the_forward_masks(h, n, d):
 
 
 @cuda
+@pytest.mark.parametrize("q_has_cls", [True, False])
+def test_cuda_split_attention_drops_the_cls_column_at_rate_p(q_has_cls):
+    """With every value but the [CLS] key's zero, each output row is that key's probability times its
+    keep factor alone: 0 in a fraction p of the rows, 1/(1 − p) × the undropped output in the rest."""
+    _, (q, k, v) = qkv_views(8, 129, 12, 64, dtype=torch.bfloat16, device="cuda")
+    queries = q if q_has_cls else q[:, :, 1:]
+    v = torch.zeros_like(v)
+    v[:, :, 0] = 1.0
+    with torch.no_grad():
+        kept = split_cls_attention(queries, k, v, 0.0, q_has_cls)[..., 0].float()
+        ratio = split_cls_attention(queries, k, v, 0.1, q_has_cls)[..., 0].float() / kept
+    dropped = ratio < 0.5
+    assert float(dropped.float().mean()) == pytest.approx(0.1, abs=0.015)  # ~12,300 rows: σ ≈ 0.003
+    assert torch.allclose(ratio[~dropped], torch.full_like(ratio[~dropped], 1 / 0.9), rtol=0.02)
+    assert float(ratio[dropped].abs().max()) == 0.0
+
+
+@cuda
 def test_cuda_split_attention_dropout_is_unbiased():
     """The average output over many dropout draws approaches the output without dropout."""
     _, (q, k, v) = qkv_views(2, 129, 4, 64, dtype=torch.bfloat16, device="cuda")

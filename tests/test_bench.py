@@ -55,3 +55,33 @@ def test_profiled_kernels_fall_into_their_categories():
              "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
              "Memcpy DtoD (Device -> Device)": "other"}
     assert {name: kernel_category(name) for name in names} == names
+
+
+@pytest.mark.parametrize("contrast_on", ["encoder", "decoder", "both", "none"])
+def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
+    """flops_per_image against torch's FLOP counter on a real step that decodes every position: the
+    same count, so the MFU of a bench record neither flatters nor undersells. Decoding the masked rows
+    alone then executes fewer."""
+    import torch
+
+    from lease.bench import executed_tflop, synthetic_tokens
+    from lease.configs import TrainConfig, model_config
+    from lease.data import Batch
+    from lease.model import flops_per_image
+    from lease.train import Dist, Trainer, build_model
+
+    codebook = torch.randn(50, 16) if contrast_on != "none" else None
+    executed = {}
+    for masked_only in (False, True):
+        cfg = TrainConfig(preset="tiny", model=model_config("tiny", contrast_on=contrast_on,
+                                                            decode_masked_only=masked_only), batch_size=4)
+        trainer = Trainer(cfg, build_model(cfg, codebook), torch.device("cpu"), Dist(), steps_per_epoch=1)
+        tokens = synthetic_tokens(4, trainer.model.cfg.seq_len, trainer.model.cfg.vocab_gen, 50, seed=0)
+        executed[masked_only] = sum(executed_tflop(trainer, Batch(tokens.vq.long(), tokens.disc.long(),
+                                                                  tokens.labels)).values())
+        assert all(p.grad is None for p in trainer.model.parameters())  # the count leaves no gradients
+    kept = trainer.model.cfg.seq_len - trainer.num_dropped
+    useful = 4 * flops_per_image(trainer.model.cfg, kept, 50) / 1e12
+    assert executed[False] == pytest.approx(useful, rel=1e-9)
+    if trainer.model.decodes_masked_only:
+        assert executed[True] < useful
