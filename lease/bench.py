@@ -89,6 +89,61 @@ def time_cuda(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
     return [s.elapsed_time(e) for s, e in events]
 
 
+SW_POWER_CAP = 0x4  # nvidia-smi clocks_event_reasons bit: clocks lowered to hold the board's power limit
+
+
+class GpuSampler:
+    """SM clock, board power and active clock-event reasons of one GPU, sampled by nvidia-smi every
+    `period_ms` while the block runs; `summary()` is None where nvidia-smi is missing or printed nothing.
+
+    Whether a step is power-capped decides whether saving work in one kernel speeds up the others."""
+
+    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+
+    def __init__(self, gpu_id: str = "0", period_ms: int = 100):
+        self.command = ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                        f"--loop-ms={period_ms}", f"--id={gpu_id}"]
+        self.lines: list[str] = []
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "GpuSampler":
+        try:
+            self._proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            log.warning("nvidia-smi not found: no clock and power samples")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            out, _ = self._proc.communicate(timeout=30)
+            self.lines = out.splitlines()
+
+    def summary(self) -> dict[str, float] | None:
+        return summarize_gpu_samples(self.lines)
+
+
+def nvidia_smi_id(device: torch.device) -> str:
+    """The GPU's UUID as nvidia-smi names it (its indices ignore CUDA_VISIBLE_DEVICES)."""
+    return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+
+
+def summarize_gpu_samples(lines: list[str]) -> dict[str, float] | None:
+    """Medians of 'clock MHz, power W, reasons hex' lines and the fraction of samples under the power cap."""
+    samples = []
+    for line in lines:
+        fields = [field.strip() for field in line.split(",")]
+        try:
+            samples.append((float(fields[0]), float(fields[1]), int(fields[2], 16)))
+        except (ValueError, IndexError):  # "[N/A]" or a partial line at termination
+            continue
+    if not samples:
+        return None
+    return {"samples": len(samples), "sm_clock_mhz_median": statistics.median(s[0] for s in samples),
+            "power_w_median": round(statistics.median(s[1] for s in samples), 1),
+            "power_capped_fraction": round(sum(bool(s[2] & SW_POWER_CAP) for s in samples) / len(samples), 3)}
+
+
 def matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
     """Measured dense bf16 matmul throughput: the MFU denominator."""
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
@@ -198,7 +253,9 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     trainer = Trainer(cfg, model, device, Dist(), batches.steps_per_epoch)
     data = batches.iterate(0)
     torch.cuda.reset_peak_memory_stats()
-    ms = time_cuda(lambda: trainer.step(next(data)), warmup=warmup, steps=steps)
+    time_cuda(lambda: trainer.step(next(data)), warmup=warmup, steps=0)  # compiles
+    with GpuSampler(nvidia_smi_id(device)) as gpu:
+        ms = time_cuda(lambda: trainer.step(next(data)), warmup=0, steps=steps)
     median_ms = statistics.median(ms)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30  # before the eager step that counts FLOPs
     kernel_ms = None
@@ -224,6 +281,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "peak_memory_gib": round(peak_gib, 2),
             "useful_tflop_per_image": round(flops / 1e12, 6), "achieved_tflops": round(achieved, 1),
             "measured_bf16_matmul_peak_tflops": round(peak, 1), "mfu": round(achieved / peak, 4),
+            "gpu_during_timed_steps": gpu.summary(),
             **({"profile_ms_per_step": kernel_ms,
                 "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
                 "profile_kernel_tflops": kernel_tflops(executed, kernel_ms)} if kernel_ms else {})}
@@ -281,6 +339,20 @@ def _fwd_bwd(attend: Callable, qkv: list[torch.Tensor], grad: torch.Tensor) -> N
     torch.autograd.grad(out, qkv, grad.transpose(1, 2))
 
 
+def _gpu_details(r: dict[str, Any]) -> str:
+    """The matmuls' rate (records that profiled and counted executed FLOPs) and the clock and power
+    during the timed steps (records that sampled them)."""
+    text = ""
+    rate = r.get("profile_kernel_tflops", {}).get("matmul")
+    if rate is not None:
+        text += f", matmuls at {rate:.0f} TFLOP/s ({100 * rate / r['measured_bf16_matmul_peak_tflops']:.0f} % of peak)"
+    gpu = r.get("gpu_during_timed_steps")
+    if gpu:
+        text += (f", SM {gpu['sm_clock_mhz_median']:.0f} MHz at {gpu['power_w_median']:.0f} W, "
+                 f"power-capped {100 * gpu['power_capped_fraction']:.0f} % of the time")
+    return text
+
+
 def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
     """(what, measured, settings) rows of one record for the README table; [] for records not tabled."""
     r = results
@@ -294,7 +366,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
         extra += f", {r['compile_mode']}" if r.get("compile_mode") not in (None, "default") else ""
         return [(f"train {r['preset']} b{r['batch_size']} {r['dtype']} {mode}{extra}",
                  f"{r['images_per_s']:.0f} img/s", f"{r['median_ms_per_step']:.1f} ms/step, MFU {100 * r['mfu']:.1f} %, "
-                 f"{r['peak_memory_gib']:.1f} GiB")]
+                 f"{r['peak_memory_gib']:.1f} GiB" + _gpu_details(r))]
     if name.startswith("tokenize-vqgan-encode"):
         return [(f"VQGAN encode (MaskGIT, ch 128) b{r['batch_size']} {r['dtype']} "
                  f"{'compiled' if r['compile'] else 'eager'}", f"{r['images_per_s']:.0f} img/s",

@@ -85,3 +85,34 @@ def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
     assert executed[False] == pytest.approx(useful, rel=1e-9)
     if trainer.model.decodes_masked_only:
         assert executed[True] < useful
+
+
+def test_gpu_sampler_summarises_what_its_command_prints_and_survives_without_one(tmp_path):
+    """Medians of clock and power, and how often the power cap held the clocks down; a missing
+    nvidia-smi (the CPU machines) or unreadable lines give no summary instead of an error."""
+    import sys
+    import time
+
+    from lease.bench import GpuSampler
+
+    done = tmp_path / "printed"
+    printer = ("import pathlib, time\n"
+               "for line in ['1875, 686.0, 0x0000000000000004', '1980, 565.0, 0x0000000000000000',"
+               " '1695, 700.5, 0x0000000000000004', '[N/A], [N/A], [N/A]']:\n"
+               "    print(line, flush=True)\n"
+               f"pathlib.Path({str(done)!r}).touch()\n"
+               "time.sleep(60)\n")
+    sampler = GpuSampler()
+    sampler.command = [sys.executable, "-c", printer]
+    with sampler:  # stops the child on exit, as it stops nvidia-smi's endless loop
+        deadline = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert sampler.summary() == {"samples": 3, "sm_clock_mhz_median": 1875.0, "power_w_median": 686.0,
+                                 "power_capped_fraction": 0.667}
+
+    missing = GpuSampler()
+    missing.command = ["lease-no-such-nvidia-smi"]
+    with missing:
+        pass
+    assert missing.summary() is None
