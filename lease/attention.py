@@ -27,8 +27,9 @@ Dropout keeps its meaning: every attention probability is dropped independently 
 and the kept ones scaled by 1/(1 − p); the kernel draws the masks of the patch keys, torch's
 generator those of the [CLS] column and row.
 
-The merge is extra elementwise work: in a compiled ViT-B step it pays at batch 256 and costs at 128
-(README), so the model takes this path only with `model.attention_backend=split_cls`.
+The merge is extra elementwise work. In a compiled ViT-B step on an H100 it pays at batch 256, where
+plain SDPA's step holds the GPU at its power cap and this one does not, and costs at 128, where both
+are capped (README); so the model takes this path only with `model.attention_backend=split_cls`.
 """
 from __future__ import annotations
 
