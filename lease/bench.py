@@ -208,23 +208,26 @@ def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 30) -> tupl
     return f"{summary}\n\n{table}", categories
 
 
-def executed_tflop(trainer: Trainer, batch: Batch) -> dict[str, float]:
+def executed_tflop(trainer: Trainer, batch: Batch, count_images: int = 16) -> dict[str, float]:
     """TFLOP that one eager forward + backward of `batch` executes, by torch's FLOP counter: matmuls
     (mm, addmm, bmm) and the fused attention kernels, at the mean mask ratio. Unlike
     `flops_per_image`, what `decode_masked_only` skips is not in it: divided by the profile's kernel
-    times it gives the rate at which the matmuls and attention kernels actually ran."""
+    times it gives the rate at which the matmuls and attention kernels actually ran.
+
+    Counted on the first `count_images` images and scaled to the batch (the count is linear in it),
+    so the eager step fits beside the compiled one whatever the preset."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = trainer.model
+    model, n = trainer.model, min(count_images, batch.vq.shape[0])
     num_masked = num_masked_tokens(model.cfg.seq_len, trainer.ratio_sampler.mean())
-    plan = random_plan(batch.vq.shape[0], model.cfg.seq_len, trainer.num_dropped, num_masked, trainer.device,
+    plan = random_plan(n, model.cfg.seq_len, trainer.num_dropped, num_masked, trainer.device,
                        None, trainer.cfg.mask.decode_rows_multiple)
     with FlopCounterMode(display=False) as counter, trainer.autocast():
-        model(batch.vq, batch.disc, plan).backward_loss().backward()
+        model(batch.vq[:n], batch.disc[:n], plan).backward_loss().backward()
     model.zero_grad(set_to_none=True)
     totals = {"matmul": 0.0, "attention": 0.0}
     for op, flops in counter.get_flop_counts()["Global"].items():
-        totals["attention" if "scaled_dot_product" in str(op) else "matmul"] += flops / 1e12
+        totals["attention" if "scaled_dot_product" in str(op) else "matmul"] += flops / 1e12 * batch.vq.shape[0] / n
     return totals
 
 

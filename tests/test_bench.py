@@ -60,8 +60,8 @@ def test_profiled_kernels_fall_into_their_categories():
 @pytest.mark.parametrize("contrast_on", ["encoder", "decoder", "both", "none"])
 def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
     """flops_per_image against torch's FLOP counter on a real step that decodes every position: the
-    same count, so the MFU of a bench record neither flatters nor undersells. Decoding the masked rows
-    alone then executes fewer."""
+    same count, so the MFU of a bench record neither flatters nor undersells (counted on 2 of the 4
+    images and scaled). Decoding the masked rows alone then executes fewer."""
     import torch
 
     from lease.bench import executed_tflop, synthetic_tokens
@@ -78,7 +78,7 @@ def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
         trainer = Trainer(cfg, build_model(cfg, codebook), torch.device("cpu"), Dist(), steps_per_epoch=1)
         tokens = synthetic_tokens(4, trainer.model.cfg.seq_len, trainer.model.cfg.vocab_gen, 50, seed=0)
         executed[masked_only] = sum(executed_tflop(trainer, Batch(tokens.vq.long(), tokens.disc.long(),
-                                                                  tokens.labels)).values())
+                                                                  tokens.labels), count_images=2).values())
         assert all(p.grad is None for p in trainer.model.parameters())  # the count leaves no gradients
     kept = trainer.model.cfg.seq_len - trainer.num_dropped
     useful = 4 * flops_per_image(trainer.model.cfg, kept, 50) / 1e12
