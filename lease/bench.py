@@ -226,8 +226,9 @@ def executed_tflop(trainer: Trainer, batch: Batch, count_images: int = 16) -> di
         model(batch.vq[:n], batch.disc[:n], plan).backward_loss().backward()
     model.zero_grad(set_to_none=True)
     totals = {"matmul": 0.0, "attention": 0.0}
+    scale = batch.vq.shape[0] / n / 1e12
     for op, flops in counter.get_flop_counts()["Global"].items():
-        totals["attention" if "scaled_dot_product" in str(op) else "matmul"] += flops / 1e12 * batch.vq.shape[0] / n
+        totals["attention" if "scaled_dot_product" in str(op) else "matmul"] += flops * scale
     return totals
 
 
@@ -348,7 +349,8 @@ def _gpu_details(r: dict[str, Any]) -> str:
     text = ""
     rate = r.get("profile_kernel_tflops", {}).get("matmul")
     if rate is not None:
-        text += f", matmuls at {rate:.0f} TFLOP/s ({100 * rate / r['measured_bf16_matmul_peak_tflops']:.0f} % of peak)"
+        share = rate / r["measured_bf16_matmul_peak_tflops"]
+        text += f", matmuls at {rate:.0f} TFLOP/s ({100 * share:.0f} % of peak)"
     gpu = r.get("gpu_during_timed_steps")
     if gpu:
         text += (f", SM {gpu['sm_clock_mhz_median']:.0f} MHz at {gpu['power_w_median']:.0f} W, "

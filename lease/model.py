@@ -464,8 +464,8 @@ def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
     if cfg.codebook_dim:
         contrast_rows = {"encoder": [(kept, d)], "decoder": [(seq, dd)], "both": [(kept, d), (seq, dd)],
                          "none": []}[cfg.contrast_on]
-        for rows, width in contrast_rows:
-            total += trained * 2 * rows * width * cfg.codebook_dim + frozen * 2 * rows * cfg.codebook_dim * codebook_size
+        for rows, width in contrast_rows:  # projection to the codebook dim, logits over the K centroids
+            total += 2 * rows * cfg.codebook_dim * (trained * width + frozen * codebook_size)
     return total
 
 
