@@ -93,7 +93,7 @@ class Attention(nn.Module):
         if self.backend == "flash_attn" and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
             out = flash_attn_qkvpacked_func(self._per_head(qkv), dropout_p=drop).reshape(b, n, c)
         else:
-            out = self._attend(*self._heads(qkv).unbind(0), drop, q_has_cls=True).transpose(1, 2).reshape(b, n, c)
+            out = self._attend(*self._heads(qkv), drop, q_has_cls=True).transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
     def _attend_rows(self, x: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ class Attention(nn.Module):
         m, drop = rows.shape[1], self.attn_dropout if self.training else 0.0
         q = F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c])
         kv = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])
-        out = self._attend(self._heads(q)[0], *self._heads(kv).unbind(0), drop, q_has_cls=False)
+        out = self._attend(*self._heads(q), *self._heads(kv), drop, q_has_cls=False)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, c)))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float,
@@ -119,9 +119,14 @@ class Attention(nn.Module):
         """[B, N, k·C] projections → a [B, N, k, heads, C / heads] view."""
         return t.view(t.shape[0], t.shape[1], -1, self.num_heads, self.head_dim)
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, N, k·C] projections → [k, B, heads, N, C / heads], SDPA's layout."""
-        return self._per_head(t).permute(2, 0, 3, 1, 4)
+    def _heads(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B, N, k·C] projections → k views [B, heads, N, C / heads], SDPA's layout.
+
+        Unbound along the projection's own axis and then transposed, so that the backward stacks the
+        k gradients straight into the projection's [B, N, k, heads, C / heads] layout: with the
+        split_cls merge in between, `torch.compile` otherwise wrote the stack in [k, B, heads, N, ...]
+        order and copied it once more."""
+        return tuple(part.transpose(1, 2) for part in self._per_head(t).unbind(2))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
         with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():
