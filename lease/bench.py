@@ -262,12 +262,15 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
         ms = time_cuda(lambda: trainer.step(next(data)), warmup=0, steps=steps)
     median_ms = statistics.median(ms)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30  # before the eager step that counts FLOPs
-    kernel_ms = None
+    profiled: dict[str, Any] = {}
     if profile_to is not None:
         profile_to.parent.mkdir(parents=True, exist_ok=True)
         table, kernel_ms = profile_table(lambda: trainer.step(next(data)))
         profile_to.write_text(table)
         executed = executed_tflop(trainer, next(data))
+        profiled = {"profile_ms_per_step": kernel_ms,
+                    "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
+                    "profile_kernel_tflops": kernel_tflops(executed, kernel_ms)}
     kept = model.cfg.seq_len - trainer.num_dropped
     flops = flops_per_image(model.cfg, kept, codebook_size)
     images_per_s = batch_size / (median_ms / 1e3)
@@ -285,10 +288,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "peak_memory_gib": round(peak_gib, 2),
             "useful_tflop_per_image": round(flops / 1e12, 6), "achieved_tflops": round(achieved, 1),
             "measured_bf16_matmul_peak_tflops": round(peak, 1), "mfu": round(achieved / peak, 4),
-            "gpu_during_timed_steps": gpu.summary(),
-            **({"profile_ms_per_step": kernel_ms,
-                "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
-                "profile_kernel_tflops": kernel_tflops(executed, kernel_ms)} if kernel_ms else {})}
+            "gpu_during_timed_steps": gpu.summary(), **profiled}
 
 
 def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, Any]]:

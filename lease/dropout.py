@@ -51,18 +51,14 @@ if triton is not None:
         return low | (((word >> 16) >= threshold).to(tl.uint8) << (shift + 1))
 
     @triton.jit
-    def keep_byte(w0, w1, w2, w3, threshold):
-        """Eight keep decisions from one Philox output: bit j from half j % 2 of word j // 2."""
-        return _keep_bits(w0, threshold, 0) | _keep_bits(w1, threshold, 2) | _keep_bits(w2, threshold, 4) | \
-            _keep_bits(w3, threshold, 6)
-
-    @triton.jit
     def _keep_mask_kernel(seed_ptr, out_ptr, num_bytes, threshold, BLOCK: tl.constexpr):
         # Philox counter c gives byte c of the mask: the eight decisions for elements 8c .. 8c+7.
         seed = tl.load(seed_ptr)
         counter = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         w0, w1, w2, w3 = tl.randint4x(seed, counter)
-        tl.store(out_ptr + counter, keep_byte(w0, w1, w2, w3, threshold), mask=counter < num_bytes)
+        bits = _keep_bits(w0, threshold, 0) | _keep_bits(w1, threshold, 2) | _keep_bits(w2, threshold, 4)
+        bits = bits | _keep_bits(w3, threshold, 6)
+        tl.store(out_ptr + counter, bits, mask=counter < num_bytes)
 
     @torch.library.triton_op("lease::philox_keep_bits", mutates_args=())
     def philox_keep_bits(seed: torch.Tensor, num_bytes: int, threshold: int) -> torch.Tensor:

@@ -66,9 +66,9 @@ class Attention(nn.Module):
     and column apart (`lease.attention`; sequences are [CLS] + a multiple of 64 tokens).
 
     `backend` is "sdpa", "flash_attn" or "split_cls"; the last two apply to CUDA tensors in half
-    precision and SDPA takes the rest. `kernel` pins one SDPA kernel (None: PyTorch's
-    choice); the math kernel stays allowed as a fallback for devices and dtypes the pinned one does
-    not take (CPU, fp32).
+    precision and SDPA takes the rest. `kernel` pins one SDPA kernel ("default": PyTorch's choice);
+    the math kernel stays allowed as a fallback for devices and dtypes the pinned one does not take
+    (CPU, fp32).
     """
 
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_drop: Dropout, backend: str,

@@ -3,9 +3,13 @@
 The Triton kernel runs here on the CPU through Triton's interpreter, in a subprocess because the
 interpreter is chosen when the kernel is defined.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from triton_interpreter import run_interpreted
 
 from lease.dropout import Dropout, drop_threshold, keep_scale, unpack_bits
 
@@ -34,9 +38,19 @@ json.dump({"drop": 1 - a.float().mean().item(), "same_seed_equal": bool(torch.eq
 """
 
 
+def run_interpreted(n: int, p: float) -> dict:
+    """MASK_STATS through Triton's interpreter; a failure shows the script's stderr."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", MASK_STATS, str(n), str(p)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if out.returncode != 0:
+        raise AssertionError(f"interpreted script failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout)
+
+
 def test_philox_mask_drops_at_the_rate_with_independent_lanes():
     n, p = 8 * 1024 * 40 + 123, 0.1  # a partial last block and a partial last byte too
-    stats = run_interpreted(MASK_STATS, n, p)
+    stats = run_interpreted(n, p)
     assert stats["len"] == n and stats["tail_dtype"] == "torch.bool"
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(stats["drop"] - p) < 5 * sigma
