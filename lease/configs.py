@@ -55,6 +55,11 @@ class ModelConfig:
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
     # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).
     sdpa_kernel: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
+    # Residual stream under 16-bit autocast: "fp32" as the authors' code (fp32 embeddings plus 16-bit
+    # branch outputs promote to fp32), "autocast" rounds each residual sum to the autocast dtype, as
+    # Megatron-LM does by default: half the bytes in every LayerNorm and residual add, other rounding.
+    # Without autocast (CPU, fp32 runs) both are the same.
+    residual_dtype: Literal["fp32", "autocast"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.vocab_size is None:

@@ -165,14 +165,21 @@ class Block(nn.Module):
                               attention_backend, cfg.sdpa_kernel)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.ln_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), Dropout(cfg.dropout, cfg.dropout_impl))
+        self.residual_in_branch_dtype = cfg.residual_dtype == "autocast"
 
     def forward(self, x: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, C] → [B, N, C]; with `query_rows` [B, M] only those rows come out ([B, M, C])."""
         if query_rows is None:
-            x = x + self.attn(self.norm1(x))
+            x = self._residual(x, self.attn(self.norm1(x)))
         else:
-            x = gather_rows(x, query_rows) + self.attn(self.norm1(x), query_rows)
-        return x + self.mlp(self.norm2(x))
+            x = self._residual(gather_rows(x, query_rows), self.attn(self.norm1(x), query_rows))
+        return self._residual(x, self.mlp(self.norm2(x)))
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """x + branch; with `residual_dtype="autocast"` in the branch's dtype (16 bits under autocast,
+        where x + branch would promote to fp32; unchanged without autocast)."""
+        total = x + branch
+        return total.to(branch.dtype) if self.residual_in_branch_dtype else total
 
 
 class TokenEmbedding(nn.Module):

@@ -176,3 +176,39 @@ def test_decoding_masked_positions_only_gives_the_same_losses_and_gradients():
         assert torch.allclose(fast_grads[name], full_grads[name], atol=1e-6), name
     dc = LeaseModel(with_model(cfg, contrast_on="both"))
     assert not dc.decodes_masked_only  # the decoder contrast reads every position
+
+
+def _losses_and_block_dtypes(residual_dtype: str, autocast: bool):
+    """Losses, gradients and the dtypes of every block's output for one seeded tiny model and batch."""
+    cfg = ModelConfig(embed_dim=16, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=2,
+                      decoder_num_heads=2, vocab_gen=32, grid_size=4, codebook_dim=8, dropout=0.0,
+                      attn_dropout=0.0, residual_dtype=residual_dtype)
+    torch.manual_seed(5)
+    model = LeaseModel(cfg, LossConfig(num_neighbours=2))
+    model.set_codebook(torch.randn(10, 8))
+    tokens, disc = torch.randint(0, 32, (3, 16)), torch.randint(0, 10, (3, 16))
+    plan = random_plan(3, 16, 8, 11, torch.device("cpu"), torch.Generator().manual_seed(0))
+    dtypes = []
+    for block in [*model.blocks, *model.decoder_blocks]:
+        block.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(tokens, disc, plan)
+    out.loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return out, grads, dtypes
+
+
+def test_residual_dtype_autocast_rounds_only_the_residual_stream():
+    """residual_dtype="autocast": under bf16 autocast every block hands on a bf16 stream (the default
+    keeps fp32, as the authors' code); the losses and gradients stay those of the fp32 stream up to
+    bf16 rounding; without autocast the switch changes nothing at all."""
+    exact, exact_grads, exact_dtypes = _losses_and_block_dtypes("fp32", autocast=True)
+    low, low_grads, low_dtypes = _losses_and_block_dtypes("autocast", autocast=True)
+    assert set(exact_dtypes) == {torch.float32} and set(low_dtypes) == {torch.bfloat16}
+    assert len(low_dtypes) == 4
+    assert torch.allclose(low.loss, exact.loss, rtol=2e-2)
+    assert F.cosine_similarity(low_grads, exact_grads, dim=0) > 0.99
+    assert not torch.equal(low_grads, exact_grads)  # the rounding is real
+    plain, plain_grads, _ = _losses_and_block_dtypes("fp32", autocast=False)
+    same, same_grads, _ = _losses_and_block_dtypes("autocast", autocast=False)
+    assert torch.equal(plain.loss, same.loss) and torch.equal(plain_grads, same_grads)
