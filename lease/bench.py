@@ -28,9 +28,10 @@ from torch.nn.attention import sdpa_kernel
 
 from lease.attention import split_cls_attention
 from lease.configs import MaskConfig, TrainConfig, model_config
-from lease.data import Batch, ResidentBatches, TokenSet
+from lease.data import Batch, ResidentBatches
 from lease.masking import num_masked_tokens, random_plan
 from lease.model import SDPA_KERNELS, flops_per_image
+from lease.synthetic import uniform_tokens
 from lease.typed_config import apply_overrides
 from lease.train import Dist, Trainer, build_model
 
@@ -152,13 +153,6 @@ def matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
     return 2 * size**3 / (ms / 1e3) / 1e12
 
 
-def synthetic_tokens(n: int, seq_len: int, vocab_gen: int, codebook_size: int, seed: int) -> TokenSet:
-    gen = torch.Generator().manual_seed(seed)
-    return TokenSet(vq=torch.randint(0, vocab_gen, (n, seq_len), generator=gen, dtype=torch.int32).to(torch.uint16),
-                    disc=torch.randint(0, codebook_size, (n, seq_len), generator=gen, dtype=torch.int32).to(torch.uint16),
-                    labels=torch.zeros(n, dtype=torch.int64), keys=[])
-
-
 KERNEL_CATEGORIES = (  # first match wins: cuDNN's attention kernels also carry "gemm"-like names
     ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion", "compute_dot_do_o")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma")),
@@ -252,7 +246,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     contrast_on = cfg.model.contrast_on
     centroids = torch.randn(codebook_size, codebook_dim) if contrast_on != "none" else None
     model = build_model(cfg, centroids)
-    tokens = synthetic_tokens(batch_size * 8, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
+    tokens = uniform_tokens(batch_size * 8, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
     batches = ResidentBatches(tokens, batch_size, device, seed=0)
     trainer = Trainer(cfg, model, device, Dist(), batches.steps_per_epoch)
     data = batches.iterate(0)
@@ -280,7 +274,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "compile_mode": compile_mode if compile else None, "attention": model.attention_backend,
             "sdpa_kernel": model.cfg.sdpa_kernel, "dropout": model.cfg.dropout, "attn_dropout": model.cfg.attn_dropout,
             "dropout_impl": model.cfg.dropout_impl if compile else "torch",  # eager: always torch's kernel
-            "decode_masked_only": model.decodes_masked_only,
+            "decode_masked_only": model.decodes_masked_only, "residual_dtype": model.cfg.residual_dtype,
             "contrast_on": contrast_on, "codebook_size": codebook_size,
             "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
@@ -368,6 +362,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
         extra += f", dropout {r['dropout']:g}" if r.get("dropout", 0.1) != 0.1 else ""
         extra += f", {r.get('dropout_impl', 'torch')} dropout mask" if r.get("dropout", 0.1) else ""
         extra += ", decoder at every position" if r.get("decode_masked_only") is False else ""
+        extra += ", bf16 residual stream" if r.get("residual_dtype") == "autocast" else ""
         extra += f", {r['compile_mode']}" if r.get("compile_mode") not in (None, "default") else ""
         return [(f"train {r['preset']} b{r['batch_size']} {r['dtype']} {mode}{extra}",
                  f"{r['images_per_s']:.0f} img/s", f"{r['median_ms_per_step']:.1f} ms/step, MFU {100 * r['mfu']:.1f} %, "
@@ -400,6 +395,12 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
     if name.startswith("generate"):
         return [(f"generate {r['steps']}-step MaskGIT + VQGAN decode b{r['batch_size']} {r['dtype']}",
                  f"{r['images_per_s']:.0f} img/s", f"50K samples in {r['seconds_for_50k']:.0f} s")]
+    if name.startswith("numerics-"):
+        switch = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+        return [(f"loss with {switch}: {r['preset']} b{r['batch_size']} {r['dtype']}, {r['steps']} steps on "
+                 "planted tokens", f"held-out loss Δ {r['heldout_gap_switched']:.4f}",
+                 f"next seed Δ {r['heldout_gap_next_seed']:.4f}; training-curve gaps {r['gap_switched_vs_baseline']:.4f} "
+                 f"vs {r['gap_next_seed_vs_baseline']:.4f} (`lease bench numerics`)")]
     if name.startswith("attention") and isinstance(r, list):
         return [(f"attention fwd+bwd {x['part']} [{x['batch']}, {x['heads']}, {x['tokens']}, {x['head_dim']}] "
                  f"{x['kernel']}", f"{x['fwd_bwd_ms']:.2f} ms", f"dropout {x['dropout']:g}")

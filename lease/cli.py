@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lease import bench, train
+from lease import bench, numerics, train
 from lease.evaluate import generate, knn
 
 
@@ -61,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     p = bench_group.add_parser("train", help="training steps/s, memory and MFU")
     bench.add_train_arguments(p)
     p.set_defaults(func=bench.run_train_cli)
+    p = bench_group.add_parser("numerics", help="loss curves with and without a model switch, against a seed change")
+    numerics.add_arguments(p)
+    p.set_defaults(func=numerics.run_cli)
     p = bench_group.add_parser("table", help="Markdown table of the recorded results (as in the README)")
     p.add_argument("--dir", default=str(bench.RESULTS_DIR))
     p.set_defaults(func=bench.run_table_cli)

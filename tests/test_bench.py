@@ -64,10 +64,11 @@ def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
     images and scaled). Decoding the masked rows alone then executes fewer."""
     import torch
 
-    from lease.bench import executed_tflop, synthetic_tokens
+    from lease.bench import executed_tflop
     from lease.configs import TrainConfig, model_config
     from lease.data import Batch
     from lease.model import flops_per_image
+    from lease.synthetic import uniform_tokens
     from lease.train import Dist, Trainer, build_model
 
     codebook = torch.randn(50, 16) if contrast_on != "none" else None
@@ -76,7 +77,7 @@ def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
         cfg = TrainConfig(preset="tiny", model=model_config("tiny", contrast_on=contrast_on,
                                                             decode_masked_only=masked_only), batch_size=4)
         trainer = Trainer(cfg, build_model(cfg, codebook), torch.device("cpu"), Dist(), steps_per_epoch=1)
-        tokens = synthetic_tokens(4, trainer.model.cfg.seq_len, trainer.model.cfg.vocab_gen, 50, seed=0)
+        tokens = uniform_tokens(4, trainer.model.cfg.seq_len, trainer.model.cfg.vocab_gen, 50, seed=0)
         executed[masked_only] = sum(executed_tflop(trainer, Batch(tokens.vq.long(), tokens.disc.long(),
                                                                   tokens.labels), count_images=2).values())
         assert all(p.grad is None for p in trainer.model.parameters())  # the count leaves no gradients

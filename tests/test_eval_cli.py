@@ -11,7 +11,8 @@ from lease.configs import model_config
 from lease.evaluate import features, fewshot, generate, knn, linear_probe, report
 from lease.model import LeaseModel
 from lease.typed_config import to_dict
-from planted import planted_tokens, write_shards
+from lease.synthetic import planted_tokens
+from planted import write_shards
 
 GRID, CODES, CLASSES = 16, 64, 4
 

@@ -12,7 +12,8 @@ from lease.data import read_token_set
 from lease.io import file_digest
 from lease.model import LeaseModel
 from lease.train import NonFiniteLoss, train
-from planted import planted_codebook, planted_tokens, write_shards
+from lease.synthetic import planted_codebook, planted_tokens
+from planted import write_shards
 
 # Flat class preferences and many synonyms: the bag of generative codes alone separates classes
 # only partly, so what training adds shows in the k-NN accuracy.

@@ -1,0 +1,181 @@
+"""`lease bench numerics`: does a model switch change training more than a change of seed does?
+
+Speed switches that change rounding (`model.residual_dtype=autocast`) or random streams
+(`model.dropout_impl`) cannot be checked against golden numbers. So the preset is trained three times
+on the same planted-structure tokens (`lease.synthetic`) through the real `Trainer.step`:
+
+* the baseline at seed s;
+* the baseline at seed s + 1: other initial weights, data order, masks and dropout (the yardstick);
+* the switched model at seed s, which starts from the baseline's weights.
+
+The losses stay on the device until the end. The record holds the three loss curves; over the second
+half of the run, the mean |difference| of the smoothed curves (switched vs baseline, and seed s + 1 vs
+baseline); and each trained model's loss on held-out planted samples, in eval mode with the same
+fixed masks for all three, which the per-step mask ratio does not make noisy. A plot of the curves
+goes beside the record.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lease.bench import results_dir, write_record
+from lease.configs import OptimConfig, TrainConfig, model_config
+from lease.data import ResidentBatches, TokenSet
+from lease.masking import num_masked_tokens, random_plan
+from lease.synthetic import planted_codebook, planted_token_set
+from lease.train import Dist, Trainer, build_model, pick_device
+from lease.typed_config import apply_overrides
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class NumericsRun:
+    """One comparison: preset, batch, steps and the planted data's shape."""
+
+    preset: str = "vit_base"
+    batch_size: int = 256
+    steps: int = 300
+    dtype: str = "bf16"
+    compile: bool = True
+    seed: int = 0
+    batches_per_epoch: int = 16  # distinct batches in the token set
+    heldout_batches: int = 4  # batches of other planted samples, scored after training
+    num_classes: int = 100
+    synonyms: int = 8  # codes per planted concept: vocab_gen / synonyms concepts = codebook size
+    warmup_fraction: float = 0.2
+    smooth: int = 20  # steps in the moving mean the curves are compared on
+
+
+def train_config_for(run: NumericsRun, overrides: dict[str, Any], seed: int) -> TrainConfig:
+    warmup_epochs = run.warmup_fraction * run.steps / run.batches_per_epoch
+    return TrainConfig(preset=run.preset, model=model_config(run.preset, **overrides), batch_size=run.batch_size,
+                       max_steps=run.steps, dtype=run.dtype, compile=run.compile, seed=seed,
+                       optim=OptimConfig(warmup_epochs=warmup_epochs))
+
+
+def train_and_evaluate(cfg: TrainConfig, tokens: TokenSet, heldout: TokenSet, centroids: torch.Tensor,
+                       device: torch.device) -> tuple[torch.Tensor, float]:
+    """Per-step training loss of `cfg.max_steps` steps from initial weights drawn with `cfg.seed`, and
+    the trained model's loss on `heldout`."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, centroids)
+    batches = ResidentBatches(tokens, cfg.batch_size, device, seed=cfg.seed)
+    trainer = Trainer(cfg, model, device, Dist(), batches.steps_per_epoch)
+    data = batches.iterate(0)
+    curve = torch.stack([trainer.step(next(data))["loss"] for _ in range(cfg.max_steps)]).cpu()
+    return curve, heldout_loss(trainer, ResidentBatches(heldout, cfg.batch_size, device, seed=0))
+
+
+@torch.no_grad()
+def heldout_loss(trainer: Trainer, heldout: ResidentBatches) -> float:
+    """Eq. 5 in eval mode (no dropout) over every held-out batch, masked at the mean ratio with masks
+    drawn from a fixed seed: the same masks for every model compared."""
+    model, seq_len = trainer.model.eval(), trainer.model.cfg.seq_len
+    masks = torch.Generator(device=trainer.device).manual_seed(0)
+    num_masked = num_masked_tokens(seq_len, trainer.ratio_sampler.mean())
+    data, total = heldout.iterate(0), torch.zeros((), device=trainer.device)
+    for _ in range(heldout.steps_per_epoch):
+        batch = next(data)
+        plan = random_plan(batch.vq.shape[0], seq_len, trainer.num_dropped, num_masked, trainer.device, masks)
+        with trainer.autocast():
+            total += model(batch.vq, batch.disc, plan).loss.float()
+    return float(total) / heldout.steps_per_epoch
+
+
+def smoothed(curve: torch.Tensor, window: int) -> torch.Tensor:
+    """Moving mean over `window` steps (shorter at the start)."""
+    sums = torch.cat([torch.zeros(1, dtype=torch.float64), curve.double().cumsum(0)])
+    ends = torch.arange(1, len(curve) + 1)
+    starts = (ends - window).clamp_min(0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def late_gap(a: torch.Tensor, b: torch.Tensor, window: int) -> float:
+    """Mean |a − b| of the smoothed curves over the second half of the run."""
+    half = len(a) // 2
+    return float((smoothed(a, window) - smoothed(b, window))[half:].abs().mean())
+
+
+def compare(run: NumericsRun, overrides: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The three curves and the gaps between them (module docstring)."""
+    cfg = model_config(run.preset)
+    tokens = planted_token_set(run.batch_size * run.batches_per_epoch, run.num_classes, cfg.seq_len,
+                               cfg.vocab_gen, run.synonyms, seed=run.seed)
+    centroids = torch.from_numpy(planted_codebook(cfg.vocab_gen // run.synonyms, cfg.embed_dim, seed=run.seed))
+    heldout = planted_token_set(run.batch_size * run.heldout_batches, run.num_classes, cfg.seq_len, cfg.vocab_gen,
+                                run.synonyms, seed=run.seed + 10**6)
+    curves, heldout_losses = {}, {}
+    for label, seed, changes in (("baseline", run.seed, {}), ("baseline, next seed", run.seed + 1, {}),
+                                 ("switched", run.seed, overrides)):
+        log.info("training %s (seed %d%s) for %d steps", label, seed,
+                 "".join(f", {k}={v}" for k, v in changes.items()), run.steps)
+        curves[label], heldout_losses[label] = train_and_evaluate(train_config_for(run, changes, seed), tokens,
+                                                                  heldout, centroids, device)
+    base, base_heldout = curves["baseline"], heldout_losses["baseline"]
+    return {**dataclasses.asdict(run), "overrides": overrides, "device": str(device),
+            "gap_switched_vs_baseline": round(late_gap(curves["switched"], base, run.smooth), 5),
+            "gap_next_seed_vs_baseline": round(late_gap(curves["baseline, next seed"], base, run.smooth), 5),
+            "heldout_loss": {k: round(v, 5) for k, v in heldout_losses.items()},
+            "heldout_gap_switched": round(abs(heldout_losses["switched"] - base_heldout), 5),
+            "heldout_gap_next_seed": round(abs(heldout_losses["baseline, next seed"] - base_heldout), 5),
+            "final_loss": {k: round(float(smoothed(v, run.smooth)[-1]), 4) for k, v in curves.items()},
+            "curves": {k: [round(float(x), 4) for x in v] for k, v in curves.items()}}
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> Path:
+    """The three loss curves, smoothed, in one PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for label, curve in result["curves"].items():
+        ax.plot(smoothed(torch.tensor(curve), result["smooth"]).numpy(), label=label)
+    switch = ", ".join(f"{k}={v}" for k, v in result["overrides"].items())
+    ax.set(xlabel="step", ylabel=f"training loss ({result['smooth']}-step mean)",
+           title=f"{result['preset']} b{result['batch_size']} {result['dtype']}: {switch}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def record_name(run: NumericsRun, overrides: dict[str, Any]) -> str:
+    return f"numerics-{run.preset}-b{run.batch_size}-{run.dtype}" + "".join(f"-{k}_{v}" for k, v in overrides.items())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = NumericsRun()
+    parser.add_argument("--model", nargs="+", required=True, metavar="KEY=VALUE",
+                        help="the ModelConfig switch(es) to compare against the preset, e.g. residual_dtype=autocast")
+    parser.add_argument("--preset", default=defaults.preset)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["bf16", "fp32"])
+    parser.add_argument("--compile", choices=["on", "off"], default="on")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--out-dir", default=None, help="where the record and plot go (default benchmarks/results)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if args.steps < 2 * NumericsRun.smooth:
+        raise SystemExit(f"--steps must be >= {2 * NumericsRun.smooth} (the curves are compared smoothed over "
+                         f"{NumericsRun.smooth} steps, on the run's second half)")
+    overrides = apply_overrides({}, args.model)
+    model_config(args.preset, **overrides)  # fails now, naming the key, rather than after the baseline runs
+    run = NumericsRun(preset=args.preset, batch_size=args.batch_size, steps=args.steps, dtype=args.dtype,
+                      compile=args.compile == "on", seed=args.seed)
+    result = compare(run, overrides, pick_device(Dist()))
+    name = record_name(run, overrides)
+    write_record(name, {"results": result}, args.out_dir)
+    plot_curves(result, results_dir(args.out_dir) / f"{name}.png")
+    log.info("%s: |Δ loss| switched vs baseline %.4f, next seed vs baseline %.4f (training, second half); "
+             "held out %.4f vs %.4f", name, result["gap_switched_vs_baseline"], result["gap_next_seed_vs_baseline"],
+             result["heldout_gap_switched"], result["heldout_gap_next_seed"])
+    return 0
