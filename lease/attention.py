@@ -29,7 +29,8 @@ generator those of the [CLS] column and row.
 
 The merge is extra elementwise work. In a compiled ViT-B step on an H100 it pays at batch 256, where
 plain SDPA's step holds the GPU at its power cap and this one does not, and costs at 128, where both
-are capped (README); so the model takes this path only with `model.attention_backend=split_cls`.
+are capped, unless the residual stream is in bf16 too (`model.residual_dtype=autocast`; README); so
+the model takes this path only with `model.attention_backend=split_cls`.
 """
 from __future__ import annotations
 

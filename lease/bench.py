@@ -193,7 +193,7 @@ def category_ms(events, steps: int) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
-def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 30) -> tuple[str, dict[str, float]]:
+def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 100) -> tuple[str, dict[str, float]]:
     """Top CUDA kernels by self time over a few calls, and the per-call time of each kernel category."""
     events = _profiled(fn, steps)
     categories = category_ms(events, steps)

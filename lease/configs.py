@@ -50,7 +50,8 @@ class ModelConfig:
     # through the log-sum-exp (lease/attention.py); same attention, no kernel tile spent on one token.
     # It applies to CUDA in 16 bits (sm80+), always through cuDNN (sdpa_kernel does not apply); elsewhere
     # plain SDPA runs. On an H100 it pays at batch 256 (1,970 vs 1,824 img/s: the step stays under the
-    # power cap) and costs at 128 (1,708 vs 1,757): README. "auto": flash-attn when installed, else SDPA.
+    # power cap) and costs at 128 (1,708 vs 1,757); with residual_dtype="autocast" it pays at both
+    # (2,057 vs 1,918 and 1,907 vs 1,828): README. "auto": flash-attn when installed, else SDPA.
     attention_backend: Literal["sdpa", "flash_attn", "split_cls", "auto"] = "auto"
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
     # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).
