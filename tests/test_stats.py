@@ -91,7 +91,8 @@ def test_write_statistics_writes_json_and_png(tmp_path):
 
 
 def test_cli_reads_packed_shards(tmp_path):
-    from planted import planted_tokens, write_shards
+    from lease.synthetic import planted_tokens
+    from planted import write_shards
 
     vq, disc, labels = planted_tokens(24, num_classes=3, seq_len=16, concepts=8, synonyms=4, seed=0)
     write_shards(tmp_path / "shards", vq, disc, labels, per_shard=10)
