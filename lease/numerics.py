@@ -86,6 +86,7 @@ def heldout_loss(trainer: Trainer, heldout: ResidentBatches) -> float:
         plan = random_plan(batch.vq.shape[0], seq_len, trainer.num_dropped, num_masked, trainer.device, masks)
         with trainer.autocast():
             total += model(batch.vq, batch.disc, plan).loss.float()
+    model.train()
     return float(total) / heldout.steps_per_epoch
 
 
