@@ -29,7 +29,6 @@ from torch.nn.attention import sdpa_kernel
 from lease.attention import split_cls_attention
 from lease.configs import MaskConfig, TrainConfig, model_config
 from lease.data import Batch, ResidentBatches
-from lease.masking import num_masked_tokens, random_plan
 from lease.model import SDPA_KERNELS, flops_per_image
 from lease.synthetic import uniform_tokens
 from lease.typed_config import apply_overrides
@@ -213,9 +212,7 @@ def executed_tflop(trainer: Trainer, batch: Batch, count_images: int = 16) -> di
     from torch.utils.flop_counter import FlopCounterMode
 
     model, n = trainer.model, min(count_images, batch.vq.shape[0])
-    num_masked = num_masked_tokens(model.cfg.seq_len, trainer.ratio_sampler.mean())
-    plan = random_plan(n, model.cfg.seq_len, trainer.num_dropped, num_masked, trainer.device,
-                       None, trainer.cfg.mask.decode_rows_multiple)
+    plan = trainer.plan_at_mean_ratio(n)
     with FlopCounterMode(display=False) as counter, trainer.autocast():
         model(batch.vq[:n], batch.disc[:n], plan).backward_loss().backward()
     model.zero_grad(set_to_none=True)

@@ -63,7 +63,8 @@ SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_A
 
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA, flash-attn, or SDPA's cuDNN kernel with the [CLS] row
-    and column apart (`lease.attention`; sequences are [CLS] + a multiple of 64 tokens).
+    and column apart (`lease.attention`: at [CLS] + a multiple of 64 tokens, the one token would
+    otherwise cost a whole kernel tile).
 
     `backend` is "sdpa", "flash_attn" or "split_cls"; the last two apply to CUDA tensors in half
     precision and SDPA takes the rest. `kernel` pins one SDPA kernel ("default": PyTorch's choice);

@@ -27,12 +27,12 @@ import torch
 from lease.bench import results_dir, write_record
 from lease.configs import OptimConfig, TrainConfig, model_config
 from lease.data import ResidentBatches, TokenSet
-from lease.masking import num_masked_tokens, random_plan
 from lease.synthetic import planted_codebook, planted_token_set
 from lease.train import Dist, Trainer, build_model, pick_device
 from lease.typed_config import apply_overrides
 
 log = logging.getLogger(__name__)
+HELDOUT_SEED_OFFSET = 10**6  # held-out samples: a generator seed no training run of a sweep uses
 
 
 @dataclasses.dataclass
@@ -49,6 +49,7 @@ class NumericsRun:
     heldout_batches: int = 4  # batches of other planted samples, scored after training
     num_classes: int = 100
     synonyms: int = 8  # codes per planted concept: vocab_gen / synonyms concepts = codebook size
+    codebook_dim: int = 768  # DINOv2-B's feature width, as `lease bench train`
     warmup_fraction: float = 0.2
     smooth: int = 20  # steps in the moving mean the curves are compared on
 
@@ -77,13 +78,12 @@ def train_and_evaluate(cfg: TrainConfig, tokens: TokenSet, heldout: TokenSet, ce
 def heldout_loss(trainer: Trainer, heldout: ResidentBatches) -> float:
     """Eq. 5 in eval mode (no dropout) over every held-out batch, masked at the mean ratio with masks
     drawn from a fixed seed: the same masks for every model compared."""
-    model, seq_len = trainer.model.eval(), trainer.model.cfg.seq_len
+    model = trainer.model.eval()
     masks = torch.Generator(device=trainer.device).manual_seed(0)
-    num_masked = num_masked_tokens(seq_len, trainer.ratio_sampler.mean())
     data, total = heldout.iterate(0), torch.zeros((), device=trainer.device)
     for _ in range(heldout.steps_per_epoch):
         batch = next(data)
-        plan = random_plan(batch.vq.shape[0], seq_len, trainer.num_dropped, num_masked, trainer.device, masks)
+        plan = trainer.plan_at_mean_ratio(batch.vq.shape[0], masks)
         with trainer.autocast():
             total += model(batch.vq, batch.disc, plan).loss.float()
     model.train()
@@ -109,9 +109,9 @@ def compare(run: NumericsRun, overrides: dict[str, Any], device: torch.device) -
     cfg = model_config(run.preset)
     tokens = planted_token_set(run.batch_size * run.batches_per_epoch, run.num_classes, cfg.seq_len,
                                cfg.vocab_gen, run.synonyms, seed=run.seed)
-    centroids = torch.from_numpy(planted_codebook(cfg.vocab_gen // run.synonyms, cfg.embed_dim, seed=run.seed))
+    centroids = torch.from_numpy(planted_codebook(cfg.vocab_gen // run.synonyms, run.codebook_dim, seed=run.seed))
     heldout = planted_token_set(run.batch_size * run.heldout_batches, run.num_classes, cfg.seq_len, cfg.vocab_gen,
-                                run.synonyms, seed=run.seed + 10**6)
+                                run.synonyms, seed=run.seed + HELDOUT_SEED_OFFSET)
     curves, heldout_losses = {}, {}
     for label, seed, changes in (("baseline", run.seed, {}), ("baseline, next seed", run.seed + 1, {}),
                                  ("switched", run.seed, overrides)):

@@ -24,7 +24,7 @@ from lease.checkpoints import export_encoder, load_checkpoint, save_checkpoint
 from lease.codebook import load_codebook
 from lease.configs import TrainConfig, train_config
 from lease.data import Batch, ResidentBatches, StreamingBatches, fits_on_device, read_token_set, resolve_shards
-from lease.masking import MaskRatioSampler, num_dropped_tokens, num_masked_tokens, random_plan
+from lease.masking import MaskPlan, MaskRatioSampler, num_dropped_tokens, num_masked_tokens, random_plan
 from lease.model import LeaseModel, describe
 from lease.typed_config import apply_overrides, load_yaml, to_dict
 
@@ -134,6 +134,13 @@ class Trainer:
     def autocast(self) -> torch.autocast:
         """bf16/fp16 autocast on the GPU, a no-op in fp32."""
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def plan_at_mean_ratio(self, batch: int, generator: torch.Generator | None = None) -> MaskPlan:
+        """A mask plan for `batch` images at the ratio law's mean: for measuring, not for training."""
+        seq_len = self.model.cfg.seq_len
+        num_masked = num_masked_tokens(seq_len, self.ratio_sampler.mean())
+        return random_plan(batch, seq_len, self.num_dropped, num_masked, self.device, generator,
+                           self.cfg.mask.decode_rows_multiple)
 
     def _micro_batches(self, batch: Batch) -> Iterator[Batch]:
         for i in range(self.cfg.grad_accum):

@@ -6,12 +6,13 @@ import torch
 
 from lease.bench import results_table
 from lease.cli import main as lease_main
+from lease.configs import model_config
 from lease.numerics import NumericsRun, compare, late_gap, plot_curves, smoothed, train_and_evaluate, train_config_for
 from lease.synthetic import planted_codebook, planted_token_set
 from lease.typed_config import ConfigError
 
 TINY = NumericsRun(preset="tiny", batch_size=8, steps=40, dtype="fp32", compile=False, batches_per_epoch=4,
-                   heldout_batches=2)
+                   heldout_batches=2, codebook_dim=16)
 
 
 def test_smoothing_and_gap():
@@ -23,10 +24,11 @@ def test_smoothing_and_gap():
 
 def test_training_twice_from_one_seed_gives_the_same_curve():
     """What makes 'switched vs baseline' meaningful: the same config and seed reproduce bit for bit."""
-    tokens = planted_token_set(32, 5, 16 * 16, 1024, 8, seed=0)
-    heldout = planted_token_set(16, 5, 16 * 16, 1024, 8, seed=1)
-    centroids = torch.from_numpy(planted_codebook(128, 64, seed=0))
-    run = NumericsRun(preset="tiny", batch_size=8, steps=6, dtype="fp32", compile=False)
+    run = NumericsRun(preset="tiny", batch_size=8, steps=6, dtype="fp32", compile=False, codebook_dim=16)
+    cfg = model_config(run.preset)
+    tokens = planted_token_set(32, 5, cfg.seq_len, cfg.vocab_gen, run.synonyms, seed=0)
+    heldout = planted_token_set(16, 5, cfg.seq_len, cfg.vocab_gen, run.synonyms, seed=1)
+    centroids = torch.from_numpy(planted_codebook(cfg.vocab_gen // run.synonyms, run.codebook_dim, seed=0))
     first, second = (train_and_evaluate(train_config_for(run, {}, seed=0), tokens, heldout, centroids,
                                         torch.device("cpu")) for _ in range(2))
     assert torch.equal(first[0], second[0]) and first[1] == second[1]
