@@ -61,10 +61,6 @@ class ModelConfig:
     # Megatron-LM does by default: half the bytes in every LayerNorm and residual add, other rounding.
     # Without autocast (CPU, fp32 runs) both are the same.
     residual_dtype: Literal["fp32", "autocast"] = "fp32"
-    # MLP backward in CUDA training: "autograd" as the module graph, "fused" computes fc2's input
-    # gradient, the hidden dropout and GELU backward and fc1's bias gradient in one Triton GEMM
-    # (lease/fused_mlp.py; its hidden dropout always takes lease/dropout.py's Philox mask). Same math.
-    mlp_backward: Literal["autograd", "fused"] = "autograd"
 
     def __post_init__(self) -> None:
         if self.vocab_size is None:

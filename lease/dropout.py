@@ -105,16 +105,11 @@ class _MaskedScale(torch.autograd.Function):
         return grad * unpack_bits(packed, grad.numel()).view(grad.shape) * ctx.scale, None, None
 
 
-def draw_keep_bits(numel: int, p: float, device: torch.device) -> torch.Tensor:
-    """A fresh bit-packed keep mask for `numel` elements (`unpack_bits` reads it), from a Philox key drawn
-    from torch's generator on `device`."""
-    seed = torch.randint(0, SEED_BOUND, (1,), device=device, dtype=torch.int64)
-    return philox_keep_bits(seed, -(-numel // DRAWS_PER_CALL), drop_threshold(p))
-
-
 def philox_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout of `x` (CUDA) with a fresh Philox key: drop probability p' = drop_threshold(p) / 2¹⁶."""
-    return _MaskedScale.apply(x, draw_keep_bits(x.numel(), p, x.device), keep_scale(p))
+    seed = torch.randint(0, SEED_BOUND, (1,), device=x.device, dtype=torch.int64)
+    packed = philox_keep_bits(seed, -(-x.numel() // DRAWS_PER_CALL), drop_threshold(p))
+    return _MaskedScale.apply(x, packed, keep_scale(p))
 
 
 class Dropout(nn.Module):

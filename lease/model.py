@@ -26,7 +26,6 @@ from lease.attention import split_cls_attention, split_cls_supported
 from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import LossConfig, ModelConfig
 from lease.dropout import Dropout
-from lease.fused_mlp import fused_gelu_mlp, fused_mlp_available
 from lease.losses import codebook_contrast_loss, reconstruction_loss
 from lease.masking import MaskPlan
 
@@ -146,20 +145,14 @@ def resolve_attention_backend(choice: str) -> str:
 
 
 class Mlp(nn.Module):
-    """fc2(drop(GELU(fc1(x)))), then drop; `fused_backward`: in CUDA training the hidden layer's backward
-    runs as one Triton GEMM (`lease.fused_mlp`), same math."""
-
-    def __init__(self, dim: int, hidden: int, drop: Dropout, fused_backward: bool = False):
+    def __init__(self, dim: int, hidden: int, drop: Dropout):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = drop
-        self.fused_backward = fused_backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_backward and self.training and fused_mlp_available(x):
-            return self.drop(fused_gelu_mlp(x, self.fc1, self.fc2, self.drop.p))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -172,8 +165,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, cfg.attn_dropout, Dropout(cfg.dropout, cfg.dropout_impl),
                               attention_backend, cfg.sdpa_kernel)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.ln_eps)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), Dropout(cfg.dropout, cfg.dropout_impl),
-                       cfg.mlp_backward == "fused")
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), Dropout(cfg.dropout, cfg.dropout_impl))
         self.residual_in_branch_dtype = cfg.residual_dtype == "autocast"
 
     def forward(self, x: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
