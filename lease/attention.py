@@ -27,10 +27,11 @@ Dropout keeps its meaning: every attention probability is dropped independently 
 and the kept ones scaled by 1/(1 − p); the kernel draws the masks of the patch keys, torch's
 generator those of the [CLS] column and row.
 
-The merge is extra elementwise work. In a compiled ViT-B step on an H100 it pays at batch 256, where
-plain SDPA's step holds the GPU at its power cap and this one does not, and costs at 128, where both
-are capped, unless the residual stream is in bf16 too (`model.residual_dtype=autocast`; README); so
-the model takes this path only with `model.attention_backend=split_cls`.
+The merge is extra elementwise work, and timed alone the split is slower than cuDNN on the whole
+sequence (README). Compiled into a training step with attention dropout its gradients came out wrong
+on an H100 (NaN, or finite at far too large a norm), while eager and dropout-free compiled steps match
+SDPA; training refuses that combination (`lease.configs.TrainConfig`). So the model takes this path
+only with `model.attention_backend=split_cls`.
 """
 from __future__ import annotations
 

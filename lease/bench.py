@@ -247,10 +247,16 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     batches = ResidentBatches(tokens, batch_size, device, seed=0)
     trainer = Trainer(cfg, model, device, Dist(), batches.steps_per_epoch)
     data = batches.iterate(0)
+    last_metrics: dict[str, torch.Tensor] = {}
+
+    def train_step() -> None:
+        last_metrics.update(trainer.step(next(data)))
+
     torch.cuda.reset_peak_memory_stats()
-    time_cuda(lambda: trainer.step(next(data)), warmup=warmup, steps=0)  # compiles
+    time_cuda(train_step, warmup=warmup, steps=0)  # compiles
     with GpuSampler(nvidia_smi_id(device)) as gpu:
-        ms = time_cuda(lambda: trainer.step(next(data)), warmup=0, steps=steps)
+        ms = time_cuda(train_step, warmup=0, steps=steps)
+    final_metrics = finite_metrics(last_metrics)
     median_ms = statistics.median(ms)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30  # before the eager step that counts FLOPs
     profiled: dict[str, Any] = {}
@@ -279,7 +285,17 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "peak_memory_gib": round(peak_gib, 2),
             "useful_tflop_per_image": round(flops / 1e12, 6), "achieved_tflops": round(achieved, 1),
             "measured_bf16_matmul_peak_tflops": round(peak, 1), "mfu": round(achieved / peak, 4),
-            "gpu_during_timed_steps": gpu.summary(), **profiled}
+            "gpu_during_timed_steps": gpu.summary(), "last_step_metrics": final_metrics, **profiled}
+
+
+def finite_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The last timed step's loss and gradient norm, read back once; non-finite ones void the timing:
+    NaN arithmetic runs at other speeds and power than real training."""
+    values = {name: round(float(value), 4) for name, value in metrics.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        raise RuntimeError(f"training went non-finite during the timed steps ({values}): the timing would "
+                           "measure NaN arithmetic, so no record is written")
+    return values
 
 
 def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, Any]]:

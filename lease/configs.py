@@ -49,9 +49,8 @@ class ModelConfig:
     # "split_cls": SDPA's cuDNN kernel on the tokens after [CLS], the [CLS] row and column merged in
     # through the log-sum-exp (lease/attention.py); same attention, no kernel tile spent on one token.
     # It applies to CUDA in 16 bits (sm80+), always through cuDNN (sdpa_kernel does not apply); elsewhere
-    # plain SDPA runs. On an H100 it pays at batch 256 (1,970 vs 1,824 img/s: the step stays under the
-    # power cap) and costs at 128 (1,708 vs 1,757); with residual_dtype="autocast" it pays at both
-    # (2,057 vs 1,918 and 1,907 vs 1,828): README. "auto": flash-attn when installed, else SDPA.
+    # plain SDPA runs. Under torch.compile with attention dropout its gradients are wrong, so training
+    # refuses that combination (README, "Training speed"). "auto": flash-attn when installed, else SDPA.
     attention_backend: Literal["sdpa", "flash_attn", "split_cls", "auto"] = "auto"
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
     # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).
@@ -116,8 +115,9 @@ class MaskConfig:
     ratio_mode: float = 0.55
     ratio_std: float = 0.25
     # With model.decode_masked_only the decoded rows are padded (with unmasked, unscored positions) to a
-    # multiple of this: a handful of shapes instead of one per masked count, each with its own cuDNN
-    # attention plan and compiled-kernel launch setup.
+    # multiple of this, and so are the encoder rows the contrast scores (with masked, unscored ones): a
+    # handful of shapes instead of one per masked count, each with its own cuDNN attention plan and
+    # compiled-kernel launch setup.
     decode_rows_multiple: int = 16
 
     def __post_init__(self) -> None:
@@ -181,6 +181,10 @@ class TrainConfig:
         require(self.epochs > 0 or self.max_steps > 0, "epochs", "need epochs > 0 or max_steps > 0")
         require(self.log_every > 0, "log_every", "must be > 0")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
+        require(not (self.compile and self.model.attention_backend == "split_cls" and self.model.attn_dropout > 0),
+                "model.attention_backend", "split_cls with attention dropout trains wrongly under torch.compile "
+                "(on an H100 its gradients came out NaN, or finite at 75-450x the eager step's norm); use sdpa, "
+                "or compile: false")
 
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -208,8 +212,8 @@ def train_config(data: dict) -> TrainConfig:
     cfg = from_dict(TrainConfig, data)
     if preset not in MODEL_PRESETS:
         raise ConfigError(f"preset: unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
-    cfg.model = from_dict(ModelConfig, model_data, prefix="model.")
-    return cfg
+    # replace() validates again, now with the model: some checks span both
+    return dataclasses.replace(cfg, model=from_dict(ModelConfig, model_data, prefix="model."))
 
 
 def with_model(cfg: ModelConfig, **changes) -> ModelConfig:

@@ -1,7 +1,8 @@
 """The precompute benchmark's ImageNet-1K estimate: what scales with the image count and what does not."""
 import pytest
+import torch
 
-from lease.bench import results_table
+from lease.bench import finite_metrics, results_table
 from pipeline.bench import IMAGENET_1K_IMAGES, imagenet_estimate
 
 IMAGENET = sum(IMAGENET_1K_IMAGES.values())
@@ -60,8 +61,9 @@ def test_profiled_kernels_fall_into_their_categories():
 @pytest.mark.parametrize("contrast_on", ["encoder", "decoder", "both", "none"])
 def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
     """flops_per_image against torch's FLOP counter on a real step that decodes every position: the
-    same count, so the MFU of a bench record neither flatters nor undersells (counted on 2 of the 4
-    images and scaled). Decoding the masked rows alone then executes fewer."""
+    same count but for the contrast rows the plan skips, so the MFU of a bench record neither flatters
+    nor undersells (counted on 2 of the 4 images and scaled). Decoding the masked rows alone then
+    executes fewer."""
     import torch
 
     from lease.bench import executed_tflop
@@ -81,9 +83,16 @@ def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
         executed[masked_only] = sum(executed_tflop(trainer, Batch(tokens.vq.long(), tokens.disc.long(),
                                                                   tokens.labels), count_images=2).values())
         assert all(p.grad is None for p in trainer.model.parameters())  # the count leaves no gradients
-    kept = trainer.model.cfg.seq_len - trainer.num_dropped
-    useful = 4 * flops_per_image(trainer.model.cfg, kept, 50) / 1e12
-    assert executed[False] == pytest.approx(useful, rel=1e-9)
+    cfg = trainer.model.cfg
+    kept = cfg.seq_len - trainer.num_dropped
+    useful = 4 * flops_per_image(cfg, kept, 50) / 1e12
+    # the encoder contrast runs on the plan's contrast rows alone (kept unmasked ones plus padding)
+    skipped = 0.0
+    if contrast_on in ("encoder", "both"):
+        skipped_rows = kept - trainer.plan_at_mean_ratio(2).contrast_idx.shape[1]
+        skipped = 4 * 2 * skipped_rows * cfg.codebook_dim * (3 * cfg.embed_dim + 2 * 50) / 1e12
+    assert 0 <= skipped < useful / 10
+    assert executed[False] == pytest.approx(useful - skipped, rel=1e-9)
     if trainer.model.decodes_masked_only:
         assert executed[True] < useful
 
@@ -117,3 +126,13 @@ def test_gpu_sampler_summarises_what_its_command_prints_and_survives_without_one
     with missing:
         pass
     assert missing.summary() is None
+
+
+def test_a_non_finite_timed_step_voids_the_record():
+    """NaN arithmetic runs at other speeds and power than training: such timings must not be recorded."""
+    assert finite_metrics({"loss": torch.tensor(8.06), "grad_norm": torch.tensor(0.8)}) == {"loss": 8.06,
+                                                                                          "grad_norm": 0.8}
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="non-finite"):
+            finite_metrics({"loss": torch.tensor(8.06), "grad_norm": torch.tensor(bad)})
+
