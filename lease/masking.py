@@ -64,6 +64,10 @@ class MaskPlan:
     # long [B, M], grid order: the positions the decoder's last block computes (`decode_masked_only`):
     # every masked one, plus unmasked ones (not scored) up to a multiple of `decode_rows_multiple`
     decode_idx: torch.Tensor
+    # long [B, U]: the kept-and-unmasked tokens as indices into `keep_idx` (the encoder's rows after
+    # [CLS]), grid order; the contrast (eq. 4) scores only them. Padded with kept masked ones (not
+    # scored) to a multiple of `decode_rows_multiple`, as `decode_idx` is
+    contrast_idx: torch.Tensor
 
 
 def num_masked_tokens(seq_len: int, ratio: float) -> int:
@@ -82,9 +86,17 @@ def plan_from_permutation(perm: torch.Tensor, num_dropped: int, num_masked: int,
     masked = rank < num_masked
     keep_idx = perm[:, num_dropped:].sort(dim=1).values
     keep_masked = masked.gather(1, keep_idx)
-    decode_rows = min(perm.shape[1], -(-num_masked // decode_rows_multiple) * decode_rows_multiple)
+    decode_rows = _padded_rows(num_masked, decode_rows_multiple, perm.shape[1])
+    contrast_rows = _padded_rows(perm.shape[1] - num_masked, decode_rows_multiple, keep_idx.shape[1])
+    unmasked_first = keep_masked.to(torch.uint8).argsort(dim=1, stable=True)
     return MaskPlan(keep_idx=keep_idx, keep_masked=keep_masked, masked=masked,
-                    decode_idx=perm[:, :decode_rows].sort(dim=1).values)
+                    decode_idx=perm[:, :decode_rows].sort(dim=1).values,
+                    contrast_idx=unmasked_first[:, :contrast_rows])
+
+
+def _padded_rows(count: int, multiple: int, available: int) -> int:
+    """`count` rounded up to a multiple of `multiple` (at least one multiple), at most `available`."""
+    return min(available, max(1, -(-count // multiple)) * multiple)
 
 
 def random_plan(batch: int, seq_len: int, num_dropped: int, num_masked: int,

@@ -8,7 +8,8 @@ conversion (`lease.checkpoints.import_reference`):
              ──► decoder blocks ► norm ► MLM head (tied to word embeddings) ──► code logits   (decoder)
 
 Losses (`lease.losses`): eq. 1 on masked positions, eq. 4 on kept unmasked encoder tokens, eq. 5 total.
-In training the decoder's last block runs only at the rows a loss reads (`decode_masked_only`).
+In training the decoder's last block runs only at the rows a loss reads (`decode_masked_only`), and
+the encoder contrast only at the kept unmasked rows (`MaskPlan.contrast_idx`).
 """
 from __future__ import annotations
 
@@ -399,9 +400,11 @@ class LeaseModel(nn.Module):
         if disc is None:
             raise ValueError(f"model.contrast_on={placement!r} needs the codebook ids (disc tokens)")
         terms = []
-        if self.proj_to_dino is not None:  # EC: kept unmasked encoder tokens
-            ids = disc.gather(1, plan.keep_idx)
-            terms.append(self._contrast(self.proj_to_dino(latent[:, 1:]), ids, ~plan.keep_masked))
+        if self.proj_to_dino is not None:  # EC: kept unmasked encoder tokens (plus the plan's padding rows)
+            rows = plan.contrast_idx
+            ids = disc.gather(1, plan.keep_idx.gather(1, rows))
+            features = self.proj_to_dino(gather_rows(latent[:, 1:], rows))
+            terms.append(self._contrast(features, ids, ~plan.keep_masked.gather(1, rows)))
         if self.dec_to_dino is not None:  # DC: decoder outputs at every grid position
             terms.append(self._contrast(self.dec_to_dino(hidden[:, 1:]), disc, None))
         return sum(terms) / len(terms) if len(terms) > 1 else terms[0]
@@ -459,8 +462,9 @@ def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
 
     A matmul against a trained weight costs 3× its forward (forward, input gradient, weight gradient);
     the MLM logits against the detached token embeddings and the contrast logits against the fixed
-    codebook cost 2× (no weight gradient). Counted at every decoder position, as the authors' code
-    computes, so work that `decode_masked_only` skips shows up as a higher MFU rather than fewer FLOPs.
+    codebook cost 2× (no weight gradient). Counted at every decoder position and, for the encoder
+    contrast, every kept token, as the authors' code computes, so work that `decode_masked_only` and
+    `MaskPlan.contrast_idx` skip shows up as a higher MFU rather than fewer FLOPs.
     `tests/test_bench.py` checks this against torch's FLOP counter on an eager step.
     """
     trained, frozen = 3.0, 2.0

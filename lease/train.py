@@ -160,8 +160,9 @@ class Trainer:
         for i, micro in enumerate(self._micro_batches(batch)):
             plan = random_plan(micro.vq.shape[0], micro.vq.shape[1], self.num_dropped, num_masked,
                                self.device, self.mask_gen, self.cfg.mask.decode_rows_multiple)
-            if self.cfg.compile:  # the decoded row count changes from step to step: one graph for all
+            if self.cfg.compile:  # the decoded and contrast row counts change from step to step: one graph for all
                 torch._dynamo.maybe_mark_dynamic(plan.decode_idx, 1)
+                torch._dynamo.maybe_mark_dynamic(plan.contrast_idx, 1)
             labels = micro.labels if self.model.online_classifier is not None else None
             sync = contextlib.nullcontext() if (i == self.cfg.grad_accum - 1 or self.ddp.world_size == 1) \
                 else self.forward.no_sync()

@@ -49,6 +49,13 @@ def test_plan_counts_and_nesting(ratio):
     rows = padded.decode_idx
     assert rows.shape[1] == min(seq, 16 * math.ceil(num_masked / 16)) and (rows.diff(dim=1) > 0).all()
     assert (padded.masked.gather(1, rows).sum(1) == num_masked).all()  # every masked position is decoded
+    num_unmasked = seq - num_masked
+    for p, multiple in ((plan, 1), (padded, 16)):  # contrast rows: every kept unmasked token, then padding
+        rows = p.contrast_idx
+        assert rows.shape[1] == min(128, max(1, math.ceil(num_unmasked / multiple)) * multiple)
+        scored = ~p.keep_masked.gather(1, rows)
+        assert (scored.sum(1) == num_unmasked).all() and scored[:, :num_unmasked].all()
+        assert (rows[:, :num_unmasked].diff(dim=1) > 0).all()  # grid order, no duplicates
 
 
 def test_reconstruction_loss_touches_only_masked_positions():
@@ -176,6 +183,29 @@ def test_decoding_masked_positions_only_gives_the_same_losses_and_gradients():
         assert torch.allclose(fast_grads[name], full_grads[name], atol=1e-6), name
     dc = LeaseModel(with_model(cfg, contrast_on="both"))
     assert not dc.decodes_masked_only  # the decoder contrast reads every position
+
+
+def test_contrast_on_the_plans_rows_equals_the_weighted_loss_over_every_kept_token():
+    """Scoring only `contrast_idx` (unmasked kept rows + padding) is eq. 4 over all kept rows with the
+    masked ones weighted 0: same loss, same gradient to the encoder output."""
+    cfg = ModelConfig(embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                      decoder_num_heads=2, vocab_gen=32, grid_size=4, codebook_dim=8)
+    model = LeaseModel(cfg, LossConfig(num_neighbours=2))
+    model.set_codebook(torch.randn(10, 8))
+    disc = torch.randint(0, 10, (3, 16))
+    for num_masked, multiple in ((11, 1), (11, 4), (9, 4), (16, 4)):
+        plan = random_plan(3, 16, 8, num_masked, torch.device("cpu"), torch.Generator().manual_seed(1),
+                           decode_rows_multiple=multiple)
+        latent = torch.randn(3, 9, 16, requires_grad=True)
+        fast = model.contrast_loss(latent, None, disc, plan)
+        grad_fast, = torch.autograd.grad(fast, latent)
+        kept_ids = disc.gather(1, plan.keep_idx)
+        full = codebook_contrast_loss(model.proj_to_dino(latent[:, 1:]), model.codebook_unit,
+                                      model.neighbour_index[kept_ids], model.neighbour_weight[kept_ids],
+                                      model.loss_cfg.contrast_tau, ~plan.keep_masked)
+        grad_full, = torch.autograd.grad(full, latent)
+        assert torch.allclose(fast, full, atol=1e-6) and torch.allclose(grad_fast, grad_full, atol=1e-7)
+        assert (fast != 0) == (num_masked < 16)  # everything masked: nothing scored
 
 
 def _losses_and_block_dtypes(residual_dtype: str, autocast: bool):
