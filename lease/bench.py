@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +229,17 @@ def kernel_tflops(executed: dict[str, float], kernel_ms: dict[str, float]) -> di
             if tflop > 0 and kernel_ms.get(name)}
 
 
+def synthetic_trainer(cfg: TrainConfig, codebook_size: int, codebook_dim: int, device: torch.device
+                      ) -> tuple[Trainer, Iterator[Batch]]:
+    """A Trainer for `cfg` with a random codebook, and its batches of uniform synthetic tokens resident on
+    `device` (8 distinct batches): real shapes and real arithmetic, nothing to learn."""
+    centroids = torch.randn(codebook_size, codebook_dim) if cfg.model.contrast_on != "none" else None
+    model = build_model(cfg, centroids)
+    tokens = uniform_tokens(cfg.batch_size * 8, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
+    batches = ResidentBatches(tokens, cfg.batch_size, device, seed=0)
+    return Trainer(cfg, model, device, Dist(), batches.steps_per_epoch), batches.iterate(0)
+
+
 def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: int, warmup: int,
                 codebook_size: int, codebook_dim: int, model_overrides: dict[str, Any] | None = None,
                 profile_to: Path | None = None, compile_mode: str = "default") -> dict[str, Any]:
@@ -241,12 +252,8 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
                       batch_size=batch_size, dtype=dtype, compile=compile, compile_mode=compile_mode,
                       max_steps=10**9)
     contrast_on = cfg.model.contrast_on
-    centroids = torch.randn(codebook_size, codebook_dim) if contrast_on != "none" else None
-    model = build_model(cfg, centroids)
-    tokens = uniform_tokens(batch_size * 8, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
-    batches = ResidentBatches(tokens, batch_size, device, seed=0)
-    trainer = Trainer(cfg, model, device, Dist(), batches.steps_per_epoch)
-    data = batches.iterate(0)
+    trainer, data = synthetic_trainer(cfg, codebook_size, codebook_dim, device)
+    model = trainer.model
     last_metrics: dict[str, torch.Tensor] = {}
 
     def train_step() -> None:

@@ -183,7 +183,7 @@ class TrainConfig:
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
         require(not (self.compile and self.model.attention_backend == "split_cls" and self.model.attn_dropout > 0),
                 "model.attention_backend", "split_cls with attention dropout trains wrongly under torch.compile "
-                "(on an H100 its gradients came out NaN, or finite at 75-450x the eager step's norm); use sdpa, "
+                "(on H100 and H200 its gradients came out NaN, or finite but far larger than eager's); use sdpa, "
                 "or compile: false")
 
 

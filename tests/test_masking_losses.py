@@ -52,7 +52,7 @@ def test_plan_counts_and_nesting(ratio):
     num_unmasked = seq - num_masked
     for p, multiple in ((plan, 1), (padded, 16)):  # contrast rows: every kept unmasked token, then padding
         rows = p.contrast_idx
-        assert rows.shape[1] == min(128, max(1, math.ceil(num_unmasked / multiple)) * multiple)
+        assert rows.shape[1] == min(p.keep_idx.shape[1], max(1, math.ceil(num_unmasked / multiple)) * multiple)
         scored = ~p.keep_masked.gather(1, rows)
         assert (scored.sum(1) == num_unmasked).all() and scored[:, :num_unmasked].all()
         assert (rows[:, :num_unmasked].diff(dim=1) > 0).all()  # grid order, no duplicates
