@@ -28,10 +28,12 @@ and the kept ones scaled by 1/(1 − p); the kernel draws the masks of the patch
 generator those of the [CLS] column and row.
 
 The merge is extra elementwise work, and timed alone the split is slower than cuDNN on the whole
-sequence (README). Compiled into a training step with attention dropout its gradients came out wrong
-on an H100 (NaN, or finite at far too large a norm), while eager and dropout-free compiled steps match
-SDPA; training refuses that combination (`lease.configs.TrainConfig`). So the model takes this path
-only with `model.attention_backend=split_cls`.
+sequence (README). Compiled into a training step its gradients come out wrong on an H100 with torch
+2.11: NaN, or finite at far too large a norm, with attention dropout; without it, the decoder's [CLS]
+position embedding gets a gradient 40 % off (`tests/test_attention.py`, marked as a known failure).
+Compiled alone, the function passes the dropout identities of those tests, and eagerly the model
+matches SDPA. Training refuses split_cls under `torch.compile` (`lease.configs.TrainConfig`), so the
+model takes this path only eagerly with `model.attention_backend=split_cls`.
 """
 from __future__ import annotations
 

@@ -49,8 +49,8 @@ class ModelConfig:
     # "split_cls": SDPA's cuDNN kernel on the tokens after [CLS], the [CLS] row and column merged in
     # through the log-sum-exp (lease/attention.py); same attention, no kernel tile spent on one token.
     # It applies to CUDA in 16 bits (sm80+), always through cuDNN (sdpa_kernel does not apply); elsewhere
-    # plain SDPA runs. Under torch.compile with attention dropout its gradients are wrong, so training
-    # refuses that combination (README, "Training speed"). "auto": flash-attn when installed, else SDPA.
+    # plain SDPA runs. Under torch.compile its gradients are wrong (with attention dropout or without), so
+    # training refuses that combination (README, "Training speed"). "auto": flash-attn when installed, else SDPA.
     attention_backend: Literal["sdpa", "flash_attn", "split_cls", "auto"] = "auto"
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
     # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).
@@ -181,10 +181,10 @@ class TrainConfig:
         require(self.epochs > 0 or self.max_steps > 0, "epochs", "need epochs > 0 or max_steps > 0")
         require(self.log_every > 0, "log_every", "must be > 0")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
-        require(not (self.compile and self.model.attention_backend == "split_cls" and self.model.attn_dropout > 0),
-                "model.attention_backend", "split_cls with attention dropout trains wrongly under torch.compile "
-                "(on H100 and H200 its gradients came out NaN, or finite but far larger than eager's); use sdpa, "
-                "or compile: false")
+        require(not (self.compile and self.model.attention_backend == "split_cls"),
+                "model.attention_backend", "split_cls trains wrongly under torch.compile (on an H100 its gradients "
+                "came out NaN with attention dropout, and the decoder's [CLS] position embedding got a wrong "
+                "gradient without it); use sdpa, or compile: false")
 
 
 MODEL_PRESETS: dict[str, dict] = {

@@ -127,8 +127,12 @@ def test_cuda_split_attention_dropout_is_unbiased():
 
 
 @cuda
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="compiled split_cls gets wrong gradients (torch 2.11, H100: decoder_pos_embed_learned, "
+                          "whose first row is [CLS], off by 40 %); training refuses it (lease.configs.TrainConfig)")
 def test_cuda_compiled_model_with_split_attention_gives_sdpa_losses_and_gradients():
-    """Whole model, dropout off, bf16 autocast: the compiled split_cls step against eager SDPA."""
+    """Whole model, dropout off, bf16 autocast: the compiled split_cls step against eager SDPA. Known to
+    fail; strict, so that a torch in which it passes says so."""
     models = {}
     for backend in ("sdpa", "split_cls"):
         torch.manual_seed(0)
@@ -151,3 +155,31 @@ def test_cuda_compiled_model_with_split_attention_gives_sdpa_losses_and_gradient
     assert grads["split_cls"].keys() == grads["sdpa"].keys()
     for name, g in grads["sdpa"].items():
         assert float((grads["split_cls"][name] - g).norm() / g.norm().clamp_min(1e-12)) < 0.03, name
+
+
+@cuda
+def test_cuda_model_gradients_through_cudnn_attention_match_the_math_kernel_eager_then_compiled():
+    """The whole model's gradients with SDPA pinned to cuDNN, in bf16, eager and then compiled in the
+    same process, against the math kernel in fp32. PyTorch caches cuDNN backward graphs by the q, k, v
+    layouts alone, each built for the output-gradient strides of its first call; a compiled step
+    handing its attention a gradient in another layout than the eager step did would reuse the eager
+    graph and get wrong gradients (benchmarks/exploratory/cudnn_grad_layout.py shows that on SDPA)."""
+    def gradients(kernel: str, dtype: torch.dtype | None, compiled: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        cfg = model_config("vit_base", dropout=0.0, attn_dropout=0.0, sdpa_kernel=kernel, codebook_dim=32,
+                           depth=2, decoder_depth=2)
+        model = LeaseModel(cfg).cuda().train()
+        model.set_codebook(torch.randn(256, 32, generator=torch.Generator().manual_seed(3)))
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        tokens = torch.randint(0, cfg.vocab_gen, (8, cfg.seq_len), device="cuda", generator=gen)
+        disc = torch.randint(0, 256, (8, cfg.seq_len), device="cuda", generator=gen)
+        plan = random_plan(8, cfg.seq_len, cfg.seq_len // 2, cfg.seq_len * 3 // 4, torch.device("cuda"), gen, 16)
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = (torch.compile(model) if compiled else model)(tokens, disc, plan)
+        out.loss.backward()
+        return torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+
+    exact = gradients("math", None, compiled=False)
+    for compiled in (False, True):
+        got = gradients("cudnn", torch.bfloat16, compiled)
+        assert float((got - exact).norm() / exact.norm()) < 0.03, f"compiled={compiled}"
