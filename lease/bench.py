@@ -40,7 +40,8 @@ RESULTS_DIR = Path("benchmarks/results")
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"hostname": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                            "torch": torch.__version__, "cuda": torch.version.cuda}
+                            "torch": torch.__version__, "cuda": torch.version.cuda,
+                            "cudnn": torch.backends.cudnn.version()}  # the attention kernels' library
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()

@@ -5,7 +5,7 @@ with an attention backend compiled or eager; needs a CUDA GPU.
     python benchmarks/exploratory/split_cls_gradients.py split_cls eager 5
     python benchmarks/exploratory/split_cls_gradients.py sdpa compiled 5
 
-Training refuses split_cls with attention dropout under torch.compile; this script compiles the step
+Training refuses split_cls under torch.compile; this script compiles the step
 itself to show why (README, "Training speed").
 """
 import logging
