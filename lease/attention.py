@@ -31,8 +31,9 @@ The merge is extra elementwise work, and timed alone the split is slower than cu
 sequence (README). Compiled into a training step its gradients come out wrong on an H100 with torch
 2.11: NaN, or finite at far too large a norm, with attention dropout; without it, the decoder's [CLS]
 position embedding gets a gradient 40 % off (`tests/test_attention.py`, marked as a known failure).
-Eagerly the model matches SDPA. Training refuses split_cls under `torch.compile` (`lease.configs.TrainConfig`), so the
-model takes this path only eagerly with `model.attention_backend=split_cls`.
+Eagerly the model matches SDPA. Training refuses split_cls under `torch.compile`
+(`lease.configs.TrainConfig`), so the model takes this path only eagerly with
+`model.attention_backend=split_cls`.
 """
 from __future__ import annotations
 

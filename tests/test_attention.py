@@ -126,6 +126,22 @@ def test_cuda_split_attention_dropout_is_unbiased():
     assert float((mean - ref).abs().max()) < 0.05 * float(ref.abs().max())
 
 
+def one_training_step(cfg, codebook_size: int, compiled: bool, autocast_dtype: torch.dtype | None):
+    """Loss and parameter gradients of one step of a fresh model (seed 0, a random codebook) on the GPU,
+    on 8 fixed random images with half their tokens dropped and three quarters masked."""
+    torch.manual_seed(0)
+    model = LeaseModel(cfg).cuda().train()
+    model.set_codebook(torch.randn(codebook_size, cfg.codebook_dim))
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_gen, (8, cfg.seq_len), device="cuda", generator=gen)
+    disc = torch.randint(0, codebook_size, (8, cfg.seq_len), device="cuda", generator=gen)
+    plan = random_plan(8, cfg.seq_len, cfg.seq_len // 2, cfg.seq_len * 3 // 4, torch.device("cuda"), gen, 16)
+    with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        out = (torch.compile(model) if compiled else model)(tokens, disc, plan)
+    out.loss.backward()
+    return out.loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @cuda
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="compiled split_cls gets wrong gradients (torch 2.11, H100: decoder_pos_embed_learned, "
@@ -133,24 +149,11 @@ def test_cuda_split_attention_dropout_is_unbiased():
 def test_cuda_compiled_model_with_split_attention_gives_sdpa_losses_and_gradients():
     """Whole model, dropout off, bf16 autocast: the compiled split_cls step against eager SDPA. Known to
     fail; strict, so that a torch in which it passes says so."""
-    models = {}
-    for backend in ("sdpa", "split_cls"):
-        torch.manual_seed(0)
-        cfg = model_config("tiny", attention_backend=backend, dropout=0.0, attn_dropout=0.0, codebook_dim=32)
-        models[backend] = LeaseModel(cfg).cuda().train()
-        models[backend].set_codebook(torch.randn(64, 32))
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_gen, (8, cfg.seq_len), device="cuda", generator=gen)
-    disc = torch.randint(0, 64, (8, cfg.seq_len), device="cuda", generator=gen)
-    plan = random_plan(8, cfg.seq_len, cfg.seq_len // 2, cfg.seq_len * 3 // 4, torch.device("cuda"), gen, 16)
     losses, grads = {}, {}
-    for backend, model in models.items():
-        step = torch.compile(model) if backend == "split_cls" else model
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = step(tokens, disc, plan)
-        out.loss.backward()
-        losses[backend] = out.loss.float()
-        grads[backend] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    for backend in ("sdpa", "split_cls"):
+        cfg = model_config("tiny", attention_backend=backend, dropout=0.0, attn_dropout=0.0, codebook_dim=32)
+        losses[backend], grads[backend] = one_training_step(cfg, 64, compiled=backend == "split_cls",
+                                                            autocast_dtype=torch.bfloat16)
     assert torch.allclose(losses["split_cls"], losses["sdpa"], rtol=2e-3)
     assert grads["split_cls"].keys() == grads["sdpa"].keys()
     for name, g in grads["sdpa"].items():
@@ -164,22 +167,13 @@ def test_cuda_model_gradients_through_cudnn_attention_match_the_math_kernel_eage
     layouts alone, each built for the output-gradient strides of its first call; a compiled step
     handing its attention a gradient in another layout than the eager step did would reuse the eager
     graph and get wrong gradients (benchmarks/exploratory/cudnn_grad_layout.py shows that on SDPA)."""
-    def gradients(kernel: str, dtype: torch.dtype | None, compiled: bool) -> torch.Tensor:
-        torch.manual_seed(0)
+    def gradients(kernel: str, compiled: bool, autocast_dtype: torch.dtype | None) -> torch.Tensor:
         cfg = model_config("vit_base", dropout=0.0, attn_dropout=0.0, sdpa_kernel=kernel, codebook_dim=32,
-                           depth=2, decoder_depth=2)
-        model = LeaseModel(cfg).cuda().train()
-        model.set_codebook(torch.randn(256, 32, generator=torch.Generator().manual_seed(3)))
-        gen = torch.Generator(device="cuda").manual_seed(1)
-        tokens = torch.randint(0, cfg.vocab_gen, (8, cfg.seq_len), device="cuda", generator=gen)
-        disc = torch.randint(0, 256, (8, cfg.seq_len), device="cuda", generator=gen)
-        plan = random_plan(8, cfg.seq_len, cfg.seq_len // 2, cfg.seq_len * 3 // 4, torch.device("cuda"), gen, 16)
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = (torch.compile(model) if compiled else model)(tokens, disc, plan)
-        out.loss.backward()
-        return torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+                           depth=2, decoder_depth=2)  # ViT-B's attention shapes, two blocks each side
+        _, grads = one_training_step(cfg, 256, compiled, autocast_dtype)
+        return torch.cat([g.flatten() for g in grads.values()])
 
-    exact = gradients("math", None, compiled=False)
+    exact = gradients("math", compiled=False, autocast_dtype=None)
     for compiled in (False, True):
-        got = gradients("cudnn", torch.bfloat16, compiled)
+        got = gradients("cudnn", compiled, torch.bfloat16)
         assert float((got - exact).norm() / exact.norm()) < 0.03, f"compiled={compiled}"

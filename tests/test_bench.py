@@ -73,25 +73,26 @@ def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
     from lease.synthetic import uniform_tokens
     from lease.train import Dist, Trainer, build_model
 
-    codebook = torch.randn(50, 16) if contrast_on != "none" else None
+    codebook_size = 50
+    codebook = torch.randn(codebook_size, 16) if contrast_on != "none" else None
     executed = {}
     for masked_only in (False, True):
         cfg = TrainConfig(preset="tiny", model=model_config("tiny", contrast_on=contrast_on,
                                                             decode_masked_only=masked_only), batch_size=4)
         trainer = Trainer(cfg, build_model(cfg, codebook), torch.device("cpu"), Dist(), steps_per_epoch=1)
-        tokens = uniform_tokens(4, trainer.model.cfg.seq_len, trainer.model.cfg.vocab_gen, 50, seed=0)
+        tokens = uniform_tokens(4, trainer.model.cfg.seq_len, trainer.model.cfg.vocab_gen, codebook_size, seed=0)
         executed[masked_only] = sum(executed_tflop(trainer, Batch(tokens.vq.long(), tokens.disc.long(),
                                                                   tokens.labels), count_images=2).values())
         assert all(p.grad is None for p in trainer.model.parameters())  # the count leaves no gradients
     cfg = trainer.model.cfg
     kept = cfg.seq_len - trainer.num_dropped
-    useful = 4 * flops_per_image(cfg, kept, 50) / 1e12
+    useful = 4 * flops_per_image(cfg, kept, codebook_size) / 1e12
     # the encoder contrast runs on the plan's contrast rows alone (kept unmasked ones plus padding)
     skipped = 0.0
     if contrast_on in ("encoder", "both"):
         skipped_rows = kept - trainer.plan_at_mean_ratio(2).contrast_idx.shape[1]
         assert skipped_rows > 0  # the mean ratio masks some kept tokens
-        skipped = 4 * 2 * skipped_rows * cfg.codebook_dim * (3 * cfg.embed_dim + 2 * 50) / 1e12
+        skipped = 4 * 2 * skipped_rows * cfg.codebook_dim * (3 * cfg.embed_dim + 2 * codebook_size) / 1e12
     assert skipped < useful / 10
     assert executed[False] == pytest.approx(useful - skipped, rel=1e-9)
     if trainer.model.decodes_masked_only:
