@@ -63,11 +63,17 @@ def split_cls_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
 
 
 def _single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """One query per head, q [B, H, D] over k, v [B, H, N, D] → [B, H, D]: a softmax over N scores."""
+    """One query per head, q [B, H, D] over k, v [B, H, N, D] → [B, H, D]: a softmax over N scores.
+
+    Two batched matmuls of one row each, outside autocast so that the scores stay in fp32 as in the
+    fused kernels. Not a broadcast product summed over D: compiled by torch 2.11 on CUDA, that form's
+    gradients for q and k came out wrong (up to 10³⁴) when q, k, v were views of one packed projection
+    (benchmarks/exploratory/cls_row_compiled.py)."""
     acc = _accumulation_dtype(q)
-    scores = (q[:, :, None].to(acc) * k.to(acc)).sum(-1) * q.shape[-1] ** -0.5
-    probs = F.dropout(scores.softmax(-1), dropout_p)
-    return (probs[..., None] * v.to(acc)).sum(2).to(v.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = q[:, :, None].to(acc) @ k.to(acc).transpose(-1, -2) * q.shape[-1] ** -0.5
+        probs = F.dropout(scores.softmax(-1), dropout_p)
+        return (probs @ v.to(acc))[:, :, 0].to(v.dtype)
 
 
 def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:

@@ -181,10 +181,6 @@ class TrainConfig:
         require(self.epochs > 0 or self.max_steps > 0, "epochs", "need epochs > 0 or max_steps > 0")
         require(self.log_every > 0, "log_every", "must be > 0")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
-        require(not (self.compile and self.model.attention_backend == "split_cls"),
-                "model.attention_backend", "split_cls trains wrongly under torch.compile (on an H100 its gradients "
-                "came out NaN with attention dropout, and the decoder's [CLS] position embedding got a wrong "
-                "gradient without it); use sdpa, or compile: false")
 
 
 MODEL_PRESETS: dict[str, dict] = {

@@ -91,7 +91,9 @@ def plan_from_permutation(perm: torch.Tensor, num_dropped: int, num_masked: int,
     unmasked_first = keep_masked.to(torch.uint8).argsort(dim=1, stable=True)
     return MaskPlan(keep_idx=keep_idx, keep_masked=keep_masked, masked=masked,
                     decode_idx=perm[:, :decode_rows].sort(dim=1).values,
-                    contrast_idx=unmasked_first[:, :contrast_rows])
+                    # contiguous at every width: a slice is not, the full width is, and under
+                    # torch.compile that flip costs a recompile of the whole step
+                    contrast_idx=unmasked_first[:, :contrast_rows].contiguous())
 
 
 def _padded_rows(count: int, multiple: int, available: int) -> int:

@@ -103,6 +103,12 @@ def build_model(cfg: TrainConfig, centroids: torch.Tensor | None, num_classes: i
     return model
 
 
+def mark_row_counts_dynamic(plan: MaskPlan) -> None:
+    """The decoded and contrast row counts change from step to step: one compiled graph for all."""
+    torch._dynamo.maybe_mark_dynamic(plan.decode_idx, 1)
+    torch._dynamo.maybe_mark_dynamic(plan.contrast_idx, 1)
+
+
 class Trainer:
     """Owns model, optimizer, RNG streams and the step counter; `step()` runs one optimizer step."""
 
@@ -160,9 +166,8 @@ class Trainer:
         for i, micro in enumerate(self._micro_batches(batch)):
             plan = random_plan(micro.vq.shape[0], micro.vq.shape[1], self.num_dropped, num_masked,
                                self.device, self.mask_gen, self.cfg.mask.decode_rows_multiple)
-            if self.cfg.compile:  # the decoded and contrast row counts change from step to step: one graph for all
-                torch._dynamo.maybe_mark_dynamic(plan.decode_idx, 1)
-                torch._dynamo.maybe_mark_dynamic(plan.contrast_idx, 1)
+            if self.cfg.compile:
+                mark_row_counts_dynamic(plan)
             labels = micro.labels if self.model.online_classifier is not None else None
             sync = contextlib.nullcontext() if (i == self.cfg.grad_accum - 1 or self.ddp.world_size == 1) \
                 else self.forward.no_sync()

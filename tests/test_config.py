@@ -76,16 +76,3 @@ def test_pretrain_names_the_batch_size_that_fits_a_small_folder(samples, fits):
     _check_batch_fits(fits, {"samples": samples})  # that one fits
     with pytest.raises(ValueError, match="no train samples"):
         _check_batch_fits(32, {})
-
-
-@pytest.mark.parametrize("attn_dropout", ["0.1", "0"])
-def test_split_cls_attention_is_refused_under_compile(attn_dropout):
-    """Compiled, split_cls's gradients came out wrong on an H100 with attention dropout and without
-    (README; tests/test_attention.py): refused either way, allowed eagerly."""
-    with pytest.raises(ConfigError, match="model.attention_backend"):
-        load_pipeline_config("demo", ["pretrain.compile=true", "pretrain.model.attention_backend=split_cls",
-                                      f"pretrain.model.attn_dropout={attn_dropout}"])
-    load_pipeline_config("demo", ["pretrain.model.attention_backend=split_cls",
-                                  f"pretrain.model.attn_dropout={attn_dropout}"])  # eager: right
-    load_pipeline_config("demo", ["pretrain.compile=true", "pretrain.model.attention_backend=sdpa",
-                                  f"pretrain.model.attn_dropout={attn_dropout}"])

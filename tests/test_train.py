@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from lease.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
-from lease.configs import train_config
+from lease.configs import model_config, train_config
 from lease.data import read_token_set
 from lease.io import file_digest
+from lease.masking import random_plan
 from lease.model import LeaseModel
-from lease.train import NonFiniteLoss, train
+from lease.train import NonFiniteLoss, mark_row_counts_dynamic, train
 from lease.synthetic import planted_codebook, planted_tokens
 from planted import write_shards
 
@@ -93,6 +94,31 @@ def test_codebook_smaller_than_ids_is_named(planted, tmp_path):
 def test_resume_without_checkpoint_is_clear(planted, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         train(tiny_cfg(planted), tmp_path / "nothing", resume=True)
+
+
+def test_compiled_model_keeps_one_graph_across_masking_ratios():
+    """Under `torch.compile` the decoded and contrast row counts change from step to step, and the
+    trainer marks them dynamic so that one graph serves every ratio. The ratios here cover contrast
+    rows at full width (ratio near its minimum), where a slice of the kept rows would be contiguous and
+    any other width's would not: that flip alone recompiled the whole step."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny", codebook_dim=16)
+    model = LeaseModel(cfg).train()
+    model.set_codebook(torch.randn(32, 16))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")  # graphs as inductor gets them, without codegen
+    length = cfg.seq_len
+    contrast_widths = set()
+    for num_masked in (length * 3 // 4, length // 2 + 1, length - 1, length * 5 // 8):
+        plan = random_plan(4, length, length // 2, num_masked, torch.device("cpu"), None, 16)
+        mark_row_counts_dynamic(plan)
+        contrast_widths.add(plan.contrast_idx.shape[1])
+        compiled(torch.randint(0, cfg.vocab_gen, (4, length)), torch.randint(0, 32, (4, length)), plan).loss.backward()
+    assert length // 2 in contrast_widths and len(contrast_widths) == 4
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def _knn_accuracy(model, train_set, val_set, k=10):

@@ -1,13 +1,13 @@
-"""Gradients of split_cls's [CLS] query row (`lease.attention._single_query`), eager and compiled,
-against fp64, at the ViT-B encoder and decoder shapes; on the GPU when there is one, else the CPU.
+"""Gradients of split_cls's [CLS] query row, eager and compiled, against fp64, at the ViT-B encoder and
+decoder shapes; on the GPU when there is one, else the CPU.
 
     python benchmarks/exploratory/cls_row_compiled.py
 
-Compiled into the model, split_cls gets the gradient of the decoder's [CLS] position embedding wrong
-on an H100 with torch 2.11 (the known failure in tests/test_attention.py). This isolates the [CLS]
-row: q, k, v are views of one packed projection as in the model, and the output gradient is a plain
-[B, H, D] tensor. Each line gives the relative error of dq, dk and dv. On the CPU (torch 2.14.1)
-every line reads 1.6-1.7e-3, eager and compiled; not yet run on a GPU.
+Two forms of the same softmax over N scores: "broadcast", q times k summed over the head dimension (what
+`lease.attention._single_query` was until the compiled model's [CLS] gradients were traced to it), and
+"matmul", the function as it is now. q, k, v are views of one packed projection, as in the model, or
+contiguous copies of them; the output gradient is a plain [B, H, D] tensor. Each line gives the relative
+error of dq, dk and dv.
 """
 import logging
 
@@ -19,28 +19,36 @@ SHAPES = {"encoder": (12, 129, 64), "decoder": (16, 257, 48)}  # heads, tokens, 
 BATCH = 8
 
 
-def cls_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def broadcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = (q[:, :, 0, None].float() * k.float()).sum(-1) * q.shape[-1] ** -0.5
+    return (scores.softmax(-1)[..., None] * v.float()).sum(2).to(v.dtype)
+
+
+def matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _single_query(q[:, :, 0], k, v, 0.0)
 
 
-def errors(fn, heads: int, tokens: int, head_dim: int, device: torch.device) -> list[float]:
+def errors(fn, heads: int, tokens: int, head_dim: int, packed_views: bool, device: torch.device) -> list[float]:
     gen = torch.Generator(device=device).manual_seed(0)
     packed = torch.randn(BATCH, tokens, 3, heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
-    leaves = [t.detach().requires_grad_() for t in packed.unbind(2)]
+    leaves = [t.detach() if packed_views else t.contiguous() for t in packed.unbind(2)]
+    leaves = [t.requires_grad_() for t in leaves]
     exact = [t.detach().double().requires_grad_() for t in leaves]
     grad = torch.randn(BATCH, heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
     got = torch.autograd.grad(fn(*(t.transpose(1, 2) for t in leaves)), leaves, grad)
-    ref = torch.autograd.grad(cls_row(*(t.transpose(1, 2) for t in exact)), exact, grad.double())
+    ref = torch.autograd.grad(matmul(*(t.transpose(1, 2) for t in exact)), exact, grad.double())
     return [float((a.double() - r).norm() / r.norm()) for a, r in zip(got, ref)]
 
 
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    compiled = torch.compile(cls_row, dynamic=False)
-    for part, shape in SHAPES.items():
-        for mode, fn in (("eager", cls_row), ("compiled", compiled)):
-            dq, dk, dv = errors(fn, *shape, device)
-            logging.info("%s %s %s: dq %.1e  dk %.1e  dv %.1e", device.type, part, mode, dq, dk, dv)
+    for form in (broadcast, matmul):
+        for packed_views in (True, False):
+            for part, shape in SHAPES.items():
+                for mode, fn in (("eager", form), ("compiled", torch.compile(form, dynamic=False))):
+                    dq, dk, dv = errors(fn, *shape, packed_views, device)
+                    logging.info("%s %-9s %-12s %-7s %-8s dq %.1e  dk %.1e  dv %.1e", device.type, form.__name__,
+                                 "packed views" if packed_views else "contiguous", part, mode, dq, dk, dv)
 
 
 if __name__ == "__main__":
