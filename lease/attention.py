@@ -27,13 +27,9 @@ Dropout keeps its meaning: every attention probability is dropped independently 
 and the kept ones scaled by 1/(1 − p); the kernel draws the masks of the patch keys, torch's
 generator those of the [CLS] column and row.
 
-The merge is extra elementwise work, and timed alone the split is slower than cuDNN on the whole
-sequence (README). Compiled into a training step its gradients come out wrong on an H100 with torch
-2.11: NaN, or finite at far too large a norm, with attention dropout; without it, the decoder's [CLS]
-position embedding gets a gradient 40 % off (`tests/test_attention.py`, marked as a known failure).
-Eagerly the model matches SDPA. Training refuses split_cls under `torch.compile`
-(`lease.configs.TrainConfig`), so the model takes this path only eagerly with
-`model.attention_backend=split_cls`.
+The merge is extra elementwise work: timed alone the split is slower than cuDNN on the whole
+sequence, and so is the compiled ViT-B training step with it (README, "Training speed"). The model
+takes this path with `model.attention_backend=split_cls`.
 """
 from __future__ import annotations
 

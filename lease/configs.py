@@ -49,8 +49,8 @@ class ModelConfig:
     # "split_cls": SDPA's cuDNN kernel on the tokens after [CLS], the [CLS] row and column merged in
     # through the log-sum-exp (lease/attention.py); same attention, no kernel tile spent on one token.
     # It applies to CUDA in 16 bits (sm80+), always through cuDNN (sdpa_kernel does not apply); elsewhere
-    # plain SDPA runs. Under torch.compile its gradients are wrong (with attention dropout or without), so
-    # training refuses that combination (README, "Training speed"). "auto": flash-attn when installed, else SDPA.
+    # plain SDPA runs. Slower than SDPA on an H100 (README, "Training speed"). "auto": flash-attn when
+    # installed, else SDPA.
     attention_backend: Literal["sdpa", "flash_attn", "split_cls", "auto"] = "auto"
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
     # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).
