@@ -7,6 +7,7 @@ steps, peak memory, images/s, useful FLOPs per image and MFU against the measure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -88,6 +89,22 @@ def time_cuda(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
         end.record()
     torch.cuda.synchronize()
     return [s.elapsed_time(e) for s, e in events]
+
+
+@contextlib.contextmanager
+def no_compilation(what: str) -> Iterator[None]:
+    """Fail when `torch.compile` compiles a graph inside the block. A compile inside the timed steps
+    leaves their CUDA-event median nearly alone but makes the GPU samples mostly compiler time."""
+    before = _compiled_graphs()
+    yield
+    compiled = _compiled_graphs() - before
+    if compiled:
+        raise RuntimeError(f"torch.compile compiled {compiled} new graph(s) during {what} (a shape or layout "
+                           "not seen in the warm-up): rerun with a larger --warmup")
+
+
+def _compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 SW_POWER_CAP = 0x4  # nvidia-smi clocks_event_reasons bit: clocks lowered to hold the board's power limit
@@ -262,7 +279,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
 
     torch.cuda.reset_peak_memory_stats()
     time_cuda(train_step, warmup=warmup, steps=0)  # compiles
-    with GpuSampler(nvidia_smi_id(device)) as gpu:
+    with no_compilation("the timed steps"), GpuSampler(nvidia_smi_id(device)) as gpu:
         ms = time_cuda(train_step, warmup=0, steps=steps)
     final_metrics = finite_metrics(last_metrics)
     median_ms = statistics.median(ms)

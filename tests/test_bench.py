@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lease.bench import finite_metrics, results_table
+from lease.bench import finite_metrics, no_compilation, results_table
 from pipeline.bench import IMAGENET_1K_IMAGES, imagenet_estimate
 
 IMAGENET = sum(IMAGENET_1K_IMAGES.values())
@@ -137,3 +137,15 @@ def test_a_non_finite_timed_step_voids_the_record():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(RuntimeError, match="non-finite"):
             finite_metrics({"loss": torch.tensor(8.06), "grad_norm": torch.tensor(bad)})
+
+
+def test_a_graph_compiled_inside_the_timed_block_is_refused():
+    """`lease bench train` times its steps inside `no_compilation`: a new input shape there recompiles."""
+    torch._dynamo.reset()
+    double = torch.compile(lambda x: x * 2, backend="aot_eager")
+    double(torch.ones(4))
+    with no_compilation("the timed steps"):
+        double(torch.ones(4))  # the warmed-up shape: no compile
+    with pytest.raises(RuntimeError, match="1 new graph.*timed steps.*--warmup"):
+        with no_compilation("the timed steps"):
+            double(torch.ones(5))
