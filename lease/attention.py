@@ -63,8 +63,8 @@ def _single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
 
     Two batched matmuls of one row each, outside autocast so that the scores stay in fp32 as in the
     fused kernels. Not a broadcast product summed over D: compiled by torch 2.11 on CUDA, that form's
-    gradients for q and k came out wrong (up to 10³⁴) when q, k, v were views of one packed projection
-    (benchmarks/exploratory/cls_row_compiled.py)."""
+    gradients for q and k came out 150 % off, or NaN, for q, k, v strided as the model's projection
+    leaves them (benchmarks/exploratory/cls_row_compiled.py)."""
     acc = _accumulation_dtype(q)
     with torch.autocast(q.device.type, enabled=False):
         scores = q[:, :, None].to(acc) @ k.to(acc).transpose(-1, -2) * q.shape[-1] ** -0.5
