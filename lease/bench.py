@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 RESULTS_DIR = Path("benchmarks/results")
 
 
+# Environment variables that change which kernels run or how they are compiled (TORCHINDUCTOR_*
+# switches such as TORCHINDUCTOR_MIX_ORDER_REDUCTION, TF32 overrides, cuBLAS/cuDNN settings).
+KERNEL_ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCH_", "PYTORCH_", "CUDNN_", "CUBLAS_", "NVIDIA_TF32")
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"hostname": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                             "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -53,6 +58,7 @@ def machine_info() -> dict[str, Any]:
         info["lease_commit"] = (commit + ("+dirty" if dirty else "")) or None
     except OSError:
         info["lease_commit"] = None
+    info["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(KERNEL_ENV_PREFIXES)}
     return info
 
 

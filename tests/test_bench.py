@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lease.bench import finite_metrics, no_compilation, results_table
+from lease.bench import finite_metrics, machine_info, no_compilation, results_table
 from pipeline.bench import IMAGENET_1K_IMAGES, imagenet_estimate
 
 IMAGENET = sum(IMAGENET_1K_IMAGES.values())
@@ -149,3 +149,10 @@ def test_a_graph_compiled_inside_the_timed_block_is_refused():
     with pytest.raises(RuntimeError, match="1 new graph.*timed steps.*--warmup"):
         with no_compilation("the timed steps"):
             double(torch.ones(5))
+
+
+def test_records_name_the_kernel_switches_set_in_the_environment(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", "0")
+    monkeypatch.setenv("LEASE_UNRELATED", "1")
+    env = machine_info()["env"]
+    assert env["TORCHINDUCTOR_MIX_ORDER_REDUCTION"] == "0" and "LEASE_UNRELATED" not in env
