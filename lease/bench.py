@@ -37,6 +37,7 @@ from lease.train import Dist, Trainer, build_model
 
 log = logging.getLogger(__name__)
 RESULTS_DIR = Path("benchmarks/results")
+SYNTHETIC_BATCHES = 8  # distinct resident batches a training benchmark cycles through
 
 
 # Environment variables that change which kernels run or how they are compiled (TORCHINDUCTOR_*
@@ -256,10 +257,10 @@ def kernel_tflops(executed: dict[str, float], kernel_ms: dict[str, float]) -> di
 def synthetic_trainer(cfg: TrainConfig, codebook_size: int, codebook_dim: int, device: torch.device
                       ) -> tuple[Trainer, Iterator[Batch]]:
     """A Trainer for `cfg` with a random codebook, and its batches of uniform synthetic tokens resident on
-    `device` (8 distinct batches): real shapes and real arithmetic, nothing to learn."""
+    `device` (SYNTHETIC_BATCHES distinct batches): real shapes and real arithmetic, nothing to learn."""
     centroids = torch.randn(codebook_size, codebook_dim) if cfg.model.contrast_on != "none" else None
     model = build_model(cfg, centroids)
-    tokens = uniform_tokens(cfg.batch_size * 8, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
+    tokens = uniform_tokens(cfg.batch_size * SYNTHETIC_BATCHES, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
     batches = ResidentBatches(tokens, cfg.batch_size, device, seed=0)
     return Trainer(cfg, model, device, Dist(), batches.steps_per_epoch), batches.iterate(0)
 

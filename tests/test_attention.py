@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lease.attention import split_cls_attention
-from lease.configs import model_config
+from lease.configs import MaskConfig, model_config
 from lease.masking import random_plan
 from lease.model import LeaseModel
 
@@ -144,7 +144,8 @@ def one_training_step(cfg, codebook_size: int, compiled: bool, autocast_dtype: t
     gen = torch.Generator(device="cuda").manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_gen, (batch, cfg.seq_len), device="cuda", generator=gen)
     disc = torch.randint(0, codebook_size, (batch, cfg.seq_len), device="cuda", generator=gen)
-    plan = random_plan(batch, cfg.seq_len, cfg.seq_len // 2, cfg.seq_len * 3 // 4, torch.device("cuda"), gen, 16)
+    plan = random_plan(batch, cfg.seq_len, cfg.seq_len // 2, cfg.seq_len * 3 // 4, torch.device("cuda"), gen,
+                       MaskConfig().decode_rows_multiple)
     with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         out = (torch.compile(model) if compiled else model)(tokens, disc, plan)
     out.loss.backward()

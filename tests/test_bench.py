@@ -1,4 +1,6 @@
-"""The precompute benchmark's ImageNet-1K estimate: what scales with the image count and what does not."""
+"""The benchmarks' arithmetic and guards: the precompute's ImageNet-1K estimate, useful FLOPs against torch's
+counter, record names and the results table, and the checks that void a timing (non-finite steps, a
+compile inside the timed steps)."""
 import pytest
 import torch
 
@@ -64,8 +66,6 @@ def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
     same count but for the contrast rows the plan skips, so the MFU of a bench record neither flatters
     nor undersells (counted on 2 of the 4 images and scaled). Decoding the masked rows alone then
     executes fewer."""
-    import torch
-
     from lease.bench import executed_tflop
     from lease.configs import TrainConfig, model_config
     from lease.data import Batch
