@@ -109,6 +109,18 @@ def mark_row_counts_dynamic(plan: MaskPlan) -> None:
     torch._dynamo.maybe_mark_dynamic(plan.contrast_idx, 1)
 
 
+# Inductor's comprehensive padding rounds the strides of some intermediate buffers up to 128 bytes. In
+# torch 2.11 on CUDA a fused reduction then indexed an unpadded buffer with the padded stride (the same
+# mechanism as pytorch/pytorch#179931): the [CLS] row of split_cls got dq and dk 150 % off, or NaN, and
+# only turning this pass off made that graph right. Off, the ViT-B step runs as fast (README).
+TRAINING_INDUCTOR_OPTIONS = {"comprehensive_padding": False}
+
+
+def compile_for_training(fn: Any, mode: str) -> Any:
+    """`torch.compile(fn, mode=mode)` with `TRAINING_INDUCTOR_OPTIONS` on top of the mode's own options."""
+    return torch.compile(fn, options={**torch._inductor.list_mode_options(mode), **TRAINING_INDUCTOR_OPTIONS})
+
+
 class Trainer:
     """Owns model, optimizer, RNG streams and the step counter; `step()` runs one optimizer step."""
 
@@ -133,7 +145,7 @@ class Trainer:
         self.lr = 0.0
         wrapped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None
                                           ) if ddp.world_size > 1 else self.model
-        self.forward = torch.compile(wrapped, mode=cfg.compile_mode) if cfg.compile else wrapped
+        self.forward = compile_for_training(wrapped, cfg.compile_mode) if cfg.compile else wrapped
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
     # ------------------------------------------------------------------------------ one step

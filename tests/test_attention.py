@@ -13,6 +13,7 @@ from lease.attention import split_cls_attention
 from lease.configs import MaskConfig, model_config
 from lease.masking import random_plan
 from lease.model import LeaseModel
+from lease.train import compile_for_training
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -83,6 +84,27 @@ def test_cuda_split_attention_matches_fp64_reference_in_bf16(h, n, d, compiled):
     (g_ref,) = torch.autograd.grad(ref, ref_packed, grad.double())
     for got, want in ((out, ref), (g_out, g_ref)):
         assert float((got.detach().double() - want).abs().max() / want.abs().max()) < 0.02
+
+
+def summed_cls_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The [CLS] query's row as q times k summed over the head dimension (split_cls's earlier form)."""
+    scores = (q[:, :, 0, None].float() * k.float()).sum(-1) * q.shape[-1] ** -0.5
+    return (scores.softmax(-1)[..., None] * v.float()).sum(2).to(v.dtype)
+
+
+@cuda
+@pytest.mark.parametrize("h, n, d", [(12, 129, 64), (16, 257, 48)])
+def test_cuda_training_compile_options_keep_padded_reductions_right(h, n, d):
+    """Compiled by torch 2.11 with inductor's comprehensive padding on, this row's dq and dk came out
+    150 % off fp64 (encoder) or NaN (decoder): a fused reduction read an unpadded buffer with the
+    padded stride. The trainer compiles with that pass off (lease.train.TRAINING_INDUCTOR_OPTIONS)."""
+    packed, (q, k, v) = qkv_views(8, n, h, d, dtype=torch.bfloat16, device="cuda")
+    grad = torch.randn(8, h, d, device="cuda", dtype=torch.bfloat16)
+    (got,) = torch.autograd.grad(compile_for_training(summed_cls_row, "default")(q, k, v), packed, grad)
+    ref_packed = packed.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(summed_cls_row(*ref_packed.permute(2, 0, 3, 1, 4).unbind(0)), ref_packed,
+                                  grad.double())
+    assert float((got.double() - want).norm() / want.norm()) < 0.02
 
 
 @cuda
