@@ -116,9 +116,10 @@ def mark_row_counts_dynamic(plan: MaskPlan) -> None:
 TRAINING_INDUCTOR_OPTIONS = {"comprehensive_padding": False}
 
 
-def compile_for_training(fn: Any, mode: str) -> Any:
+def compile_for_training(fn: Any, mode: str, dynamic: bool | None = None) -> Any:
     """`torch.compile(fn, mode=mode)` with `TRAINING_INDUCTOR_OPTIONS` on top of the mode's own options."""
-    return torch.compile(fn, options={**torch._inductor.list_mode_options(mode), **TRAINING_INDUCTOR_OPTIONS})
+    options = {**torch._inductor.list_mode_options(mode), **TRAINING_INDUCTOR_OPTIONS}
+    return torch.compile(fn, dynamic=dynamic, options=options)
 
 
 class Trainer:

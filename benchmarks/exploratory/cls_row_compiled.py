@@ -6,16 +6,19 @@ decoder shapes; on the GPU when there is one, else the CPU.
 Two forms of the same softmax over N scores: "broadcast", q times k summed over the head dimension (what
 `lease.attention._single_query` was until the compiled model's [CLS] gradients were traced to it), and
 "matmul", the function as it is now. q, k, v are views of one packed projection, as in the model, or
-contiguous copies of them; the output gradient is a plain [B, H, D] tensor. Each line gives the relative
-error of dq, dk and dv. On an H100 (torch 2.11.0, 2026-11-25) the compiled broadcast form gave dq and dk
-1.5 at the encoder's shape and NaN at the decoder's, in both layouts; every other line read 1.6-1.7e-3.
-On the CPU (torch 2.14.1) every line reads 1.6-1.7e-3.
+contiguous copies of them; the output gradient is a plain [B, H, D] tensor. Each form runs eagerly,
+compiled as `torch.compile` does by default, and compiled as the trainer compiles
+(`lease.train.compile_for_training`: inductor's comprehensive padding off). Each line gives the relative
+error of dq, dk and dv. On an H100 (torch 2.11.0, 2026-11-25) the broadcast form compiled by default gave
+dq and dk 1.5 at the encoder's shape and NaN at the decoder's, in both layouts; every other line read
+1.6-1.7e-3. On the CPU (torch 2.14.1, where inductor does not pad) every line reads 1.6-1.7e-3.
 """
 import logging
 
 import torch
 
 from lease.attention import _single_query
+from lease.train import compile_for_training
 
 SHAPES = {"encoder": (12, 129, 64), "decoder": (16, 257, 48)}  # heads, tokens, head dim (ViT-B)
 BATCH = 8
@@ -47,7 +50,8 @@ def main() -> None:
     for form in (broadcast, matmul):
         for packed_views in (True, False):
             for part, shape in SHAPES.items():
-                for mode, fn in (("eager", form), ("compiled", torch.compile(form, dynamic=False))):
+                for mode, fn in (("eager", form), ("compiled", torch.compile(form, dynamic=False)),
+                                 ("trainer", compile_for_training(form, "default", dynamic=False))):
                     dq, dk, dv = errors(fn, *shape, packed_views, device)
                     logging.info("%s %-9s %-12s %-7s %-8s dq %.1e  dk %.1e  dv %.1e", device.type, form.__name__,
                                  "packed views" if packed_views else "contiguous", part, mode, dq, dk, dv)
