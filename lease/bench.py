@@ -33,7 +33,7 @@ from lease.data import Batch, ResidentBatches
 from lease.model import SDPA_KERNELS, flops_per_image
 from lease.synthetic import uniform_tokens
 from lease.typed_config import apply_overrides
-from lease.train import Dist, Trainer, build_model
+from lease.train import Dist, Trainer, build_model, compile_for_training
 
 log = logging.getLogger(__name__)
 RESULTS_DIR = Path("benchmarks/results")
@@ -343,7 +343,7 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
     kept = cfg.seq_len - math.ceil(cfg.seq_len * MaskConfig().ratio_min)
     shapes = {"encoder": (cfg.num_heads, kept + 1, cfg.embed_dim // cfg.num_heads),
               "decoder": (cfg.decoder_num_heads, cfg.seq_len + 1, cfg.decoder_embed_dim // cfg.decoder_num_heads)}
-    compiled_split = torch.compile(split_cls_attention, dynamic=False)  # as in the model: merge work fused
+    compiled_split = compile_for_training(split_cls_attention, "default", dynamic=False)  # merge fused, as in training
     rows = []
     for (part, (heads, tokens, head_dim)), dropout in itertools.product(shapes.items(), (cfg.attn_dropout, 0.0)):
         runs = [(name, tokens, functools.partial(_pinned_sdpa, SDPA_KERNELS[name], dropout_p=dropout))
