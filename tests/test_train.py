@@ -1,5 +1,6 @@
 """Trainer behaviour: exact resume, NaN stop, bad inputs, and learning on planted structure."""
 import json
+from typing import get_args, get_type_hints
 
 import numpy as np
 import pytest
@@ -7,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from lease.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
-from lease.configs import model_config, train_config
+from lease.configs import TrainConfig, model_config, train_config
 from lease.data import read_token_set
 from lease.io import file_digest
 from lease.masking import random_plan
 from lease.model import LeaseModel
-from lease.train import NonFiniteLoss, mark_row_counts_dynamic, train
+from lease.train import NonFiniteLoss, compile_for_training, mark_row_counts_dynamic, train
 from lease.synthetic import planted_codebook, planted_tokens
 from planted import write_shards
 
@@ -119,6 +120,13 @@ def test_compiled_model_keeps_one_graph_across_masking_ratios():
         compiled(torch.randint(0, cfg.vocab_gen, (4, length)), torch.randint(0, 32, (4, length)), plan).loss.backward()
     assert length // 2 in contrast_widths and len(contrast_widths) == 4
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("mode", get_args(get_type_hints(TrainConfig)["compile_mode"]))
+def test_training_compile_options_are_known_to_inductor(mode):
+    """`torch.compile` checks option names when it wraps, before any step: a torch that renamed one of
+    `TRAINING_INDUCTOR_OPTIONS` (or a mode) fails here on the CPU, not at the first step of a GPU job."""
+    compile_for_training(torch.nn.Linear(2, 2), mode)
 
 
 def _knn_accuracy(model, train_set, val_set, k=10):
