@@ -62,9 +62,9 @@ def _single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
     """One query per head, q [B, H, D] over k, v [B, H, N, D] → [B, H, D]: a softmax over N scores.
 
     Two batched matmuls of one row each, outside autocast so that the scores stay in fp32 as in the
-    fused kernels. Not a broadcast product summed over D: compiled by torch 2.11 on CUDA, that form's
-    gradients for q and k came out 150 % off, or NaN, for q, k, v strided as the model's projection
-    leaves them (benchmarks/exploratory/cls_row_compiled.py)."""
+    fused kernels. Not a broadcast product summed over D: compiled by torch 2.11 on CUDA with inductor's
+    comprehensive padding on, that form's gradients for q and k came out 150 % off, or NaN
+    (benchmarks/exploratory/cls_row_compiled.py; the trainer now compiles with that pass off)."""
     acc = _accumulation_dtype(q)
     with torch.autocast(q.device.type, enabled=False):
         scores = q[:, :, None].to(acc) @ k.to(acc).transpose(-1, -2) * q.shape[-1] ** -0.5

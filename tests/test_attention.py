@@ -160,7 +160,8 @@ def test_cuda_split_attention_dropout_is_unbiased():
 def one_training_step(cfg, codebook_size: int, compiled: bool, autocast_dtype: torch.dtype | None,
                       batch: int = 8):
     """Loss and parameter gradients of one step of a fresh model (seed 0, a random codebook) on the GPU,
-    on `batch` fixed random images with half their tokens dropped and three quarters masked."""
+    compiled as the trainer compiles it when `compiled`, on `batch` fixed random images with half their
+    tokens dropped and three quarters masked."""
     torch.manual_seed(0)
     model = LeaseModel(cfg).cuda().train()
     model.set_codebook(torch.randn(codebook_size, cfg.codebook_dim))
@@ -170,7 +171,7 @@ def one_training_step(cfg, codebook_size: int, compiled: bool, autocast_dtype: t
     plan = random_plan(batch, cfg.seq_len, cfg.seq_len // 2, cfg.seq_len * 3 // 4, torch.device("cuda"), gen,
                        MaskConfig().decode_rows_multiple)
     with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        out = (torch.compile(model) if compiled else model)(tokens, disc, plan)
+        out = (compile_for_training(model, "default") if compiled else model)(tokens, disc, plan)
     out.loss.backward()
     return out.loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
