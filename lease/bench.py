@@ -41,7 +41,7 @@ SYNTHETIC_BATCHES = 8  # distinct resident batches a training benchmark cycles t
 
 
 # Environment variables that change which kernels run or how they are compiled (TORCHINDUCTOR_*
-# switches such as TORCHINDUCTOR_MIX_ORDER_REDUCTION, TF32 overrides, cuBLAS/cuDNN settings).
+# switches such as TORCHINDUCTOR_COMPREHENSIVE_PADDING, TF32 overrides, cuBLAS/cuDNN settings).
 KERNEL_ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCH_", "PYTORCH_", "CUDNN_", "CUBLAS_", "NVIDIA_TF32")
 
 
@@ -260,7 +260,8 @@ def synthetic_trainer(cfg: TrainConfig, codebook_size: int, codebook_dim: int, d
     `device` (SYNTHETIC_BATCHES distinct batches): real shapes and real arithmetic, nothing to learn."""
     centroids = torch.randn(codebook_size, codebook_dim) if cfg.model.contrast_on != "none" else None
     model = build_model(cfg, centroids)
-    tokens = uniform_tokens(cfg.batch_size * SYNTHETIC_BATCHES, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size, seed=0)
+    tokens = uniform_tokens(cfg.batch_size * SYNTHETIC_BATCHES, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size,
+                            seed=0)
     batches = ResidentBatches(tokens, cfg.batch_size, device, seed=0)
     return Trainer(cfg, model, device, Dist(), batches.steps_per_epoch), batches.iterate(0)
 

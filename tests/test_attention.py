@@ -3,7 +3,9 @@
 On the CPU the fused kernel is PyTorch's CPU flash kernel (no dropout there): fp64 gradcheck of the
 log-sum-exp merge and its backward (the D − g shift), and agreement with SDPA. On a GPU (cuDNN, bf16,
 the ViT-B shapes) against an fp64 reference, and with dropout through identities that hold for any
-fixed masks only if the backward uses the forward's masks.
+fixed masks only if the backward uses the forward's masks. Also on a GPU: the trainer's compile
+options against the inductor bug they avoid, and whole-model gradients, compiled as the trainer
+compiles, against eager SDPA and the math kernel.
 """
 import pytest
 import torch
@@ -30,7 +32,12 @@ def qkv_views(b: int, n: int, h: int, d: int, dtype=torch.float64, device="cpu",
         packed[:, :, 0, :, 0] += 4.0
         packed[:, 0, 1, :, 0] = 1.5 * d ** 0.5
     packed.requires_grad_()
-    return packed, packed.permute(2, 0, 3, 1, 4).unbind(0)
+    return packed, unpack_qkv(packed)
+
+
+def unpack_qkv(packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, H, N, D] as views of a packed [B, N, 3, H, D] tensor."""
+    return packed.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 @pytest.mark.parametrize("q_has_cls, m, heavy_cls", [(True, 17, False), (False, 6, False), (True, 17, True)])
@@ -80,7 +87,7 @@ def test_cuda_split_attention_matches_fp64_reference_in_bf16(h, n, d, compiled):
     out = fn(q, k, v, 0.0)
     (g_out,) = torch.autograd.grad(out, packed, grad)
     ref_packed = packed.detach().double().requires_grad_()
-    ref = F.scaled_dot_product_attention(*ref_packed.permute(2, 0, 3, 1, 4).unbind(0))
+    ref = F.scaled_dot_product_attention(*unpack_qkv(ref_packed))
     (g_ref,) = torch.autograd.grad(ref, ref_packed, grad.double())
     for got, want in ((out, ref), (g_out, g_ref)):
         assert float((got.detach().double() - want).abs().max() / want.abs().max()) < 0.02
@@ -95,16 +102,16 @@ def summed_cls_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 @cuda
 @pytest.mark.parametrize("h, n, d", [(12, 129, 64), (16, 257, 48)])
 def test_cuda_training_compile_options_keep_padded_reductions_right(h, n, d):
-    """Compiled by torch 2.11 with inductor's comprehensive padding on, this row's dq and dk came out
-    150 % off fp64 (encoder) or NaN (decoder): a fused reduction read an unpadded buffer with the
-    padded stride. The trainer compiles with that pass off (lease.train.TRAINING_INDUCTOR_OPTIONS)."""
+    """Compiled by torch 2.11 with inductor's comprehensive padding on, this row's gradient here came
+    out about 110 % off fp64 on an H100 (1.5 or NaN in cls_row_compiled.py's layouts): a fused
+    reduction read an unpadded buffer with the padded stride. The trainer compiles with that pass off
+    (lease.train.TRAINING_INDUCTOR_OPTIONS)."""
     packed, (q, k, v) = qkv_views(8, n, h, d, dtype=torch.bfloat16, device="cuda")
     grad = torch.randn(8, h, d, device="cuda", dtype=torch.bfloat16)
     compiled = compile_for_training(summed_cls_row, "default", dynamic=False)
     (got,) = torch.autograd.grad(compiled(q, k, v), packed, grad)
     ref_packed = packed.detach().double().requires_grad_()
-    (want,) = torch.autograd.grad(summed_cls_row(*ref_packed.permute(2, 0, 3, 1, 4).unbind(0)), ref_packed,
-                                  grad.double())
+    (want,) = torch.autograd.grad(summed_cls_row(*unpack_qkv(ref_packed)), ref_packed, grad.double())
     assert float((got.double() - want).norm() / want.norm()) < 0.02
 
 

@@ -12,15 +12,13 @@ import torch
 
 from lease.configs import model_config
 from lease.model import LeaseModel
-from lease.tokenizers import load_vqgan
+from lease.tokenizers.bench import full_width_maskgit_config, random_maskgit_tokenizer
 from lease.tokenizers.dinov2 import load_hf_dinov2
-from lease.tokenizers.tiny import save_tiny_hf_dinov2, save_tiny_maskgit_vqgan
+from lease.tokenizers.tiny import save_tiny_hf_dinov2
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# MAGE's vqgan_jax_strongaug.ckpt and facebook/dinov2-base
-MASKGIT_VQGAN = dict(n_embed=1024, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256)
-DINOV2_BASE = dict(hidden_size=768, depth=12, num_heads=12, registers=0)
+DINOV2_BASE = dict(hidden_size=768, depth=12, num_heads=12, registers=0)  # facebook/dinov2-base
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -44,11 +42,11 @@ def random_images(batch: int, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
 
 
-def test_cuda_compiled_vqgan_encode_and_decode_match_eager(tmp_path):
-    path = save_tiny_maskgit_vqgan(tmp_path / "vqgan.ckpt", **MASKGIT_VQGAN)
-    eager = load_vqgan("maskgit", path, device="cuda")
+def test_cuda_compiled_vqgan_encode_and_decode_match_eager():
+    cfg = full_width_maskgit_config()
+    eager = random_maskgit_tokenizer(cfg, "cuda", torch.bfloat16, compile=False)
     compiled = eager.reconfigured(compile=True)
-    exact = load_vqgan("maskgit", path, device="cuda", dtype=torch.float32)
+    exact = random_maskgit_tokenizer(cfg, "cuda", torch.float32, compile=False)  # the same seed: same weights
     images = random_images(8, eager.image_size)
     with fp32_reference():
         codes = exact.encode(images)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lease.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
-from lease.configs import TrainConfig, model_config, train_config
+from lease.configs import MaskConfig, TrainConfig, model_config, train_config
 from lease.data import read_token_set
 from lease.io import file_digest
 from lease.masking import random_plan
@@ -114,7 +114,8 @@ def test_compiled_model_keeps_one_graph_across_masking_ratios():
     length = cfg.seq_len
     contrast_widths = set()
     for num_masked in (length * 3 // 4, length // 2 + 1, length - 1, length * 5 // 8):
-        plan = random_plan(4, length, length // 2, num_masked, torch.device("cpu"), None, 16)
+        plan = random_plan(4, length, length // 2, num_masked, torch.device("cpu"), None,
+                           MaskConfig().decode_rows_multiple)
         mark_row_counts_dynamic(plan)
         contrast_widths.add(plan.contrast_idx.shape[1])
         compiled(torch.randint(0, cfg.vocab_gen, (4, length)), torch.randint(0, 32, (4, length)), plan).loss.backward()
