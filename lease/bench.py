@@ -447,6 +447,11 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
                  "planted tokens", f"held-out loss Δ {r['heldout_gap_switched']:.4f}",
                  f"next seed Δ {r['heldout_gap_next_seed']:.4f}; training-curve gaps {r['gap_switched_vs_baseline']:.4f} "
                  f"vs {r['gap_next_seed_vs_baseline']:.4f} (`lease bench numerics`)")]
+    if name.startswith("ddp-"):
+        return [(f"torchrun {r['nproc']} processes vs one: {r['preset']} b{r['batch_size']} {r['dtype']}, "
+                 f"{r['steps']} steps on planted tokens", f"loss Δ {r['gap_torchrun_vs_one_process']:.4f}",
+                 f"next seed Δ {r['gap_next_seed_vs_one_process']:.4f}; every rank logged every step, weights "
+                 f"identical across ranks ({r['backend']}, `lease bench ddp`)")]
     if name.startswith("attention") and isinstance(r, list):
         return [(f"attention fwd+bwd {x['part']} [{x['batch']}, {x['heads']}, {x['tokens']}, {x['head_dim']}] "
                  f"{x['kernel']}", f"{x['fwd_bwd_ms']:.2f} ms", f"dropout {x['dropout']:g}")

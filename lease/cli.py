@@ -1,4 +1,4 @@
-"""Core `lease` commands: train, import-reference, export, bench train / generate / knn.
+"""Core `lease` commands: train, import-reference, export, bench train / numerics / ddp / generate / knn.
 
 `register(subparsers)` adds them to a parser; the `lease` console entry (pipeline/cli.py) composes these
 with the pipeline stages. `python -m lease.cli ...` runs the core commands alone.
@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lease import bench, numerics, train
+from lease import bench, ddp_check, numerics, train
 from lease.evaluate import generate, knn
 
 
@@ -64,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     p = bench_group.add_parser("numerics", help="loss curves with and without a model switch, against a seed change")
     numerics.add_arguments(p)
     p.set_defaults(func=numerics.run_cli)
+    p = bench_group.add_parser("ddp", help="torchrun with N processes against one process at the same global batch")
+    ddp_check.add_arguments(p)
+    p.set_defaults(func=ddp_check.run_cli)
     p = bench_group.add_parser("table", help="Markdown table of the recorded results (as in the README)")
     p.add_argument("--dir", default=str(bench.RESULTS_DIR))
     p.set_defaults(func=bench.run_table_cli)

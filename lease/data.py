@@ -15,12 +15,16 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import webdataset as wds
+
+from lease.io import atomic_path
 
 log = logging.getLogger(__name__)
+SHARD_MTIME = 0  # fixed tar member mtime: the same tokens give byte-identical shards
 
 
 @dataclass
@@ -73,6 +77,41 @@ def read_shard(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, np.
         raise ValueError(f"shard {path} has a sample without {err.args[0]}: not a LEASE token shard") from err
     labels = np.array([int(members[k].get("cls", b"-1")) for k in keys], dtype=np.int64)
     return keys, vq.astype(np.uint16), disc.astype(np.uint16), labels
+
+
+def npy_header(dtype: np.dtype, length: int) -> bytes:
+    """The .npy header of a 1-D array (what np.save writes before the raw bytes)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)})
+    return buf.getvalue()
+
+
+def write_shard(path: str | Path, keys: Sequence[str], vq: np.ndarray, disc: np.ndarray,
+                labels: Sequence[int]) -> None:
+    """One packed shard, written atomically, that `read_shard` reads back: per sample `<key>.vq.npy`,
+    `<key>.disc.npy` (uint16 [L]) and `<key>.cls` (the label as decimal text)."""
+    vq = np.ascontiguousarray(vq, dtype="<u2")
+    disc = np.ascontiguousarray(disc, dtype="<u2")
+    header = npy_header(vq.dtype, vq.shape[1])  # same for every row: build it once
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        with wds.TarWriter(fh, encoder=False, mtime=SHARD_MTIME) as sink:
+            for key, vq_row, disc_row, label in zip(keys, vq, disc, labels):
+                sink.write({"__key__": key, "vq.npy": header + vq_row.tobytes(),
+                            "disc.npy": header + disc_row.tobytes(), "cls": str(int(label)).encode()})
+
+
+def write_token_set(out_dir: str | Path, tokens: TokenSet, per_shard: int, prefix: str = "shard") -> list[Path]:
+    """`tokens` as shards `<prefix>-000000.tar`, ... of `per_shard` samples each; samples without keys
+    (a synthetic set) are keyed `<prefix><index>`."""
+    keys = tokens.keys or [f"{prefix}{i:07d}" for i in range(len(tokens))]
+    paths = []
+    for number, start in enumerate(range(0, len(tokens), per_shard)):
+        rows = slice(start, start + per_shard)
+        paths.append(Path(out_dir) / f"{prefix}-{number:06d}.tar")
+        write_shard(paths[-1], keys[rows], tokens.vq[rows].numpy(), tokens.disc[rows].numpy(),
+                    tokens.labels[rows].tolist())
+    return paths
 
 
 def read_token_set(shards: str | Path | list) -> TokenSet:

@@ -130,17 +130,15 @@ def compare(run: NumericsRun, overrides: dict[str, Any], device: torch.device) -
             "curves": {k: [round(float(x), 4) for x in v] for k, v in curves.items()}}
 
 
-def plot_curves(result: dict[str, Any], path: Path) -> Path:
-    """The three loss curves, smoothed, in one PNG."""
+def plot_curves(curves: dict[str, list[float]], smooth: int, title: str, path: Path) -> Path:
+    """Loss curves, each as a `smooth`-step moving mean, in one PNG."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    for label, curve in result["curves"].items():
-        ax.plot(smoothed(torch.tensor(curve), result["smooth"]).numpy(), label=label)
-    switch = ", ".join(f"{k}={v}" for k, v in result["overrides"].items())
-    ax.set(xlabel="step", ylabel=f"training loss ({result['smooth']}-step mean)",
-           title=f"{result['preset']} b{result['batch_size']} {result['dtype']}: {switch}")
+    for label, curve in curves.items():
+        ax.plot(smoothed(torch.tensor(curve), smooth).numpy(), label=label)
+    ax.set(xlabel="step", ylabel=f"training loss ({smooth}-step mean)", title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -175,7 +173,9 @@ def run_cli(args: argparse.Namespace) -> int:
     result = compare(run, overrides, pick_device(Dist()))
     name = record_name(run, overrides)
     write_record(name, {"results": result}, args.out_dir)
-    plot_curves(result, results_dir(args.out_dir) / f"{name}.png")
+    switch = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    plot_curves(result["curves"], run.smooth, f"{run.preset} b{run.batch_size} {run.dtype}: {switch}",
+                results_dir(args.out_dir) / f"{name}.png")
     log.info("%s: |Δ loss| switched vs baseline %.4f, next seed vs baseline %.4f (training, second half); "
              "held out %.4f vs %.4f", name, result["gap_switched_vs_baseline"], result["gap_next_seed_vs_baseline"],
              result["heldout_gap_switched"], result["heldout_gap_next_seed"])

@@ -7,6 +7,7 @@ command line (values parsed as YAML scalars).
 """
 from __future__ import annotations
 
+import re
 import dataclasses
 import types
 import typing
@@ -27,6 +28,7 @@ def _type_name(tp: Any) -> str:
 
 
 YAML_BOOL_WORDS = {True: "on", False: "off"}
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a decimal number, as text
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -85,6 +87,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads exponents without a dot (1e-3) as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

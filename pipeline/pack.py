@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
+from lease import data
 from lease.io import atomic_path, atomic_write_json
 from pipeline.stats import JointCounter, write_statistics
 
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 INPUT_GLOB = "shard-*.npz"
 SHARD_NAME = "shard-{:06d}.tar"
-TAR_MTIME = 0  # fixed member mtime: identical inputs → identical tar bytes
 TOKEN_KEYS = ("keys", "vq", "disc", "labels")
 
 
@@ -139,24 +139,9 @@ def regroup(files: Iterable[Path], samples_per_shard: int) -> Iterator[TokenChun
 # ----------------------------------------------------------------------------------------- writing
 
 
-def npy_header(dtype: np.dtype, length: int) -> bytes:
-    """The .npy header of a 1-D array (what np.save writes before the raw bytes)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)})
-    return buf.getvalue()
-
-
 def write_shard(path: Path, chunk: TokenChunk) -> None:
-    """One tar shard, atomically: per sample `vq.npy`, `disc.npy` (uint16 [L]) and `cls` (decimal text)."""
-    vq = np.ascontiguousarray(chunk.vq, dtype="<u2")
-    disc = np.ascontiguousarray(chunk.disc, dtype="<u2")
-    header = npy_header(vq.dtype, vq.shape[1])  # same for every row: build it once
-    with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        with wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME) as sink:
-            for key, vq_row, disc_row, label in zip(chunk.keys.tolist(), vq, disc, chunk.labels.tolist()):
-                sink.write({"__key__": key, "vq.npy": header + vq_row.tobytes(),
-                            "disc.npy": header + disc_row.tobytes(), "cls": str(label).encode()})
+    """One tar shard, atomically, in the format the trainer reads (`lease.data.write_shard`)."""
+    data.write_shard(path, chunk.keys.tolist(), chunk.vq, chunk.disc, chunk.labels.tolist())
 
 
 class ShardWriterPool:

@@ -26,6 +26,14 @@ def test_on_off_words_reach_choice_settings_as_words():
         load_pipeline_config("demo", ["tokenize.compile=maybe"])
 
 
+def test_exponents_without_a_dot_read_as_numbers():
+    """YAML 1.1 reads 1e-3 as a string; a float setting takes it as the number it means."""
+    assert load_pipeline_config("demo", ["pretrain.optim.base_lr=1e-3"]).pretrain.optim.base_lr == 1e-3
+    assert load_pipeline_config("demo", ["pretrain.optim.base_lr=-2.5E+2"]).pretrain.optim.base_lr == -250.0
+    with pytest.raises(ConfigError, match="pretrain.optim.base_lr"):
+        load_pipeline_config("demo", ["pretrain.optim.base_lr=1e-3x"])
+
+
 @pytest.mark.parametrize("override, named", [
     ("kmeans.kk=3", "kmeans.kk"),
     ("nosuch=1", "nosuch"),

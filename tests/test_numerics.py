@@ -41,7 +41,7 @@ def test_a_real_change_shows_and_a_seed_change_is_the_yardstick(tmp_path):
     assert result["curves"]["switched"][0] != result["curves"]["baseline"][0]  # other dropout from step 0
     assert result["gap_switched_vs_baseline"] > 0 and result["gap_next_seed_vs_baseline"] > 0
     assert result["heldout_gap_switched"] > 0 and result["heldout_gap_next_seed"] > 0
-    png = plot_curves(result, tmp_path / "curves.png")
+    png = plot_curves(result["curves"], TINY.smooth, "a title", tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lease.data import read_shard
+from lease.data import npy_header, read_shard
 from lease.io import file_digest
 from pipeline import pack as pk
 
@@ -169,4 +169,4 @@ def test_npy_header_matches_numpy():
     row = np.arange(SEQ_LEN, dtype=np.uint16)
     buf = io.BytesIO()
     np.save(buf, row)
-    assert pk.npy_header(row.dtype, SEQ_LEN) + row.tobytes() == buf.getvalue()
+    assert npy_header(row.dtype, SEQ_LEN) + row.tobytes() == buf.getvalue()
