@@ -46,6 +46,7 @@ from lease.typed_config import apply_overrides, to_dict
 log = logging.getLogger(__name__)
 STEP_LINE = re.compile(r"rank (\d+)/\d+ step (\d+)/\d+")  # what `lease.train` logs at every logged step
 SMOOTH = 10  # steps in the moving mean the curves are compared on
+PROGRESS_EVERY = 10  # steps between the progress lines this command logs
 
 
 @dataclasses.dataclass
@@ -80,15 +81,16 @@ def write_config(cfg: TrainConfig, work: Path) -> Path:
     return path
 
 
-def ranks_by_step(stderr: str) -> dict[int, list[int]]:
+def ranks_by_step(train_log: str) -> dict[int, list[int]]:
     seen: dict[int, set[int]] = {}
-    for rank, step in STEP_LINE.findall(stderr):
+    for rank, step in STEP_LINE.findall(train_log):
         seen.setdefault(int(step), set()).add(int(rank))
     return {step: sorted(ranks) for step, ranks in sorted(seen.items())}
 
 
 def launch(config: Path, out: Path, nproc: int) -> TrainingRun:
-    """`lease train` in one process, or under torchrun with `nproc` processes; its log goes to out/train.log."""
+    """`lease train` in one process, or under torchrun with `nproc` processes. Its log goes to
+    out/train.log as it runs, and rank 0's progress to this log every `PROGRESS_EVERY` steps."""
     if out.exists():
         shutil.rmtree(out)  # metrics.jsonl is appended to: start each run afresh
     out.mkdir(parents=True)
@@ -97,18 +99,25 @@ def launch(config: Path, out: Path, nproc: int) -> TrainingRun:
     cmd = launcher + ["-m", "lease.train", "--config", str(config), "--out", str(out)]
     log.info("running %s", " ".join(cmd))
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with (out / "result.json").open("w") as stdout, (out / "train.log").open("w") as train_log:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:
+            train_log.write(line)
+            step = STEP_LINE.search(line)
+            if step and step.group(1) == "0" and int(step.group(2)) % PROGRESS_EVERY == 0:
+                log.info("  %s", line[step.start():].strip())
+        proc.wait()
     seconds = time.perf_counter() - start
-    (out / "train.log").write_text(proc.stderr)
     if proc.returncode:
-        raise SystemExit(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); the end of its log:\n"
-                         f"{proc.stderr[-3000:]}")
+        raise SystemExit(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); the end of its log "
+                         f"({out / 'train.log'}):\n{(out / 'train.log').read_text()[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     log.info("done in %.0f s: %d steps, last loss %.4f", seconds, len(rows), rows[-1]["loss"])
     speeds = [row["images_per_s"] for row in rows[len(rows) // 2:]]
+    printed = (out / "result.json").read_text()
     return TrainingRun(curve=[row["loss"] for row in rows], images_per_s=float(np.median(speeds)),
-                       ranks_by_step=ranks_by_step(proc.stderr),
-                       result=json.loads(proc.stdout[proc.stdout.index("{"):]), seconds=seconds)
+                       ranks_by_step=ranks_by_step((out / "train.log").read_text()),
+                       result=json.loads(printed[printed.index("{"):]), seconds=seconds)
 
 
 def check_ranks(ddp: TrainingRun, nproc: int, steps: int) -> None:
