@@ -265,7 +265,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tokenize", ("pipeline.tokenize",) + TOKENIZER_MODULES, ("manifest", "kmeans", "demo-assets"),
           lambda c: {"tokenize": _without(to_dict(c.tokenize), "batch_size", "num_workers"),
                      "tokenizers": _tokenizer_config(c)}, build_tokenize, inputs=_tokenizer_inputs),
-    Stage("pack", ("pipeline.pack", "pipeline.stats"), ("tokenize",),
+    Stage("pack", ("pipeline.pack", "pipeline.stats", "lease.data"), ("tokenize",),  # lease.data: the shard format
           lambda c: _without(to_dict(c.pack), "num_workers"), build_pack),
     Stage("pretrain", TRAIN_MODULES, ("pack", "kmeans"),
           lambda c: _without(_pretrain_config(c), "data.num_workers", "log_every", "ckpt_every"),
