@@ -1,4 +1,5 @@
-"""Token data for training and evaluation: packed WebDataset shards → batches on the device.
+"""Token data for training and evaluation: packed WebDataset shards → batches on the device, and the
+shards' one writer (`write_shard`: the pack stage's output, and synthetic token sets).
 
 Two modes:
 - `ResidentBatches`: the whole token set lives on the device (ImageNet-1K is ~1.3 GB as uint16); each

@@ -168,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", choices=["on", "off"], default="on")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--work", default=None, help="where shards, configs and run logs go (default: a temporary "
-                                                     "directory, removed afterwards)")
+                                                     "directory, removed after a run that succeeds)")
     parser.add_argument("--out-dir", default=None, help="where the record and plot go (default benchmarks/results)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="TrainConfig overrides for all three runs, e.g. model.residual_dtype=autocast")
@@ -191,10 +191,16 @@ def run_cli(args: argparse.Namespace) -> int:
     check_arguments(args)
     run = NumericsRun(preset=args.preset, batch_size=args.batch_size, steps=args.steps, dtype=args.dtype,
                       compile=args.compile == "on", seed=args.seed, smooth=SMOOTH)
-    with tempfile.TemporaryDirectory(prefix="lease-ddp-") as scratch:
-        work = Path(args.work or scratch)
-        work.mkdir(parents=True, exist_ok=True)
+    training_config(run, args.overrides, run.seed)  # a bad override fails here, naming the key, before any work
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lease-ddp-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
         result = compare(run, args.nproc, args.overrides, work)
+    except BaseException:
+        log.error("the runs' configs and logs are kept in %s", work)
+        raise
+    if not args.work:
+        shutil.rmtree(work)
     name = record_name(run, args.nproc)
     write_record(name, {"results": result}, args.out_dir)
     plot_curves(result["curves"], run.smooth, f"{run.preset} b{run.batch_size} {run.dtype}: torchrun vs one process",

@@ -7,8 +7,8 @@ command line (values parsed as YAML scalars).
 """
 from __future__ import annotations
 
-import re
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path

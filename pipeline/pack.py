@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
-from lease import data
+from lease.data import write_shard as write_token_shard
 from lease.io import atomic_path, atomic_write_json
 from pipeline.stats import JointCounter, write_statistics
 
@@ -141,7 +141,7 @@ def regroup(files: Iterable[Path], samples_per_shard: int) -> Iterator[TokenChun
 
 def write_shard(path: Path, chunk: TokenChunk) -> None:
     """One tar shard, atomically, in the format the trainer reads (`lease.data.write_shard`)."""
-    data.write_shard(path, chunk.keys.tolist(), chunk.vq, chunk.disc, chunk.labels.tolist())
+    write_token_shard(path, chunk.keys.tolist(), chunk.vq, chunk.disc, chunk.labels.tolist())
 
 
 class ShardWriterPool:

@@ -8,6 +8,7 @@ import torch
 from lease.bench import results_table
 from lease.cli import main as lease_main
 from lease.data import ResidentBatches, TokenSet
+from lease.typed_config import ConfigError
 
 TINY_RUN = ["--preset", "tiny", "--batch-size", "32", "--steps", "20", "--dtype", "fp32", "--compile", "off",
             "optim.base_lr=1e-2", "model.vocab_gen=64"]  # a small vocabulary and a high lr: the loss moves in 20 steps
@@ -54,4 +55,10 @@ def test_bench_ddp_two_processes_track_one(tmp_path):
 def test_bench_ddp_refuses_bad_arguments_before_any_work(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
         lease_main(["bench", "ddp", "--preset", "tiny", "--work", str(tmp_path / "work"), *args])
+    assert not (tmp_path / "work").exists()
+
+
+def test_bench_ddp_names_a_bad_override_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="model.nosuch"):
+        lease_main(["bench", "ddp", "--preset", "tiny", "--work", str(tmp_path / "work"), "model.nosuch=1"])
     assert not (tmp_path / "work").exists()
