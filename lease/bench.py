@@ -448,7 +448,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
                  f"next seed Δ {r['heldout_gap_next_seed']:.4f}; training-curve gaps {r['gap_switched_vs_baseline']:.4f} "
                  f"vs {r['gap_next_seed_vs_baseline']:.4f} (`lease bench numerics`)")]
     if name.startswith("ddp-"):
-        return [(f"torchrun {r['nproc']} processes vs one: {r['preset']} b{r['batch_size']} {r['dtype']}, "
+        return [(f"torchrun nproc {r['nproc']} vs one process: {r['preset']} b{r['batch_size']} {r['dtype']}, "
                  f"{r['steps']} steps on planted tokens", f"loss Δ {r['gap_torchrun_vs_one_process']:.4f}",
                  f"next seed Δ {r['gap_next_seed_vs_one_process']:.4f}; every rank logged every step, weights "
                  f"identical across ranks ({r['backend']}, `lease bench ddp`)")]

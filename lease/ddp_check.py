@@ -6,7 +6,9 @@ shards) three times through the `lease train` command, from one config:
 * one process at seed s (the reference);
 * `torchrun --nproc_per_node=N` at seed s: the same initial weights and, because the resident data
   deals each global batch out to the ranks (`lease.data.ResidentBatches`), the same images in every
-  step; only the masks and the dropout draws differ, per rank;
+  step; only the masks and the dropout draws of ranks other than 0 differ (with N = 1, nothing: the
+  DDP wrapper and its all-reduce on one GPU must then reproduce the plain process, up to the
+  run-to-run noise of the GPU's kernels);
 * one process at seed s + 1: other weights, data order, masks and dropout (the yardstick, as in
   `lease bench numerics`).
 
@@ -88,14 +90,14 @@ def ranks_by_step(train_log: str) -> dict[int, list[int]]:
     return {step: sorted(ranks) for step, ranks in sorted(seen.items())}
 
 
-def launch(config: Path, out: Path, nproc: int) -> TrainingRun:
-    """`lease train` in one process, or under torchrun with `nproc` processes. Its log goes to
-    out/train.log as it runs, and rank 0's progress to this log every `PROGRESS_EVERY` steps."""
+def launch(config: Path, out: Path, torchrun_nproc: int | None = None) -> TrainingRun:
+    """`lease train` as a plain process, or under torchrun with `torchrun_nproc` processes. Its log goes
+    to out/train.log as it runs, and rank 0's progress to this log every `PROGRESS_EVERY` steps."""
     if out.exists():
         shutil.rmtree(out)  # metrics.jsonl is appended to: start each run afresh
     out.mkdir(parents=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+    launcher = [sys.executable] if torchrun_nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}"]
     cmd = launcher + ["-m", "lease.train", "--config", str(config), "--out", str(out)]
     log.info("running %s", " ".join(cmd))
     start = time.perf_counter()
@@ -126,7 +128,9 @@ def check_ranks(ddp: TrainingRun, nproc: int, steps: int) -> None:
     missing = {s: ddp.ranks_by_step.get(s, []) for s in range(1, steps + 1) if ddp.ranks_by_step.get(s) != expected}
     if missing:
         raise SystemExit(f"ranks out of step: steps where not all of {expected} logged (step: ranks) {missing}")
-    if not ddp.result.get("ranks_in_sync"):
+    if "ranks_in_sync" not in ddp.result:
+        raise SystemExit("`lease train` under torchrun trained without a process group (no DDP)")
+    if not ddp.result["ranks_in_sync"]:
         raise SystemExit(f"the {nproc} ranks ended with different weights: gradients were not averaged alike")
 
 
@@ -135,14 +139,14 @@ def compare(run: NumericsRun, nproc: int, overrides: list[str], work: Path) -> d
     cfg, next_seed_cfg = (training_config(run, overrides, seed) for seed in (run.seed, run.seed + 1))
     data = write_planted_inputs(run, cfg.model, work)
     config, next_seed_config = (write_config(dataclasses.replace(c, data=data), work) for c in (cfg, next_seed_cfg))
-    single = launch(config, work / "one-process", 1)
-    ddp = launch(config, work / f"torchrun-{nproc}", nproc)
+    single = launch(config, work / "one-process")
+    ddp = launch(config, work / f"torchrun-{nproc}", torchrun_nproc=nproc)
     check_ranks(ddp, nproc, run.steps)
-    next_seed = launch(next_seed_config, work / "one-process-next-seed", 1)
-    runs = {"one process": single, f"torchrun, {nproc} processes": ddp, "one process, next seed": next_seed}
+    next_seed = launch(next_seed_config, work / "one-process-next-seed")
+    runs = {"one process": single, f"torchrun, nproc {nproc}": ddp, "one process, next seed": next_seed}
     curves = {label: torch.tensor(r.curve) for label, r in runs.items()}
     ddp_gap, seed_gap = (round(late_gap(curves[label], curves["one process"], run.smooth), 5)
-                         for label in (f"torchrun, {nproc} processes", "one process, next seed"))
+                         for label in (f"torchrun, nproc {nproc}", "one process, next seed"))
     shape = {k: v for k, v in dataclasses.asdict(run).items() if k != "heldout_batches"}  # no held-out set here
     backend = "nccl" if torch.cuda.is_available() else "gloo"  # as `lease.train.setup_distributed` picks
     return {**shape, "overrides": overrides, "nproc": nproc, "backend": backend,
@@ -160,7 +164,8 @@ def record_name(run: NumericsRun, nproc: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = NumericsRun()
-    parser.add_argument("--nproc", type=int, default=2, help="processes under torchrun (one per GPU)")
+    parser.add_argument("--nproc", type=int, default=2,
+                        help="processes under torchrun (one per GPU); 1 checks the DDP path itself on one GPU")
     parser.add_argument("--preset", default=defaults.preset)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch, all runs")
     parser.add_argument("--steps", type=int, default=60)
@@ -175,8 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if args.nproc < 2:
-        raise SystemExit("--nproc must be >= 2: the check compares torchrun's ranks with one process")
+    if args.nproc < 1:
+        raise SystemExit("--nproc must be >= 1")
     if args.batch_size % args.nproc:
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over --nproc {args.nproc}")
     if args.steps < 2 * SMOOTH:

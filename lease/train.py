@@ -41,20 +41,25 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    distributed: bool = False  # launched by torchrun: a process group and DDP, even for one process
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def setup_distributed() -> Dist:
-    """One process per GPU under torchrun (env WORLD_SIZE/RANK/LOCAL_RANK); a single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """One process per GPU under torchrun (which sets `TORCHRUN_ENV`), DDP even with one process; a
+    plain single process otherwise."""
+    if not all(key in os.environ for key in TORCHRUN_ENV):
         return Dist()
+    world = int(os.environ["WORLD_SIZE"])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
-    info = Dist(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    info = Dist(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]), distributed=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     return info
@@ -145,7 +150,7 @@ class Trainer:
         self.step_count = 0
         self.lr = 0.0
         wrapped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None
-                                          ) if ddp.world_size > 1 else self.model
+                                          ) if ddp.distributed else self.model
         self.forward = compile_for_training(wrapped, cfg.compile_mode) if cfg.compile else wrapped
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
@@ -182,7 +187,7 @@ class Trainer:
             if self.cfg.compile:
                 mark_row_counts_dynamic(plan)
             labels = micro.labels if self.model.online_classifier is not None else None
-            sync = contextlib.nullcontext() if (i == self.cfg.grad_accum - 1 or self.ddp.world_size == 1) \
+            sync = contextlib.nullcontext() if (i == self.cfg.grad_accum - 1 or not self.ddp.distributed) \
                 else self.forward.no_sync()
             with sync, self.autocast():
                 out = self.forward(micro.vq, micro.disc, plan, labels)
@@ -334,11 +339,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
             break
     result = {"steps": trainer.step_count, "checkpoint": str(ckpt_path), "final": last_row,
               "completed": trainer.step_count >= trainer.total_steps, "world_size": ddp.world_size}
-    if ddp.world_size > 1:
+    if ddp.distributed:
         result["ranks_in_sync"] = ranks_in_sync(model)
     if ddp.is_main and result["completed"]:
         result["encoder"] = str(export_encoder(model, out_dir / "export"))
-    if ddp.world_size > 1:
+    if ddp.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return result

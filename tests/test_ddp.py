@@ -42,13 +42,23 @@ def test_bench_ddp_two_processes_track_one(tmp_path):
     # only masks and dropout differ from one process: far closer than a change of seed
     assert result["gap_torchrun_vs_one_process"] < 0.5 * result["gap_next_seed_vs_one_process"]
     assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "torchrun 2 processes vs one: tiny b32 fp32, 20 steps on planted tokens" in results_table(tmp_path)
+    assert "torchrun nproc 2 vs one process: tiny b32 fp32, 20 steps on planted tokens" in results_table(tmp_path)
     log = (tmp_path / "work" / "torchrun-2" / "train.log").read_text()
     assert "rank 0/2 step 20/20" in log and "rank 1/2 step 20/20" in log
 
 
+def test_bench_ddp_one_process_under_torchrun_is_the_plain_process_exactly(tmp_path):
+    """torchrun with one process wraps the model in DDP (gloo here); with the plain process's seeds,
+    masks and data, the CPU gives the same losses bit for bit."""
+    assert lease_main(["bench", "ddp", "--nproc", "1", "--out-dir", str(tmp_path), *TINY_RUN]) == 0
+    result = json.loads((tmp_path / "ddp-tiny-b32-fp32-x1.json").read_text())["results"]
+    assert result["ranks_in_sync"] and result["ranks_by_step"] == {str(step): [0] for step in range(1, 21)}
+    assert result["curves"]["torchrun, nproc 1"] == result["curves"]["one process"]
+    assert result["gap_torchrun_vs_one_process"] == 0 < result["gap_next_seed_vs_one_process"]
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--nproc", "1"], "--nproc must be >= 2"),
+    (["--nproc", "0"], "--nproc must be >= 1"),
     (["--nproc", "3", "--batch-size", "32"], "does not split evenly"),
     (["--steps", "10"], "--steps must be >= 20"),
 ])
