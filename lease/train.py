@@ -56,13 +56,13 @@ def setup_distributed() -> Dist:
     plain single process otherwise."""
     if not all(key in os.environ for key in TORCHRUN_ENV):
         return Dist()
-    world = int(os.environ["WORLD_SIZE"])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    info = Dist(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]), distributed=True)
+    local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-    return info
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))  # NCCL knows its GPU
+    else:
+        dist.init_process_group("gloo")
+    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, distributed=True)
 
 
 def pick_device(ddp: Dist) -> torch.device:
