@@ -6,9 +6,9 @@ shards) three times through the `lease train` command, from one config:
 * one process at seed s (the reference);
 * `torchrun --nproc_per_node=N` at seed s: the same initial weights and, because the resident data
   deals each global batch out to the ranks (`lease.data.ResidentBatches`), the same images in every
-  step; only the masks and the dropout draws of ranks other than 0 differ (with N = 1, nothing: the
-  DDP wrapper and its all-reduce on one GPU must then reproduce the plain process, up to the
-  run-to-run noise of the GPU's kernels);
+  step; only the masks and the dropout draws differ, as each rank draws its own (with N = 1 nothing
+  differs: the DDP wrapper and its all-reduce must then reproduce the plain process, exactly on the
+  CPU and up to the run-to-run noise of the GPU's kernels);
 * one process at seed s + 1: other weights, data order, masks and dropout (the yardstick, as in
   `lease bench numerics`).
 
