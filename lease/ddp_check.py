@@ -148,8 +148,7 @@ def compare(run: NumericsRun, nproc: int, overrides: list[str], work: Path) -> d
     ddp_gap, seed_gap = (round(late_gap(curves[label], curves["one process"], run.smooth), 5)
                          for label in (f"torchrun, nproc {nproc}", "one process, next seed"))
     shape = {k: v for k, v in dataclasses.asdict(run).items() if k != "heldout_batches"}  # no held-out set here
-    backend = "nccl" if torch.cuda.is_available() else "gloo"  # as `lease.train.setup_distributed` picks
-    return {**shape, "overrides": overrides, "nproc": nproc, "backend": backend,
+    return {**shape, "overrides": overrides, "nproc": nproc, "backend": ddp.result["backend"],
             "ranks_by_step": ddp.ranks_by_step, "ranks_in_sync": ddp.result["ranks_in_sync"],
             "gap_torchrun_vs_one_process": ddp_gap, "gap_next_seed_vs_one_process": seed_gap,
             "final_loss": {k: round(float(smoothed(v, run.smooth)[-1]), 4) for k, v in curves.items()},

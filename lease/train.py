@@ -340,7 +340,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     result = {"steps": trainer.step_count, "checkpoint": str(ckpt_path), "final": last_row,
               "completed": trainer.step_count >= trainer.total_steps, "world_size": ddp.world_size}
     if ddp.distributed:
-        result["ranks_in_sync"] = ranks_in_sync(model)
+        result.update(backend=dist.get_backend(), ranks_in_sync=ranks_in_sync(model))
     if ddp.is_main and result["completed"]:
         result["encoder"] = str(export_encoder(model, out_dir / "export"))
     if ddp.distributed:

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from lease.bench import profile_table, results_dir, time_cuda, write_record
-from lease.tokenizers.bench import (DTYPES, full_width_maskgit_config, random_maskgit_tokenizer,
+from lease.tokenizers.bench import (DINOV2_B14_SIZES, DTYPES, full_width_maskgit_config, random_maskgit_tokenizer,
                                     time_dinov2_features, time_vqgan_encode)
 
 log = logging.getLogger(__name__)
@@ -69,23 +69,16 @@ def synthetic_imagefolder(root: Path, num_images: int, num_classes: int, min_sid
 
 def save_full_size_tokenizers(work: Path, codebook_size: int, seed: int = 0) -> dict[str, Path]:
     """Random-weight MaskGIT VQGAN (MAGE's sizes), HF DINOv2 ViT-B/14 and a K×768 codebook, saved."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    from lease.tokenizers.dinov2 import hf_progress_bars_only_on_terminals
-    from lease.tokenizers.tiny import save_tiny_maskgit_vqgan
+    from lease.tokenizers.tiny import save_tiny_hf_dinov2, save_tiny_maskgit_vqgan
 
     cfg = full_width_maskgit_config()
     vqgan = save_tiny_maskgit_vqgan(work / "vqgan_full_width.ckpt", seed, ch=cfg.ch, num_res_blocks=cfg.num_res_blocks,
                                     z_channels=cfg.z_channels, n_embed=cfg.n_embed)
-    torch.manual_seed(seed)
-    dino_cfg = Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14,
-                            image_size=518)
-    hf_progress_bars_only_on_terminals()
-    Dinov2Model(dino_cfg).save_pretrained(work / "dinov2_vitb14")
+    dinov2 = save_tiny_hf_dinov2(work / "dinov2_vitb14", seed, image_size=518, **DINOV2_B14_SIZES)
     codebook = work / "codebook.npy"
-    np.save(codebook, np.random.default_rng(seed).normal(size=(codebook_size, dino_cfg.hidden_size))
+    np.save(codebook, np.random.default_rng(seed).normal(size=(codebook_size, DINOV2_B14_SIZES["hidden_size"]))
             .astype(np.float32))
-    return {"vqgan": vqgan, "dinov2": work / "dinov2_vitb14", "codebook": codebook}
+    return {"vqgan": vqgan, "dinov2": dinov2, "codebook": codebook}
 
 
 def bench_components(assets: dict[str, Path], batch_size: int, dtype: str, steps: int, profile: bool) -> None:

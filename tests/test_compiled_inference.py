@@ -12,13 +12,11 @@ import torch
 
 from lease.configs import model_config
 from lease.model import LeaseModel
-from lease.tokenizers.bench import full_width_maskgit_config, random_maskgit_tokenizer
+from lease.tokenizers.bench import DINOV2_B14_SIZES, full_width_maskgit_config, random_maskgit_tokenizer
 from lease.tokenizers.dinov2 import load_hf_dinov2
 from lease.tokenizers.tiny import save_tiny_hf_dinov2
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-DINOV2_BASE = dict(hidden_size=768, depth=12, num_heads=12, registers=0)  # facebook/dinov2-base
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -59,7 +57,7 @@ def test_cuda_compiled_vqgan_encode_and_decode_match_eager():
 
 
 def test_cuda_compiled_dinov2_features_match_eager(tmp_path):
-    path = save_tiny_hf_dinov2(tmp_path / "dinov2", **DINOV2_BASE)
+    path = save_tiny_hf_dinov2(tmp_path / "dinov2", **DINOV2_B14_SIZES)
     eager = load_hf_dinov2(path, device="cuda")
     exact = load_hf_dinov2(path, device="cuda", dtype=torch.float32)
     images = random_images(16, eager.image_size)

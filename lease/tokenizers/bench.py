@@ -3,8 +3,8 @@
 `time_vqgan_encode` / `time_dinov2_features` time one batch shape of synthetic images already on the
 device (decoding is measured elsewhere): warm-up calls, then `steps` timed calls, each bracketed by CUDA
 events on CUDA (wall clock on CPU), reporting the median ms per step, images/s and peak device memory.
-`full_width_maskgit_config()` gives the released MAGE VQGAN sizes, so a random-weight model of the real
-width can be timed where the checkpoint is not available.
+`full_width_maskgit_config()` gives the released MAGE VQGAN sizes and `DINOV2_B14_SIZES` DINOv2-B/14's, so
+random-weight models of the real widths can be timed where the checkpoints are not available.
 """
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ from lease.tokenizers.vqgan_maskgit import MaskGITTokenizer, MaskGITVQGAN, MaskG
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# facebook/dinov2-base (ViT-B/14, no registers), as `lease.tokenizers.tiny.tiny_hf_dinov2` takes its sizes
+DINOV2_B14_SIZES = dict(hidden_size=768, depth=12, num_heads=12, registers=0)
 
 
 def full_width_maskgit_config() -> MaskGITVQGANConfig:
