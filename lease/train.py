@@ -144,8 +144,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=self.peak_lr,
                                            betas=cfg.optim.betas, fused=device.type == "cuda")
         self.ratio_sampler = MaskRatioSampler(cfg.mask, seed=cfg.seed)
-        self.mask_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7 + ddp.rank + 1)
-        torch.manual_seed(cfg.seed + 1000 * ddp.rank)  # dropout streams differ per rank
+        self.mask_gen = torch.Generator(device=device)
+        self._seed_rank_streams(cfg.seed)
         self.num_dropped = num_dropped_tokens(model.cfg.seq_len, cfg.mask)
         self.step_count = 0
         self.lr = 0.0
@@ -204,33 +204,71 @@ class Trainer:
         self.lr = lr
         return {**sums, "grad_norm": grad_norm.detach().float()}
 
-    def check_finite(self) -> None:
-        """One device→host read; called at log and checkpoint time, not every step."""
-        if bool(self._nonfinite):
+    def agree_to_stop(self, stop_requested: bool) -> bool:
+        """Whether any rank was asked to stop; raises NonFiniteLoss when any rank's loss went NaN/inf.
+
+        One device→host read, at log and checkpoint steps only. Under torchrun a signal reaches the
+        ranks at different steps, and a rank that stopped alone would leave the others waiting in the
+        next all-reduce: one all-reduce of both flags makes every rank decide the same at the same step.
+        """
+        flags = torch.stack([self._nonfinite, torch.tensor(stop_requested, device=self.device)]).int()
+        if self.ddp.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = flags.tolist()
+        if nonfinite:
             raise NonFiniteLoss(f"non-finite loss before step {self.step_count}: stopping; the last good "
                                 "checkpoint is kept. Lower optim.base_lr or check the data.")
+        return bool(stop)
 
     # -------------------------------------------------------------------------- checkpointing
     def state(self) -> dict[str, Any]:
+        """Everything `--resume` needs. Under torchrun every rank must call it (it gathers each rank's
+        dropout and mask streams); rank 0 writes it."""
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step_count, "config": to_dict(self.cfg), "model_config": to_dict(self.model.cfg),
             "loss_config": to_dict(self.cfg.loss),
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
-                    if torch.cuda.is_available() else [],
-                    "mask_ratio": self.ratio_sampler.generator.get_state(), "mask_perm": self.mask_gen.get_state()},
+            "rng": {"mask_ratio": self.ratio_sampler.generator.get_state(), "ranks": self._rank_rng_states()},
         }
+
+    def _rank_rng_states(self) -> list[dict[str, Any]]:
+        """Each rank's own random streams (dropout, masks), in rank order."""
+        mine = {"torch": torch.get_rng_state(), "mask_perm": self.mask_gen.get_state().cpu(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        if not self.ddp.distributed:
+            return [mine]
+        states: list[Any] = [None] * self.ddp.world_size
+        dist.all_gather_object(states, mine)
+        return states
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = state["step"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.ratio_sampler.generator.set_state(rng["mask_ratio"])
-        self.mask_gen.set_state(rng["mask_perm"].to(self.mask_gen.get_state().device))
+        self.ratio_sampler.generator.set_state(state["rng"]["mask_ratio"])
+        ranks = state["rng"]["ranks"]
+        if len(ranks) != self.ddp.world_size:
+            self._reseed_rank_streams(len(ranks))
+            return
+        mine = ranks[self.ddp.rank]
+        torch.set_rng_state(mine["torch"])
+        if mine["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda"])
+        self.mask_gen.set_state(mine["mask_perm"].to(self.mask_gen.get_state().device))
+
+    def _reseed_rank_streams(self, saved_world_size: int) -> None:
+        """Resuming on another number of processes: the batches split differently anyway, so the run
+        goes on with fresh per-rank streams, seeded from the step so that reruns repeat."""
+        if self.ddp.is_main:
+            log.warning("checkpoint written by %d processes, resumed by %d: the run continues with the same "
+                        "weights, optimizer and data position, not the same masks and dropout draws",
+                        saved_world_size, self.ddp.world_size)
+        self._seed_rank_streams(self.cfg.seed + self.step_count)
+
+    def _seed_rank_streams(self, seed: int) -> None:
+        """The masks' and dropout's random streams, one of each per rank: ranks must not draw alike."""
+        self.mask_gen.manual_seed(seed * 7 + self.ddp.rank + 1)
+        torch.manual_seed(seed + 1000 * self.ddp.rank)
 
 
 class MetricsLog:
@@ -321,22 +359,30 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     data = batches.iterate(trainer.step_count)
     while trainer.step_count < trainer.total_steps:
         history.append(trainer.step(next(data)))
-        done = trainer.step_count >= trainer.total_steps or stop["stop"] or (
-            stop_after is not None and trainer.step_count >= stop_after)
-        if trainer.step_count % cfg.log_every == 0 or done:
-            trainer.check_finite()
+        step = trainer.step_count
+        finished = step >= trainer.total_steps or (stop_after is not None and step >= stop_after)
+        log_now, ckpt_now = step % cfg.log_every == 0, step % cfg.ckpt_every == 0
+        # One process stops right after a signal; under torchrun the ranks agree at the next log or
+        # checkpoint step (see Trainer.agree_to_stop).
+        if not (log_now or ckpt_now or finished or (stop["stop"] and not ddp.distributed)):
+            continue
+        done = trainer.agree_to_stop(stop["stop"]) or finished
+        if log_now or done:
             seconds = time.perf_counter() - t0
-            last_row = metrics.write(trainer.step_count, history, trainer.lr, seconds, len(history) * cfg.batch_size)
+            last_row = metrics.write(step, history, trainer.lr, seconds, len(history) * cfg.batch_size)
             log.info("rank %d/%d step %d/%d loss %.4f rec %.4f contrast %.4f lr %.2e %.0f img/s", ddp.rank,
-                     ddp.world_size, trainer.step_count, trainer.total_steps, last_row["loss"], last_row["rec_loss"],
+                     ddp.world_size, step, trainer.total_steps, last_row["loss"], last_row["rec_loss"],
                      last_row["contrast_loss"], last_row["lr"], last_row["images_per_s"])
             history, t0 = [], time.perf_counter()
-        if trainer.step_count % cfg.ckpt_every == 0 or done:
-            trainer.check_finite()
+        if ckpt_now or done:
+            state = trainer.state()
             if ddp.is_main:
-                save_checkpoint(ckpt_path, trainer.state())
+                save_checkpoint(ckpt_path, state)
         if done:
             break
+    if trainer.step_count < trainer.total_steps and ddp.is_main:
+        log.info("stopped at step %d of %d; the same command with --resume continues it exactly from %s",
+                 trainer.step_count, trainer.total_steps, ckpt_path)
     result = {"steps": trainer.step_count, "checkpoint": str(ckpt_path), "final": last_row,
               "completed": trainer.step_count >= trainer.total_steps, "world_size": ddp.world_size}
     if ddp.distributed:

@@ -1,11 +1,20 @@
-"""Trainer behaviour: exact resume, NaN stop, bad inputs, and learning on planted structure."""
+"""Trainer behaviour: exact resume (also after a real signal, also under torchrun), NaN stop, bad
+inputs, and learning on planted structure."""
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import get_args, get_type_hints
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lease.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from lease.configs import MaskConfig, TrainConfig, model_config, train_config
@@ -14,6 +23,7 @@ from lease.io import file_digest
 from lease.masking import random_plan
 from lease.model import LeaseModel
 from lease.train import NonFiniteLoss, compile_for_training, mark_row_counts_dynamic, train
+from lease.typed_config import to_dict
 from lease.synthetic import planted_codebook, planted_tokens
 from planted import write_shards
 
@@ -59,6 +69,119 @@ def test_resume_is_exact(planted, tmp_path):
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def launch_training(cfg: TrainConfig, out: Path, *args: str, nproc: int | None = None) -> subprocess.Popen:
+    """`lease train` in its own process (or `nproc` under torchrun), as a user starts it; its output
+    goes to out's sibling `<name>.log`."""
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    launcher = [sys.executable] if nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: runs side by side share the cores
+    with (out.parent / f"{out.name}.log").open("w") as log:
+        return subprocess.Popen([*launcher, "-m", "lease.train", "--config", str(config), "--out", str(out), *args],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def finish(proc: subprocess.Popen, out: Path, timeout: float = 240) -> str:
+    """Wait for `proc`; fail (killing it) when it hangs or exits non-zero. Returns its output."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
+        proc.wait()
+        pytest.fail(f"hung for {timeout} s:\n{(out.parent / f'{out.name}.log').read_text()[-3000:]}")
+    output = (out.parent / f"{out.name}.log").read_text()
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{output[-3000:]}"
+    return output
+
+
+def logged_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []  # complete lines only
+    return [json.loads(line)["step"] for line in lines]
+
+
+def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(s >= step for s in logged_steps(out)):
+        assert proc.poll() is None, f"training exited (code {proc.returncode}) before step {step}"
+        assert time.monotonic() < deadline, f"no step {step} within {timeout} s"
+        time.sleep(0.02)
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=`rank` (Linux /proc)."""
+    pending = [launcher_pid]
+    while pending:
+        pid = pending.pop()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for child in map(int, children):
+            if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+                return child
+            pending.append(child)
+    raise AssertionError(f"no torchrun worker with RANK={rank}")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    assert first["step"] == second["step"]
+    for key, value in first["model"].items():
+        assert torch.equal(value, second["model"][key]), key
+
+
+SIGNAL_RUN = {"max_steps": 40, "ckpt_every": 1000}  # the only checkpoint is the one the signal writes
+
+
+@pytest.fixture(scope="module")
+def straight_run(planted, tmp_path_factory):
+    """The uninterrupted single-process run the interrupted ones must end at."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    finish(launch_training(tiny_cfg(planted, log_every=1, **SIGNAL_RUN), out), out)
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_resume_is_exact(planted, straight_run, tmp_path, sig):
+    cfg = tiny_cfg(planted, log_every=1, **SIGNAL_RUN)
+    interrupted = launch_training(cfg, tmp_path / "interrupted")
+    wait_for_step(interrupted, tmp_path / "interrupted", 2)
+    interrupted.send_signal(sig)
+    output = finish(interrupted, tmp_path / "interrupted")
+    stopped_at = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pt")["step"]
+    assert f"signal {sig.name}: saving a checkpoint and stopping" in output
+    assert f"stopped at step {stopped_at} of 40" in output and '"completed": false' in output
+    assert stopped_at == logged_steps(tmp_path / "interrupted")[-1] < 40
+    finish(launch_training(cfg, tmp_path / "interrupted", "--resume"), tmp_path / "interrupted")
+    assert_same_weights(straight_run, tmp_path / "interrupted")
+
+
+def test_torchrun_ranks_stop_together_and_resume_exactly(planted, tmp_path):
+    """A signal that reaches one rank only (here rank 1) stops both at the same step: alone, rank 1
+    would leave rank 0 waiting in its next all-reduce. The checkpoint holds each rank's own mask and
+    dropout streams, so two processes resume to the uninterrupted run's weights bit for bit; one
+    process resumes it too, with fresh streams and a warning."""
+    cfg = tiny_cfg(planted, log_every=4, **SIGNAL_RUN)
+    straight = launch_training(cfg, tmp_path / "straight", nproc=2)
+    interrupted = launch_training(cfg, tmp_path / "interrupted", nproc=2)
+    wait_for_step(interrupted, tmp_path / "interrupted", 4)
+    os.kill(worker_pid(interrupted.pid, rank=1), signal.SIGTERM)
+    output = finish(interrupted, tmp_path / "interrupted")
+    state = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pt")
+    stopped_at = state["step"]
+    assert stopped_at < 40 and stopped_at % 4 == 0
+    assert f"rank 0/2 step {stopped_at}/40" in output and f"rank 1/2 step {stopped_at}/40" in output
+    assert f"step {stopped_at + 4}/40" not in output
+    assert len(state["rng"]["ranks"]) == 2
+    assert not torch.equal(state["rng"]["ranks"][0]["mask_perm"], state["rng"]["ranks"][1]["mask_perm"])
+    shutil.copytree(tmp_path / "interrupted", tmp_path / "one-process")
+    finish(launch_training(cfg, tmp_path / "interrupted", "--resume", nproc=2), tmp_path / "interrupted")
+    finish(straight, tmp_path / "straight")
+    assert_same_weights(tmp_path / "straight", tmp_path / "interrupted")
+    resumed_alone = finish(launch_training(cfg, tmp_path / "one-process", "--resume"), tmp_path / "one-process")
+    assert "checkpoint written by 2 processes, resumed by 1" in resumed_alone
+    assert load_checkpoint(tmp_path / "one-process" / "checkpoint.pt")["step"] == 40
 
 
 def test_metrics_and_export_written(planted, tmp_path):
