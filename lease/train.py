@@ -246,7 +246,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = state["step"]
         self.ratio_sampler.generator.set_state(state["rng"]["mask_ratio"])
-        ranks = state["rng"]["ranks"]
+        ranks = state["rng"].get("ranks", [state["rng"]])  # older checkpoints kept one process's streams
         if len(ranks) != self.ddp.world_size:
             self._reseed_rank_streams(len(ranks))
             return
@@ -347,7 +347,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     trainer = Trainer(cfg, model, device, ddp, batches.steps_per_epoch)
     ckpt_path = out_dir / "checkpoint.pt"
     if resume:
-        trainer.load_state(load_checkpoint(ckpt_path, map_location=device))
+        trainer.load_state(load_checkpoint(ckpt_path))  # on the CPU: RNG states must be; the rest is copied over
         log.info("resumed from %s at step %d", ckpt_path, trainer.step_count)
     if ddp.is_main:
         log.info("%s | %d steps, %d/epoch, peak lr %.2e, autocast %s", describe(model), trainer.total_steps,

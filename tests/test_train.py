@@ -71,6 +71,17 @@ def test_resume_is_exact(planted, tmp_path):
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
 
 
+def test_resume_reads_checkpoints_with_one_process_streams(planted, tmp_path):
+    """Checkpoints written before the per-rank streams kept one process's at the top of "rng"."""
+    straight = train(tiny_cfg(planted), tmp_path / "straight")
+    train(tiny_cfg(planted), tmp_path / "split", stop_after=3)
+    state = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    state["rng"] = {"mask_ratio": state["rng"]["mask_ratio"], **state["rng"]["ranks"][0]}
+    torch.save(state, tmp_path / "split" / "checkpoint.pt")
+    assert train(tiny_cfg(planted), tmp_path / "split", resume=True)["steps"] == straight["steps"]
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+
+
 def launch_training(cfg: TrainConfig, out: Path, *args: str, nproc: int | None = None) -> subprocess.Popen:
     """`lease train` in its own process (or `nproc` under torchrun), as a user starts it; its output
     goes to out's sibling `<name>.log`."""
@@ -78,7 +89,9 @@ def launch_training(cfg: TrainConfig, out: Path, *args: str, nproc: int | None =
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     launcher = [sys.executable] if nproc is None else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: runs side by side share the cores
+    # One thread each, as torchrun sets it (runs side by side share the cores), and the CPU even on a
+    # GPU machine: its kernels repeat bit for bit, and torchrun's ranks need no GPU each.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     with (out.parent / f"{out.name}.log").open("w") as log:
         return subprocess.Popen([*launcher, "-m", "lease.train", "--config", str(config), "--out", str(out), *args],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
