@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -90,9 +91,10 @@ def ranks_by_step(train_log: str) -> dict[int, list[int]]:
     return {step: sorted(ranks) for step, ranks in sorted(seen.items())}
 
 
-def launch(config: Path, out: Path, torchrun_nproc: int | None = None) -> TrainingRun:
-    """`lease train` as a plain process, or under torchrun with `torchrun_nproc` processes. Its log goes
-    to out/train.log as it runs, and rank 0's progress to this log every `PROGRESS_EVERY` steps."""
+def launch(config: Path, out: Path, torchrun_nproc: int | None = None, cpu: bool = False) -> TrainingRun:
+    """`lease train` as a plain process, or under torchrun with `torchrun_nproc` processes; with `cpu`
+    the GPUs are hidden from it. Its log goes to out/train.log as it runs, and rank 0's progress to
+    this log every `PROGRESS_EVERY` steps."""
     if out.exists():
         shutil.rmtree(out)  # metrics.jsonl is appended to: start each run afresh
     out.mkdir(parents=True)
@@ -102,7 +104,8 @@ def launch(config: Path, out: Path, torchrun_nproc: int | None = None) -> Traini
     log.info("running %s", " ".join(cmd))
     start = time.perf_counter()
     with (out / "result.json").open("w") as stdout, (out / "train.log").open("w") as train_log:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
         for line in proc.stderr:
             train_log.write(line)
             step = STEP_LINE.search(line)
@@ -134,15 +137,15 @@ def check_ranks(ddp: TrainingRun, nproc: int, steps: int) -> None:
         raise SystemExit(f"the {nproc} ranks ended with different weights: gradients were not averaged alike")
 
 
-def compare(run: NumericsRun, nproc: int, overrides: list[str], work: Path) -> dict[str, Any]:
-    """The three runs and the gaps between their curves (module docstring)."""
+def compare(run: NumericsRun, nproc: int, overrides: list[str], work: Path, cpu: bool = False) -> dict[str, Any]:
+    """The three runs and the gaps between their curves (module docstring); with `cpu`, on the CPU."""
     cfg, next_seed_cfg = (training_config(run, overrides, seed) for seed in (run.seed, run.seed + 1))
     data = write_planted_inputs(run, cfg.model, work)
     config, next_seed_config = (write_config(dataclasses.replace(c, data=data), work) for c in (cfg, next_seed_cfg))
-    single = launch(config, work / "one-process")
-    ddp = launch(config, work / f"torchrun-{nproc}", torchrun_nproc=nproc)
+    single = launch(config, work / "one-process", cpu=cpu)
+    ddp = launch(config, work / f"torchrun-{nproc}", torchrun_nproc=nproc, cpu=cpu)
     check_ranks(ddp, nproc, run.steps)
-    next_seed = launch(next_seed_config, work / "one-process-next-seed")
+    next_seed = launch(next_seed_config, work / "one-process-next-seed", cpu=cpu)
     runs = {"one process": single, f"torchrun, nproc {nproc}": ddp, "one process, next seed": next_seed}
     curves = {label: torch.tensor(r.curve) for label, r in runs.items()}
     ddp_gap, seed_gap = (round(late_gap(curves[label], curves["one process"], run.smooth), 5)
@@ -170,6 +173,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--dtype", default=defaults.dtype, choices=["bf16", "fp32"])
     parser.add_argument("--compile", choices=["on", "off"], default="on")
+    parser.add_argument("--cpu", action="store_true",
+                        help="train on the CPU (gloo) even where there are GPUs, as the tests do")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--work", default=None, help="where shards, configs and run logs go (default: a temporary "
                                                      "directory, removed after a run that succeeds)")
@@ -186,7 +191,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.steps < 2 * SMOOTH:
         raise SystemExit(f"--steps must be >= {2 * SMOOTH} (the curves are compared smoothed over {SMOOTH} "
                          "steps, on the run's second half)")
-    gpus = torch.cuda.device_count()
+    gpus = 0 if args.cpu else torch.cuda.device_count()
     if gpus and gpus < args.nproc:
         raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs (one process per GPU); this machine has {gpus}")
 
@@ -199,7 +204,7 @@ def run_cli(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lease-ddp-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = compare(run, args.nproc, args.overrides, work)
+        result = compare(run, args.nproc, args.overrides, work, cpu=args.cpu)
     except BaseException:
         log.error("the runs' configs and logs are kept in %s", work)
         raise

@@ -10,8 +10,9 @@ from lease.cli import main as lease_main
 from lease.data import ResidentBatches, TokenSet
 from lease.typed_config import ConfigError
 
+# On the CPU wherever the tests run; a small vocabulary and a high lr, so that the loss moves in 20 steps.
 TINY_RUN = ["--preset", "tiny", "--batch-size", "32", "--steps", "20", "--dtype", "fp32", "--compile", "off",
-            "optim.base_lr=1e-2", "model.vocab_gen=64"]  # a small vocabulary and a high lr: the loss moves in 20 steps
+            "--cpu", "optim.base_lr=1e-2", "model.vocab_gen=64"]
 
 
 def test_ranks_share_out_the_single_process_batches():
@@ -64,11 +65,11 @@ def test_bench_ddp_one_process_under_torchrun_is_the_plain_process_exactly(tmp_p
 ])
 def test_bench_ddp_refuses_bad_arguments_before_any_work(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
-        lease_main(["bench", "ddp", "--preset", "tiny", "--work", str(tmp_path / "work"), *args])
+        lease_main(["bench", "ddp", "--preset", "tiny", "--cpu", "--work", str(tmp_path / "work"), *args])
     assert not (tmp_path / "work").exists()
 
 
 def test_bench_ddp_names_a_bad_override_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="model.nosuch"):
-        lease_main(["bench", "ddp", "--preset", "tiny", "--work", str(tmp_path / "work"), "model.nosuch=1"])
+        lease_main(["bench", "ddp", "--preset", "tiny", "--cpu", "--work", str(tmp_path / "work"), "model.nosuch=1"])
     assert not (tmp_path / "work").exists()

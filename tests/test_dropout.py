@@ -1,7 +1,7 @@
 """The Philox dropout mask (lease/dropout.py): its statistics, layout and determinism.
 
-The Triton kernel runs here on the CPU through Triton's interpreter, in a subprocess because the
-interpreter is chosen when the kernel is defined.
+The Triton kernel runs on the GPU when there is one, and otherwise on the CPU through Triton's
+interpreter, in a subprocess because the interpreter is chosen when the kernel is defined.
 """
 import json
 import os
@@ -20,9 +20,9 @@ import json, sys
 import torch
 from lease.dropout import DRAWS_PER_CALL, drop_threshold, philox_keep_bits, unpack_bits
 
-n, p = int(sys.argv[1]), float(sys.argv[2])
+n, p, device = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 t, num_bytes = drop_threshold(p), -(-n // DRAWS_PER_CALL)
-mask = lambda seed: unpack_bits(philox_keep_bits(torch.tensor([seed]), num_bytes, t), n)
+mask = lambda seed: unpack_bits(philox_keep_bits(torch.tensor([seed], device=device), num_bytes, t), n).cpu()
 a, again, other = mask(1234), mask(1234), mask(1235)
 # element 8c + j is bit j of byte c: the low or high half of Philox word j // 2 of counter c
 lanes = a[: n - n % DRAWS_PER_CALL].view(-1, DRAWS_PER_CALL).float()
@@ -38,10 +38,12 @@ json.dump({"drop": 1 - a.float().mean().item(), "same_seed_equal": bool(torch.eq
 """
 
 
-def run_interpreted(n: int, p: float) -> dict:
-    """MASK_STATS through Triton's interpreter; a failure shows the script's stderr."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", MASK_STATS, str(n), str(p)], env=env, capture_output=True,
+def run_kernel(n: int, p: float) -> dict:
+    """MASK_STATS on the GPU, or through Triton's interpreter without one; a failure shows the
+    script's stderr."""
+    device, env = ("cuda", dict(os.environ)) if torch.cuda.is_available() else \
+        ("cpu", {**os.environ, "TRITON_INTERPRET": "1"})
+    out = subprocess.run([sys.executable, "-c", MASK_STATS, str(n), str(p), device], env=env, capture_output=True,
                          text=True, timeout=300)
     if out.returncode != 0:
         raise AssertionError(f"interpreted script failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
@@ -50,7 +52,7 @@ def run_interpreted(n: int, p: float) -> dict:
 
 def test_philox_mask_drops_at_the_rate_with_independent_lanes():
     n, p = 8 * 1024 * 40 + 123, 0.1  # a partial last block and a partial last byte too
-    stats = run_interpreted(n, p)
+    stats = run_kernel(n, p)
     assert stats["len"] == n and stats["tail_dtype"] == "torch.bool"
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(stats["drop"] - p) < 5 * sigma

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from pipeline.images import (RawBatch, both_crops, center_square, collate_encoded, decode_raw_batch, decode_rgb,
-                             EncodedDataset, is_gpu_decodable_jpeg, make_loader, pil_to_tensor, resize_squares)
+                             EncodedDataset, is_gpu_decodable_jpeg, make_loader, pil_to_tensor, read_bytes,
+                             resize_squares)
 
 SIZES = (32, 28)  # the 256/224 pair at tiny scale: same code path, sizes from arguments
 
@@ -105,7 +106,6 @@ def image_files(tmp_path):
 
 
 def _expected(location: str) -> list[torch.Tensor]:
-    from pipeline.images import read_bytes
     return both_crops(pil_to_tensor(decode_rgb(read_bytes(location))), SIZES)
 
 
@@ -134,9 +134,22 @@ def test_encoded_path_matches_cpu_path(image_files):
         # libjpeg (PIL) and torchvision's decoder may round the IDCT differently by a level or two.
         assert (big[row].int() - want_big.int()).abs().max() <= 3
         assert (small[row].int() - want_small.int()).abs().max() <= 3
-    if torch.cuda.is_available():  # float resampling on the device: within a few grey levels of the CPU
+    if torch.cuda.is_available():
+        # nvJPEG's IDCT and chroma upsampling round differently from libjpeg's: on these noisy JPEGs the
+        # decoded pixels differ by about 2 grey levels on average (H100), whatever the resize does.
         _, big_gpu, _ = decode_raw_batch(batch, SIZES, "cuda")
-        assert (big_gpu.cpu().float() - big.float()).abs().mean() < 0.5
+        assert (big_gpu.cpu().float() - big.float()).abs().mean() < 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_resize_is_the_cpu_resize_within_a_grey_level(image_files):
+    """The float resampling on the device against torch's uint8 kernel on the CPU, same input squares."""
+    squares = [center_square(pil_to_tensor(decode_rgb(read_bytes(path))))[None].contiguous()
+               for path in image_files[:5]]
+    for square in squares:
+        for size in SIZES:
+            cpu, gpu = resize_squares(square, size).float(), resize_squares(square.cuda(), size).cpu().float()
+            assert (gpu - cpu).abs().mean() < 0.5 and (gpu - cpu).abs().max() <= 2
 
 
 def test_loader_rejects_bad_arguments(image_files):
