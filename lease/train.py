@@ -327,6 +327,39 @@ def _install_stop_handlers() -> dict[str, bool]:
     return flag
 
 
+def run_steps(trainer: Trainer, data: Iterator[Batch], metrics: MetricsLog, ckpt_path: Path,
+              stop_after: int | None) -> dict:
+    """Train until the last step, `stop_after` or a signal, logging and checkpointing on the way;
+    returns the last logged metrics."""
+    cfg, ddp = trainer.cfg, trainer.ddp
+    stop = _install_stop_handlers()
+    history, last_row, t0 = [], {}, time.perf_counter()
+    while trainer.step_count < trainer.total_steps:
+        history.append(trainer.step(next(data)))
+        step = trainer.step_count
+        finished = step >= trainer.total_steps or (stop_after is not None and step >= stop_after)
+        log_now, ckpt_now = step % cfg.log_every == 0, step % cfg.ckpt_every == 0
+        # One process stops right after a signal; under torchrun the ranks agree at the next log or
+        # checkpoint step (see Trainer.agree_to_stop).
+        if not (log_now or ckpt_now or finished or (stop["stop"] and not ddp.distributed)):
+            continue
+        done = trainer.agree_to_stop(stop["stop"]) or finished
+        if log_now or done:
+            seconds = time.perf_counter() - t0
+            last_row = metrics.write(step, history, trainer.lr, seconds, len(history) * cfg.batch_size)
+            log.info("rank %d/%d step %d/%d loss %.4f rec %.4f contrast %.4f lr %.2e %.0f img/s", ddp.rank,
+                     ddp.world_size, step, trainer.total_steps, last_row["loss"], last_row["rec_loss"],
+                     last_row["contrast_loss"], last_row["lr"], last_row["images_per_s"])
+            history, t0 = [], time.perf_counter()
+        if ckpt_now or done:
+            state = trainer.state()
+            if ddp.is_main:
+                save_checkpoint(ckpt_path, state)
+        if done:
+            break
+    return last_row
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_after: int | None = None) -> dict:
     """Pretrain LEASE per `cfg`, writing checkpoints, metrics and the exported encoder into `out_dir`.
 
@@ -353,33 +386,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
         log.info("%s | %d steps, %d/epoch, peak lr %.2e, autocast %s", describe(model), trainer.total_steps,
                  batches.steps_per_epoch, trainer.peak_lr, trainer.dtype)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    metrics = MetricsLog(out_dir, enabled=ddp.is_main)
-    stop = _install_stop_handlers()
-    history, last_row, t0 = [], {}, time.perf_counter()
-    data = batches.iterate(trainer.step_count)
-    while trainer.step_count < trainer.total_steps:
-        history.append(trainer.step(next(data)))
-        step = trainer.step_count
-        finished = step >= trainer.total_steps or (stop_after is not None and step >= stop_after)
-        log_now, ckpt_now = step % cfg.log_every == 0, step % cfg.ckpt_every == 0
-        # One process stops right after a signal; under torchrun the ranks agree at the next log or
-        # checkpoint step (see Trainer.agree_to_stop).
-        if not (log_now or ckpt_now or finished or (stop["stop"] and not ddp.distributed)):
-            continue
-        done = trainer.agree_to_stop(stop["stop"]) or finished
-        if log_now or done:
-            seconds = time.perf_counter() - t0
-            last_row = metrics.write(step, history, trainer.lr, seconds, len(history) * cfg.batch_size)
-            log.info("rank %d/%d step %d/%d loss %.4f rec %.4f contrast %.4f lr %.2e %.0f img/s", ddp.rank,
-                     ddp.world_size, step, trainer.total_steps, last_row["loss"], last_row["rec_loss"],
-                     last_row["contrast_loss"], last_row["lr"], last_row["images_per_s"])
-            history, t0 = [], time.perf_counter()
-        if ckpt_now or done:
-            state = trainer.state()
-            if ddp.is_main:
-                save_checkpoint(ckpt_path, state)
-        if done:
-            break
+    last_row = run_steps(trainer, batches.iterate(trainer.step_count), MetricsLog(out_dir, enabled=ddp.is_main),
+                         ckpt_path, stop_after)
     if trainer.step_count < trainer.total_steps and ddp.is_main:
         log.info("stopped at step %d of %d; the same command with --resume continues it exactly from %s",
                  trainer.step_count, trainer.total_steps, ckpt_path)
