@@ -91,6 +91,13 @@ def ranks_by_step(train_log: str) -> dict[int, list[int]]:
     return {step: sorted(ranks) for step, ranks in sorted(seen.items())}
 
 
+def train_command(config: Path, out: Path, torchrun_nproc: int | None = None) -> list[str]:
+    """The `lease train` command line: this Python alone, or under torchrun with `torchrun_nproc` processes."""
+    launcher = [sys.executable] if torchrun_nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}"]
+    return [*launcher, "-m", "lease.train", "--config", str(config), "--out", str(out)]
+
+
 def launch(config: Path, out: Path, torchrun_nproc: int | None = None, cpu: bool = False) -> TrainingRun:
     """`lease train` as a plain process, or under torchrun with `torchrun_nproc` processes; with `cpu`
     the GPUs are hidden from it. Its log goes to out/train.log as it runs, and rank 0's progress to
@@ -98,9 +105,7 @@ def launch(config: Path, out: Path, torchrun_nproc: int | None = None, cpu: bool
     if out.exists():
         shutil.rmtree(out)  # metrics.jsonl is appended to: start each run afresh
     out.mkdir(parents=True)
-    launcher = [sys.executable] if torchrun_nproc is None else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}"]
-    cmd = launcher + ["-m", "lease.train", "--config", str(config), "--out", str(out)]
+    cmd = train_command(config, out, torchrun_nproc)
     log.info("running %s", " ".join(cmd))
     start = time.perf_counter()
     with (out / "result.json").open("w") as stdout, (out / "train.log").open("w") as train_log:

@@ -233,7 +233,7 @@ class Trainer:
 
     def _rank_rng_states(self) -> list[dict[str, Any]]:
         """Each rank's own random streams (dropout, masks), in rank order."""
-        mine = {"torch": torch.get_rng_state(), "mask_perm": self.mask_gen.get_state().cpu(),
+        mine = {"torch": torch.get_rng_state(), "mask_perm": self.mask_gen.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         if not self.ddp.distributed:
             return [mine]
@@ -254,7 +254,7 @@ class Trainer:
         torch.set_rng_state(mine["torch"])
         if mine["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(mine["cuda"])
-        self.mask_gen.set_state(mine["mask_perm"].to(self.mask_gen.get_state().device))
+        self.mask_gen.set_state(mine["mask_perm"])
 
     def _reseed_rank_streams(self, saved_world_size: int) -> None:
         """Resuming on another number of processes: the batches split differently anyway, so the run
@@ -380,7 +380,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     trainer = Trainer(cfg, model, device, ddp, batches.steps_per_epoch)
     ckpt_path = out_dir / "checkpoint.pt"
     if resume:
-        trainer.load_state(load_checkpoint(ckpt_path))  # on the CPU: RNG states must be; the rest is copied over
+        trainer.load_state(load_checkpoint(ckpt_path))  # on the CPU, where torch takes RNG states
         log.info("resumed from %s at step %d", ckpt_path, trainer.step_count)
     if ddp.is_main:
         log.info("%s | %d steps, %d/epoch, peak lr %.2e, autocast %s", describe(model), trainer.total_steps,

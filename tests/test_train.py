@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -19,6 +18,7 @@ import yaml
 from lease.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from lease.configs import MaskConfig, TrainConfig, model_config, train_config
 from lease.data import read_token_set
+from lease.ddp_check import train_command
 from lease.io import file_digest
 from lease.masking import random_plan
 from lease.model import LeaseModel
@@ -58,17 +58,22 @@ def tiny_cfg(root, **overrides):
     return train_config(data)
 
 
+def assert_same_state(a: Path, b: Path) -> None:
+    """The two runs' checkpoints hold the same step, bit-identical weights and Adam moments."""
+    first, second = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    assert first["step"] == second["step"]
+    for key, value in first["model"].items():
+        assert torch.equal(value, second["model"][key]), key
+    assert torch.equal(first["optimizer"]["state"][0]["exp_avg"], second["optimizer"]["state"][0]["exp_avg"])
+
+
 def test_resume_is_exact(planted, tmp_path):
     straight = train(tiny_cfg(planted), tmp_path / "straight")
     first = train(tiny_cfg(planted), tmp_path / "split", stop_after=3)
     assert first["steps"] == 3 and not first["completed"]
     resumed = train(tiny_cfg(planted), tmp_path / "split", resume=True)
     assert resumed["steps"] == straight["steps"] == 8
-    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    assert_same_state(tmp_path / "straight", tmp_path / "split")
 
 
 def test_resume_reads_checkpoints_with_one_process_streams(planted, tmp_path):
@@ -79,7 +84,7 @@ def test_resume_reads_checkpoints_with_one_process_streams(planted, tmp_path):
     state["rng"] = {"mask_ratio": state["rng"]["mask_ratio"], **state["rng"]["ranks"][0]}
     torch.save(state, tmp_path / "split" / "checkpoint.pt")
     assert train(tiny_cfg(planted), tmp_path / "split", resume=True)["steps"] == straight["steps"]
-    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+    assert_same_state(tmp_path / "straight", tmp_path / "split")
 
 
 def launch_training(cfg: TrainConfig, out: Path, *args: str, nproc: int | None = None) -> subprocess.Popen:
@@ -87,14 +92,12 @@ def launch_training(cfg: TrainConfig, out: Path, *args: str, nproc: int | None =
     goes to out's sibling `<name>.log`."""
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
-    launcher = [sys.executable] if nproc is None else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     # One thread each, as torchrun sets it (runs side by side share the cores), and the CPU even on a
     # GPU machine: its kernels repeat bit for bit, and torchrun's ranks need no GPU each.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     with (out.parent / f"{out.name}.log").open("w") as log:
-        return subprocess.Popen([*launcher, "-m", "lease.train", "--config", str(config), "--out", str(out), *args],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        return subprocess.Popen([*train_command(config, out, nproc), *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
 
 
 def finish(proc: subprocess.Popen, out: Path, timeout: float = 240) -> str:
@@ -137,13 +140,6 @@ def worker_pid(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no torchrun worker with RANK={rank}")
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
-    first, second = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
-    assert first["step"] == second["step"]
-    for key, value in first["model"].items():
-        assert torch.equal(value, second["model"][key]), key
-
-
 SIGNAL_RUN = {"max_steps": 40, "ckpt_every": 1000}  # the only checkpoint is the one the signal writes
 
 
@@ -167,7 +163,7 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(planted, straight_run, tm
     assert f"stopped at step {stopped_at} of 40" in output and '"completed": false' in output
     assert stopped_at == logged_steps(tmp_path / "interrupted")[-1] < 40
     finish(launch_training(cfg, tmp_path / "interrupted", "--resume"), tmp_path / "interrupted")
-    assert_same_weights(straight_run, tmp_path / "interrupted")
+    assert_same_state(straight_run, tmp_path / "interrupted")
 
 
 def test_torchrun_ranks_stop_together_and_resume_exactly(planted, tmp_path):
@@ -191,7 +187,7 @@ def test_torchrun_ranks_stop_together_and_resume_exactly(planted, tmp_path):
     shutil.copytree(tmp_path / "interrupted", tmp_path / "one-process")
     finish(launch_training(cfg, tmp_path / "interrupted", "--resume", nproc=2), tmp_path / "interrupted")
     finish(straight, tmp_path / "straight")
-    assert_same_weights(tmp_path / "straight", tmp_path / "interrupted")
+    assert_same_state(tmp_path / "straight", tmp_path / "interrupted")
     resumed_alone = finish(launch_training(cfg, tmp_path / "one-process", "--resume"), tmp_path / "one-process")
     assert "checkpoint written by 2 processes, resumed by 1" in resumed_alone
     assert load_checkpoint(tmp_path / "one-process" / "checkpoint.pt")["step"] == 40
