@@ -42,6 +42,7 @@ class StageJob:
     force: bool
     verify: bool
     upstream_dirs: dict[str, str] = field(default_factory=dict)
+    wait: bool = True  # for a key another run is building: wait for it (False: fail naming that run)
 
 
 class ArtifactCachePolicy(CachePolicy):
@@ -64,7 +65,7 @@ def _run_stage(job: StageJob, cfg: PipelineConfig) -> str:
     stage = STAGES[job.stage]
     dirs = {name: Path(path) for name, path in job.upstream_dirs.items()}
     return ArtifactStore(job.artifacts).run(job.spec, lambda out: stage.build(cfg, dirs, out), force=job.force,
-                                            verify=job.verify).status
+                                            verify=job.verify, wait=job.wait).status
 
 
 STAGE_TASKS = {name: task(_run_stage, name=name, cache_policy=ArtifactCachePolicy(), persist_result=True)
@@ -87,6 +88,7 @@ class Runner:
     force: set[str]
     verify: bool = False
     outcomes: dict[str, StageOutcome] = field(default_factory=dict)
+    wait: bool = True
 
     def spec(self, stage: Stage) -> StageSpec:
         return stage.spec(self.cfg, {name: outcome.key for name, outcome in self.outcomes.items()})
@@ -104,7 +106,8 @@ class Runner:
         except (OSError, ValueError, ImportError) as err:
             self._fail(stage.name, "", t0, f"cannot compute its key: {err}")
         job = StageJob(stage.name, spec, str(self.artifacts), stage.name in self.force, self.verify,
-                       {name: self.outcomes[name].path for name in stage.after if name in self.outcomes})
+                       {name: self.outcomes[name].path for name in stage.after if name in self.outcomes},
+                       self.wait)
         state = STAGE_TASKS[stage.name](job, self.cfg, return_state=True)
         seconds = time.perf_counter() - t0
         if not state.is_completed():
@@ -146,11 +149,11 @@ def write_run_record(cfg: PipelineConfig, outcomes: list[StageOutcome], meta: di
     return runs / f"{run_id}.json"
 
 
-def _run(config: str, overrides: list[str], force: list[str], verify: bool, names: tuple[str, ...],
+def _run(config: str, overrides: list[str], force: list[str], verify: bool, wait: bool, names: tuple[str, ...],
          prior: list[StageOutcome] | None = None) -> list[StageOutcome]:
     """Validate the config (before any work), then run the enabled stages among `names`."""
     cfg = load_pipeline_config(config, overrides)
-    runner = Runner(cfg, with_dependents(cfg, force), verify, {o.name: o for o in prior or []})
+    runner = Runner(cfg, with_dependents(cfg, force), verify, {o.name: o for o in prior or []}, wait)
     runner.run(names)
     return list(runner.outcomes.values())
 
@@ -180,7 +183,11 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
     cfg = load_pipeline_config(config, overrides)
     meta = {"flow": flow_name, "config": config, "overrides": list(overrides), "force": sorted(force),
             "status": status, "seconds": round(time.perf_counter() - t0, 3)}
-    path = write_run_record(cfg, outcomes, meta)
+    try:
+        path: Path | str = write_run_record(cfg, outcomes, meta)
+    except OSError as err:  # a read-only or full artifacts root: the table still reaches the user
+        path = f"run record not written: {err.strerror or err}"
+        get_run_logger().warning("cannot write the run record under %s: %s", cfg.artifacts, err)
     get_run_logger().info("stage table (%s):\n%s", path, stage_table(outcomes))
     note = left_out_note(outcomes)
     if note:
@@ -192,13 +199,13 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
 
 @flow(name="tokenize", log_prints=False)
 def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
-                  verify: bool = False, write_record: bool = True) -> dict[str, Any]:
+                  verify: bool = False, write_record: bool = True, wait: bool = True) -> dict[str, Any]:
     """Tokenization alone: (demo data/assets) → manifest → features → k-means → tokenize + assign → pack.
 
     As a sub-flow of `lease` (`write_record=False`) it returns its outcomes for the parent's table.
     """
     overrides, force, t0 = list(overrides or []), list(force or []), time.perf_counter()
-    run = functools.partial(_run, config, overrides, force, verify, TOKENIZE_STAGES)
+    run = functools.partial(_run, config, overrides, force, verify, wait, TOKENIZE_STAGES)
     if not write_record:
         return {"outcomes": run()}
     return _finish("tokenize", config, overrides, force, t0, run)
@@ -206,13 +213,13 @@ def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, forc
 
 @flow(name="lease", log_prints=False)
 def lease_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
-               verify: bool = False) -> dict[str, Any]:
+               verify: bool = False, wait: bool = True) -> dict[str, Any]:
     """The whole pipeline: the `tokenize` sub-flow, then pretraining and evaluation."""
     overrides, force, t0 = list(overrides or []), list(force or []), time.perf_counter()
     load_pipeline_config(config, overrides)  # fail on a bad key before any stage starts
 
     def run() -> list[StageOutcome]:
-        tokenized = tokenize_flow(config, overrides, force, verify, write_record=False)["outcomes"]
-        return _run(config, overrides, force, verify, TRAIN_STAGES, prior=tokenized)
+        tokenized = tokenize_flow(config, overrides, force, verify, write_record=False, wait=wait)["outcomes"]
+        return _run(config, overrides, force, verify, wait, TRAIN_STAGES, prior=tokenized)
 
     return _finish("lease", config, overrides, force, t0, run)

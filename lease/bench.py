@@ -13,13 +13,9 @@ import itertools
 import json
 import logging
 import math
-import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,56 +28,12 @@ from lease.configs import MaskConfig, TrainConfig, model_config
 from lease.data import Batch, ResidentBatches
 from lease.model import SDPA_KERNELS, flops_per_image
 from lease.synthetic import uniform_tokens
+from lease.records import RESULTS_DIR, results_dir, write_record
 from lease.typed_config import apply_overrides
 from lease.train import Dist, Trainer, build_model, compile_for_training
 
 log = logging.getLogger(__name__)
-RESULTS_DIR = Path("benchmarks/results")
 SYNTHETIC_BATCHES = 8  # distinct resident batches a training benchmark cycles through
-
-
-# Environment variables that change which kernels run or how they are compiled (TORCHINDUCTOR_*
-# switches such as TORCHINDUCTOR_COMPREHENSIVE_PADDING, TF32 overrides, cuBLAS/cuDNN settings).
-KERNEL_ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCH_", "PYTORCH_", "CUDNN_", "CUBLAS_", "NVIDIA_TF32")
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"hostname": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                            "torch": torch.__version__, "cuda": torch.version.cuda,
-                            "cudnn": torch.backends.cudnn.version()}  # the attention kernels' library
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    try:
-        commit = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")  # a copied or edited tree is not HEAD
-        info["lease_commit"] = (commit + ("+dirty" if dirty else "")) or None
-    except OSError:
-        info["lease_commit"] = None
-    info["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(KERNEL_ENV_PREFIXES)}
-    return info
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
-
-
-def results_dir(out_dir: str | Path | None = None) -> Path:
-    """Where records go: `out_dir`, else $LEASE_BENCH_DIR, else benchmarks/results."""
-    return Path(out_dir or os.environ.get("LEASE_BENCH_DIR", RESULTS_DIR))
-
-
-def write_record(name: str, record: dict[str, Any], out_dir: str | Path | None = None) -> Path:
-    """Write a benchmark record with machine, versions and the command line that produced it."""
-    out_dir = results_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    full = {"name": name, "command": "lease " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "machine": machine_info(), "unix_time": int(time.time()), **record}
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(full, indent=2) + "\n")
-    log.info("wrote %s", path)
-    return path
 
 
 def time_cuda(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import yaml
 
-from lease.bench import results_dir, write_record
+from lease.records import results_dir, write_record
 from lease.configs import DataConfig, ModelConfig, TrainConfig, train_config
 from lease.data import write_token_set
 from lease.numerics import NumericsRun, late_gap, plot_curves, smoothed, train_config_for

@@ -3,17 +3,24 @@
 What "cached" means (DESIGN.md, end of "The data path"):
 
 - The **key** of a stage run is a digest of exactly what determines its output: the stage name, the
-  stage's normalised config, the **code version** (sha256 over the stage's source files), the keys of its
-  upstream artifacts, and digests of its external inputs (data trees, checkpoints).
-- A run writes into `artifacts/<stage>/<key>.partial/`, then writes `record.json` there (stage, key, code
-  version, config, upstream keys, input digests, every output file with size/mtime/sha256, timings) and
-  renames the directory to `artifacts/<stage>/<key>/`. One rename publishes a complete artifact; an
-  interrupted run leaves only the `.partial` directory, which the next run of the same key continues in
-  (stages that write shards skip the ones already there, see `pending_items`).
+  stage's normalised config, its **code** (the project modules its build function imports, with their
+  digests, and the versions of the numeric libraries: `pipeline.code_version`), the keys of its upstream
+  artifacts, and digests of its external inputs (data trees, checkpoints).
+- **One writer per key.** A run that must build takes the key's inter-process lock
+  (`artifacts/<stage>/.locks/<key>.lock`, `filelock`; the kernel releases it when the holder dies) and
+  names itself in `<key>.holder.json` beside it. A second run on the same key waits, saying for whom, and
+  then finds the artifact published (a hit), or fails at once with `wait=False` naming the holder.
+- Under the lock, the run builds in a directory of its own, `<key>.partial-<pid>-<nonce>/`. Partial
+  directories of earlier runs of the key (their holders are gone, or the lock would be held) are resumed
+  from: the newest is adopted by rename, the others removed; stages that write shards skip the ones
+  already there (`pending_items`). The run then writes `record.json` (stage, key, code, config, upstream
+  keys, input digests and content digests, every output file with size/mtime/sha256, timings) and renames
+  its directory to `<key>/`. A publish never replaces a complete, valid artifact unless forced.
 - A **hit** needs the record and every recorded output with its recorded size; a file's sha256 is checked
   again when the file is small (≤ `SMALL_FILE_BYTES`), when its mtime differs from the recorded one, or
-  always with `verify=True`. Anything missing or different is a miss (with the reason logged) and the
-  stage recomputes: never a silent hit.
+  always with `verify=True`, which also re-hashes the external inputs' contents against the record.
+  Anything missing or different is a miss (with the reason logged) and the stage recomputes: never a
+  silent hit.
 
 Input digests, and why they are honest but cheap:
 - a file: its size, mtime and the sha256 of its first and last MiB (`quick_file_digest`); files up to
@@ -22,6 +29,8 @@ Input digests, and why they are honest but cheap:
 - a directory of model files (`content=True`): the quick digest of every file in it.
 - a data tree (`content=False`, e.g. an ImageFolder of 1.28M JPEGs): every file's relative path, size and
   mtime, without reading the images.
+- the record also holds each input's full content digest (`content_digest`), which `verify=True` checks:
+  an input rewritten with the same size and mtime is a miss there.
 """
 from __future__ import annotations
 
@@ -29,17 +38,22 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
-import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
+import socket
 import stat as stat_module
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from filelock import FileLock, Timeout
 
 from lease.io import atomic_write_json, file_digest, json_digest
 
@@ -50,6 +64,7 @@ PARTIAL_SUFFIX = ".partial"
 KEY_LENGTH = 20  # hex digits of the sha256 used as directory name (80 bits)
 SMALL_FILE_BYTES = 4 << 20  # outputs up to this size are re-hashed on every lookup
 _WINDOW = 1 << 20
+HASH_THREADS = 8  # parallel file reads when hashing a directory's contents
 
 
 # ----------------------------------------------------------------------------------------- digests
@@ -95,6 +110,30 @@ def input_digest(path: str | Path, content: bool = True) -> str:
     return json_digest(entries)
 
 
+def content_digest(path: str | Path) -> str:
+    """sha256 over the whole content of an input (a file, every file of a directory, or a glob's files):
+    what `verify` compares, since the cheap key digests trust sizes and mtimes."""
+    if any(ch in str(path) for ch in "*?["):
+        return json_digest([[m, content_digest(m)] for m in sorted(glob.glob(str(path)))])
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    names = [entry[0] for entry in _file_stats_under(path)]
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:  # hashlib releases the GIL on large reads
+        digests = list(pool.map(lambda name: file_digest(path / name), names))
+    return json_digest(list(zip(names, digests)))
+
+
+def changed_input(paths: dict[str, str], recorded: dict[str, str]) -> str | None:
+    """The reason an external input's content differs from what the artifact was built from, or None."""
+    for name, path in paths.items():
+        if name not in recorded:
+            return f"the record holds no content digest of input {name}"
+        if content_digest(path) != recorded[name]:
+            return f"input {name} ({path}) changed content since the artifact was built"
+    return None
+
+
 def _file_stats_under(root: Path) -> list[list]:
     """[relative path, size, mtime_ns] of the visible (not dot-named) files below `root`, in path order.
 
@@ -117,27 +156,6 @@ def _file_stats_under(root: Path) -> list[list]:
     return entries
 
 
-def module_files(module: str) -> list[Path]:
-    """Source files of an importable module; every .py file below it for a package."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"cannot find module {module!r} to digest its code")
-    origin = Path(spec.origin)
-    if origin.name == "__init__.py":
-        return sorted(origin.parent.rglob("*.py"))
-    return [origin]
-
-
-def code_version(modules: Sequence[str]) -> str:
-    """The code version of a stage: sha256 over the contents of its modules' source files."""
-    h = hashlib.sha256()
-    for module in sorted(set(modules)):
-        for path in module_files(module):
-            h.update(f"{module}:{path.name}\0".encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:KEY_LENGTH]
-
-
 # ------------------------------------------------------------------------------------------- specs
 
 
@@ -150,10 +168,13 @@ class StageSpec:
     code_version: str
     upstream: dict[str, str] = field(default_factory=dict)  # upstream stage name -> artifact key
     inputs: dict[str, str] = field(default_factory=dict)  # input name -> input digest
+    code: dict[str, Any] = field(default_factory=dict)  # modules, constants, package versions (code_version)
+    input_paths: dict[str, str] = field(default_factory=dict, compare=False)  # input name -> path (not keyed)
 
     @property
     def key(self) -> str:
-        return json_digest(dataclasses.asdict(self))[:KEY_LENGTH]
+        keyed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+        return json_digest(keyed)[:KEY_LENGTH]
 
 
 @dataclass
@@ -163,9 +184,11 @@ class Record:
     stage: str
     key: str
     code_version: str
+    code: dict[str, Any]  # what the code version digests: modules, constants, package versions
     config: dict[str, Any]
     upstream: dict[str, str]
     inputs: dict[str, str]
+    input_contents: dict[str, str]  # input name -> sha256 of its whole content, checked by verify
     outputs: dict[str, dict[str, Any]]  # relative path -> {"size", "mtime_ns", "sha256"}
     result: dict[str, Any]  # the stage's own summary (counts, metrics, paths relative to the dir)
     started_at: str
@@ -216,8 +239,62 @@ def damaged_output(root: Path, outputs: dict[str, dict[str, Any]], verify: bool)
     return None
 
 
+class ArtifactLocked(RuntimeError):
+    """Another live run holds the lock of the artifact key (raised with `wait=False`)."""
+
+
+LOCKS_DIR = ".locks"
+WAIT_LOG_SECONDS = 30.0  # a waiting run says again whom it waits for this often
+
+
+class KeyLock:
+    """The one-writer lock of one artifact key, and the note of who holds it."""
+
+    def __init__(self, stage_dir: Path, key: str):
+        self.lock_path = stage_dir / LOCKS_DIR / f"{key}.lock"
+        self.holder_path = stage_dir / LOCKS_DIR / f"{key}.holder.json"
+        self.label = f"{stage_dir.name} {key}"
+
+    def holder(self) -> str:
+        """Who holds the lock, in words (from the holder note; it may be gone by the time it is read)."""
+        try:
+            note = json.loads(self.holder_path.read_text())
+        except (OSError, ValueError):
+            return "another run (no holder note yet)"
+        return f"pid {note['pid']} on {note['host']} since {note['since']} ({note['command']})"
+
+    @contextlib.contextmanager
+    def held(self, wait: bool) -> Iterator[None]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.lock_path, thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                raise ArtifactLocked(f"{self.label} is being built by {self.holder()}; wait for it, or run "
+                                     "again without --no-wait to wait") from None
+            self._wait(lock)
+        try:
+            atomic_write_json(self.holder_path, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                                 "command": " ".join(sys.argv) or sys.executable})
+            yield
+        finally:
+            self.holder_path.unlink(missing_ok=True)
+            lock.release()
+
+    def _wait(self, lock: FileLock) -> None:
+        while True:
+            log.info("%s: waiting for %s to finish building it", self.label, self.holder())
+            try:
+                lock.acquire(timeout=WAIT_LOG_SECONDS)
+                return
+            except Timeout:
+                continue
+
+
 class ArtifactStore:
-    """The `artifacts/` tree: lookup, atomic build and run-or-reuse of stage artifacts."""
+    """The `artifacts/` tree: lookup, locked atomic build and run-or-reuse of stage artifacts."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -225,8 +302,10 @@ class ArtifactStore:
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def partial_path(self, stage: str, key: str) -> Path:
-        return self.root / stage / f"{key}{PARTIAL_SUFFIX}"
+    def partials(self, stage: str, key: str) -> list[Path]:
+        """Work directories of `key` left by runs that did not finish, newest first."""
+        found = [p for p in (self.root / stage).glob(f"{key}{PARTIAL_SUFFIX}*") if p.is_dir()]
+        return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
     def check(self, spec: StageSpec, verify: bool = False) -> tuple[Record | None, str]:
         """(record, "hit") when the artifact of `spec` is complete and intact, else (None, why not)."""
@@ -241,59 +320,96 @@ class ArtifactStore:
         if record.key != spec.key or record.stage != spec.stage:
             return None, "completion record belongs to another key"
         reason = damaged_output(directory, record.outputs, verify)
+        if reason is None and verify:
+            reason = changed_input(spec.input_paths, record.input_contents)
         return (None, reason) if reason else (record, "hit")
 
     def is_complete(self, spec: StageSpec, verify: bool = False) -> bool:
         return self.check(spec, verify)[0] is not None
 
-    @contextlib.contextmanager
-    def building(self, spec: StageSpec, fresh: bool = False) -> Iterator[Path]:
-        """Yield the `.partial` work directory of `spec`; publish it when the block succeeds.
+    def claim_work_dir(self, spec: StageSpec, fresh: bool) -> Path:
+        """This run's own work directory for `spec` (call with the key's lock held).
 
-        The work directory survives failures so that a rerun of the same key resumes in it; `fresh=True`
-        (a forced rerun) starts from an empty one.
+        Earlier runs' partial directories of the key belong to dead runs (a live one would hold the
+        lock): the newest is adopted, so the build resumes where that run stopped, and the rest are
+        removed; `fresh=True` removes them all.
         """
-        partial = self.partial_path(spec.stage, spec.key)
-        if fresh and partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
-        yield partial
-        self._publish(partial, self.path(spec.stage, spec.key))
+        stage_dir = self.root / spec.stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        mine = stage_dir / f"{spec.key}{PARTIAL_SUFFIX}-{os.getpid()}-{secrets.token_hex(3)}"
+        earlier = self.partials(spec.stage, spec.key)
+        if earlier and not fresh:
+            log.info("%s: resuming from the partial work of an earlier run (%s)", spec.stage, earlier[0].name)
+            os.replace(earlier.pop(0), mine)
+        for stale in earlier:
+            shutil.rmtree(stale, ignore_errors=True)
+        mine.mkdir(exist_ok=True)
+        return mine
 
-    def _publish(self, partial: Path, final: Path) -> None:
-        if final.exists():  # a damaged or unrecorded earlier artifact of this key: replace it whole
+    def publish(self, work: Path, spec: StageSpec, force: bool) -> None:
+        """Rename `work` to the artifact directory. An existing complete, valid artifact stays unless
+        `force` (then it is replaced whole); a damaged or unrecorded one is replaced."""
+        final = self.path(spec.stage, spec.key)
+        if final.exists():
+            if not force and self.is_complete(spec):
+                log.warning("%s: a complete artifact %s appeared meanwhile; keeping it", spec.stage, spec.key)
+                shutil.rmtree(work)
+                return
             trash = final.with_name(f".{final.name}.trash-{os.getpid()}")
             os.replace(final, trash)
             shutil.rmtree(trash)
-        os.replace(partial, final)
+        os.replace(work, final)
 
     def run(self, spec: StageSpec, build: Callable[[Path], dict[str, Any] | None], *, force: bool = False,
-            verify: bool = False) -> StageOutcome:
+            verify: bool = False, wait: bool = True) -> StageOutcome:
         """Reuse the artifact of `spec` if it is intact (and not forced), else build it with `build(dir)`.
 
         `build` writes its outputs into the directory it is given and returns a JSON-able summary that
-        goes into the record. Paths in the summary should be relative to that directory.
+        goes into the record. Paths in the summary should be relative to that directory. Building holds
+        the key's lock: a run that finds it held waits (`wait=False`: raises `ArtifactLocked`).
+        A forced run of a complete artifact starts from nothing; of an interrupted one, it resumes.
         """
         t0 = time.perf_counter()
-        if not force:
-            record, reason = self.check(spec, verify)
-            if record is not None:
-                log.info("%s: cached (%s)", spec.stage, spec.key)
-                return StageOutcome(spec.stage, "cached", spec.key, time.perf_counter() - t0,
-                                    str(self.path(spec.stage, spec.key)), record.result)
-            log.info("%s: running (%s: %s)", spec.stage, spec.key, reason)
-        else:
-            log.info("%s: running (%s: forced)", spec.stage, spec.key)
+        hit = self._cached(spec, verify, force, t0)
+        if hit is not None:
+            return hit
+        with KeyLock(self.root / spec.stage, spec.key).held(wait):
+            hit = self._cached(spec, verify, force, t0, quiet=True)  # built by the run we waited for
+            if hit is not None:
+                return hit
+            log.info("%s: running (%s: %s)", spec.stage, spec.key, "forced" if force else self.check(spec)[1])
+            work = self.claim_work_dir(spec, fresh=force and self.is_complete(spec))
+            result = self._build_into(work, spec, build, t0)
+            self.publish(work, spec, force)
+        return StageOutcome(spec.stage, "ran", spec.key, time.perf_counter() - t0,
+                            str(self.path(spec.stage, spec.key)), result)
+
+    def _cached(self, spec: StageSpec, verify: bool, force: bool, t0: float,
+                quiet: bool = False) -> StageOutcome | None:
+        if force:
+            return None
+        record, reason = self.check(spec, verify)
+        if record is None:
+            if not quiet:
+                log.info("%s: not cached (%s: %s)", spec.stage, spec.key, reason)
+            return None
+        log.info("%s: cached (%s)", spec.stage, spec.key)
+        return StageOutcome(spec.stage, "cached", spec.key, time.perf_counter() - t0,
+                            str(self.path(spec.stage, spec.key)), record.result)
+
+    def _build_into(self, work: Path, spec: StageSpec, build: Callable[[Path], dict[str, Any] | None],
+                    t0: float) -> dict[str, Any]:
+        """Run `build` in `work` and write the completion record there, last; returns the summary."""
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        contents = {name: content_digest(path) for name, path in spec.input_paths.items()}  # as read
         final = self.path(spec.stage, spec.key)
-        with self.building(spec, fresh=force) as work:
-            result = _relocated(build(work) or {}, work, final)
-            seconds = time.perf_counter() - t0
-            record = Record(stage=spec.stage, key=spec.key, code_version=spec.code_version, config=spec.config,
-                            upstream=dict(spec.upstream), inputs=dict(spec.inputs),
-                            outputs=describe_outputs(work), result=result, started_at=started, seconds=seconds)
-            atomic_write_json(work / RECORD_NAME, dataclasses.asdict(record))  # last: marks completion
-        return StageOutcome(spec.stage, "ran", spec.key, time.perf_counter() - t0, str(final), result)
+        result = _relocated(build(work) or {}, work, final)
+        record = Record(stage=spec.stage, key=spec.key, code_version=spec.code_version, code=spec.code,
+                        config=spec.config, upstream=dict(spec.upstream), inputs=dict(spec.inputs),
+                        input_contents=contents, outputs=describe_outputs(work), result=result,
+                        started_at=started, seconds=time.perf_counter() - t0)
+        atomic_write_json(work / RECORD_NAME, dataclasses.asdict(record))  # last: marks completion
+        return result
 
 
 def _relocated(result: dict[str, Any], work: Path, final: Path) -> dict[str, Any]:

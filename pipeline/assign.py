@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from lease.bench import write_record
+    from lease.records import write_record
 
     result = time_assign(args.n, args.d, args.k, args.device, args.matmul_dtype, args.shortlist, args.repeats)
     log.info("assign n=%d d=%d k=%d: %.3f s median (%.0f vectors/s), agreement with fp64 %.5f",

@@ -322,7 +322,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from lease.bench import write_record  # the trainer's bench module: heavy import, needed only here
+    from lease.records import write_record
 
     result = time_kmeans(args.n, args.d, args.k, args.iters, args.device, args.backend)
     log.info("k-means N=%d D=%d K=%d x%d iterations: %.1f s (%s)", args.n, args.d, args.k, args.iters,

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lease.io import atomic_write_json
+from lease.io import atomic_write_json, json_digest
 from lease.typed_config import ConfigError, to_dict
-from pipeline.artifacts import RECORD_NAME, StageSpec, code_version, input_digest
+from pipeline.artifacts import KEY_LENGTH, RECORD_NAME, StageSpec, input_digest
+from pipeline.code_version import code_identity
 from pipeline.config import DEMO, PipelineConfig
 
 Dirs = dict[str, Path]  # upstream stage name -> its artifact directory
@@ -30,24 +31,39 @@ Dirs = dict[str, Path]  # upstream stage name -> its artifact directory
 
 
 @dataclass(frozen=True)
+class ExternalInput:
+    """A user-supplied file or directory a stage reads (checkpoint, codebook, image tree)."""
+
+    path: str
+    tree: bool = False  # a data tree: its key digest reads file names, sizes and mtimes, not contents
+
+
+@dataclass(frozen=True)
 class Stage:
     """One node of the DAG: what its key depends on and how to build its artifact."""
 
     name: str
-    modules: tuple[str, ...]  # source whose digest is the stage's code version
     after: tuple[str, ...]  # upstream stages (those enabled for a config)
     config: Callable[[PipelineConfig], dict[str, Any]]  # the config that determines the output
     build: Callable[[PipelineConfig, Dirs, Path], dict[str, Any]]  # writes into the dir, returns a summary
-    inputs: Callable[[PipelineConfig], dict[str, str]] = lambda cfg: {}  # external inputs -> digests
+    inputs: Callable[[PipelineConfig], dict[str, ExternalInput]] = lambda cfg: {}
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
+    on_device: bool = False  # its numbers depend on the device it runs on (cpu or cuda): part of the key
 
     def spec(self, cfg: PipelineConfig, done_keys: dict[str, str]) -> StageSpec:
         """The stage's cache identity from the keys of the stages done so far (its own upstream ones are
         taken; a disabled upstream stage is simply absent). Digests its external inputs, so a missing
-        checkpoint fails here."""
+        checkpoint fails here. The code is what the build function imports (`pipeline.code_version`)."""
         upstream = {name: done_keys[name] for name in self.after if name in done_keys}
-        return StageSpec(stage=self.name, config=self.config(cfg), code_version=code_version(self.modules),
-                         upstream=upstream, inputs=self.inputs(cfg))
+        config = self.config(cfg)
+        if self.on_device:
+            config = {**config, "device": _device(cfg)}
+        code = code_identity(self.build)
+        inputs = self.inputs(cfg)
+        return StageSpec(stage=self.name, config=config, code_version=json_digest(code)[:KEY_LENGTH],
+                         upstream=upstream, code=code,
+                         inputs={name: input_digest(i.path, content=not i.tree) for name, i in inputs.items()},
+                         input_paths={name: i.path for name, i in inputs.items()})
 
 
 def _device(cfg: PipelineConfig) -> str:
@@ -58,9 +74,9 @@ def _device(cfg: PipelineConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _external(**paths: str) -> dict[str, str]:
-    """Digests of user-supplied checkpoints/files (the word `demo` means a demo-assets output)."""
-    return {name: input_digest(path) for name, path in paths.items() if path and path != DEMO}
+def _external(**paths: str) -> dict[str, ExternalInput]:
+    """User-supplied checkpoints/files (the word `demo` means a demo-assets output, not an input)."""
+    return {name: ExternalInput(path) for name, path in paths.items() if path and path != DEMO}
 
 
 def _tokenizer_inputs(cfg: PipelineConfig) -> dict[str, str]:
@@ -242,39 +258,30 @@ def _plain(summary: Any) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"result": data}
 
 
-TRAIN_MODULES = ("lease.train", "lease.model", "lease.losses", "lease.masking", "lease.data", "lease.checkpoints",
-                 "lease.configs", "lease.codebook")
-TOKENIZER_MODULES = ("lease.tokenizers", "pipeline.images", "pipeline.assign", "pipeline.manifest")
-
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("demo-data", ("pipeline.demo_data",), (), lambda c: to_dict(c.demo_data), build_demo_data,
-          enabled=lambda c: c.uses_demo_data),
-    Stage("demo-assets", ("lease.tokenizers",), (), lambda c: to_dict(c.tokenizers.demo), build_demo_assets,
+    Stage("demo-data", (), lambda c: to_dict(c.demo_data), build_demo_data, enabled=lambda c: c.uses_demo_data),
+    Stage("demo-assets", (), lambda c: to_dict(c.tokenizers.demo), build_demo_assets,
           enabled=lambda c: c.uses_demo_assets),
-    Stage("manifest", ("pipeline.manifest", "pipeline.images"), ("demo-data",),
-          lambda c: _without(to_dict(c.data), "num_workers"), build_manifest,
-          inputs=lambda c: {} if c.uses_demo_data else {"source": input_digest(c.data.source, content=False)}),
-    Stage("features", ("pipeline.tokenize",) + TOKENIZER_MODULES, ("manifest", "demo-assets"),
+    Stage("manifest", ("demo-data",), lambda c: _without(to_dict(c.data), "num_workers"), build_manifest,
+          inputs=lambda c: {} if c.uses_demo_data else {"source": ExternalInput(c.data.source, tree=True)}),
+    Stage("features", ("manifest", "demo-assets"),
           lambda c: {"features": _without(to_dict(c.features), "batch_size", "num_workers"),
                      "dinov2": _tokenizer_config(c)["dinov2"]}, build_features,
           inputs=lambda c: _external(dinov2=c.tokenizers.dinov2.path),
-          enabled=lambda c: not c.kmeans.codebook),
-    Stage("kmeans", ("pipeline.kmeans", "pipeline.assign", "lease.codebook"), ("features",),
-          lambda c: to_dict(c.kmeans),
-          build_kmeans, inputs=lambda c: _external(codebook=c.kmeans.codebook)),
-    Stage("tokenize", ("pipeline.tokenize",) + TOKENIZER_MODULES, ("manifest", "kmeans", "demo-assets"),
+          enabled=lambda c: not c.kmeans.codebook, on_device=True),
+    Stage("kmeans", ("features",), lambda c: to_dict(c.kmeans), build_kmeans,
+          inputs=lambda c: _external(codebook=c.kmeans.codebook), on_device=True),
+    Stage("tokenize", ("manifest", "kmeans", "demo-assets"),
           lambda c: {"tokenize": _without(to_dict(c.tokenize), "batch_size", "num_workers"),
-                     "tokenizers": _tokenizer_config(c)}, build_tokenize, inputs=_tokenizer_inputs),
-    Stage("pack", ("pipeline.pack", "pipeline.stats", "lease.data"), ("tokenize",),  # lease.data: the shard format
-          lambda c: _without(to_dict(c.pack), "num_workers"), build_pack),
-    Stage("pretrain", TRAIN_MODULES, ("pack", "kmeans"),
+                     "tokenizers": _tokenizer_config(c)}, build_tokenize, inputs=_tokenizer_inputs, on_device=True),
+    Stage("pack", ("tokenize",), lambda c: _without(to_dict(c.pack), "num_workers"), build_pack),
+    Stage("pretrain", ("pack", "kmeans"),
           lambda c: _without(_pretrain_config(c), "data.num_workers", "log_every", "ckpt_every"),
-          build_pretrain),
-    Stage("evaluate", ("lease.evaluate", "lease.model", "lease.checkpoints", "lease.data", "lease.tokenizers"),
-          ("pretrain", "pack", "demo-assets"),
+          build_pretrain, on_device=True),
+    Stage("evaluate", ("pretrain", "pack", "demo-assets"),
           lambda c: {"evaluate": _without(to_dict(c.evaluate), "batch_size"), "vqgan": _tokenizer_config(c)["vqgan"]},
           build_evaluate, inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
-                                                     vqgan_config=c.tokenizers.vqgan.config)),
+                                                     vqgan_config=c.tokenizers.vqgan.config), on_device=True),
 ]}
 TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack")
 TRAIN_STAGES = ("pretrain", "evaluate")

@@ -1,11 +1,11 @@
 """The artifact cache: hits, misses after a change, and never a hit on a missing or damaged output."""
 import json
 import os
+import time
 
 import pytest
 
-from pipeline.artifacts import (RECORD_NAME, ArtifactStore, StageSpec, code_version, input_digest, pending_items,
-                                quick_file_digest)
+from pipeline.artifacts import RECORD_NAME, ArtifactStore, StageSpec, input_digest, pending_items, quick_file_digest
 
 
 def spec(config=None, upstream=None, inputs=None, stage="demo", code="v1") -> StageSpec:
@@ -36,7 +36,7 @@ def test_second_run_is_a_hit_with_the_recorded_result(tmp_path):
     record = json.loads((tmp_path / "demo" / first.key / RECORD_NAME).read_text())
     assert record["outputs"]["shards/big.bin"]["size"] == 5 << 20
     assert set(record) >= {"stage", "code_version", "config", "upstream", "inputs", "outputs", "seconds"}
-    assert not list((tmp_path / "demo").glob("*.partial"))  # published by rename
+    assert not list((tmp_path / "demo").glob("*.partial*"))  # published by rename
 
 
 @pytest.mark.parametrize("change", [
@@ -128,18 +128,6 @@ def test_input_digests_change_with_content_or_metadata(tmp_path):
         input_digest(tmp_path / "nope")
 
 
-def test_code_version_follows_the_source(tmp_path, monkeypatch):
-    pkg = tmp_path / "fakestage"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("X = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    first = code_version(["fakestage"])
-    (pkg / "__init__.py").write_text("X = 2\n")
-    assert code_version(["fakestage"]) != first
-    with pytest.raises(ModuleNotFoundError, match="no_such_stage"):
-        code_version(["no_such_stage"])
-
-
 def test_atomic_writes_get_the_umask_mode_not_0600(tmp_path):
     import os
     import stat
@@ -152,3 +140,100 @@ def test_atomic_writes_get_the_umask_mode_not_0600(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+
+
+# ------------------------------------------------------------------------ one writer per key
+
+
+def test_a_second_run_waits_for_the_builder_and_then_uses_its_artifact(tmp_path, caplog):
+    import threading
+
+    store, started, release = ArtifactStore(tmp_path), threading.Event(), threading.Event()
+    calls = []
+
+    def slow_build(out):
+        calls.append(1)
+        for i in range(4):
+            (out / f"shard-{i}").write_bytes(b"x" * 10)
+            if i == 2:
+                started.set()
+                release.wait(10)  # the second run arrives while shards are being written
+        return {"shards": 4}
+
+    first: dict = {}
+    builder = threading.Thread(target=lambda: first.update(outcome=store.run(spec(), slow_build)))
+    builder.start()
+    assert started.wait(10)
+    second: dict = {}
+    waiter = threading.Thread(target=lambda: second.update(outcome=store.run(spec(), slow_build)))
+    waiter.start()
+    time.sleep(0.5)
+    assert "waiting for pid" in caplog.text and waiter.is_alive()  # it says for whom, and waits
+    release.set()
+    builder.join(10), waiter.join(10)
+    assert (first["outcome"].status, second["outcome"].status, len(calls)) == ("ran", "cached", 1)
+    record, _ = store.check(spec())
+    assert sorted(record.outputs) == [f"shard-{i}" for i in range(4)]
+    assert not store.partials("demo", first["outcome"].key)
+
+
+def test_no_wait_fails_at_once_naming_the_holder(tmp_path):
+    from pipeline.artifacts import ArtifactLocked, KeyLock
+
+    store = ArtifactStore(tmp_path)
+    with KeyLock(tmp_path / "demo", spec().key).held(wait=True):
+        with pytest.raises(ArtifactLocked, match=rf"being built by pid {os.getpid()} on .*--no-wait"):
+            store.run(spec(), CountingBuild(big_bytes=10), wait=False)
+    assert store.run(spec(), CountingBuild(big_bytes=10), wait=False).status == "ran"  # released
+
+
+def test_partials_of_dead_runs_are_resumed_from_and_the_rest_cleaned(tmp_path):
+    store = ArtifactStore(tmp_path)
+    key, stage_dir = spec().key, tmp_path / "demo"
+    old, newer = stage_dir / f"{key}.partial-1-aaaaaa", stage_dir / f"{key}.partial"  # also the old layout
+    for directory, shards in ((old, [0]), (newer, [0, 1])):
+        directory.mkdir(parents=True)
+        for i in shards:
+            (directory / f"shard-{i}.npy").write_bytes(b"done")
+    os.utime(old, ns=(1, 1))
+    written = []
+
+    def build(out):
+        for i in pending_items(range(3), out, lambda i: f"shard-{i}.npy"):
+            (out / f"shard-{i}.npy").write_bytes(b"done")
+            written.append(i)
+        return {}
+
+    assert store.run(spec(), build).status == "ran"
+    assert written == [2]  # resumed from the newest partial
+    assert sorted(p.name for p in stage_dir.iterdir()) == [".locks", key]
+
+
+def test_publish_never_replaces_a_complete_artifact_unless_forced(tmp_path):
+    store, build = ArtifactStore(tmp_path), CountingBuild(big_bytes=10)
+    key = store.run(spec(), build).key
+    stray = store.claim_work_dir(spec(), fresh=False)  # a writer that found no artifact a moment ago
+    (stray / "small.json").write_text("fragment")
+    store.publish(stray, spec(), force=False)
+    assert store.is_complete(spec()) and not stray.exists()
+    assert json.loads((tmp_path / "demo" / key / "small.json").read_text()) == {"call": 1}
+
+
+def test_verify_sees_an_input_rewritten_with_the_same_size_and_mtime(tmp_path):
+    ckpt = tmp_path / "inputs" / "model.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"a" * (5 << 20))  # over 2 MiB: the key digests its first and last MiB only
+    store, build = ArtifactStore(tmp_path / "artifacts"), CountingBuild(big_bytes=10)
+
+    def with_input():
+        return StageSpec(stage="demo", config={}, code_version="v1", inputs={"ckpt": input_digest(ckpt)},
+                         input_paths={"ckpt": str(ckpt)})
+
+    assert store.run(with_input(), build).status == "ran"
+    stat = ckpt.stat()
+    ckpt.write_bytes(b"a" * (2 << 20) + b"b" + b"a" * ((3 << 20) - 1))  # one byte in the middle
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert store.run(with_input(), build).status == "cached"  # size and mtime unchanged: the cheap key holds
+    record, reason = store.check(with_input(), verify=True)
+    assert record is None and "changed content" in reason
+    assert store.run(with_input(), build, verify=True).status == "ran"

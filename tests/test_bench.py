@@ -4,7 +4,8 @@ compile inside the timed steps)."""
 import pytest
 import torch
 
-from lease.bench import finite_metrics, machine_info, no_compilation, results_table
+from lease.bench import finite_metrics, no_compilation, results_table
+from lease.records import machine_info
 from pipeline.bench import IMAGENET_1K_IMAGES, imagenet_estimate
 
 IMAGENET = sum(IMAGENET_1K_IMAGES.values())

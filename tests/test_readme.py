@@ -1,7 +1,8 @@
 """The README's promises: the two set-up commands first, and a benchmark table that is the records'."""
 from pathlib import Path
 
-from lease.bench import RESULTS_DIR, results_table
+from lease.bench import results_table
+from lease.records import RESULTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -369,7 +369,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """`lease bench generate`: one JSON record per batch size and compile mode."""
-    from lease.bench import write_record
+    from lease.records import write_record
     from lease.checkpoints import model_from_checkpoint
     from lease.configs import model_config
     from lease.model import LeaseModel

@@ -147,7 +147,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """`lease bench knn`: the k-NN protocol at ImageNet scale on random features made on the GPU."""
-    from lease.bench import write_record
+    from lease.records import write_record
 
     if not torch.cuda.is_available():
         raise SystemExit("lease bench knn measures GPU throughput: no CUDA device found")
