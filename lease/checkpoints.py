@@ -1,5 +1,5 @@
 """Checkpoints: our training checkpoints (atomic, resumable), encoder export, and import of the
-authors' reference LEASE checkpoints by key conversion."""
+authors' reference LEASE, Sorcen and MAGE checkpoints by key conversion."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lease.codebook import load_codebook
-from lease.configs import MODEL_PRESETS, LossConfig, ModelConfig
+from lease.configs import AUTHORS_MAGE_LAYOUT, MODEL_PRESETS, LossConfig, ModelConfig
 from lease.io import atomic_path, atomic_write_json, load_torch_file
 from lease.model import LeaseModel, sincos_2d
 from lease.typed_config import from_dict, to_dict
@@ -27,6 +27,14 @@ REFERENCE_REQUIRED = ("token_emb.word_embeddings.weight", "token_emb.position_em
                       "blocks.0.attn.qkv.weight", "norm.weight", "decoder_embed.weight",
                       "decoder_pos_embed_learned", "decoder_blocks.0.attn.qkv.weight", "decoder_norm.weight",
                       "mlm_layer.fc.weight", "mlm_layer.bias")
+# The authors' Sorcen layout (their MAGE's plus these): teacher blocks, projector pair and predictor.
+SORCEN_REQUIRED = ("blocks_momentum.0.attn.qkv.weight", "projector.projector.0.weight",
+                   "projector.projector.3.weight", "momentum_projector.projector.0.weight",
+                   "predictor.projector.0.weight")
+# Their module names → ours, by prefix (first match wins; the momentum projector before the projector).
+AUTHORS_RENAMES = (("blocks_momentum.", "teacher_blocks."), ("momentum_projector.projector.", "teacher_projector."),
+                   ("projector.projector.", "projector."), ("predictor.projector.", "predictor."),
+                   ("classifier.", "online_classifier."))
 
 
 class CheckpointError(ValueError):
@@ -67,19 +75,64 @@ class ImportReport:
     ignored: list[str] = field(default_factory=list)
 
 
+def authors_key(key: str) -> str:
+    """Our name for a key of the authors' Sorcen/MAGE layout (`AUTHORS_RENAMES`)."""
+    for theirs, ours in AUTHORS_RENAMES:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    return key
+
+
+def _authors_name(key: str) -> str:
+    """The authors' name for one of our keys (`authors_key` inverted)."""
+    for theirs, ours in AUTHORS_RENAMES:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
+def _authors_layout(sd: dict[str, torch.Tensor], method: str, cls_token_id: int | None) -> dict[str, Any]:
+    """The MAGE/Sorcen layout switches, the echo branch's widths and the classifier's, from the shapes."""
+    layout = {k: v for k, v in AUTHORS_MAGE_LAYOUT.items() if k not in ("vocab_size", "mask_token_id")}
+    layout.update(cls_token_id=cls_token_id if cls_token_id is not None else AUTHORS_MAGE_LAYOUT["cls_token_id"],
+                  echo_contrast=method == "sorcen")
+    if method == "sorcen":
+        hidden, _ = sd["projector.projector.0.weight"].shape
+        layout.update(projector_hidden=hidden, projector_dim=sd["projector.projector.3.weight"].shape[0],
+                      predictor_hidden=sd["predictor.projector.0.weight"].shape[0])
+    if "classifier.2.weight" in sd:
+        layout.update(classifier_hidden=sd["classifier.0.weight"].shape[0],
+                      num_classes=sd["classifier.2.weight"].shape[0])
+    return layout
+
+
 def reference_model_config(sd: dict[str, torch.Tensor], *, vocab_gen: int, num_heads: int | None = None,
                            decoder_num_heads: int | None = None, cls_token_id: int | None = None,
-                           mask_token_id: int | None = None, contrast_on: str = "encoder") -> ModelConfig:
-    """Read every size from the state dict's shapes; only heads and V_gen are not in the shapes."""
-    missing = [k for k in REFERENCE_REQUIRED if k not in sd]
+                           mask_token_id: int | None = None, contrast_on: str = "encoder",
+                           method: str = "lease") -> ModelConfig:
+    """Read every size from the state dict's shapes; only heads and V_gen are not in the shapes.
+
+    `method` names the layout: "lease" (the authors' LEASE), "sorcen" or "mage" (LTH14/mage's
+    pretraining layout: Sorcen's keys without teacher, projectors and predictor)."""
+    required = REFERENCE_REQUIRED + (SORCEN_REQUIRED if method == "sorcen" else ())
+    missing = [k for k in required if k not in sd]
     if missing:
-        raise CheckpointError(f"not a LEASE/MAGE reference checkpoint: missing keys {missing}")
+        raise CheckpointError(f"not a {method} reference checkpoint: missing keys {missing}")
     vocab_size, dim = sd["token_emb.word_embeddings.weight"].shape
     dec_dim = sd["decoder_embed.weight"].shape[0]
     seq_plus_cls = sd["token_emb.position_embeddings.weight"].shape[0]
     grid = int(round((seq_plus_cls - 1) ** 0.5))
     if grid * grid + 1 != seq_plus_cls:
         raise CheckpointError(f"position table has {seq_plus_cls} rows, not a square grid plus [CLS]")
+    sizes = dict(
+        embed_dim=dim, depth=_count_blocks(sd, "blocks"),
+        num_heads=num_heads or _heads_for(dim, "num_heads"),
+        decoder_embed_dim=dec_dim, decoder_depth=_count_blocks(sd, "decoder_blocks"),
+        decoder_num_heads=decoder_num_heads or _heads_for(dec_dim, "decoder_num_heads"),
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, vocab_gen=vocab_gen, vocab_size=vocab_size,
+        mask_token_id=mask_token_id, grid_size=grid, decoder_pos_rows=sd["decoder_pos_embed_learned"].shape[1])
+    if method != "lease":
+        return from_dict(ModelConfig, {**sizes, **_authors_layout(sd, method, cls_token_id)}, prefix="model.")
     codebook_dim = sd["proj_to_dino.0.weight"].shape[0] if "proj_to_dino.0.weight" in sd else None
     if contrast_on in ("decoder", "both") and "dec_to_dino.weight" not in sd:
         raise CheckpointError(f"contrast_on={contrast_on!r} needs 'dec_to_dino.weight', absent in checkpoint")
@@ -88,27 +141,24 @@ def reference_model_config(sd: dict[str, torch.Tensor], *, vocab_gen: int, num_h
     if codebook_dim is None and "dec_to_dino.weight" in sd:
         codebook_dim = sd["dec_to_dino.weight"].shape[0]
     return from_dict(ModelConfig, dict(
-        embed_dim=dim, depth=_count_blocks(sd, "blocks"),
-        num_heads=num_heads or _heads_for(dim, "num_heads"),
-        decoder_embed_dim=dec_dim, decoder_depth=_count_blocks(sd, "decoder_blocks"),
-        decoder_num_heads=decoder_num_heads or _heads_for(dec_dim, "decoder_num_heads"),
-        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-        vocab_gen=vocab_gen, vocab_size=vocab_size, cls_token_id=cls_token_id, mask_token_id=mask_token_id,
-        grid_size=grid, decoder_pos_rows=sd["decoder_pos_embed_learned"].shape[1],
-        codebook_dim=codebook_dim, contrast_on=contrast_on if codebook_dim else "none",
-    ), prefix="model.")
+        sizes, cls_token_id=cls_token_id, codebook_dim=codebook_dim,
+        contrast_on=contrast_on if codebook_dim else "none"), prefix="model.")
 
 
-def import_reference(checkpoint: str | Path, codebook: str | Path, *, vocab_gen: int = 1024,
-                     num_heads: int | None = None, decoder_num_heads: int | None = None,
+def import_reference(checkpoint: str | Path, codebook: str | Path | None = None, *, method: str = "lease",
+                     vocab_gen: int = 1024, num_heads: int | None = None, decoder_num_heads: int | None = None,
                      cls_token_id: int | None = None, mask_token_id: int | None = None,
                      contrast_on: str = "encoder", loss_cfg: LossConfig | None = None
                      ) -> tuple[LeaseModel, ImportReport]:
-    """A project model computing the same numbers as the authors' checkpoint (+ its codebook)."""
+    """A project model computing the same numbers as the authors' checkpoint (+ its codebook, LEASE only).
+
+    `method`: "lease", "sorcen" or "mage" (see `reference_model_config`)."""
     sd = read_state_dict(checkpoint)
     cfg = reference_model_config(sd, vocab_gen=vocab_gen, num_heads=num_heads,
                                  decoder_num_heads=decoder_num_heads, cls_token_id=cls_token_id,
-                                 mask_token_id=mask_token_id, contrast_on=contrast_on)
+                                 mask_token_id=mask_token_id, contrast_on=contrast_on, method=method)
+    if method != "lease":
+        return _import_authors(sd, cfg, checkpoint, loss_cfg)
     if "pos2d" in sd and not torch.allclose(sd["pos2d"].reshape(-1, cfg.embed_dim),
                                             sincos_2d(cfg.embed_dim, cfg.grid_size), atol=1e-5):
         raise CheckpointError("the checkpoint's pos2d table differs from the 2-D sin-cos table we compute")
@@ -137,6 +187,31 @@ def import_reference(checkpoint: str | Path, codebook: str | Path, *, vocab_gen:
                                   f"checkpoint projects to {cfg.codebook_dim}")
         model.set_codebook(centroids)
     log.info("imported %d tensors from %s (ignored: %s)", len(report.loaded), checkpoint, report.ignored)
+    return model, report
+
+
+def _import_authors(sd: dict[str, torch.Tensor], cfg: ModelConfig, checkpoint: str | Path,
+                    loss_cfg: LossConfig | None) -> tuple[LeaseModel, ImportReport]:
+    """Sorcen/MAGE: every tensor of our model from its renamed key (`authors_key`); the checkpoint's
+    other keys (patch embedding, fixed tables, other heads) are unused and listed in one log line."""
+    model = LeaseModel(cfg, loss_cfg)
+    own = model.state_dict()
+    report = ImportReport(config=cfg)
+    converted = {}
+    for key, value in sd.items():
+        name = authors_key(key)
+        if name not in own:
+            report.ignored.append(key)
+            continue
+        if own[name].shape != value.shape:
+            raise CheckpointError(f"key {key}: checkpoint shape {tuple(value.shape)} vs model {tuple(own[name].shape)}")
+        converted[name] = value
+        report.loaded.append(key)
+    missing = [_authors_name(k) for k in own if k not in converted]
+    if missing:
+        raise CheckpointError(f"reference checkpoint {checkpoint} lacks keys {missing}")
+    model.load_state_dict(converted)
+    log.info("imported %d tensors from %s; unused keys: %s", len(report.loaded), checkpoint, report.ignored)
     return model, report
 
 

@@ -13,6 +13,11 @@ from typing import Literal
 from lease.typed_config import ConfigError, from_dict, require
 
 ContrastPlacement = Literal["none", "encoder", "decoder", "both"]
+# "lease": eq. 5 (reconstruction + codebook contrast); "sorcen": reconstruction + echo contrast (the
+# Sorcen supplement); "mage": reconstruction only on the precomputed tokens (MAGE_precomp, supplement
+# table D.7); "mage_online": MAGE as published, tokenizing augmented images in the step (not built yet)
+Method = Literal["lease", "sorcen", "mage", "mage_online"]
+AUTHORS_EMA_EPOCHS = 1600.0  # the β schedule's length hard-coded in the authors' Sorcen code
 
 
 @dataclass
@@ -60,6 +65,19 @@ class ModelConfig:
     # Megatron-LM does by default: half the bytes in every LayerNorm and residual add, other rounding.
     # Without autocast (CPU, fp32 runs) both are the same.
     residual_dtype: Literal["fp32", "autocast"] = "fp32"
+    # Layout switches between the methods (the authors' LEASE vs their MAGE/Sorcen code): LEASE adds a
+    # fixed 2-D sin-cos table to the patch positions and fills each kept unmasked canvas slot with
+    # [CLS] latent + its latent; MAGE and Sorcen add no table and put the latent alone.
+    pos_embed_2d: bool = True
+    decoder_canvas: Literal["cls_plus_latent", "latent"] = "cls_plus_latent"
+    # Monitoring classifier: 0 = one linear layer; > 0 = the authors' MLP (E → hidden → ReLU → classes)
+    classifier_hidden: int = 0
+    # Sorcen's echo branch: an EMA teacher (own blocks, momentum projector), projector and predictor
+    # (each Linear → BatchNorm1d → ReLU → Linear). The authors' widths: [E, 4096, 512], [512, 2048, 512].
+    echo_contrast: bool = False
+    projector_hidden: int = 4096
+    projector_dim: int = 512
+    predictor_hidden: int = 2048
 
     def __post_init__(self) -> None:
         if self.vocab_size is None:
@@ -83,6 +101,9 @@ class ModelConfig:
         require(self.cls_token_id != self.mask_token_id, "mask_token_id", "must differ from cls_token_id")
         require(self.decoder_pos_rows >= self.seq_len + 1, "decoder_pos_rows", "must be >= seq_len + 1")
         require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        require(self.classifier_hidden >= 0, "classifier_hidden", "must be >= 0 (0: a linear classifier)")
+        for name in ("projector_hidden", "projector_dim", "predictor_hidden"):
+            require(getattr(self, name) >= 1, name, "must be >= 1")
 
     @property
     def seq_len(self) -> int:
@@ -98,12 +119,25 @@ class LossConfig:
     contrast_tau: float = 0.1  # tau in eq. 4
     num_neighbours: int = 5  # n in eq. 2
     neighbour_tau: float = 0.1  # tau_w in eq. 3
+    # Sorcen (supplement §A and the authors' code): NNCLR-style InfoNCE between the teacher's echo view
+    # and the student's masked view, the uniformity term on the student's pooled latents, and the echo
+    # itself: a draw from the top-k code logits without their maximum, inside a jittered square.
+    echo_tau: float = 0.3
+    echo_weight: float = 0.1  # λ of the supplement
+    uniformity_weight: float = 0.01
+    echo_top_k: int = 15  # K of the supplement
+    echo_crop_min: int = 8  # side of the square, drawn once per batch from [min, max]
+    echo_crop_max: int = 16
 
     def __post_init__(self) -> None:
         require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
         require(self.contrast_tau > 0, "contrast_tau", "must be > 0")
         require(self.neighbour_tau > 0, "neighbour_tau", "must be > 0")
         require(self.num_neighbours >= 0, "num_neighbours", "must be >= 0")
+        require(self.echo_tau > 0, "echo_tau", "must be > 0")
+        require(self.echo_top_k >= 1, "echo_top_k", "must be >= 1")
+        require(1 <= self.echo_crop_min <= self.echo_crop_max, "echo_crop_min",
+                "need 1 <= echo_crop_min <= echo_crop_max")
 
 
 @dataclass
@@ -151,15 +185,31 @@ class DataConfig:
 
 
 @dataclass
+class EmaConfig:
+    """Sorcen's teacher: β = 1 − (1 − base)(cos(π·epoch / E) + 1) / 2, one step before every forward."""
+
+    base: float = 0.996
+    # E: "run" = the run's length in epochs; "authors" = their constant 1600 whatever the run's length
+    horizon: Literal["run", "authors"] = "run"
+    echo_from_truth_epochs: float = 10.0  # the echo is built from the ground-truth tokens before this
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.base <= 1.0, "base", "must be in [0, 1]")
+        require(self.echo_from_truth_epochs >= 0, "echo_from_truth_epochs", "must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     """One pretraining run."""
 
     preset: str = "vit_base"
+    method: Method = "lease"  # `METHOD_MODEL_PRESETS` gives each method's layout under the `model:` keys
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     batch_size: int = 4096  # global batch (over all ranks and accumulation steps)
     grad_accum: int = 1
     epochs: float = 1600.0
@@ -181,6 +231,12 @@ class TrainConfig:
         require(self.epochs > 0 or self.max_steps > 0, "epochs", "need epochs > 0 or max_steps > 0")
         require(self.log_every > 0, "log_every", "must be > 0")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
+        require(self.method != "mage_online", "method", "'mage_online' (the online VQGAN in the step) is not "
+                "implemented yet; 'mage' trains MAGE on the precomputed tokens")
+        require(self.model.echo_contrast == (self.method == "sorcen"), "model.echo_contrast",
+                f"must be {self.method == 'sorcen'} for method={self.method!r} (set by the method's preset)")
+        require(self.method == "lease" or self.model.contrast_on == "none", "model.contrast_on",
+                f"the codebook contrast belongs to method 'lease', not {self.method!r}")
 
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -193,6 +249,19 @@ MODEL_PRESETS: dict[str, dict] = {
 }
 
 
+# Each method's layout (DESIGN.md, issue 23): MAGE's and Sorcen's vocabulary is the codes + 1000 + 1 with
+# [CLS] at 1100 and [MASK] last (their code's layout for 1024 codes), no 2-D sin-cos, latents alone on the
+# canvas, the authors' MLP classifier; `mage` and `sorcen` train without the codebook contrast.
+AUTHORS_MAGE_LAYOUT = dict(vocab_size=2025, cls_token_id=1100, mask_token_id=2024, pos_embed_2d=False,
+                           decoder_canvas="latent", classifier_hidden=512, contrast_on="none")
+METHOD_MODEL_PRESETS: dict[str, dict] = {
+    "lease": {},
+    "sorcen": dict(AUTHORS_MAGE_LAYOUT, echo_contrast=True),
+    "mage": AUTHORS_MAGE_LAYOUT,
+    "mage_online": AUTHORS_MAGE_LAYOUT,
+}
+
+
 def model_config(preset: str, **overrides) -> ModelConfig:
     """A named preset (`tiny`, `vit_base`, `vit_large`) with keyword overrides."""
     if preset not in MODEL_PRESETS:
@@ -201,15 +270,16 @@ def model_config(preset: str, **overrides) -> ModelConfig:
 
 
 def train_config(data: dict) -> TrainConfig:
-    """Build a TrainConfig from plain data: `preset` fills model sizes, `model:` keys override them."""
+    """Build a TrainConfig from plain data: `preset` fills model sizes and `method` the layout
+    (`METHOD_MODEL_PRESETS`); `model:` keys override both."""
     data = dict(data)
     preset = data.get("preset", TrainConfig.preset)
-    model_data = {**MODEL_PRESETS.get(preset, {}), **(data.pop("model", None) or {})}
-    cfg = from_dict(TrainConfig, data)
+    method_layout = METHOD_MODEL_PRESETS.get(data.get("method", TrainConfig.method), {})
+    model_data = {**MODEL_PRESETS.get(preset, {}), **method_layout, **(data.pop("model", None) or {})}
     if preset not in MODEL_PRESETS:
         raise ConfigError(f"preset: unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
-    # replace() validates again, now with the model: some checks span both
-    return dataclasses.replace(cfg, model=from_dict(ModelConfig, model_data, prefix="model."))
+    # the model first: some of TrainConfig's checks span both
+    return from_dict(TrainConfig, {**data, "model": from_dict(ModelConfig, model_data, prefix="model.")})
 
 
 def with_model(cfg: ModelConfig, **changes) -> ModelConfig:

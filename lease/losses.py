@@ -1,8 +1,11 @@
-"""LEASE losses: masked-token reconstruction (eq. 1) and codebook contrast (eq. 4)."""
+"""Losses: masked-token reconstruction (eq. 1), LEASE's codebook contrast (eq. 4), Sorcen's echo InfoNCE
+and uniformity term."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from lease.sorcen import gather_with_grad
 
 
 def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
@@ -39,3 +42,27 @@ def codebook_contrast_loss(features: torch.Tensor, codebook_unit: torch.Tensor, 
         return per_token.mean()
     token_weight = token_weight.float()
     return (per_token * token_weight).sum() / token_weight.sum().clamp_min(1.0)
+
+
+def info_nce_logits(queries: torch.Tensor, keys: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos(q_i, k_j) / τ [n, N] and each query's positive j [n] for `info_nce_loss`."""
+    keys_all, offset = gather_with_grad(F.normalize(keys.float(), dim=-1))
+    logits = F.normalize(queries.float(), dim=-1) @ keys_all.t() / tau
+    return logits, torch.arange(queries.shape[0], device=queries.device) + offset
+
+
+def info_nce_loss(queries: torch.Tensor, keys: torch.Tensor, tau: float) -> torch.Tensor:
+    """Sorcen's NNCLR-style InfoNCE: CE over cos(q_i, k_j) / τ, the positive of query i being key i.
+
+    queries [n, D] (the teacher's projected echoes, no gradient), keys [n, D] (the student's predictions).
+    Under DDP the keys of every rank form the negatives, gathered with their gradient, and the targets
+    are offset by rank · n; the mean of the ranks' losses is then the loss on the concatenated batch.
+    """
+    return F.cross_entropy(*info_nce_logits(queries, keys, tau))
+
+
+def uniformity_loss(pooled_unit: torch.Tensor) -> torch.Tensor:
+    """Sorcen's uniformity term mean((ẑ ẑᵀ)²) over the L2-normalised pooled latents ẑ [n, D]: this rank's
+    rows against every rank's (gathered with gradient), whose mean over ranks is the whole batch's."""
+    everyone, _ = gather_with_grad(pooled_unit)
+    return (pooled_unit @ everyone.t()).pow(2).mean()

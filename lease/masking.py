@@ -55,6 +55,17 @@ class MaskRatioSampler:
 
 
 @dataclass
+class EchoPlan:
+    """One step's random choices for Sorcen's echo (`lease.sorcen`); tensors on the batch's device."""
+
+    side: torch.Tensor  # long, 0-d: the square's side s, one per batch
+    top: torch.Tensor  # long [B]: each image's square corner, row in [0, grid - s]
+    left: torch.Tensor  # long [B]: and column
+    noise: torch.Tensor  # float [B, L] in [0, 1): the categorical draw at each position (inverse CDF)
+    from_truth: bool  # the echo from the ground-truth tokens instead of draws (the first epochs)
+
+
+@dataclass
 class MaskPlan:
     """One step's masking for a batch; all tensors live on the batch's device."""
 
@@ -68,6 +79,7 @@ class MaskPlan:
     # [CLS]), grid order; the contrast (eq. 4) scores only them. Padded with kept masked ones (not
     # scored) to a multiple of `decode_rows_multiple`, as `decode_idx` is
     contrast_idx: torch.Tensor
+    echo: EchoPlan | None = None  # Sorcen only
 
 
 def num_masked_tokens(seq_len: int, ratio: float) -> int:
@@ -107,3 +119,13 @@ def random_plan(batch: int, seq_len: int, num_dropped: int, num_masked: int,
     """A fresh random permutation per image (argsort of uniform noise, on the device)."""
     noise = torch.rand(batch, seq_len, device=device, generator=generator)
     return plan_from_permutation(noise.argsort(dim=1), num_dropped, num_masked, decode_rows_multiple)
+
+
+def random_echo_plan(batch: int, grid: int, side_min: int, side_max: int, device: torch.device,
+                     generator: torch.Generator | None = None, from_truth: bool = False) -> EchoPlan:
+    """Side s uniform in [side_min, side_max] once per batch, each image's corner uniform over the
+    grid - s + 1 places per axis, one uniform per position for the draw; all on the device."""
+    side = torch.randint(side_min, side_max + 1, (), device=device, generator=generator)
+    corner = (torch.rand(2, batch, device=device, generator=generator) * (grid - side + 1)).long()
+    noise = torch.rand(batch, grid * grid, device=device, generator=generator)
+    return EchoPlan(side=side, top=corner[0], left=corner[1], noise=noise, from_truth=from_truth)

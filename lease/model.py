@@ -1,4 +1,5 @@
-"""The LEASE model: a token-input ViT encoder, a [CLS]-canvas decoder and an MLM head (paper §3).
+"""The model family of LEASE, Sorcen and MAGE: a token-input ViT encoder, a [CLS]-canvas decoder and
+an MLM head (LEASE paper §3), with each method's own objective on top.
 
 Layout and numerics follow the authors' code (MAGE lineage) so their checkpoints load by key
 conversion (`lease.checkpoints.import_reference`):
@@ -7,7 +8,10 @@ conversion (`lease.checkpoints.import_reference`):
     canvas[L+1] = [CLS] latent; kept-and-unmasked slots ← their latents; + learned positions
              ──► decoder blocks ► norm ► MLM head (tied to word embeddings) ──► code logits   (decoder)
 
-Losses (`lease.losses`): eq. 1 on masked positions, eq. 4 on kept unmasked encoder tokens, eq. 5 total.
+Losses (`lease.losses`): eq. 1 on masked positions for every method; LEASE adds eq. 4 on kept unmasked
+encoder tokens (eq. 5 total); Sorcen adds the echo contrast (`echo_losses`: an EMA teacher of its own
+blocks on an echo drawn from the decoder's logits, InfoNCE and a uniformity term); MAGE adds nothing.
+The layout differences (2-D sin-cos table, canvas fill, vocabulary) are `ModelConfig` switches.
 In training the decoder's last block runs only at the rows a loss reads (`decode_masked_only`), and
 the encoder contrast only at the kept unmasked rows (`MaskPlan.contrast_idx`).
 """
@@ -27,8 +31,9 @@ from lease.attention import split_cls_attention, split_cls_supported
 from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import LossConfig, ModelConfig
 from lease.dropout import Dropout
-from lease.losses import codebook_contrast_loss, reconstruction_loss
-from lease.masking import MaskPlan
+from lease.losses import codebook_contrast_loss, info_nce_loss, reconstruction_loss, uniformity_loss
+from lease.masking import EchoPlan, MaskPlan
+from lease.sorcen import echo_support, sample_support, square_mask
 
 log = logging.getLogger(__name__)
 
@@ -215,16 +220,25 @@ class MlmLayer(nn.Module):
         return h @ word_embeddings[:num_codes].detach().t() + self.bias[..., :num_codes]
 
 
+def projection_mlp(dim: int, hidden: int, out: int) -> nn.Sequential:
+    """Sorcen's projector and predictor: Linear → BatchNorm1d → ReLU → Linear (the authors' layout)."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
 @dataclass
 class LeaseOutput:
+    """One batch's losses. `contrast_loss` is the method's contrast, already weighted for Sorcen (its
+    echo InfoNCE) and unweighted for LEASE (eq. 4, weighted by λ in `loss`)."""
+
     loss: torch.Tensor
     rec_loss: torch.Tensor
     contrast_loss: torch.Tensor
     classifier_loss: torch.Tensor | None = None
     classifier_acc: torch.Tensor | None = None
+    uniformity_loss: torch.Tensor | None = None  # Sorcen only, weighted, part of `loss`
 
     def backward_loss(self) -> torch.Tensor:
-        """What the optimizer minimises: eq. 5 plus the (detached-feature) monitoring classifier's loss.
+        """What the optimizer minimises: the method's loss plus the (detached-feature) monitoring classifier's loss.
 
         `loss` itself stays eq. 5, so logged losses mean the same with or without the classifier.
         """
@@ -232,7 +246,11 @@ class LeaseOutput:
 
 
 class LeaseModel(nn.Module):
-    """LEASE encoder-decoder. `forward` computes the training losses for one masked batch."""
+    """Encoder-decoder of every method. `forward` computes the training losses for one masked batch.
+
+    With `cfg.echo_contrast` (Sorcen) it also holds the EMA teacher (`teacher_blocks` around the
+    student's token embedding and final norm, `teacher_projector`), the `projector` and the `predictor`;
+    `ema_update` moves the teacher towards the student."""
 
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig | None = None):
         super().__init__()
@@ -242,7 +260,8 @@ class LeaseModel(nn.Module):
         d, dd = cfg.embed_dim, cfg.decoder_embed_dim
 
         self.token_emb = TokenEmbedding(cfg)
-        self.register_buffer("pos2d", sincos_2d(d, cfg.grid_size).unsqueeze(0), persistent=False)
+        self.register_buffer("pos2d", sincos_2d(d, cfg.grid_size).unsqueeze(0) if cfg.pos_embed_2d else None,
+                             persistent=False)
         self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg, self.attention_backend) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
 
@@ -260,7 +279,15 @@ class LeaseModel(nn.Module):
                              if contrast in ("encoder", "both") else None)
         self.dec_to_dino = (nn.Linear(dd, cfg.codebook_dim, bias=False)
                             if contrast in ("decoder", "both") else None)
-        self.online_classifier = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else None
+        self.online_classifier = self._classifier(cfg) if cfg.num_classes > 0 else None
+        if cfg.echo_contrast:
+            self.teacher_blocks = nn.ModuleList(
+                Block(d, cfg.num_heads, cfg, self.attention_backend) for _ in range(cfg.depth))
+            self.projector = projection_mlp(d, cfg.projector_hidden, cfg.projector_dim)
+            self.teacher_projector = projection_mlp(d, cfg.projector_hidden, cfg.projector_dim)
+            self.predictor = projection_mlp(cfg.projector_dim, cfg.predictor_hidden, cfg.projector_dim)
+            for param in self.teacher_parameters():  # moved by ema_update only
+                param.requires_grad_(False)
         if contrast != "none":
             k = 1  # real values arrive with set_codebook
             self.register_buffer("codebook_unit", torch.zeros(k, cfg.codebook_dim))
@@ -270,6 +297,13 @@ class LeaseModel(nn.Module):
         self._init_weights()
 
     # ----------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _classifier(cfg: ModelConfig) -> nn.Module:
+        if cfg.classifier_hidden == 0:
+            return nn.Linear(cfg.embed_dim, cfg.num_classes)
+        return nn.Sequential(nn.Linear(cfg.embed_dim, cfg.classifier_hidden), nn.ReLU(),
+                             nn.Linear(cfg.classifier_hidden, cfg.num_classes))
+
     def _init_weights(self) -> None:
         """As the authors (MAE/MAGE): xavier-uniform linears, unit LayerNorms, N(0, .02) embeddings.
 
@@ -304,8 +338,9 @@ class LeaseModel(nn.Module):
 
     @property
     def decodes_masked_only(self) -> bool:
-        """Whether training decodes only the masked positions: no loss reads the others' decoder output."""
-        return self.cfg.decode_masked_only and self.dec_to_dino is None
+        """Whether training decodes only the masked positions: no loss reads the others' decoder output
+        (the decoder contrast reads every position, Sorcen's echo every position of its square)."""
+        return self.cfg.decode_masked_only and self.dec_to_dino is None and not self.cfg.echo_contrast
 
     @property
     def codebook_size(self) -> int:
@@ -313,13 +348,17 @@ class LeaseModel(nn.Module):
 
     # --------------------------------------------------------------------------------- encoder
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Embed [CLS] + patch ids at `positions` (0 = [CLS], 1..L = grid), adding the fixed sin-cos table."""
+        """Embed [CLS] + patch ids at `positions` (0 = [CLS], 1..L = grid), adding the fixed sin-cos table
+        (`cfg.pos_embed_2d`)."""
         x = self.token_emb(ids, positions)
+        if self.pos2d is None:
+            return x
         pos2d = torch.cat([torch.zeros_like(self.pos2d[:, :1]), self.pos2d], dim=1)
         return x + pos2d[0, positions]
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
+    def encode(self, x: torch.Tensor, blocks: nn.ModuleList | None = None) -> torch.Tensor:
+        """`blocks` (default: the student's) then the final norm."""
+        for block in self.blocks if blocks is None else blocks:
             x = block(x)
         return self.norm(x)
 
@@ -335,12 +374,13 @@ class LeaseModel(nn.Module):
         positions[:, 0] = 0
         return self.encode(self.embed(self.with_cls(ids), positions))
 
-    def forward_encoder_full(self, tokens: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder on [CLS] + all L tokens (masked ones → [MASK]) → [B, 1 + L, D]."""
+    def forward_encoder_full(self, tokens: torch.Tensor, masked: torch.Tensor | None = None,
+                             blocks: nn.ModuleList | None = None) -> torch.Tensor:
+        """Encoder on [CLS] + all L tokens (masked ones → [MASK]) → [B, 1 + L, D]; `blocks` as `encode`."""
         if masked is not None:
             tokens = torch.where(masked, torch.full_like(tokens, self.cfg.mask_token_id), tokens)
         positions = torch.arange(tokens.shape[1] + 1, device=tokens.device).expand(tokens.shape[0], -1)
-        return self.encode(self.embed(self.with_cls(tokens), positions))
+        return self.encode(self.embed(self.with_cls(tokens), positions), blocks)
 
     # --------------------------------------------------------------------------------- decoder
     def forward_decoder(self, latent: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor,
@@ -348,9 +388,9 @@ class LeaseModel(nn.Module):
         """Decoder hidden states [B, 1 + L, Dd] from the canvas (paper §3.1, reconstruction step).
 
         `latent` [B, 1 + n, D] are encoder outputs with [CLS] first, `slots` [B, n] their grid positions
-        and `visible` [B, n] whether each is unmasked. Every canvas slot starts as the [CLS] latent and
-        the visible slots add their own latent to it (what the authors' code computes; checked against
-        the reference fixture's golden logits).
+        and `visible` [B, n] whether each is unmasked. Every canvas slot starts as the [CLS] latent; the
+        visible slots add their own latent to it (`decoder_canvas="cls_plus_latent"`, the authors' LEASE)
+        or hold it alone (`"latent"`, their MAGE and Sorcen); both checked against the fixtures' logits.
 
         With `out_positions` [B, M] (grid positions) only those rows come out, [B, M, Dd]: the last
         block then computes queries, MLP and norm for them alone, which gives the same numbers.
@@ -358,7 +398,8 @@ class LeaseModel(nn.Module):
         x = self.decoder_embed(latent)
         b, _, dd = x.shape
         cls = x[:, :1]
-        fill = torch.where(visible.unsqueeze(-1), x[:, 1:] + cls, cls)
+        own = x[:, 1:] + cls if self.cfg.decoder_canvas == "cls_plus_latent" else x[:, 1:]
+        fill = torch.where(visible.unsqueeze(-1), own, cls)
         canvas = cls.expand(b, self.cfg.seq_len + 1, dd).clone()
         canvas.scatter_(1, (slots + 1).unsqueeze(-1).expand(-1, -1, dd), fill)
         x = canvas + self.decoder_pos_embed_learned[:, : self.cfg.seq_len + 1]
@@ -372,7 +413,8 @@ class LeaseModel(nn.Module):
     # ------------------------------------------------------------------------------- training
     def forward(self, tokens: torch.Tensor, disc: torch.Tensor | None, plan: MaskPlan,
                 labels: torch.Tensor | None = None) -> LeaseOutput:
-        """Losses of eq. 5 for a batch of generative `tokens` [B, L] and codebook ids `disc` [B, L]."""
+        """The method's losses for a batch of generative `tokens` [B, L] and codebook ids `disc` [B, L]
+        (LEASE: eq. 5; MAGE: eq. 1; Sorcen: eq. 1 + echo losses, `plan.echo` holding its draws)."""
         latent = self.forward_encoder(tokens, plan)
         visible = ~plan.keep_masked
         if self.decodes_masked_only:
@@ -382,13 +424,22 @@ class LeaseModel(nn.Module):
                                       self.loss_cfg.label_smoothing)
         else:
             hidden = self.forward_decoder(latent, plan.keep_idx, visible)
-            rec = reconstruction_loss(self.mlm_logits(hidden[:, 1:]), tokens, plan.masked,
-                                      self.loss_cfg.label_smoothing)
-        contrast = self.contrast_loss(latent, hidden, disc, plan)
-        total = rec + self.loss_cfg.contrast_weight * contrast
-        out = LeaseOutput(loss=total, rec_loss=rec, contrast_loss=contrast)
+            logits = self.mlm_logits(hidden[:, 1:])
+            rec = reconstruction_loss(logits, tokens, plan.masked, self.loss_cfg.label_smoothing)
+        if self.cfg.echo_contrast:
+            if plan.echo is None:
+                raise ValueError("model.echo_contrast needs the echo's random choices in plan.echo")
+            uniformity, contrast = self.echo_losses(latent, logits, tokens, plan.echo)
+            out = LeaseOutput(loss=rec + uniformity + contrast, rec_loss=rec, contrast_loss=contrast,
+                              uniformity_loss=uniformity)
+            pooled = latent.mean(dim=1)  # the authors' Sorcen classifier reads [CLS] too
+        else:
+            contrast = self.contrast_loss(latent, hidden, disc, plan)
+            out = LeaseOutput(loss=rec + self.loss_cfg.contrast_weight * contrast, rec_loss=rec,
+                              contrast_loss=contrast)
+            pooled = latent[:, 1:].mean(dim=1)
         if self.online_classifier is not None and labels is not None:
-            out.classifier_loss, out.classifier_acc = self.classifier_loss(latent, labels)
+            out.classifier_loss, out.classifier_acc = self.classifier_loss(pooled, labels)
         return out
 
     def contrast_loss(self, latent: torch.Tensor, hidden: torch.Tensor, disc: torch.Tensor | None,
@@ -414,10 +465,55 @@ class LeaseModel(nn.Module):
         return codebook_contrast_loss(features, self.codebook_unit, self.neighbour_index[ids],
                                       self.neighbour_weight[ids], self.loss_cfg.contrast_tau, weight)
 
-    def classifier_loss(self, latent: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Online linear classifier on detached mean-pooled features: monitoring only."""
-        logits = self.online_classifier(latent[:, 1:].mean(dim=1).detach().float())
+    def classifier_loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Online classifier on detached pooled encoder features [B, D]: monitoring only."""
+        logits = self.online_classifier(pooled.detach().float())
         return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
+
+    # ------------------------------------------------------------------------- Sorcen's echo
+    def echo_losses(self, latent: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
+                    echo: EchoPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorcen's two terms beside eq. 1, weighted: (uniformity, echo InfoNCE).
+
+        Uniformity: w_u · mean((ẑ ẑᵀ)²), ẑ the L2-normalised mean of all encoder rows ([CLS] included).
+        InfoNCE: λ · CE(cos(teacher(echo)_i, predictor(projector(mean of the patch rows))_j) / τ).
+        """
+        cfg = self.loss_cfg
+        uniformity = cfg.uniformity_weight * uniformity_loss(F.normalize(latent.mean(dim=1).float(), dim=-1))
+        teacher = self.forward_teacher(self.echo_tokens(logits, tokens, echo))
+        student = self.predictor(self.projector(latent[:, 1:].mean(dim=1)))
+        return uniformity, cfg.echo_weight * info_nce_loss(teacher, student, cfg.echo_tau)
+
+    @torch.no_grad()
+    def echo_tokens(self, logits: torch.Tensor, tokens: torch.Tensor, echo: EchoPlan) -> torch.Tensor:
+        """The echo [B, L]: inside each image's square a draw from the top-k code logits without their
+        maximum (`lease.sorcen.echo_support`; the true tokens while `echo.from_truth`), [MASK] outside."""
+        if echo.from_truth:
+            source = tokens.long()
+        else:
+            source = sample_support(*echo_support(logits.float(), self.loss_cfg.echo_top_k), echo.noise)
+        inside = square_mask(self.cfg.grid_size, echo.side, echo.top, echo.left)
+        return torch.where(inside, source, self.cfg.mask_token_id)
+
+    @torch.no_grad()
+    def forward_teacher(self, echo_ids: torch.Tensor) -> torch.Tensor:
+        """The momentum projection [B, P] of the teacher's blocks on [CLS] + echo, inside the student's
+        token embedding and final norm (as the authors), pooled over the L patch rows."""
+        latent = self.forward_encoder_full(echo_ids, blocks=self.teacher_blocks)
+        return self.teacher_projector(latent[:, 1:].mean(dim=1))
+
+    def teacher_parameters(self) -> list[nn.Parameter]:
+        """The teacher's parameters, in the order of `ema_student_parameters` (BatchNorm statistics are
+        buffers: the teacher keeps its own)."""
+        return [*self.teacher_blocks.parameters(), *self.teacher_projector.parameters()]
+
+    def ema_student_parameters(self) -> list[nn.Parameter]:
+        return [*self.blocks.parameters(), *self.projector.parameters()]
+
+    @torch.no_grad()
+    def ema_update(self, beta: float) -> None:
+        """teacher ← β · teacher + (1 − β) · student, one fused op over every teacher tensor."""
+        torch._foreach_lerp_(self.teacher_parameters(), self.ema_student_parameters(), 1.0 - beta)
 
     # ------------------------------------------------------------------------------ inference
     def features(self, tokens: torch.Tensor, pool: str = "mean") -> torch.Tensor:
@@ -488,7 +584,8 @@ def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
 
 def describe(model: LeaseModel) -> str:
     cfg = model.cfg
-    return (f"LEASE d={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} | decoder d={cfg.decoder_embed_dim} "
+    name = "Sorcen" if cfg.echo_contrast else "LEASE" if cfg.contrast_on != "none" else "MAGE-style"
+    return (f"{name} d={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} | decoder d={cfg.decoder_embed_dim} "
             f"depth={cfg.decoder_depth} heads={cfg.decoder_num_heads} | V_gen={cfg.vocab_gen} "
             f"vocab={cfg.vocab_size} | contrast={cfg.contrast_on} | attention={model.attention_backend} | "
             f"{count_parameters(model) / 1e6:.1f}M params")
