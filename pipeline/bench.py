@@ -202,9 +202,8 @@ def save_tiny_tokenizers(work: Path) -> dict[str, Path]:
 
 
 def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
-    from pipeline.artifacts import ArtifactStore
     from pipeline.config import load_pipeline_config
-    from pipeline.stages import STAGES, TOKENIZE_STAGES
+    from pipeline.stages import TOKENIZE_STAGES, run_in_process
 
     assets = (save_full_size_tokenizers(work, args.codebook_size) if args.tokenizers == "full"
               else save_tiny_tokenizers(work))
@@ -224,17 +223,10 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
         parts = {"loader_images_per_s": time_decoding(train, args.batch_size, args.workers),
                  "fused_tokenizer_images_per_s": time_fused_tokenizer(assets, args.batch_size,
                                                                       cfg.tokenizers.dinov2.layer)}
-    store, keys, dirs, seconds, results = ArtifactStore(cfg.artifacts), {}, {}, {}, {}
-    for stage in (STAGES[name] for name in TOKENIZE_STAGES):
-        if not stage.enabled(cfg):
-            continue
-        t0 = time.perf_counter()
-        spec = stage.spec(cfg, keys)
-        upstream = {n: dirs[n] for n in stage.after if n in dirs}
-        outcome = store.run(spec, lambda out: stage.build(cfg, upstream, out), force=True)
-        seconds[stage.name] = round(time.perf_counter() - t0, 2)
-        keys[stage.name], dirs[stage.name], results[stage.name] = outcome.key, Path(outcome.path), outcome.result
-        log.info("precompute stage %s: %.1f s", stage.name, seconds[stage.name])
+    seconds, results = {}, {}
+    for outcome in run_in_process(cfg, TOKENIZE_STAGES, force=True):
+        seconds[outcome.name], results[outcome.name] = round(outcome.seconds, 2), outcome.result
+        log.info("precompute stage %s: %.1f s", outcome.name, outcome.seconds)
     total = sum(counts.values())
     fixed = {"tokenize": round(results["tokenize"]["first_batch_seconds"], 2)}
     estimate = imagenet_estimate(seconds, fixed, total, min(cfg.features.num_images, counts["train"]),

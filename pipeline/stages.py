@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lease.io import atomic_write_json, json_digest
 from lease.typed_config import ConfigError, to_dict
-from pipeline.artifacts import KEY_LENGTH, RECORD_NAME, StageSpec, input_digest
+from pipeline.artifacts import KEY_LENGTH, RECORD_NAME, ArtifactStore, StageOutcome, StageSpec, input_digest
 from pipeline.code_version import code_identity
 from pipeline.config import DEMO, PipelineConfig
 
@@ -285,6 +285,20 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 ]}
 TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack")
 TRAIN_STAGES = ("pretrain", "evaluate")
+
+
+def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = False) -> Iterator[StageOutcome]:
+    """Run the enabled stages among `names` in order straight through the artifact store, without
+    Prefect (benchmarks and tests); yields each stage's outcome as it finishes."""
+    store, keys, dirs = ArtifactStore(cfg.artifacts), {}, {}
+    for stage in (STAGES[name] for name in names):
+        if not stage.enabled(cfg):
+            continue
+        spec = stage.spec(cfg, keys)
+        upstream = {n: dirs[n] for n in stage.after if n in dirs}
+        outcome = store.run(spec, lambda out: stage.build(cfg, upstream, out), force=force)
+        keys[stage.name], dirs[stage.name] = outcome.key, Path(outcome.path)
+        yield outcome
 
 
 def _without(data: dict[str, Any], *keys: str) -> dict[str, Any]:
