@@ -2,6 +2,7 @@
 authors' reference LEASE, Sorcen and MAGE checkpoints by key conversion."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -9,12 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from lease.codebook import load_codebook
 from lease.configs import AUTHORS_MAGE_LAYOUT, MODEL_PRESETS, LossConfig, ModelConfig
-from lease.io import atomic_path, atomic_write_json, load_torch_file
+from lease.io import CheckpointFileError, atomic_path, atomic_write_json, load_torch_file, load_trusted_torch_file
 from lease.model import LeaseModel, sincos_2d
 from lease.typed_config import from_dict, to_dict
 
@@ -37,7 +39,7 @@ AUTHORS_RENAMES = (("blocks_momentum.", "teacher_blocks."), ("momentum_projector
                    ("classifier.", "online_classifier."))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CheckpointFileError):
     """A checkpoint file is missing, of the wrong kind, or lacks keys; the message says which."""
 
 
@@ -224,11 +226,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """One of our training checkpoints, read on the CPU (where torch takes RNG states), weights only."""
+    state = load_torch_file(path, CheckpointError)
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
         raise CheckpointError(f"{path} is not a lease training checkpoint (format {FORMAT_VERSION}); "
                               "for the authors' checkpoints use `lease import-reference`")
@@ -247,6 +247,66 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
             setattr(model, name, torch.empty_like(sd[name]))
     model.load_state_dict(sd)
     return model.to(device)
+
+
+# ------------------------------------------------------ files only full unpickling can read
+_PLAIN_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+_DROPPED = object()
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, trust_checkpoint: bool) -> list[str]:
+    """Rewrite a torch file that needs full unpickling as one every loader here reads (weights only).
+
+    Tensors and plain data survive (dicts, lists, tuples, numbers, strings; numpy values become tensors
+    or numbers, an `argparse.Namespace` a dict), so a Lightning checkpoint keeps its `state_dict`. Other
+    objects (callbacks, loggers, custom classes) are dropped: their places are logged and returned.
+    """
+    src, dst = Path(src), Path(dst)
+    if not trust_checkpoint:
+        raise CheckpointError(f"converting {src} unpickles it in full, which runs any code the file names: pass "
+                              "--trust-checkpoint only for a file whose origin you trust")
+    dropped: list[str] = []
+    plain = _plain_data(load_trusted_torch_file(src, CheckpointError), "", dropped)
+    if plain is _DROPPED:
+        raise CheckpointError(f"{src} holds no tensors or plain data, only {dropped[0]}")
+    with atomic_path(dst) as tmp:
+        torch.save(plain, tmp)
+        load_torch_file(tmp, CheckpointError)  # the output must read where the input was refused
+    if dropped:
+        log.warning("%s: dropped %d non-data objects: %s", src, len(dropped), "; ".join(dropped))
+    log.info("wrote %s (weights-only loadable) from %s", dst, src)
+    return dropped
+
+
+def _plain_data(obj: Any, where: str, dropped: list[str]) -> Any:
+    """`obj` as tensors and built-in containers and scalars, or `_DROPPED` (noted in `dropped`)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()  # a Parameter or tensor subclass becomes a plain tensor
+    if type(obj) in _PLAIN_SCALARS:  # exact types: an IntEnum or str subclass would pickle its class
+        return obj
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
+        return torch.from_numpy(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        items = ((key, _plain_data(value, f"{where}[{key!r}]", dropped)) for key, value in obj.items()
+                 if _plain_key(key, where, dropped))
+        return {key: value for key, value in items if value is not _DROPPED}
+    if isinstance(obj, (list, tuple)):
+        values = (_plain_data(value, f"{where}[{i}]", dropped) for i, value in enumerate(obj))
+        kept = [value for value in values if value is not _DROPPED]
+        return kept if isinstance(obj, list) else tuple(kept)
+    dropped.append(f"{where or 'the whole file'} ({type(obj).__module__}.{type(obj).__qualname__})")
+    return _DROPPED
+
+
+def _plain_key(key: Any, where: str, dropped: list[str]) -> bool:
+    if type(key) in _PLAIN_SCALARS:
+        return True
+    dropped.append(f"{where}[key {key!r}] ({type(key).__module__}.{type(key).__qualname__})")
+    return False
 
 
 def export_encoder(model: LeaseModel, out_dir: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""Core `lease` commands: train, import-reference, export, bench train / numerics / ddp / generate / knn.
+"""Core `lease` commands: train, import-reference, export, convert-checkpoint, bench train / numerics / ddp /
+generate / knn.
 
 `register(subparsers)` adds them to a parser; the `lease` console entry (pipeline/cli.py) composes these
 with the pipeline stages. `python -m lease.cli ...` runs the core commands alone.
@@ -33,6 +34,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_checkpoint(args: argparse.Namespace) -> int:
+    from lease.checkpoints import convert_checkpoint
+
+    convert_checkpoint(args.checkpoint, args.out, trust_checkpoint=args.trust_checkpoint)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add the core commands; returns the `bench` sub-command group so callers can add to it."""
     p = subparsers.add_parser("train", help="pretrain LEASE on packed token shards")
@@ -55,6 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_export)
+
+    p = subparsers.add_parser("convert-checkpoint", help="rewrite a torch file that needs full unpickling as "
+                              "one that loads weights-only (tensors and plain data kept)")
+    p.add_argument("checkpoint", type=Path, help="torch file the loaders refuse (e.g. an old Lightning .ckpt)")
+    p.add_argument("out", type=Path, help="weights-only loadable file to write")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="required: reading CHECKPOINT runs any code it names, so only for files you trust")
+    p.set_defaults(func=_convert_checkpoint)
 
     bench_parser = subparsers.add_parser("bench", help="GPU benchmarks written to benchmarks/results/")
     bench_group = bench_parser.add_subparsers(dest="bench", required=True)

@@ -1,13 +1,17 @@
-"""Small file helpers shared by the trainer and the pipeline: atomic writes and digests."""
+"""Small file helpers shared by the trainer and the pipeline: atomic writes, digests, safe torch loading."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
@@ -47,8 +51,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def load_torch_file(path: str | Path, error: type[Exception], missing_hint: str = "") -> Any:
-    """`torch.load` (CPU, weights only) with `error` naming the file when it is missing or unreadable."""
+class CheckpointFileError(ValueError):
+    """A torch file that is missing, unreadable, or refused because only full unpickling could read it."""
+
+
+def load_torch_file(path: str | Path, error: type[Exception] = CheckpointFileError, missing_hint: str = "") -> Any:
+    """`torch.load` on the CPU with `weights_only=True`: tensors and plain containers, never code.
+
+    Every torch file the project reads goes through here, so no file can run code when it is loaded
+    (full unpickling calls whatever a pickle names, `os.system` included). A file that pickles other
+    Python objects is refused with their names and the command that converts it once, trusted.
+    """
     import torch
 
     path = Path(path)
@@ -57,7 +70,59 @@ def load_torch_file(path: str | Path, error: type[Exception], missing_hint: str 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a plain torch checkpoint"
-        raise error(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+        raise error(load_failure_message(path, err)) from err
+
+
+def load_failure_message(path: Path, err: Exception) -> str:
+    """Why `path` did not load weights-only, on one line: the Python objects only full unpickling would
+    build, with the command that converts the file, or else the reader's own reason."""
+    unsafe = _unsafe_globals(path, err)
+    if unsafe:
+        return (f"refusing to load {path}: it pickles Python objects ({', '.join(unsafe)}) that only full "
+                "unpickling builds, and full unpickling can run any code the file names; if you trust where it "
+                f"came from, convert it once with `lease convert-checkpoint {path} OUT --trust-checkpoint` and "
+                "load OUT instead")
+    return f"{path} is not a readable torch checkpoint ({_one_line_reason(err)})"
+
+
+def load_trusted_torch_file(path: str | Path, error: type[Exception] = CheckpointFileError) -> Any:
+    """`torch.load` with full unpickling, which runs any code the file names: only for a file the user
+    vouched for (`--trust-checkpoint`), and logged as such."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist")
+    log.warning("unpickling %s in full because --trust-checkpoint vouches for it: any code it names runs now", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a torch checkpoint"
+        raise error(f"{path} is not a readable torch checkpoint ({_one_line_reason(err)})") from err
+
+
+def _one_line_reason(err: Exception) -> str:
+    """The gist of a loading error on one line; torch wraps a weights-only failure in advice to unpickle in
+    full, which is wrong for a damaged file, so only the unpickler's own reason is kept."""
+    detail = re.search(r"WeightsUnpickler error:(.+?)(?:Check the documentation|$)", str(err), re.S)
+    reason = " ".join((detail.group(1) if detail else str(err)).split())
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+
+
+def _unsafe_globals(path: Path, err: Exception) -> list[str]:
+    """The Python globals a file needs beyond what `weights_only` allows; [] when it is not a torch pickle.
+
+    Zip-format files are scanned whole (no code runs); otherwise torch's error names the first one.
+    """
+    import pickle
+
+    import torch
+
+    if not isinstance(err, pickle.UnpicklingError):
+        return []
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, OSError):
+        return re.findall(r"GLOBAL ([\w.]+)", str(err))
 
 
 def file_digest(path: str | Path, algo: str = "sha256") -> str:
@@ -72,3 +137,13 @@ def json_digest(obj: Any) -> str:
     """Digest of a JSON-serialisable object with sorted keys (stable across runs)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def save_torch_file(obj: Any, path: str | Path) -> Path:
+    """`torch.save` atomically, with the same bytes for the same object: saved through a file object,
+    the archive's inner folder is torch's fixed name instead of the (random) temporary file's."""
+    import torch
+
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        torch.save(obj, fh)
+    return Path(path)

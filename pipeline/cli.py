@@ -14,6 +14,7 @@ import importlib
 import logging
 import sys
 
+from lease.io import CheckpointFileError
 from lease.typed_config import ConfigError
 
 log = logging.getLogger("pipeline.cli")
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("config error: %s", err)
         return 2
+    except CheckpointFileError as err:  # missing, garbage, or refused as unsafe: the message says which
+        log.error("%s", err)
+        return 1
 
 
 if __name__ == "__main__":

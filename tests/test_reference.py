@@ -15,7 +15,7 @@ from lease.masking import plan_from_permutation
 def reference():
     root = fixture_dir("LEASE_REFERENCE_FIXTURE", "lease_reference_tiny")
     meta = json.loads((root / "meta.json").read_text())
-    golden = torch.load(root / "golden.pt", map_location="cpu")
+    golden = torch.load(root / "golden.pt", map_location="cpu", weights_only=True)
     return root, meta, golden
 
 

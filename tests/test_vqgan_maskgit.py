@@ -15,7 +15,7 @@ from lease.tokenizers.vqgan_maskgit import (MaskGITTokenizer, VQGANCheckpointErr
 @pytest.fixture(scope="module")
 def vqgan_fixture():
     path = fixture_dir("LEASE_VQGAN_FIXTURE", "vqgan_maskgit_tiny")
-    golden = torch.load(path / "golden.pt", map_location="cpu")
+    golden = torch.load(path / "golden.pt", map_location="cpu", weights_only=True)
     meta = json.loads((path / "meta.json").read_text())
     ckpt = next(path.glob("*.ckpt"))
     return ckpt, golden, meta

@@ -19,6 +19,7 @@ by timm's own `checkpoint_filter_fn`).
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lease.io import CheckpointFileError, load_failure_message, load_torch_file
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,9 +39,10 @@ DEFAULT_LAYER = -3
 DEFAULT_IMAGE_SIZE = 224  # DINOv2-B/14 at 224 px: a 16x16 patch grid, aligned with the VQGAN's
 DINOV2_HEAD_DIM = 64  # every released DINOv2 (S/B/L/g) uses 64-dim heads
 HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+TIMM_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
-class Dinov2LoadError(ValueError):
+class Dinov2LoadError(CheckpointFileError):
     """A DINOv2 checkpoint is missing, of another kind, or does not fit the model; the message says what to do."""
 
 
@@ -139,7 +143,11 @@ def load_hf_dinov2(model_dir: str | Path, device: str | torch.device = "cpu", la
         raise Dinov2LoadError(f"{model_dir} holds an HF {config.model_type!r} model; expected one of {HF_MODEL_TYPES}")
     cls = Dinov2Model if config.model_type == "dinov2" else Dinov2WithRegistersModel
     try:
-        model = cls.from_pretrained(model_dir, local_files_only=True, attn_implementation="sdpa")
+        model = cls.from_pretrained(model_dir, local_files_only=True, attn_implementation="sdpa", weights_only=True)
+    except pickle.UnpicklingError as err:  # a pytorch_model.bin that pickles more than tensors
+        torch_files = sorted(model_dir.glob("*.bin"))
+        culprit = torch_files[0] if len(torch_files) == 1 else model_dir
+        raise Dinov2LoadError(load_failure_message(culprit, err)) from err
     except (OSError, ValueError, RuntimeError) as err:
         raise Dinov2LoadError(f"cannot load {cls.__name__} from {model_dir}: {err}") from err
     registers = getattr(config, "num_register_tokens", 0)
@@ -210,6 +218,24 @@ def to_timm_layout(sd: dict[str, torch.Tensor], model: nn.Module, arch: TimmDino
     return checkpoint_filter_fn(sd, model, antialias=arch.reg_tokens > 0)
 
 
+def read_timm_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a .safetensors file, or of a torch file read weights-only (raw as Meta ships it,
+    or under timm's training-checkpoint keys, picked in timm's order: EMA weights first)."""
+    from timm.models import clean_state_dict, load_state_dict
+
+    if weights.suffix != ".safetensors":
+        obj = load_torch_file(weights, Dinov2LoadError)
+        wrapped = [k for k in TIMM_WRAPPER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
+        sd = obj[wrapped[0]] if wrapped else obj
+        if not isinstance(sd, dict):
+            raise Dinov2LoadError(f"{weights} holds {type(sd).__name__}, not a state dict")
+        return clean_state_dict(sd)
+    try:
+        return load_state_dict(str(weights))
+    except Exception as err:  # noqa: BLE001 - any failure to read means "not a weights file"
+        raise Dinov2LoadError(f"{weights} is not a readable weights file ({type(err).__name__}: {err})") from err
+
+
 def load_timm_dinov2(weights: str | Path, device: str | torch.device = "cpu", layer: int = DEFAULT_LAYER,
                      image_size: int = DEFAULT_IMAGE_SIZE, num_heads: int | None = None,
                      model_name: str | None = None,
@@ -220,15 +246,10 @@ def load_timm_dinov2(weights: str | Path, device: str | torch.device = "cpu", la
     Meta's original layout (`mask_token`, `register_tokens`, pos_embed with a [CLS] slot) and any stored
     position grid (518 px checkpoints) are converted by timm's `checkpoint_filter_fn` (see `to_timm_layout`).
     """
-    from timm.models import load_state_dict
-
     weights = Path(weights)
     if not weights.is_file():
         raise Dinov2LoadError(f"DINOv2 weights {weights} do not exist (e.g. Meta's dinov2_vitb14_reg4_pretrain.pth)")
-    try:
-        sd = load_state_dict(str(weights))
-    except Exception as err:  # noqa: BLE001 - any failure to read means "not a weights file"
-        raise Dinov2LoadError(f"{weights} is not a readable weights file ({type(err).__name__}: {err})") from err
+    sd = read_timm_weights(weights)
     arch = infer_timm_arch(sd, str(weights))
     model = create_timm_dinov2(arch, num_heads, image_size, model_name)
     sd = to_timm_layout(sd, model, arch)

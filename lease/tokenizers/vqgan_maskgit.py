@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lease.io import load_torch_file
+from lease.io import CheckpointFileError, load_torch_file
 from lease.tokenizers import ConvVQGANTokenizer
 from lease.typed_config import require
 
@@ -266,7 +266,7 @@ class MaskGITTokenizer(ConvVQGANTokenizer):
 
 
 # ------------------------------------------------------------------------------------------ loading
-class VQGANCheckpointError(ValueError):
+class VQGANCheckpointError(CheckpointFileError):
     """A VQGAN checkpoint is missing, of another kind, or lacks keys; the message says which and what to do."""
 
 

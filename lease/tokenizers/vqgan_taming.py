@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import pickle
 import sys
 import types
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lease.io import load_torch_file
 from lease.tokenizers import ConvVQGANTokenizer
 from lease.tokenizers.vqgan_maskgit import VQGANCheckpointError, load_state_dict_strict, nearest_code
 from lease.typed_config import load_yaml
@@ -73,17 +73,9 @@ def read_model_params(config_path: str | Path) -> dict[str, Any]:
 
 def read_lightning_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """`state_dict` of a Lightning checkpoint, without the training-only `loss.*` tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise VQGANCheckpointError(f"taming checkpoint {path} does not exist (e.g. vqgan_imagenet_f16_1024/last.ckpt)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Older Lightning checkpoints pickle callback/hyper-parameter objects that the safe loader refuses.
-        log.warning("%s holds pickled Python objects besides tensors; loading it with full unpickling", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any other failure means "not a torch checkpoint"
-        raise VQGANCheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+    # Lightning checkpoints of the taming era also pickle callback objects: refused here (they could run
+    # code), they load after one trusted `lease convert-checkpoint`, which keeps the state dict.
+    obj = load_torch_file(path, VQGANCheckpointError, " (e.g. vqgan_imagenet_f16_1024/last.ckpt)")
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         found = sorted(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
         raise VQGANCheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict'; found {found}); a MAGE "
