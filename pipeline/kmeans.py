@@ -228,11 +228,13 @@ def write_codebook(out_dir: str | Path, centroids: np.ndarray, num_neighbours: i
 
 def write_kmeans_outputs(result: KMeansResult, out_dir: str | Path, num_neighbours: int, iters: int, seed: int,
                          device: str | torch.device = "auto") -> dict[str, Any]:
-    """The codebook files of a trained k-means (see `write_codebook`)."""
+    """The codebook files of a trained k-means (see `write_codebook`); the time it took goes into the
+    returned summary only, so that the same inputs write the same files."""
     summary = {"source": "trained", "n": result.num_points, "iters": iters, "seed": seed, "backend": result.backend,
-               "seconds": round(result.seconds, 3), "inertia": result.inertia, "final_inertia": result.final_inertia,
+               "inertia": result.inertia, "final_inertia": result.final_inertia,
                "empty_reseeded": result.empty_reseeded, "empty_final": int((result.sizes == 0).sum())}
-    return write_codebook(out_dir, result.centroids, num_neighbours, summary, result.sizes, device)
+    written = write_codebook(out_dir, result.centroids, num_neighbours, summary, result.sizes, device)
+    return {**written, "seconds": round(result.seconds, 3)}
 
 
 def use_existing_codebook(path: str | Path, out_dir: str | Path, num_neighbours: int,

@@ -1,0 +1,123 @@
+"""Two real `lease run` processes on one artifacts root: one writer per key, whichever run finishes.
+
+Each case freezes the first run (SIGSTOP) once its tokenize stage has written three shards, so that the
+second run provably meets a key that is being built (and a third, with --no-wait, fails naming the
+first); then the first either goes on (and the second uses its artifact) or is killed with SIGKILL (and
+the second resumes its partial work). Afterwards every
+record must match the files on disk and a single, undisturbed run's digests.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.artifacts import LOCKS_DIR, RECORD_NAME, Record, damaged_output
+from pipeline.config import load_pipeline_config
+from pipeline.stages import TOKENIZE_STAGES, run_in_process
+
+pytestmark = pytest.mark.slow  # two or three tiny tokenization flows per test (~1 min on 2 cores)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["demo_data.num_classes=4", "demo_data.train_per_class=6", "demo_data.val_per_class=2",
+        "demo_data.image_size=32", "features.num_images=16", "features.patches_per_image=16",
+        "features.num_workers=0", "kmeans.k=8", "kmeans.iters=3", "tokenize.num_workers=1",
+        "tokenize.images_per_shard=2", "pack.samples_per_shard=16"]
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Output digests of one undisturbed run (in process, no Prefect), by stage."""
+    root = tmp_path_factory.mktemp("single")
+    cfg = load_pipeline_config("demo", [*TINY, f"artifacts={root}"])
+    return {outcome.name: (outcome.key, _output_digests(Path(outcome.path), root))
+            for outcome in run_in_process(cfg, TOKENIZE_STAGES)}
+
+
+def _output_digests(directory: Path, root: Path) -> dict[str, str]:
+    """sha256 of each recorded output; the manifest's rows instead, with image paths below the artifacts
+    root made relative (the demo images lie in each root's own demo-data artifact)."""
+    digests = {rel: out["sha256"] for rel, out in Record.load(directory / RECORD_NAME).outputs.items()}
+    if "manifest.parquet" in digests:
+        rows = pq.read_table(directory / "manifest.parquet").to_pylist()
+        digests["manifest.parquet"] = json.dumps([{**row, "location": row["location"].replace(str(root), "<root>")}
+                                                  for row in rows], sort_keys=True)
+    return digests
+
+
+def start_run(artifacts: Path, home: Path, log: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PREFECT_HOME=str(home), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    with log.open("w") as fh:  # its own session: the run, its loader worker and its Prefect server
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--flow", "tokenize", "--config",
+                                 "demo", *TINY, f"artifacts={artifacts}", *extra], cwd=REPO, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until(condition, what: str, *procs: subprocess.Popen, logs: tuple[Path, ...] = ()) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs)
+            pytest.fail(f"{what} did not happen\n{tails}")
+        time.sleep(0.05)
+
+
+def tokenize_shards_written(artifacts: Path) -> int:
+    return len(list((artifacts / "tokenize").glob("*.partial-*/*/shard-*.npz")))
+
+
+def statuses(log: Path) -> dict[str, str]:
+    record = re.search(r"stage table \((\S+\.json)\)", log.read_text()).group(1)
+    return {row["name"]: row["status"] for row in json.loads(Path(record).read_text())["stages"]}
+
+
+def assert_store_matches(artifacts: Path, reference: dict) -> None:
+    """Every record against its files (sha256 of each) and the single run; no partial work or holder left."""
+    for name, (key, digests) in reference.items():
+        directory = artifacts / name / key
+        record = Record.load(directory / RECORD_NAME)
+        assert damaged_output(directory, record.outputs, verify=True) is None, name
+        assert _output_digests(directory, artifacts) == digests, f"{name} differs from a single run"
+        assert not list((artifacts / name).glob("*.partial*")), f"{name}: partial work left behind"
+        assert not list((artifacts / name / LOCKS_DIR).glob("*.holder.json")), f"{name}: a holder note left"
+
+
+def freeze_first_run_mid_tokenize(tmp_path: Path):
+    artifacts, home = tmp_path / "artifacts", tmp_path / "prefect"
+    logs = (tmp_path / "first.log", tmp_path / "second.log")
+    first = start_run(artifacts, home, logs[0])
+    wait_until(lambda: tokenize_shards_written(artifacts) >= 3, "the first run's third shard", first, logs=logs[:1])
+    os.kill(first.pid, signal.SIGSTOP)
+    second = start_run(artifacts, home, logs[1])
+    waiting = re.compile(rf"tokenize \w+: waiting for pid {first.pid} ")
+    wait_until(lambda: waiting.search(logs[1].read_text()), "the second run waiting for the first", second,
+               logs=logs)
+    return artifacts, first, second, logs
+
+
+def test_the_second_run_waits_for_the_first_and_uses_its_artifacts(tmp_path, reference):
+    artifacts, first, second, logs = freeze_first_run_mid_tokenize(tmp_path)
+    impatient = start_run(artifacts, tmp_path / "prefect", tmp_path / "no-wait.log", "--no-wait")
+    assert impatient.wait(TIMEOUT) == 1  # a third run, told not to wait, fails at once naming the builder
+    assert re.search(rf"tokenize \w+ is being built by pid {first.pid} on ", (tmp_path / "no-wait.log").read_text())
+    os.kill(first.pid, signal.SIGCONT)
+    assert (first.wait(TIMEOUT), second.wait(TIMEOUT)) == (0, 0), logs[1].read_text()[-3000:]
+    assert statuses(logs[0])["tokenize"] == "ran" and statuses(logs[1])["tokenize"] == "cached"
+    assert_store_matches(artifacts, reference)
+
+
+def test_the_second_run_takes_over_when_the_first_is_killed(tmp_path, reference):
+    artifacts, first, second, logs = freeze_first_run_mid_tokenize(tmp_path)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(TIMEOUT)
+    assert second.wait(TIMEOUT) == 0, logs[1].read_text()[-3000:]
+    assert "tokenize: resuming from the partial work of an earlier run" in logs[1].read_text()
+    assert statuses(logs[1])["tokenize"] == "ran"
+    assert_store_matches(artifacts, reference)
