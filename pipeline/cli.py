@@ -53,7 +53,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help="recompute STAGE and its dependents even if cached (repeatable)")
     parser.add_argument("--verify", action="store_true",
-                        help="re-hash every output file before trusting a cached artifact")
+                        help="re-hash every output file and input's content before trusting a cached artifact")
+    parser.add_argument("--no-wait", dest="wait", action="store_false",
+                        help="fail at once, naming the other run, when a stage is being built by another run "
+                             "on the same artifacts (default: wait for it, then use its result)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=/data/imgs kmeans.k=512")
 
 
@@ -68,7 +71,7 @@ def run_flow(args: argparse.Namespace) -> int:
     with_dependents(cfg, args.force)  # unknown stage names fail here, before any work
     flow_fn = lease_flow if args.flow == "lease" else tokenize_flow
     try:
-        flow_fn(config=args.config, overrides=args.overrides, force=args.force, verify=args.verify)
+        flow_fn(config=args.config, overrides=args.overrides, force=args.force, verify=args.verify, wait=args.wait)
     except StageFailed as err:
         log.error("%s", err)
         return 1

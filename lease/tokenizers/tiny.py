@@ -26,7 +26,7 @@ import torch
 import yaml
 from torch import nn
 
-from lease.io import atomic_path
+from lease.io import atomic_path, save_torch_file
 from lease.tokenizers.dinov2 import hf_progress_bars_only_on_terminals
 from lease.tokenizers.vqgan_maskgit import MaskGITVQGAN, MaskGITVQGANConfig
 
@@ -39,12 +39,6 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def _save_torch(obj: object, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return path
 
 
 def _spread_codebook(embedding: nn.Embedding) -> None:
@@ -62,7 +56,7 @@ def save_tiny_maskgit_vqgan(path: str | Path, seed: int = 0, *, n_embed: int = 6
     with _seeded(seed):
         model = MaskGITVQGAN(cfg)
         _spread_codebook(model.quantize.embedding)
-    return _save_torch({"state_dict": model.state_dict()}, Path(path))
+    return save_torch_file({"state_dict": model.state_dict()}, Path(path))
 
 
 def tiny_taming_config(n_embed: int = 64, embed_dim: int = 16, ch: int = 32,
@@ -98,7 +92,7 @@ def save_tiny_taming_vqgan(directory: str | Path, seed: int = 0, **sizes) -> tup
         _spread_codebook(model.quantize.embedding)
         disc_weight = torch.randn(8, 3, 4, 4)
     sd = {**model.state_dict(), "loss.discriminator.main.0.weight": disc_weight}
-    ckpt = _save_torch({"state_dict": sd, "epoch": 0, "global_step": 0}, directory / "checkpoints" / "last.ckpt")
+    ckpt = save_torch_file({"state_dict": sd, "epoch": 0, "global_step": 0}, directory / "checkpoints" / "last.ckpt")
     yaml_path = directory / "configs" / "model.yaml"
     with atomic_path(yaml_path) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -180,7 +174,7 @@ def save_tiny_timm_dinov2(path: str | Path, seed: int = 0, *, layout: str = "met
     hf_model = tiny_hf_dinov2(seed, **sizes)
     sd = meta_state_dict_from_hf(hf_model)
     if layout == "meta":
-        return _save_torch(sd, path)
+        return save_torch_file(sd, path)
     if layout != "timm":
         raise ValueError(f"unknown layout {layout!r}: use 'meta' or 'timm'")
     arch = infer_timm_arch(sd, "tiny DINOv2")
@@ -191,7 +185,7 @@ def save_tiny_timm_dinov2(path: str | Path, seed: int = 0, *, layout: str = "met
         with atomic_path(path) as tmp:
             save_file(sd, str(tmp))
         return path
-    return _save_torch(sd, path)
+    return save_torch_file(sd, path)
 
 
 def main(argv: list[str] | None = None) -> int:
