@@ -235,6 +235,8 @@ class TrainConfig:
                 "implemented yet; 'mage' trains MAGE on the precomputed tokens")
         require(self.model.echo_contrast == (self.method == "sorcen"), "model.echo_contrast",
                 f"must be {self.method == 'sorcen'} for method={self.method!r} (set by the method's preset)")
+        require(not self.model.echo_contrast or self.loss.echo_crop_max <= self.model.grid_size,
+                "loss.echo_crop_max", f"the echo's square must fit the {self.model.grid_size}² grid")
         require(self.method == "lease" or self.model.contrast_on == "none", "model.contrast_on",
                 f"the codebook contrast belongs to method 'lease', not {self.method!r}")
 

@@ -22,14 +22,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lease.checkpoints import export_encoder, load_checkpoint, save_checkpoint
 from lease.codebook import load_codebook
-from lease.configs import TrainConfig, train_config
+from lease.configs import AUTHORS_EMA_EPOCHS, TrainConfig, train_config
 from lease.data import Batch, ResidentBatches, StreamingBatches, fits_on_device, read_token_set, resolve_shards
-from lease.masking import MaskPlan, MaskRatioSampler, num_dropped_tokens, num_masked_tokens, random_plan
+from lease.masking import (MaskPlan, MaskRatioSampler, num_dropped_tokens, num_masked_tokens, random_echo_plan,
+                           random_plan)
 from lease.model import LeaseModel, describe
+from lease.sorcen import ema_beta
 from lease.typed_config import apply_overrides, load_yaml, to_dict
 
 log = logging.getLogger(__name__)
-METRICS = ("loss", "rec_loss", "contrast_loss", "classifier_acc", "grad_norm")
+METRICS = ("loss", "rec_loss", "contrast_loss", "uniformity_loss", "classifier_acc", "grad_norm")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -139,6 +141,7 @@ class Trainer:
         if self.micro_batch == 0:
             raise ValueError(f"batch_size={cfg.batch_size} is smaller than world_size*grad_accum")
         self.peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
+        self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.max_steps or int(cfg.epochs * steps_per_epoch)
         self.warmup_steps = max(1, int(cfg.optim.warmup_epochs * steps_per_epoch))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=self.peak_lr,
@@ -178,12 +181,19 @@ class Trainer:
             group["lr"] = lr
         ratio = float(self.ratio_sampler.sample(1))  # one ratio per step (same on every rank: same seed)
         num_masked = num_masked_tokens(self.model.cfg.seq_len, ratio)
-        names = ("loss", "rec_loss", "contrast_loss") + (
+        echo = self.model.cfg.echo_contrast
+        if echo:  # Sorcen: the teacher's EMA step before the forward, at the epoch the step count gives
+            self.model.ema_update(ema_beta(self.epoch, self.cfg.ema.base, self.ema_horizon))
+        names = ("loss", "rec_loss", "contrast_loss") + (("uniformity_loss",) if echo else ()) + (
             ("classifier_acc",) if self.model.online_classifier is not None else ())
         sums = {k: torch.zeros((), device=self.device) for k in names}
         for i, micro in enumerate(self._micro_batches(batch)):
             plan = random_plan(micro.vq.shape[0], micro.vq.shape[1], self.num_dropped, num_masked,
                                self.device, self.mask_gen, self.cfg.mask.decode_rows_multiple)
+            if echo:
+                plan.echo = random_echo_plan(micro.vq.shape[0], self.model.cfg.grid_size, self.cfg.loss.echo_crop_min,
+                                             self.cfg.loss.echo_crop_max, self.device, self.mask_gen,
+                                             from_truth=self.epoch < self.cfg.ema.echo_from_truth_epochs)
             if self.cfg.compile:
                 mark_row_counts_dynamic(plan)
             labels = micro.labels if self.model.online_classifier is not None else None
@@ -192,8 +202,9 @@ class Trainer:
             with sync, self.autocast():
                 out = self.forward(micro.vq, micro.disc, plan, labels)
                 (out.backward_loss() / self.cfg.grad_accum).backward()
-            for key in ("loss", "rec_loss", "contrast_loss"):
-                sums[key] += getattr(out, key).detach().float() / self.cfg.grad_accum
+            for key in ("loss", "rec_loss", "contrast_loss", "uniformity_loss"):
+                if key in sums:
+                    sums[key] += getattr(out, key).detach().float() / self.cfg.grad_accum
             if out.classifier_acc is not None:
                 sums["classifier_acc"] += out.classifier_acc.detach() / self.cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -203,6 +214,16 @@ class Trainer:
         self.step_count += 1
         self.lr = lr
         return {**sums, "grad_norm": grad_norm.detach().float()}
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done before this step, from the step count (fractional)."""
+        return self.step_count / self.steps_per_epoch
+
+    @property
+    def ema_horizon(self) -> float:
+        """E of Sorcen's β schedule: the run's length in epochs, or the authors' constant."""
+        return self.total_steps / self.steps_per_epoch if self.cfg.ema.horizon == "run" else AUTHORS_EMA_EPOCHS
 
     def agree_to_stop(self, stop_requested: bool) -> bool:
         """Whether any rank was asked to stop; raises NonFiniteLoss when any rank's loss went NaN/inf.
