@@ -17,7 +17,10 @@ from lease.evaluate import generate, knn
 def _import_reference(args: argparse.Namespace) -> int:
     from lease.checkpoints import describe_import, import_reference, save_reference_import
 
-    model, report = import_reference(args.checkpoint, args.codebook, vocab_gen=args.vocab_gen,
+    if args.method == "lease" and args.codebook is None:
+        raise SystemExit("lease import-reference: --method lease needs --codebook (the centroids the checkpoint "
+                         "was trained with)")
+    model, report = import_reference(args.checkpoint, args.codebook, method=args.method, vocab_gen=args.vocab_gen,
                                      num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads,
                                      cls_token_id=args.cls_token_id, mask_token_id=args.mask_token_id,
                                      contrast_on=args.contrast_on)
@@ -47,14 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     train.add_arguments(p)
     p.set_defaults(func=train.run_cli)
 
-    p = subparsers.add_parser("import-reference", help="convert an authors' LEASE checkpoint to ours")
+    p = subparsers.add_parser("import-reference", help="convert an authors' LEASE, Sorcen or MAGE checkpoint to ours")
     p.add_argument("checkpoint", type=Path, help="reference state dict (raw, {'model': ...}, module. prefixes ok)")
-    p.add_argument("--codebook", type=Path, required=True, help="centroids .npy float32 [K, D]")
+    p.add_argument("--method", default="lease", choices=["lease", "sorcen", "mage"],
+                   help="the checkpoint's layout: the authors' LEASE, their Sorcen ViT release, or LTH14/mage's "
+                        "pretraining (Sorcen's keys without teacher, projector and predictor)")
+    p.add_argument("--codebook", type=Path, default=None, help="centroids .npy float32 [K, D] (--method lease)")
     p.add_argument("--out", type=Path, required=True, help="our checkpoint file to write")
     p.add_argument("--vocab-gen", type=int, default=1024, help="number of VQGAN codes (V_gen)")
     p.add_argument("--num-heads", type=int, default=None, help="encoder heads (default: from the width's preset)")
     p.add_argument("--decoder-num-heads", type=int, default=None)
-    p.add_argument("--cls-token-id", type=int, default=None, help="default: vocabulary size - 2")
+    p.add_argument("--cls-token-id", type=int, default=None,
+                   help="default: vocabulary size - 2 (lease), 1100 (sorcen, mage: their layout)")
     p.add_argument("--mask-token-id", type=int, default=None, help="default: vocabulary size - 1")
     p.add_argument("--contrast-on", default="encoder", choices=["none", "encoder", "decoder", "both"])
     p.set_defaults(func=_import_reference)

@@ -217,3 +217,20 @@ def test_sorcen_square_keeps_side_squared_tokens(side):
     assert (rows.sum(1) == side).all() and (cols.sum(1) == side).all()  # one contiguous s×s block
     assert torch.equal(rows.float().argmax(1), plan.top) and torch.equal(cols.float().argmax(1), plan.left)
     assert (plan.top <= grid - side).all() and (plan.left <= grid - side).all()
+
+
+@pytest.mark.parametrize("method", ["sorcen", "mage"])
+def test_sorcen_import_reference_command(sorcen, tmp_path, method, caplog):
+    """`lease import-reference --method sorcen|mage` writes one of our checkpoints; no codebook needed."""
+    from lease.checkpoints import model_from_checkpoint
+    from lease.cli import main
+
+    root, meta, golden = sorcen
+    assert main(["import-reference", str(root / "reference_state_dict.pt"), "--method", method,
+                 "--out", str(tmp_path / "imported.pt"), "--vocab-gen", str(meta["vq_codes"]),
+                 "--num-heads", str(meta["num_heads"]), "--decoder-num-heads", str(meta["decoder_num_heads"])]) == 0
+    model = model_from_checkpoint(tmp_path / "imported.pt").eval()
+    assert model.cfg.echo_contrast == (method == "sorcen") and model.cfg.cls_token_id == meta["cls_token_id"]
+    with torch.no_grad():
+        _close(model.forward_encoder_full(golden["vq_tokens"]), golden["enc_full"], "enc_full")
+    assert sum("unused keys" in r.getMessage() for r in caplog.records) == 1
