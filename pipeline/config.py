@@ -10,6 +10,7 @@ are tiny random-weight models written in the real checkpoint formats by the `dem
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from lease.evaluate.linear_probe import ProbeConfig
 from lease.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, require
 
 DEMO = "demo"
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -38,6 +40,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         require(bool(self.source), "source", "give `demo` or a path to your images")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        require(self.num_workers >= 0, "num_workers", "must be >= 0 (0: read in the main process)")
 
 
 @dataclass
@@ -89,6 +92,13 @@ class DemoAssetsConfig:
     dino_registers: int = 4
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("vqgan_codes", "vqgan_channels", "vqgan_res_blocks", "vqgan_z_channels", "dino_hidden",
+                     "dino_depth", "dino_heads"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.dino_registers >= 0, "dino_registers", "must be >= 0")
+        require(self.dino_hidden % self.dino_heads == 0, "dino_hidden", "must be divisible by dino_heads")
+
 
 @dataclass
 class TokenizersConfig:
@@ -116,6 +126,16 @@ class FeatureSampleConfig:
     batch_size: int = 256  # performance only
     num_workers: int = 8  # performance only
 
+    def __post_init__(self) -> None:
+        require(self.num_images > 0, "num_images", "must be > 0")
+        require(self.patches_per_image > 0, "patches_per_image", "must be > 0")
+        _check_loader(self.batch_size, self.num_workers)
+
+
+def _check_loader(batch_size: int, num_workers: int) -> None:
+    require(batch_size > 0, "batch_size", "must be > 0")
+    require(num_workers >= 0, "num_workers", "must be >= 0 (0: decode in the main process)")
+
 
 @dataclass
 class KMeansConfig:
@@ -132,6 +152,10 @@ class KMeansConfig:
     def __post_init__(self) -> None:
         require(self.k >= 2, "k", "must be >= 2")
         require(self.iters >= 1, "iters", "must be >= 1")
+        require(self.sample_size >= self.k, "k", f"{self.k} centroids need at least as many points, but "
+                f"kmeans.sample_size is {self.sample_size}")
+        require(self.num_neighbours >= 0, "num_neighbours", "must be >= 0")
+        require(self.num_neighbours < self.k, "num_neighbours", f"must be < k ({self.k})")
 
 
 @dataclass
@@ -145,11 +169,19 @@ class TokenizeConfig:
     gpu_decode: bool = False  # nvJPEG on the device (CUDA only)
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the tokenizers (auto: on CUDA)
 
+    def __post_init__(self) -> None:
+        _check_loader(self.batch_size, self.num_workers)
+        require(self.images_per_shard > 0, "images_per_shard", "must be > 0")
+
 
 @dataclass
 class PackConfig:
     samples_per_shard: int = 10_000
     num_workers: int = 4  # performance only
+
+    def __post_init__(self) -> None:
+        require(self.samples_per_shard > 0, "samples_per_shard", "must be > 0")
+        require(self.num_workers >= 0, "num_workers", "must be >= 0")
 
 
 @dataclass
@@ -165,6 +197,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         require(self.grid_rows > 0, "grid_rows", "must be > 0")
+        require(self.batch_size > 0, "batch_size", "must be > 0")
 
 
 @dataclass
@@ -181,6 +214,12 @@ class PipelineConfig:
     pack: PackConfig = field(default_factory=PackConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self) -> None:
+        require(bool(self.name), "name", "must not be empty")
+        require(bool(self.artifacts), "artifacts", "give the directory that holds the stage artifacts")
+        require(DEVICE.fullmatch(self.device) is not None, "device",
+                f"{self.device!r} is not a device: use auto, cpu, cuda or cuda:<index>")
 
     @property
     def uses_demo_data(self) -> bool:
@@ -212,7 +251,20 @@ def pipeline_config(data: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(_under("pretrain", str(err))) from None
     _check_consistency(cfg)
     _check_paths(cfg)
+    _check_device(cfg.device)
     return cfg
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device must exist here: otherwise the run would fail at its first GPU stage."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    index = int(device.partition(":")[2] or 0)
+    require(index < count, "device", f"{device} was asked for, but torch sees {count} CUDA device(s) here: "
+                                     "use device=auto or cpu")
 
 
 def _check_consistency(cfg: PipelineConfig) -> None:

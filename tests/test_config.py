@@ -48,6 +48,17 @@ def test_exponents_without_a_dot_read_as_numbers():
     ("kmeans.codebook=/no/such/km.npy", "kmeans.codebook"),
     ("pretrain.model.vocab_gen=1024", "pretrain.model.vocab_gen"),  # the demo VQGAN has 64 codes
     ("kmeans.k=100000", "kmeans.k"),  # more centroids than sampled features
+    # values that once failed only when their stage started, after the upstream work
+    ("tokenize.batch_size=-1", "tokenize.batch_size"),
+    ("tokenize.images_per_shard=0", "tokenize.images_per_shard"),
+    ("tokenize.num_workers=-1", "tokenize.num_workers"),
+    ("features.batch_size=0", "features.batch_size"),
+    ("pack.samples_per_shard=0", "pack.samples_per_shard"),
+    ("evaluate.batch_size=0", "evaluate.batch_size"),
+    ("kmeans.num_neighbours=-1", "kmeans.num_neighbours"),
+    ("tokenizers.demo.dino_heads=3", "tokenizers.demo.dino_hidden"),
+    ("device=cpux", "device"),
+    ("device=cuda:99", "device"),  # no such GPU here
 ])
 def test_bad_key_or_value_is_named(override, named):
     with pytest.raises(ConfigError) as err:
