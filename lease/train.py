@@ -24,6 +24,7 @@ from lease.checkpoints import export_encoder, load_checkpoint, save_checkpoint
 from lease.codebook import load_codebook
 from lease.configs import AUTHORS_EMA_EPOCHS, TrainConfig, train_config
 from lease.data import Batch, ResidentBatches, StreamingBatches, fits_on_device, read_token_set, resolve_shards
+from lease.io import atomic_path
 from lease.masking import (MaskPlan, MaskRatioSampler, num_dropped_tokens, num_masked_tokens, random_echo_plan,
                            random_plan)
 from lease.model import LeaseModel, describe
@@ -293,15 +294,35 @@ class Trainer:
 
 
 class MetricsLog:
-    """JSONL + TensorBoard, written from host values read once per `log_every` steps."""
+    """JSONL + TensorBoard, written from host values read once per `log_every` steps.
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    A run continues the record of the step it starts from (`start_step`: the resumed checkpoint's, 0 for a
+    fresh run). What an earlier process logged after that step (it ran on past its last checkpoint, or
+    was killed mid-line) is for steps that run again, so it is removed: the record then equals a straight
+    run's.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+            self._keep_rows_up_to(start_step)
+            # TensorBoard hides the events of earlier files from purge_step on: those of the steps run again.
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def _keep_rows_up_to(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
+        if len(kept) < len(lines):
+            log.info("metrics.jsonl: dropped %d rows logged after step %d, which runs again", len(lines) - len(kept),
+                     step)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(kept))
 
     def write(self, step: int, history: list[dict[str, torch.Tensor]], lr: float, seconds: float,
               images: int) -> dict:
@@ -319,6 +340,16 @@ class MetricsLog:
                     self.writer.add_scalar(f"train/{k}", v, step)
             self.writer.flush()
         return row
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a complete metrics.jsonl row; None for a line torn by a killed writer."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def make_batches(cfg: TrainConfig, device: torch.device, ddp: Dist):
@@ -407,8 +438,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
         log.info("%s | %d steps, %d/epoch, peak lr %.2e, autocast %s", describe(model), trainer.total_steps,
                  batches.steps_per_epoch, trainer.peak_lr, trainer.dtype)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    last_row = run_steps(trainer, batches.iterate(trainer.step_count), MetricsLog(out_dir, enabled=ddp.is_main),
-                         ckpt_path, stop_after)
+    metrics = MetricsLog(out_dir, enabled=ddp.is_main, start_step=trainer.step_count)
+    last_row = run_steps(trainer, batches.iterate(trainer.step_count), metrics, ckpt_path, stop_after)
     if trainer.step_count < trainer.total_steps and ddp.is_main:
         log.info("stopped at step %d of %d; the same command with --resume continues it exactly from %s",
                  trainer.step_count, trainer.total_steps, ckpt_path)

@@ -87,6 +87,40 @@ def test_resume_reads_checkpoints_with_one_process_streams(planted, tmp_path):
     assert_same_state(tmp_path / "straight", tmp_path / "split")
 
 
+def metric_rows(out: Path) -> list[dict]:
+    """metrics.jsonl without the timing column (the one thing a resumed run may log differently)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in rows]
+
+
+def tensorboard_losses(out: Path) -> list[tuple[int, float]]:
+    """(step, loss) as TensorBoard shows them: events purged by a later file's purge_step are gone."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+
+def test_metrics_after_a_resume_equal_a_straight_run(planted, tmp_path):
+    """A process killed after logging step 6 leaves its checkpoint at step 4 (ckpt_every=4) and maybe a
+    torn line: the resumed run logs steps 5 and 6 again, and its record must equal a straight run's."""
+    cfg = tiny_cfg(planted, log_every=1)
+    train(cfg, tmp_path / "straight")
+    split = tmp_path / "split"
+    train(cfg, split, stop_after=4)
+    shutil.copy(split / "checkpoint.pt", tmp_path / "step4.pt")
+    train(cfg, split, resume=True, stop_after=6)
+    os.replace(tmp_path / "step4.pt", split / "checkpoint.pt")
+    with (split / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 7, "loss": 1.')
+    train(cfg, split, resume=True)
+    assert [row["step"] for row in metric_rows(split)] == list(range(1, 9))
+    assert metric_rows(split) == metric_rows(tmp_path / "straight")
+    assert tensorboard_losses(split) == tensorboard_losses(tmp_path / "straight")
+    assert [step for step, _ in tensorboard_losses(split)] == list(range(1, 9))
+
+
 def launch_training(cfg: TrainConfig, out: Path, *args: str, nproc: int | None = None) -> subprocess.Popen:
     """`lease train` in its own process (or `nproc` under torchrun), as a user starts it; its output
     goes to out's sibling `<name>.log`."""
@@ -164,6 +198,7 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(planted, straight_run, tm
     assert stopped_at == logged_steps(tmp_path / "interrupted")[-1] < 40
     finish(launch_training(cfg, tmp_path / "interrupted", "--resume"), tmp_path / "interrupted")
     assert_same_state(straight_run, tmp_path / "interrupted")
+    assert metric_rows(tmp_path / "interrupted") == metric_rows(straight_run)
 
 
 def test_torchrun_ranks_stop_together_and_resume_exactly(planted, tmp_path):
