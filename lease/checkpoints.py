@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from lease.codebook import load_codebook
-from lease.configs import AUTHORS_MAGE_LAYOUT, MODEL_PRESETS, LossConfig, ModelConfig
+from lease.configs import (AUTHORS_MAGE_LAYOUT, DECODER_CONTRAST, ENCODER_CONTRAST, MODEL_PRESETS, LossConfig,
+                           ModelConfig)
 from lease.io import CheckpointFileError, atomic_path, atomic_write_json, load_torch_file, load_trusted_torch_file
 from lease.model import LeaseModel, sincos_2d
 from lease.typed_config import from_dict, to_dict
@@ -136,9 +137,9 @@ def reference_model_config(sd: dict[str, torch.Tensor], *, vocab_gen: int, num_h
     if method != "lease":
         return from_dict(ModelConfig, {**sizes, **_authors_layout(sd, method, cls_token_id)}, prefix="model.")
     codebook_dim = sd["proj_to_dino.0.weight"].shape[0] if "proj_to_dino.0.weight" in sd else None
-    if contrast_on in ("decoder", "both") and "dec_to_dino.weight" not in sd:
+    if contrast_on in DECODER_CONTRAST and "dec_to_dino.weight" not in sd:
         raise CheckpointError(f"contrast_on={contrast_on!r} needs 'dec_to_dino.weight', absent in checkpoint")
-    if contrast_on in ("encoder", "both") and codebook_dim is None:
+    if contrast_on in ENCODER_CONTRAST and codebook_dim is None:
         raise CheckpointError(f"contrast_on={contrast_on!r} needs 'proj_to_dino.0.weight', absent in checkpoint")
     if codebook_dim is None and "dec_to_dino.weight" in sd:
         codebook_dim = sd["dec_to_dino.weight"].shape[0]

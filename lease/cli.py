@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import get_args
 
 from lease import bench, ddp_check, numerics, train
+from lease.configs import ContrastPlacement
 from lease.evaluate import generate, knn
 
 
@@ -63,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     p.add_argument("--cls-token-id", type=int, default=None,
                    help="default: vocabulary size - 2 (lease), 1100 (sorcen, mage: their layout)")
     p.add_argument("--mask-token-id", type=int, default=None, help="default: vocabulary size - 1")
-    p.add_argument("--contrast-on", default="encoder", choices=["none", "encoder", "decoder", "both"])
+    p.add_argument("--contrast-on", default="encoder", choices=list(get_args(ContrastPlacement)))
     p.set_defaults(func=_import_reference)
 
     p = subparsers.add_parser("export", help="export encoder weights (safetensors + config JSON)")

@@ -12,7 +12,12 @@ from typing import Literal
 
 from lease.typed_config import ConfigError, from_dict, require
 
-ContrastPlacement = Literal["none", "encoder", "decoder", "both"]
+# The table-8 placements: ours ("decoder": eq. 4 at every decoder position; "both": the mean of EC and
+# DC) and the authors' ("decoder_authors": hard CE to the token's own centroid at the masked positions;
+# "both_authors": EC + that DC, each weighted by λ)
+ContrastPlacement = Literal["none", "encoder", "decoder", "both", "decoder_authors", "both_authors"]
+ENCODER_CONTRAST = ("encoder", "both", "both_authors")
+DECODER_CONTRAST = ("decoder", "both", "decoder_authors", "both_authors")
 # "lease": eq. 5 (reconstruction + codebook contrast); "sorcen": reconstruction + echo contrast (the
 # Sorcen supplement); "mage": reconstruction only on the precomputed tokens (MAGE_precomp, supplement
 # table D.7); "mage_online": MAGE as published, tokenizing augmented images in the step (not built yet)

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lease.attention import split_cls_attention, split_cls_supported
 from lease.codebook import NeighbourTable, neighbour_table
-from lease.configs import LossConfig, ModelConfig
+from lease.configs import DECODER_CONTRAST, ENCODER_CONTRAST, LossConfig, ModelConfig
 from lease.dropout import Dropout
 from lease.losses import codebook_contrast_loss, info_nce_loss, reconstruction_loss, uniformity_loss
 from lease.masking import EchoPlan, MaskPlan
@@ -276,9 +276,9 @@ class LeaseModel(nn.Module):
         if contrast != "none" and cfg.codebook_dim is None:
             raise ValueError(f"model.contrast_on={contrast!r} needs model.codebook_dim (set from the codebook)")
         self.proj_to_dino = (nn.Sequential(nn.Linear(d, cfg.codebook_dim, bias=False))
-                             if contrast in ("encoder", "both") else None)
+                             if contrast in ENCODER_CONTRAST else None)
         self.dec_to_dino = (nn.Linear(dd, cfg.codebook_dim, bias=False)
-                            if contrast in ("decoder", "both") else None)
+                            if contrast in DECODER_CONTRAST else None)
         self.online_classifier = self._classifier(cfg) if cfg.num_classes > 0 else None
         if cfg.echo_contrast:
             self.teacher_blocks = nn.ModuleList(
@@ -444,7 +444,9 @@ class LeaseModel(nn.Module):
 
     def contrast_loss(self, latent: torch.Tensor, hidden: torch.Tensor, disc: torch.Tensor | None,
                       plan: MaskPlan) -> torch.Tensor:
-        """Codebook contrast (eq. 4) on encoder (EC) and/or decoder (DC) features, per `contrast_on`."""
+        """Codebook contrast (eq. 4) on encoder (EC) and/or decoder (DC) features, per `contrast_on`: the
+        mean of both for "both"; for the authors' placements the DC is a hard cross-entropy to each masked
+        token's own centroid (eq. 4 with the centroid as the one positive), summed with the EC."""
         placement = self.cfg.contrast_on
         if placement == "none":
             return latent.new_zeros(())
@@ -456,8 +458,14 @@ class LeaseModel(nn.Module):
             ids = disc.gather(1, plan.keep_idx.gather(1, rows))
             features = self.proj_to_dino(gather_rows(latent[:, 1:], rows))
             terms.append(self._contrast(features, ids, ~plan.keep_masked.gather(1, rows)))
-        if self.dec_to_dino is not None:  # DC: decoder outputs at every grid position
+        if placement in ("decoder", "both"):  # DC: decoder outputs at every grid position
             terms.append(self._contrast(self.dec_to_dino(hidden[:, 1:]), disc, None))
+        if placement in ("decoder_authors", "both_authors"):
+            own = disc.long().unsqueeze(-1)
+            terms.append(codebook_contrast_loss(self.dec_to_dino(hidden[:, 1:]), self.codebook_unit, own,
+                                                torch.ones_like(own, dtype=torch.float32),
+                                                self.loss_cfg.contrast_tau, plan.masked))
+            return sum(terms)
         return sum(terms) / len(terms) if len(terms) > 1 else terms[0]
 
     def _contrast(self, features: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -576,6 +584,7 @@ def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
     total += trained * 2 * seq * dd * d + frozen * 2 * seq * d * cfg.vocab_gen  # MLM head, logits
     if cfg.codebook_dim:
         contrast_rows = {"encoder": [(kept, d)], "decoder": [(seq, dd)], "both": [(kept, d), (seq, dd)],
+                         "decoder_authors": [(seq, dd)], "both_authors": [(kept, d), (seq, dd)],
                          "none": []}[cfg.contrast_on]
         for rows, width in contrast_rows:  # projection to the codebook dim, logits over the K centroids
             total += 2 * rows * cfg.codebook_dim * (trained * width + frozen * codebook_size)

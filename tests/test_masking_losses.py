@@ -242,3 +242,39 @@ def test_residual_dtype_autocast_rounds_only_the_residual_stream():
     plain, plain_grads, _ = _losses_and_block_dtypes("fp32", autocast=False)
     same, same_grads, _ = _losses_and_block_dtypes("autocast", autocast=False)
     assert torch.equal(plain.loss, same.loss) and torch.equal(plain_grads, same_grads)
+
+
+@pytest.mark.parametrize("placement", ["decoder_authors", "both_authors"])
+def test_authors_decoder_contrast_is_hard_ce_on_masked_positions(placement):
+    """The authors' DC: cross-entropy to each masked token's own centroid over the K centroids (τ), the
+    unmasked positions not scored; "both_authors" adds it to the EC (0.1 · EC + 0.1 · DC in the total)."""
+    cfg = ModelConfig(embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                      decoder_num_heads=2, vocab_gen=32, grid_size=4, codebook_dim=8, dropout=0.0,
+                      attn_dropout=0.0, contrast_on=placement)
+    torch.manual_seed(6)
+    centroids = torch.randn(10, 8)
+    model = LeaseModel(cfg, LossConfig(num_neighbours=2)).eval()
+    model.set_codebook(centroids)
+
+    def same_weights(contrast_on):
+        other = LeaseModel(with_model(cfg, contrast_on=contrast_on), LossConfig(num_neighbours=2)).eval()
+        other.set_codebook(centroids)
+        other.load_state_dict(model.state_dict(), strict=False)
+        return other
+
+    tokens, disc = torch.randint(0, 32, (3, 16)), torch.randint(0, 10, (3, 16))
+    plan = random_plan(3, 16, 8, 11, torch.device("cpu"), torch.Generator().manual_seed(0))
+    latent = model.forward_encoder(tokens, plan)
+    hidden = model.forward_decoder(latent, plan.keep_idx, ~plan.keep_masked)
+    z = F.normalize(model.dec_to_dino(hidden[:, 1:]), dim=-1)
+    logits = z @ model.codebook_unit.T / model.loss_cfg.contrast_tau
+    expected = F.cross_entropy(logits[plan.masked], disc[plan.masked])
+    if placement == "both_authors":
+        expected = expected + same_weights("encoder").contrast_loss(latent, hidden, disc, plan)
+    assert torch.allclose(model.contrast_loss(latent, hidden, disc, plan), expected, atol=1e-5)
+    dc_only = same_weights("decoder_authors")
+    altered = torch.where(plan.masked, disc, (disc + 1) % 10)  # unmasked ids do not count in the DC
+    assert torch.equal(dc_only.contrast_loss(latent, hidden, disc, plan),
+                       dc_only.contrast_loss(latent, hidden, altered, plan))
+    out = model(tokens, disc, plan)
+    assert torch.allclose(out.loss, out.rec_loss + 0.1 * out.contrast_loss)
