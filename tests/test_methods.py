@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lease.checkpoints import load_checkpoint
 from lease.configs import train_config
 from lease.losses import info_nce_loss, uniformity_loss
 from lease.masking import random_plan
@@ -94,7 +95,7 @@ def test_echo_losses_over_two_gloo_ranks_equal_one_process(tmp_path):
     queries, keys, pooled = torch.randn(8, 6), torch.randn(8, 6), torch.nn.functional.normalize(torch.randn(8, 5), dim=-1)
     whole, keys_grad, pooled_grad = _echo_terms(queries, keys, pooled)
     mp.spawn(_rank, args=(2, tmp_path / "rdzv", queries, keys, pooled, tmp_path / "out"), nprocs=2)
-    ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
     assert torch.allclose((ranks[0][0] + ranks[1][0]) / 2, whole, atol=1e-6)
     assert not torch.allclose(ranks[0][0], ranks[1][0])  # each rank has its own positives
     assert torch.allclose(torch.cat([r[1] for r in ranks]) / 2, keys_grad, atol=1e-6)
@@ -124,5 +125,5 @@ def test_sorcen_resume_is_exact_teacher_included(planted, tmp_path):  # noqa: F8
     train(cfg, tmp_path / "split", stop_after=3)
     train(cfg, tmp_path / "split", resume=True)
     assert_same_state(tmp_path / "straight", tmp_path / "split")
-    state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    state = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
     assert "teacher_blocks.0.attn.qkv.weight" in state and "teacher_projector.1.running_mean" in state

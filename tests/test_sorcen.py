@@ -21,7 +21,7 @@ ATOL, RTOL_LOSS = 1e-4, 1e-5
 def sorcen():
     root = fixture_dir("LEASE_SORCEN_FIXTURE", "sorcen_reference_tiny")
     meta = json.loads((root / "meta.json").read_text())
-    return root, meta, torch.load(root / "golden.pt", map_location="cpu")
+    return root, meta, torch.load(root / "golden.pt", map_location="cpu", weights_only=True)
 
 
 def _import(root, meta, checkpoint=None, method="sorcen"):
