@@ -14,12 +14,16 @@ Two decoders with the same semantics:
   batches of JPEGs with nvJPEG (`torchvision.io.decode_jpeg(device=...)`) and resizes on the device.
   Images nvJPEG should not take (non-JPEG files, CMYK JPEGs) are decoded to RGB by the workers and
   resized on the device with the same function.
+
+For the manifest's reasons, `find_damage` reads a PNG's or JPEG's own structure to say whether bytes
+that do not decode were cut short (truncated) or are damaged (corrupt).
 """
 from __future__ import annotations
 
 import functools
 import io
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -104,6 +108,238 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+# ---------------------------------------------------------------------- why an image does not decode
+#
+# PIL's errors do not say whether a file was cut short or is damaged: a PNG cut before its first IDAT
+# chunk is "not recognised", and garbage behind a JPEG header ends, like a cut file, without its end
+# marker ("truncated"). For the two formats of nearly every dataset we read the file's own structure
+# instead: "truncated" means every byte present is a valid PNG/JPEG prefix and the file ends early,
+# "corrupt" means some byte present breaks the format.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+_PNG_MAX_CHUNK = 2 ** 31 - 1  # the PNG spec's limit on a chunk's length
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_JPEG_RST = frozenset(range(0xD0, 0xD8))
+_TEM, _EOI, _SOS, _DHT, _DAC, _DQT, _DNL, _DRI, _COM = 0x01, 0xD9, 0xDA, 0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xFE
+# Segments libjpeg reads between SOI and EOI; it stops on any other marker (reserved codes, JPGn, DHP, EXP,
+# a second SOI, a restart outside a scan), so such a marker is damage for this pipeline.
+_JPEG_SEGMENTS = _JPEG_SOF | {_DHT, _DAC, _SOS, _DQT, _DNL, _DRI, _COM} | set(range(0xE0, 0xF0))
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What is wrong with an image file's structure: `kind` is `truncated` or `corrupt`."""
+
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+def signature_format(data: bytes) -> str | None:
+    """`PNG` or `JPEG` when `data` starts like one (a cut PNG signature included), else None."""
+    if data.startswith(JPEG_SOI):
+        return "JPEG"
+    if len(data) >= 4 and PNG_SIGNATURE.startswith(data[:4]):
+        return "PNG"
+    return None
+
+
+def find_damage(data: bytes) -> Damage | None:
+    """The first structural fault of a PNG or JPEG; None when its structure is intact or it is neither
+    (a file that still does not decode is then damaged inside its compressed data)."""
+    fmt = signature_format(data)
+    if fmt == "PNG":
+        return _png_damage(data)
+    if fmt == "JPEG":
+        return _jpeg_damage(data)
+    return None
+
+
+def undecodable_reason(data: bytes, err: Exception) -> str:
+    """The manifest's reason for bytes that PIL failed to decode with `err`."""
+    damage = find_damage(data)
+    if damage is not None:
+        return str(damage)
+    fmt = signature_format(data)
+    if fmt is not None:
+        return f"corrupt: the {fmt}'s structure is intact but its compressed data does not decode ({err})"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not an image (format not recognised)"
+    return f"{'truncated' if 'truncated' in str(err).lower() else 'corrupt'}: {err}"
+
+
+def _png_damage(data: bytes) -> Damage | None:
+    """Walk the chunks (length, type, data, CRC) from the signature to IEND."""
+    if not data.startswith(PNG_SIGNATURE):
+        if PNG_SIGNATURE.startswith(data):
+            return Damage("truncated", f"the PNG ends inside its signature ({len(data)} bytes)")
+        return Damage("corrupt", "the PNG signature is damaged")
+    pos = len(PNG_SIGNATURE)
+    while pos < len(data):
+        damage = _png_chunk_damage(data, pos)
+        if damage is not None or data[pos + 4:pos + 8] == b"IEND":
+            return damage
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return Damage("truncated", f"the PNG ends after {len(data)} bytes, before its IEND chunk")
+
+
+def _png_chunk_damage(data: bytes, pos: int) -> Damage | None:
+    """The fault of the chunk at `pos` (as far as the file holds it), or None when it is whole and valid."""
+    header = data[pos:pos + 8]
+    length, ctype = int.from_bytes(header[:4], "big"), header[4:]
+    name = ctype.decode("ascii") if len(ctype) == 4 and ctype.isalpha() else "next"
+    if len(header) < 8:
+        # Cut inside the chunk header: the bytes present are judged, the length only when complete.
+        if (ctype and not ctype.isalpha()) or (len(header) >= 4 and length > _PNG_MAX_CHUNK):
+            return Damage("corrupt", f"no PNG chunk at byte {pos}")
+        return Damage("truncated", f"the PNG ends inside a chunk header at byte {pos}")
+    if length > _PNG_MAX_CHUNK or not ctype.isalpha():
+        return Damage("corrupt", f"no PNG chunk at byte {pos} (length {length}, type {ctype!r})")
+    if pos == len(PNG_SIGNATURE) and (ctype != b"IHDR" or length != 13):
+        return Damage("corrupt", f"the first PNG chunk is {ctype!r} of {length} bytes, not IHDR of 13")
+    end = pos + 12 + length
+    if end > len(data):
+        return Damage("truncated", f"the PNG ends inside its {name} chunk at byte {pos} ({len(data)} of {end} bytes)")
+    if zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+        return Damage("corrupt", f"the PNG's {name} chunk at byte {pos} fails its CRC")
+    return None
+
+
+def _jpeg_damage(data: bytes) -> Damage | None:
+    """Walk the markers from SOI to EOI: segments by their lengths, entropy-coded data by its byte stuffing."""
+    pos, frame_seen = len(JPEG_SOI), False
+    while True:
+        if pos >= len(data):
+            return Damage("truncated", f"the JPEG ends after {len(data)} bytes, before its end-of-image marker")
+        if data[pos] != 0xFF:
+            return Damage("corrupt", f"byte {pos} of the JPEG is 0x{data[pos]:02X} where a marker must start")
+        while pos < len(data) and data[pos] == 0xFF:  # a marker may be preceded by fill bytes
+            pos += 1
+        if pos >= len(data):
+            return Damage("truncated", f"the JPEG ends inside a marker at byte {pos}")
+        code, pos = data[pos], pos + 1
+        if code == _EOI:
+            return None
+        if code == _TEM:
+            continue
+        if code not in _JPEG_SEGMENTS:
+            return Damage("corrupt", f"marker 0xFF{code:02X} at byte {pos - 2} has no place in a JPEG's headers")
+        if code == _SOS and not frame_seen:
+            return Damage("corrupt", f"the JPEG's scan at byte {pos - 2} comes before any frame header")
+        frame_seen = frame_seen or code in _JPEG_SOF
+        damage, pos = _jpeg_segment(data, code, pos)
+        if damage is not None:
+            return damage
+        if code == _SOS:
+            damage, pos = _jpeg_entropy_data(data, pos)
+            if damage is not None:
+                return damage
+
+
+def _jpeg_segment(data: bytes, code: int, pos: int) -> tuple[Damage | None, int]:
+    """Check the segment whose length field starts at `pos`; returns (damage, position after it)."""
+    if pos + 2 > len(data):
+        return Damage("truncated", f"the JPEG ends inside the length of its 0xFF{code:02X} segment"), pos
+    length = int.from_bytes(data[pos:pos + 2], "big")
+    body = data[pos + 2:pos + length]
+    fault = "length below 2" if length < 2 else _JPEG_SEGMENT_CHECKS.get(code, _any_body)(body, length - 2)
+    if fault is not None:
+        return Damage("corrupt", f"the JPEG's 0xFF{code:02X} segment at byte {pos - 2}: {fault}"), pos
+    if pos + length > len(data):
+        return Damage("truncated", f"the JPEG ends inside its 0xFF{code:02X} segment at byte {pos - 2} "
+                                   f"({len(data)} of {pos + length} bytes)"), pos
+    return None, pos + length
+
+
+def _jpeg_entropy_data(data: bytes, pos: int) -> tuple[Damage | None, int]:
+    """Skip a scan's entropy-coded data: there 0xFF is followed by 0x00 (a stuffed byte), a restart
+    marker or fill; anything else is the next marker. Returns (damage, position of that marker)."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return Damage("truncated", f"the JPEG ends inside its entropy-coded data ({len(data)} bytes)"), pos
+        follower = data[pos + 1]
+        if follower != 0x00 and follower != 0xFF and follower not in _JPEG_RST:
+            return None, pos
+        pos += 2 if follower != 0xFF else 1
+
+
+# Segment bodies whose syntax the JPEG standard (ITU T.81, annex B) fixes. Each check gets the body as far
+# as the file holds it and the body length the segment declares (both without the 2-byte length field),
+# and returns a fault or None: a body cut short is judged as far as it goes.
+
+def _any_body(body: bytes, length: int) -> str | None:
+    return None
+
+
+def _frame_header_fault(body: bytes, length: int) -> str | None:
+    if len(body) >= 1 and not 2 <= body[0] <= 16:
+        return f"sample precision {body[0]}"
+    if len(body) >= 6 and (body[5] == 0 or length != 6 + 3 * body[5]):
+        return f"{body[5]} components in {length} bytes"
+    if len(body) >= 5 and int.from_bytes(body[3:5], "big") == 0:
+        return "width 0"
+    for i in range(6, min(len(body), length) - 2, 3):
+        if not (1 <= body[i + 1] >> 4 <= 4 and 1 <= body[i + 1] & 15 <= 4 and body[i + 2] <= 3):
+            return f"component {(i - 6) // 3}: sampling 0x{body[i + 1]:02X}, table {body[i + 2]}"
+    return None
+
+
+def _huffman_tables_fault(body: bytes, length: int) -> str | None:
+    pos = 0
+    while pos < min(len(body), length):
+        table, counts = body[pos], body[pos + 1:pos + 17]
+        if table >> 4 > 1 or table & 15 > 3:
+            return f"table class/id 0x{table:02X}"
+        if len(counts) < 16:
+            return None  # cut inside the table: the rest cannot be judged
+        if not _is_prefix_code(counts):
+            return "code lengths that no Huffman code has"
+        pos += 17 + sum(counts)
+    return None if pos <= length else f"tables of {pos} bytes in a body of {length}"
+
+
+def _is_prefix_code(counts: bytes) -> bool:
+    """Kraft's inequality as libjpeg checks it: after the codes of each length, the next code must still
+    fit in that length (no code is all ones)."""
+    code = 0
+    for bits, count in enumerate(counts, start=1):
+        code += count
+        if code >= 1 << bits:
+            return False
+        code <<= 1
+    return sum(counts) <= 256
+
+
+def _quantisation_tables_fault(body: bytes, length: int) -> str | None:
+    pos = 0
+    while pos < min(len(body), length):
+        precision, table = body[pos] >> 4, body[pos] & 15
+        if precision > 1 or table > 3:
+            return f"table precision/id 0x{body[pos]:02X}"
+        pos += 1 + 64 * (precision + 1)
+    return None if pos <= length else f"tables of {pos} bytes in a body of {length}"
+
+
+def _scan_header_fault(body: bytes, length: int) -> str | None:
+    if len(body) >= 1 and not (1 <= body[0] <= 4 and length == 4 + 2 * body[0]):
+        return f"{body[0]} components in {length} bytes"
+    return None
+
+
+def _two_byte_body_fault(body: bytes, length: int) -> str | None:
+    """DRI (restart interval) and DNL (number of lines) hold one 16-bit number."""
+    return None if length == 2 else f"length {length + 2}, not 4"
+
+
+_JPEG_SEGMENT_CHECKS = {**{code: _frame_header_fault for code in _JPEG_SOF}, _DHT: _huffman_tables_fault,
+                        _DQT: _quantisation_tables_fault, _SOS: _scan_header_fault,
+                        _DRI: _two_byte_body_fault, _DNL: _two_byte_body_fault}
+
+
 # ------------------------------------------------------------------------------------------- crops
 
 
@@ -185,7 +421,7 @@ class RawBatch:
 
 def is_gpu_decodable_jpeg(data: bytes) -> bool:
     """True for baseline/progressive JPEGs in YCbCr or grayscale (header read only, no decode)."""
-    if data[:2] != b"\xff\xd8":
+    if not data.startswith(JPEG_SOI):
         return False
     try:
         with Image.open(io.BytesIO(data)) as img:

@@ -11,8 +11,10 @@ Sources:
 
 Every file is checked (in parallel worker processes). A file that cannot be read or decoded stays in
 the manifest with `status` = the reason (`empty file`, `not an image`, `truncated`, `corrupt`,
-`unreadable`, ...) and is left out downstream by `read_manifest`. Nothing about bad data is fatal; the
-stage logs each bad file with its reason and returns the counts.
+`unreadable`, ...) and is left out downstream by `read_manifest`. For PNGs and JPEGs, `truncated`
+(every byte present is valid, the file ends early) and `corrupt` (a byte present breaks the format)
+come from the file's own structure (`pipeline.images.find_damage`), not from PIL's message. Nothing
+about bad data is fatal; the stage logs each bad file with its reason and returns the counts.
 
 Two depths of check (`check`):
 - `full` (default): every image is decoded (JPEGs at 1/8 scale: all entropy data is still read).
@@ -50,7 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lease.io import atomic_path
-from pipeline.images import DECODE_ERRORS, TAR_SEPARATOR, to_rgb
+from pipeline.images import DECODE_ERRORS, JPEG_EOI, JPEG_SOI, TAR_SEPARATOR, to_rgb, undecodable_reason
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,6 @@ class Check:
 # ---------------------------------------------------------------------------------------- checking
 
 
-JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 CHECKS = ("full", "quick")
 
 
@@ -145,13 +146,10 @@ def check_image_bytes(data: bytes, check: str = "full") -> Check:
                 img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
             img.load()
             to_rgb(img)
-    except Image.UnidentifiedImageError:
-        return Check("not an image (format not recognised)", len(data))
     except Image.DecompressionBombError as err:
         return Check(f"too large: {err}", len(data))
-    except DECODE_ERRORS as err:
-        kind = "truncated" if "truncated" in str(err).lower() else "corrupt"
-        return Check(f"{kind}: {err}", len(data))
+    except DECODE_ERRORS as err:  # PIL's UnidentifiedImageError is an OSError
+        return Check(undecodable_reason(data, err), len(data))
     return Check(OK, len(data), width, height)
 
 

@@ -157,3 +157,74 @@ def test_loader_rejects_bad_arguments(image_files):
         make_loader(image_files, batch_size=0, num_workers=0, pin_memory=False)
     with pytest.raises(ValueError, match="crop size"):
         make_loader(image_files, batch_size=2, num_workers=0, pin_memory=False, sizes=())
+
+
+# ------------------------------------------------------------------ why a file does not decode
+
+
+def _sample_file(name: str) -> bytes:
+    """A real photograph / PNG that ships with matplotlib (a dependency), written by other encoders."""
+    from matplotlib import cbook
+
+    with open(cbook.get_sample_data(name, asfileobj=False), "rb") as fh:
+        return fh.read()
+
+
+def _valid_encodings() -> dict[str, bytes]:
+    noisy = Image.fromarray((_gradient(64, 48).astype(int) + np.random.default_rng(0).integers(0, 40, (48, 64, 3)))
+                            .clip(0, 255).astype(np.uint8))
+    return {
+        "photo.jpg": _sample_file("grace_hopper.jpg"), "logo.png": _sample_file("logo2.png"),
+        "rgba.png": _sample_file("Minduka_Present_Blue_Pack.png"),
+        "baseline.jpg": _encode(noisy, "JPEG"), "progressive.jpg": _encode(noisy, "JPEG", progressive=True),
+        "optimized 4:4:4.jpg": _encode(noisy, "JPEG", optimize=True, subsampling=0),
+        "restart markers.jpg": _encode(noisy, "JPEG", restart_marker_blocks=3),
+        "gray.jpg": _encode(noisy.convert("L"), "JPEG", progressive=True),
+        "cmyk.jpg": _encode(noisy.convert("CMYK"), "JPEG"), "comment.jpg": _encode(noisy, "JPEG", comment=b"x"),
+        "palette.png": _encode(noisy.convert("P"), "PNG"),
+        "16-bit.png": _encode(Image.fromarray(_gradient(64, 48)[..., 0].astype(np.uint16) * 257), "PNG"),
+    }
+
+
+def test_intact_files_show_no_damage_and_their_cut_copies_are_truncated():
+    """The structure walk accepts every valid encoding; any cut of one (in the headers, in the first
+    chunk or segment, in the compressed data) is named truncated, never corrupt or "not an image"."""
+    from pipeline.images import find_damage
+    from pipeline.manifest import check_image_bytes
+
+    encodings = _valid_encodings()
+    assert {name: (find_damage(data), check_image_bytes(data).status) for name, data in encodings.items()} == {
+        name: (None, "ok") for name in encodings}
+    cut_reasons = {(name, cut): check_image_bytes(data[:cut]).status for name, data in encodings.items()
+                   for cut in (5, 12, 30, 90, len(data) // 10, len(data) // 2, len(data) - 30)}
+    assert {case: status.split(":")[0] for case, status in cut_reasons.items()} == {
+        case: "truncated" for case in cut_reasons}
+
+
+def test_damaged_files_are_corrupt_and_other_files_are_not_images():
+    from pipeline.manifest import check_image_bytes
+
+    photo, png = _sample_file("grace_hopper.jpg"), _sample_file("logo2.png")
+    scan, huffman = photo.index(b"\xff\xda"), photo.index(b"\xff\xc4") + 4
+    scan_data = scan + 2 + int.from_bytes(photo[scan + 2:scan + 4], "big")
+    flipped = bytearray(png)
+    flipped[len(png) // 2] ^= 0x40
+    # More garbage than any JPEG segment can claim (64 KiB): no valid-looking segment reaches the end, so
+    # the walk must meet the garbage (a short tail may be a valid prefix of a JPEG, hence truncated).
+    garbage = {f"header + garbage {seed}": b"\xff\xd8\xff" + np.random.default_rng(seed).bytes(70_000)
+               for seed in range(20)}
+    corrupt = {
+        **garbage,
+        "real headers + garbage scan": photo[:scan_data] + np.random.default_rng(0).bytes(4000),
+        "a PNG with a flipped bit": bytes(flipped),
+        "a PNG signature + garbage": png[:8] + np.random.default_rng(1).bytes(3000),
+        "a zeroed Huffman table": photo[:huffman] + bytes(30) + photo[huffman + 30:],
+        "a scan before any frame header": photo[:2] + photo[scan:],
+    }
+    assert {name: check_image_bytes(data).status.split(":")[0] for name, data in corrupt.items()} == {
+        name: "corrupt" for name in corrupt}
+    assert check_image_bytes(b"").status == "empty file"
+    others = {"text renamed .jpg": b"holiday notes\n" * 20, "random": np.random.default_rng(2).bytes(900),
+              "html": b"<!DOCTYPE html><html></html>"}
+    assert {name: check_image_bytes(data).status for name, data in others.items()} == {
+        name: "not an image (format not recognised)" for name in others}
