@@ -2,8 +2,8 @@
 
 Sources:
 - an ImageFolder tree, either `root/train/<class>/<img>` + `root/val/<class>/<img>`, or a flat
-  `root/<class>/<img>` (then `val_fraction` of it is held out as val by a seeded hash of the key, so
-  the split is stable when files are added);
+  `root/<class>/<img>` (then `val_fraction` of it is held out as val by a seeded hash of the image's
+  name, so the split is stable when files are added);
 - a list file, one image per line: `path[ label]` (paths relative to the list file's folder; the label
   is an integer id or a class name; without labels the class is the parent folder's name);
 - WebDataset tars of images (a `.tar` file, a folder of them, or a glob; `train/` and `val/`
@@ -11,10 +11,10 @@ Sources:
 
 Every file is checked (in parallel worker processes). A file that cannot be read or decoded stays in
 the manifest with `status` = the reason (`empty file`, `not an image`, `truncated`, `corrupt`,
-`unreadable`, ...) and is left out downstream by `read_manifest`. For PNGs and JPEGs, `truncated`
-(every byte present is valid, the file ends early) and `corrupt` (a byte present breaks the format)
-come from the file's own structure (`pipeline.images.find_damage`), not from PIL's message. Nothing
-about bad data is fatal; the stage logs each bad file with its reason and returns the counts.
+`unreadable`, `duplicate of ...`) and is left out downstream by `read_manifest`. For PNGs and JPEGs,
+`truncated` (every byte present is valid, the file ends early) and `corrupt` (a byte present breaks the
+format) come from the file's own structure (`pipeline.images.find_damage`), not from PIL's message.
+Nothing about bad data is fatal; the stage logs each bad file with its reason and returns the counts.
 
 Two depths of check (`check`):
 - `full` (default): every image is decoded (JPEGs at 1/8 scale: all entropy data is still read).
@@ -24,9 +24,26 @@ Two depths of check (`check`):
   damaged badly enough to stop a decoder while its end is intact (libjpeg reads most damage as mere
   warnings, so the full check misses most damage too). Tokenize then stops on such a file, naming it.
 
+Keys. A row's key names its sample downstream (tokenize, the WebDataset shards, the index), so every
+usable image needs its own, and a key must hold no '.', where WebDataset splits a member name into key
+and extension. A key is made from the image's name in its source (an ImageFolder's or list file's path
+without its suffix; a tar's sample key), percent-escaped: '%' → `%25`, '.' → `%2E`, '#' → `%23`
+(`escape_key`, inverse `unescape_key`), so `cls/photo.v2.png` is keyed `cls/photo%2Ev2`. The original
+path stays in `location`. When several source entries share one name (`cls/dup.jpg` beside `cls/dup.png`,
+one sample key in two tars), their content decides, never their order:
+- when the readable entries are one image (a single one, or copies with identical bytes), the first of
+  them (by split, location) keeps the plain key; copies become rows with status `duplicate of
+  <location> (identical bytes)`;
+- every other entry (one that fails its check, or each of several different images) is keyed by its
+  name qualified with what sets it apart, after a raw '#': its suffix for a file (`cls/dup#jpg`), its
+  tar's path (below the folder of the source's tars) for a tar sample (`000001#train/shard-0%2Etar`).
+So a bad file never takes the key from a readable one, and different images are all kept. A raw '#'
+occurs only in qualified keys, so no qualified key equals a plain one (`manifest_key`, inverse
+`split_key`). The held-out split is drawn from the unescaped name, so files of one name share a split.
+
 Columns: key, location (a path or `tar_path::member`), label, class_name, split, bytes, status, width,
 height. Class names sorted → label ids (integer labels from list files or tars are kept as given).
-Rows are sorted by (split, key), so the file is identical for identical inputs.
+Rows are sorted by (split, key, location), so the file is identical for identical inputs.
 """
 from __future__ import annotations
 
@@ -52,7 +69,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lease.io import atomic_path
-from pipeline.images import DECODE_ERRORS, JPEG_EOI, JPEG_SOI, TAR_SEPARATOR, to_rgb, undecodable_reason
+from pipeline.images import DECODE_ERRORS, JPEG_EOI, JPEG_SOI, TAR_SEPARATOR, read_bytes, to_rgb, undecodable_reason
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +79,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 SourceKind = Literal["auto", "imagefolder", "list", "webdataset"]
 _FILES_PER_TASK = 64  # images checked per worker task: large enough to amortise the task overhead
 _WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset: key = path up to the basename's first dot
+QUALIFIER = "#"  # between a shared name and what sets the entry apart (module doc, Keys)
+_KEY_ESCAPES = {"%": "%25", ".": "%2E", QUALIFIER: "%23"}
+_ESCAPED_NAME = re.compile(r"(?:[^%.#]|%25|%2E|%23)*")
 
 SCHEMA = pa.schema([
     ("key", pa.string()), ("location", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
@@ -91,11 +111,17 @@ class ManifestSummary:
 class Candidate:
     """An image location found in the source, before checking."""
 
-    key: str
+    name: str  # its name in the source (path without suffix, or tar sample key), unescaped; may be shared
+    qualifier: str  # what sets it apart from entries of the same name: a file's suffix, a sample's tar
     location: str
     class_name: str
     split: str
     label: int | None = None  # given by the source (list file / tar `cls`), else from sorted class names
+    qualified: bool = False  # its name is shared and the plain key went to another entry (or to none)
+
+    @property
+    def key(self) -> str:
+        return manifest_key(self.name, self.qualifier if self.qualified else None)
 
 
 @dataclass
@@ -106,6 +132,32 @@ class Check:
     nbytes: int
     width: int = 0
     height: int = 0
+
+
+# -------------------------------------------------------------------------------------------- keys
+
+
+def escape_key(name: str) -> str:
+    """`name` with '%', '.' and '#' percent-escaped: no dot for WebDataset to split at (module doc, Keys)."""
+    return "".join(_KEY_ESCAPES.get(ch, ch) for ch in name)
+
+
+def unescape_key(text: str) -> str:
+    """The inverse of `escape_key`; text it cannot have written (a raw '.', '#' or stray '%') is refused."""
+    if _ESCAPED_NAME.fullmatch(text) is None:
+        raise ValueError(f"{text!r} is not an escaped manifest name (see pipeline.manifest, Keys)")
+    return re.sub(r"%(25|2E|23)", lambda match: chr(int(match.group(1), 16)), text)
+
+
+def manifest_key(name: str, qualifier: str | None = None) -> str:
+    """The key of an entry called `name`, qualified (for a shared name) by what sets it apart."""
+    return escape_key(name) if qualifier is None else f"{escape_key(name)}{QUALIFIER}{escape_key(qualifier)}"
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """The inverse of `manifest_key`: (name, qualifier or None)."""
+    name, sep, qualifier = key.partition(QUALIFIER)
+    return unescape_key(name), (unescape_key(qualifier) if sep else None)
 
 
 # ---------------------------------------------------------------------------------------- checking
@@ -186,7 +238,7 @@ class TarSample:
 
 def scan_tar(tar_path: str, check: str = "full") -> list[TarSample]:
     """Group a tar's members by WebDataset key; check each sample's image; read its `cls`."""
-    members: dict[str, dict[str, bytes]] = {}
+    members: dict[str, dict[str, tuple[str, bytes]]] = {}  # key → lower-case extension → (member, bytes)
     try:
         with tarfile.open(tar_path, "r:*") as tar:
             for info in tar:
@@ -194,7 +246,8 @@ def scan_tar(tar_path: str, check: str = "full") -> list[TarSample]:
                 if not info.isfile() or match is None or Path(info.name).name.startswith("."):
                     continue
                 fh = tar.extractfile(info)
-                members.setdefault(match.group(1), {})[match.group(2).lower()] = fh.read() if fh else b""
+                members.setdefault(match.group(1), {})[match.group(2).lower()] = (info.name,
+                                                                                  fh.read() if fh else b"")
     except (tarfile.TarError, OSError) as err:
         # A damaged tar: its readable samples before the damage are kept, the damage is one bad row.
         return _tar_samples(members, check) + [TarSample(f"{Path(tar_path).name}:damaged", "", None,
@@ -202,15 +255,16 @@ def scan_tar(tar_path: str, check: str = "full") -> list[TarSample]:
     return _tar_samples(members, check)
 
 
-def _tar_samples(members: dict[str, dict[str, bytes]], check: str) -> list[TarSample]:
+def _tar_samples(members: dict[str, dict[str, tuple[str, bytes]]], check: str) -> list[TarSample]:
     samples = []
     for key, parts in members.items():
         image_ext = next((ext for ext in parts if f".{ext.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS), None)
-        label = _parse_cls(parts.get("cls"))
+        label = _parse_cls(parts["cls"][1] if "cls" in parts else None)
         if image_ext is None:
             samples.append(TarSample(key, "", label, Check(f"no image member (has: {', '.join(sorted(parts))})", 0)))
         else:
-            samples.append(TarSample(key, f"{key}.{image_ext}", label, check_image_bytes(parts[image_ext], check)))
+            member, data = parts[image_ext]  # the member's own name: `S.JPG` is read back as `S.JPG`
+            samples.append(TarSample(key, member, label, check_image_bytes(data, check)))
     return samples
 
 
@@ -245,16 +299,16 @@ def _parallel_map(fn, tasks: list, num_workers: int, desc: str, unit_count: Sequ
 # --------------------------------------------------------------------------------------- discovery
 
 
-def held_out(key: str, seed: int, val_fraction: float) -> bool:
-    """Seeded hash split: the same key lands in the same split whatever else is in the source."""
+def held_out(name: str, seed: int, val_fraction: float) -> bool:
+    """Seeded hash split: the same name lands in the same split whatever else is in the source."""
     if val_fraction <= 0:
         return False
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction
 
 
-def _hash_split(key: str, seed: int, val_fraction: float) -> str:
-    return "val" if held_out(key, seed, val_fraction) else "train"
+def _hash_split(name: str, seed: int, val_fraction: float) -> str:
+    return "val" if held_out(name, seed, val_fraction) else "train"
 
 
 def _visible_files(folder: Path) -> list[Path]:
@@ -275,9 +329,9 @@ def imagefolder_candidates(root: Path, val_fraction: float, seed: int) -> list[C
                              f"(or <root>/train/<class>/<image> with an optional <root>/val/)")
         for class_dir in class_dirs:
             for path in _visible_files(class_dir):
-                key = path.relative_to(root).with_suffix("").as_posix()
-                use_split = _hash_split(key, seed, val_fraction) if hold_out else split
-                candidates.append(Candidate(key, str(path.absolute()), class_dir.name, use_split))
+                name = path.relative_to(root).with_suffix("").as_posix()
+                use_split = _hash_split(name, seed, val_fraction) if hold_out else split
+                candidates.append(Candidate(name, path.suffix[1:], str(path.absolute()), class_dir.name, use_split))
     return candidates
 
 
@@ -295,9 +349,9 @@ def list_candidates(list_file: Path, val_fraction: float, seed: int) -> list[Can
         class_name = label_text if label_text is not None else path.parent.name
         if not class_name:
             raise ValueError(f"{list_file}:{number}: no label and no parent folder to name the class: {raw!r}")
-        key = Path(path_text).with_suffix("").as_posix().lstrip("/")
-        candidates.append(Candidate(key, str(path.absolute()), class_name, _hash_split(key, seed, val_fraction),
-                                    label))
+        name = Path(path_text).with_suffix("").as_posix().lstrip("/")
+        candidates.append(Candidate(name, Path(path_text).suffix[1:], str(path.absolute()), class_name,
+                                    _hash_split(name, seed, val_fraction), label))
     labelled = {c.label is not None for c in candidates}
     if len(labelled) > 1:
         raise ValueError(f"{list_file}: mix of integer labels and class names; use one or the other")
@@ -362,16 +416,24 @@ def _checked_tar_rows(source: str, val_fraction: float, seed: int, num_workers: 
                       check: str) -> list[tuple[Candidate, Check]]:
     tars = find_tars(source)
     sizes = [max(1, p.stat().st_size >> 20) for p, _ in tars]  # progress in MiB of tar, shown as units
+    tar_names = _relative_tar_paths([p for p, _ in tars])
     rows = []
     scanned = _parallel_map(functools.partial(scan_tar, check=check), [str(p) for p, _ in tars], num_workers,
                             "manifest (tars)", sizes, unit="MiB")
-    for (tar_path, split), samples in zip(tars, scanned):
+    for (tar_path, split), tar_name, samples in zip(tars, tar_names, scanned):
         for s in samples:
             location = f"{tar_path.absolute()}{TAR_SEPARATOR}{s.member}" if s.member else str(tar_path.absolute())
             class_name = str(s.label) if s.label is not None else ""
-            rows.append((Candidate(s.key, location, class_name, split or _hash_split(s.key, seed, val_fraction),
-                                   s.label), s.check))
+            rows.append((Candidate(s.key, tar_name, location, class_name,
+                                   split or _hash_split(s.key, seed, val_fraction), s.label), s.check))
     return rows
+
+
+def _relative_tar_paths(tars: list[Path]) -> list[str]:
+    """Each tar's path below the folder holding them all: it tells apart samples of one key in two tars."""
+    absolute = [p.absolute() for p in tars]
+    root = Path(os.path.commonpath([p.parent for p in absolute]))
+    return [p.relative_to(root).as_posix() for p in absolute]
 
 
 def _assign_labels(rows: list[tuple[Candidate, Check]]) -> list[str]:
@@ -392,14 +454,62 @@ def _assign_labels(rows: list[tuple[Candidate, Check]]) -> list[str]:
     return class_names
 
 
-def _mark_duplicates(rows: list[tuple[Candidate, Check]]) -> None:
-    """Keys must be unique (they name samples downstream): later duplicates become bad rows."""
-    seen: dict[str, str] = {}
-    for c, check in rows:
-        if c.key in seen:
-            check.status = f"duplicate key (also {seen[c.key]})"
-        else:
-            seen[c.key] = c.location
+def _refuse_paths_not_utf8(rows: list[tuple[Candidate, Check]]) -> None:
+    """A path whose bytes are not UTF-8 (Python holds them as lone surrogates) cannot be stored in the
+    manifest's text columns: such an entry stays as a bad row, spelt with its odd bytes as `\\xNN`."""
+    for candidate, check in rows:
+        texts = (candidate.name, candidate.qualifier, candidate.location, candidate.class_name)
+        if all(_is_utf8(text) for text in texts):
+            continue
+        candidate.name, candidate.qualifier, candidate.location, candidate.class_name = map(_readable_spelling,
+                                                                                            texts)
+        check.status = "unreadable: its path is not valid UTF-8 (rename the file)"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _readable_spelling(text: str) -> str:
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _settle_shared_names(rows: list[tuple[Candidate, Check]]) -> None:
+    """Give entries that share a name distinct keys by their content (module doc, Keys)."""
+    by_key: dict[str, list[tuple[Candidate, Check]]] = {}
+    for row in rows:
+        by_key.setdefault(row[0].key, []).append(row)
+    for group in by_key.values():
+        if len(group) > 1:
+            _settle_one_name(group)
+
+
+def _settle_one_name(group: list[tuple[Candidate, Check]]) -> None:
+    """`group`: rows of one name in (split, location) order. The plain key goes to its image when the
+    readable rows are all one image (copies become duplicates); every other row is qualified."""
+    digests = {c.location: _content_digest(c.location, k) for c, k in group if k.status == OK}
+    readable = [c for c, k in group if k.status == OK]  # less any file that went away since its check
+    keeper = readable[0] if readable and len({digests[c.location] for c in readable}) == 1 else None
+    for candidate, check in group:
+        if candidate is keeper:
+            continue
+        candidate.qualified = True
+        if keeper is not None and check.status == OK:
+            check.status = f"duplicate of {keeper.location} (identical bytes)"
+
+
+def _content_digest(location: str, check: Check) -> str:
+    """SHA-256 of the entry's bytes, read again (only entries of shared names are); a file that cannot be
+    read now is marked unreadable in `check`."""
+    try:
+        return hashlib.sha256(read_bytes(location)).hexdigest()
+    except OSError as err:
+        check.status = f"unreadable: {err.strerror or err}"
+        return ""
 
 
 def _table(rows: list[tuple[Candidate, Check]]) -> pa.Table:
@@ -411,6 +521,10 @@ def _table(rows: list[tuple[Candidate, Check]]) -> pa.Table:
         "height": [k.height for _, k in rows],
     }
     return pa.table(columns, schema=SCHEMA)
+
+
+def _sorted_rows(rows: list[tuple[Candidate, Check]]) -> list[tuple[Candidate, Check]]:
+    return sorted(rows, key=lambda row: (SPLIT_ORDER.index(row[0].split), row[0].key, row[0].location))
 
 
 def build_manifest(source: str | Path, out_path: str | Path, *, kind: SourceKind = "auto",
@@ -436,8 +550,9 @@ def build_manifest(source: str | Path, out_path: str | Path, *, kind: SourceKind
     if not rows:
         raise ValueError(f"no images found in {source} (kind {kind})")
 
-    rows.sort(key=lambda row: (SPLIT_ORDER.index(row[0].split), row[0].key, row[0].location))
-    _mark_duplicates(rows)
+    _refuse_paths_not_utf8(rows)
+    _settle_shared_names(_sorted_rows(rows))
+    rows = _sorted_rows(rows)  # again: qualified keys sort elsewhere
     class_names = _assign_labels(rows)
     table = _table(rows).replace_schema_metadata({
         "lease.classes": json.dumps(class_names), "lease.source": source, "lease.kind": kind})

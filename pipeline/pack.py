@@ -105,15 +105,17 @@ def count_rows(path: Path) -> int:
 
 
 def check_keys(keys: np.ndarray, seen: set[str], where: str) -> None:
-    """WebDataset splits member names at the first dot: keys must be non-empty, dot-free and unique."""
-    bad = [k for k in keys if not k or "." in k]
+    """WebDataset splits member names at the first dot: keys must be non-empty, dot-free and unique.
+    Manifest keys always are (`pipeline.manifest`, Keys); this guards token files made by other means."""
+    bad = [str(k) for k in keys if not k or "." in k]
     if bad:
         raise ValueError(f"{where}: key {bad[0]!r} is empty or contains '.', which WebDataset reads as the start "
-                         "of the extension: make keys without dots (e.g. drop file extensions) when tokenizing")
+                         "of the extension: escape the names as the manifest does (pipeline.manifest.escape_key "
+                         "writes '.' as %2E)")
     before = len(seen)
     seen.update(keys.tolist())
     if len(seen) - before != len(keys):
-        repeated = [k for k, c in zip(*np.unique(keys, return_counts=True)) if c > 1]
+        repeated = [str(k) for k, c in zip(*np.unique(keys, return_counts=True)) if c > 1]
         raise ValueError(f"{where}: duplicate sample keys (e.g. {(repeated or ['<seen in an earlier shard>'])[0]!r}); "
                          "every image needs a unique key")
 

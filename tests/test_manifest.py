@@ -1,4 +1,5 @@
-"""Manifest stage and demo data: discovery, decode checks of bad files, splits, labels, determinism."""
+"""Manifest stage and demo data: discovery, decode checks of bad files, splits, labels, determinism, keys
+that any file name can carry, shared names resolved by content."""
 from __future__ import annotations
 
 import io
@@ -15,7 +16,8 @@ from PIL import Image
 from lease.io import file_digest
 from pipeline.demo_data import class_styles, make_demo_dataset
 from pipeline.images import read_bytes
-from pipeline.manifest import build_manifest, manifest_classes, read_manifest
+from pipeline.manifest import (build_manifest, escape_key, manifest_classes, manifest_key, read_manifest, split_key,
+                               unescape_key)
 
 NUM_CLASSES = 4
 
@@ -159,6 +161,9 @@ def test_manifest_is_deterministic_across_worker_counts(tmp_path, demo_root):
     assert file_digest(tmp_path / "a.parquet") == file_digest(tmp_path / "b.parquet")
     rows = read_manifest(tmp_path / "a.parquet").to_pylist()
     assert len(rows) == NUM_CLASSES * 9 and {r["label"] for r in rows} == set(range(NUM_CLASSES))
+    # plain names key as their paths without suffix, unescaped
+    assert {r["key"] for r in rows} == {p.relative_to(demo_root).with_suffix("").as_posix()
+                                        for p in demo_root.rglob("*.jpg")}
 
 
 def test_flat_tree_holds_out_a_stable_seeded_val_fraction(tmp_path, demo_root):
@@ -241,3 +246,124 @@ def test_bad_sources_fail_with_a_clear_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="build it"):
         read_manifest(tmp_path / "absent.parquet")
     assert not (tmp_path / "m.parquet").exists()
+
+
+# -------------------------------------------------------------------------------------------- keys
+
+ODD_NAMES = ["cls/photo.v2", "a%b", "a%2Eb", "100%", "x#y", "café au lait", "日本/写真.1", ".leading", "..",
+             "trailing.", "dir.with.dots/img", "%25", "#", "tab\tand\nnewline", ""]
+
+
+def test_escaped_keys_hold_no_dot_and_round_trip():
+    escaped = [escape_key(name) for name in ODD_NAMES]
+    assert not any("." in key or "#" in key for key in escaped)
+    assert len(set(escaped)) == len(ODD_NAMES)  # reversible, so distinct names stay distinct
+    assert [unescape_key(key) for key in escaped] == ODD_NAMES
+    assert escape_key("cls/photo.v2") == "cls/photo%2Ev2" and escape_key("a%b") == "a%25b"
+    assert escape_key("plain/name_01") == "plain/name_01"  # ordinary names keep their keys
+    for name in ODD_NAMES:
+        for qualifier in (None, "", "png", "train/shard-0.tar", "j#p.g"):
+            key = manifest_key(name, qualifier)
+            assert "." not in key and split_key(key) == (name, qualifier)
+    for not_escaped in ("a.b", "a#b", "a%41", "a%2e", "50%"):
+        with pytest.raises(ValueError, match="not an escaped manifest name"):
+            unescape_key(not_escaped)
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _rows_by_file(manifest: pathlib.Path, root: pathlib.Path) -> dict[str, dict]:
+    return {pathlib.Path(r["location"]).relative_to(root).as_posix(): r
+            for r in read_manifest(manifest, only_ok=False).to_pylist()}
+
+
+def test_shared_names_are_resolved_by_content_never_by_order(tmp_path):
+    src = tmp_path / "src"
+    copy = _png(3)
+    files = {
+        "c/dup.jpg": b"", "c/dup.png": _png(1),  # the bad file sorts first ...
+        "c/solo": _png(2), "c/solo.png": b"not an image",  # ... and here last: the readable one wins both
+        "c/copy.jpeg": copy, "c/copy.png": copy,  # identical bytes: one image
+        "c/pair.jpg": _jpeg(), "c/pair.png": _png(4),  # different images of one name: both stay
+        "c/photo.v2.png": _png(5), "c/photo.v2.jpg": _png(6), "c/photo.png": _png(7),
+        "c/a%b.png": _png(8), "c/a%25b.png": _png(9), "c/x#y.png": _png(10), "c/ordinary.png": _png(11),
+    }
+    for relative, data in files.items():
+        (src / relative).parent.mkdir(parents=True, exist_ok=True)
+        (src / relative).write_bytes(data)
+    build_manifest(src, tmp_path / "m.parquet", num_workers=0)
+    rows = _rows_by_file(tmp_path / "m.parquet", src)
+    keys = {path: row["key"] for path, row in rows.items()}
+    assert keys == {
+        "c/dup.jpg": "c/dup#jpg", "c/dup.png": "c/dup", "c/solo": "c/solo", "c/solo.png": "c/solo#png",
+        "c/copy.jpeg": "c/copy", "c/copy.png": "c/copy#png", "c/pair.jpg": "c/pair#jpg", "c/pair.png": "c/pair#png",
+        "c/photo.v2.png": "c/photo%2Ev2#png", "c/photo.v2.jpg": "c/photo%2Ev2#jpg", "c/photo.png": "c/photo",
+        "c/a%b.png": "c/a%25b", "c/a%25b.png": "c/a%2525b", "c/x#y.png": "c/x%23y", "c/ordinary.png": "c/ordinary",
+    }
+    assert rows["c/dup.jpg"]["status"] == "empty file" and rows["c/dup.png"]["status"] == "ok"
+    assert rows["c/solo.png"]["status"].startswith("not an image") and rows["c/solo"]["status"] == "ok"
+    assert rows["c/copy.png"]["status"] == f"duplicate of {src.absolute() / 'c/copy.jpeg'} (identical bytes)"
+    ok_keys = [row["key"] for row in rows.values() if row["status"] == "ok"]
+    assert len(ok_keys) == len(set(ok_keys)) == 12 and not any("." in key for key in ok_keys)
+    for path, key in keys.items():  # every key names its file: its path without, or (qualified) with its suffix
+        name, qualifier = split_key(key)
+        if qualifier is None:
+            assert name == pathlib.PurePosixPath(path).with_suffix("").as_posix()
+        else:
+            assert path == (f"{name}.{qualifier}" if qualifier else name)
+    table = pq.read_table(tmp_path / "m.parquet").to_pylist()
+    assert [(r["split"], r["key"]) for r in table] == sorted((r["split"], r["key"]) for r in table)
+
+    build_manifest(src, tmp_path / "again.parquet", num_workers=2)  # parallel checks, same bytes
+    assert file_digest(tmp_path / "again.parquet") == file_digest(tmp_path / "m.parquet")
+
+
+def test_list_file_names_with_dots_and_one_file_listed_twice(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "photo.v2.jpg").write_bytes(_jpeg())
+    (tmp_path / "img" / "50% off.jpg").write_bytes(_jpeg((0, 0, 255)))
+    (tmp_path / "list.txt").write_text("img/photo.v2.jpg 1\nimg/50% off.jpg 0\nimg/photo.v2.jpg 1\n")
+    summary = build_manifest(tmp_path / "list.txt", tmp_path / "m.parquet", num_workers=0)
+    rows = read_manifest(tmp_path / "m.parquet", only_ok=False).to_pylist()
+    assert summary.num_ok == 2
+    assert sorted((r["key"], r["status"]) for r in rows) == [
+        ("img/50%25 off", "ok"), ("img/photo%2Ev2", "ok"),
+        ("img/photo%2Ev2#jpg", f"duplicate of {(tmp_path / 'img' / 'photo.v2.jpg').absolute()} (identical bytes)")]
+
+
+def test_tar_sample_keys_are_escaped_and_shared_keys_resolved_by_content(tmp_path):
+    good, other = _jpeg(), _jpeg((0, 200, 0))
+    _write_tar(tmp_path / "wds" / "train" / "a.tar", {
+        "same.jpg": good, "differ.jpg": good, "bad.jpg": good[:300], "dir.v1/s.JPG": good, "dir.v1/s.cls": b"0"})
+    _write_tar(tmp_path / "wds" / "val" / "a.tar", {"same.jpg": good, "differ.jpg": other, "bad.jpg": good})
+    build_manifest(tmp_path / "wds", tmp_path / "w.parquet", num_workers=0)
+    rows = {(r["split"], r["key"]): r for r in read_manifest(tmp_path / "w.parquet", only_ok=False).to_pylist()}
+    status = {key: row["status"].split(" (")[0].split(":")[0] for key, row in rows.items()}
+    train_tar = (tmp_path / "wds" / "train" / "a.tar").absolute()
+    assert status == {
+        ("train", "bad#train/a%2Etar"): "truncated", ("train", "differ#train/a%2Etar"): "ok",
+        ("train", "dir%2Ev1/s"): "ok", ("train", "same"): "ok",
+        ("val", "bad"): "ok", ("val", "differ#val/a%2Etar"): "ok",
+        ("val", "same#val/a%2Etar"): f"duplicate of {train_tar}",
+    }
+    # a member whose extension is upper case is read back under its own name
+    assert read_bytes(rows[("train", "dir%2Ev1/s")]["location"]) == good
+
+
+def test_a_path_that_is_not_utf8_is_a_named_bad_row(tmp_path):
+    """Linux allows any bytes in a file name; the manifest's text columns hold UTF-8 only."""
+    (tmp_path / "src" / "c").mkdir(parents=True)
+    (tmp_path / "src" / "c" / "fine.png").write_bytes(_png(0))
+    try:
+        with open(os.path.join(os.fsencode(tmp_path / "src" / "c"), b"latin1 caf\xe9.png"), "wb") as fh:
+            fh.write(_png(1))
+    except OSError as err:  # a file system that refuses such names has nothing to test
+        pytest.skip(f"this file system refuses non-UTF-8 names: {err}")
+    summary = build_manifest(tmp_path / "src", tmp_path / "m.parquet", num_workers=0)
+    assert summary.num_ok == 1
+    assert [(pathlib.Path(loc).name, reason) for loc, reason in summary.bad] == [
+        ("latin1 caf\\xe9.png", "unreadable: its path is not valid UTF-8 (rename the file)")]

@@ -118,6 +118,25 @@ def test_resume_with_other_settings_is_refused(tokens, tmp_path):
         run_pack(dirs, tmp_path / "out", samples_per_shard=5)
 
 
+def test_manifest_keys_of_odd_file_names_pack_and_read_back(tmp_path):
+    """Keys as the manifest writes them (escaped, some qualified) pass the key check and come back from
+    WebDataset's reader and the trainer's reader unchanged."""
+    from pipeline.manifest import manifest_key
+
+    names = [("cls/photo.v2", None), ("cls/a%b", None), ("cls/dup", "png"), ("cls/dup", "jpg"),
+             ("dir.v1/café au lait", None), ("cls/.x.y", ""), ("000001", "train/shard-0.tar"), ("x#y", None)]
+    keys = np.array([manifest_key(name, qualifier) for name, qualifier in names])
+    rng = np.random.default_rng(0)
+    np.savez((tmp_path / "shard-000000.npz"), keys=keys, labels=np.arange(len(keys), dtype=np.int64),
+             vq=rng.integers(0, VOCAB_GEN, (len(keys), SEQ_LEN)).astype(np.uint16),
+             disc=rng.integers(0, CODEBOOK, (len(keys), SEQ_LEN)).astype(np.uint16))
+    run_pack({"train": tmp_path}, tmp_path / "out", samples_per_shard=len(keys))
+    shard = tmp_path / "out" / "train" / "shard-000000.tar"
+    assert [s["__key__"] for s in pk.iter_packed([shard])] == keys.tolist()
+    assert read_shard(shard)[0] == keys.tolist()
+    assert [s["cls"] for s in pk.iter_packed([shard])] == list(range(len(keys)))
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(keys=np.array([k + ".jpg" for k in d["keys"]])), "contains '.'"),
     (lambda d: d.update(keys=np.array([d["keys"][0]] * len(d["keys"]))), "duplicate sample keys"),
