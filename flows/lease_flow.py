@@ -22,9 +22,12 @@ from typing import Any, Callable, NoReturn
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
-from lease.io import atomic_write_json
-from pipeline.artifacts import RECORD_NAME, ArtifactStore, StageOutcome, StageSpec
+from lease.io import CheckpointFileError, atomic_write_json
+from lease.typed_config import ConfigError
+from pipeline.artifacts import (RECORD_NAME, ArtifactLocked, ArtifactStorageError, ArtifactStore, StageOutcome,
+                                StageSpec)
 from pipeline.config import PipelineConfig, load_pipeline_config
 from pipeline.stages import STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Stage, with_dependents
 
@@ -60,12 +63,20 @@ class ArtifactCachePolicy(CachePolicy):
         return job.spec.key
 
 
-def _run_stage(job: StageJob, cfg: PipelineConfig) -> str:
+# Failures whose message says all a user needs (what is wrong, what to do): the task fails with that
+# one line instead of a traceback.
+EXPLAINED_FAILURES = (ArtifactStorageError, ArtifactLocked, CheckpointFileError, ConfigError)
+
+
+def _run_stage(job: StageJob, cfg: PipelineConfig) -> str | State:
     """The task body: reuse or build the artifact; returns "ran" or "cached" (the record holds the rest)."""
     stage = STAGES[job.stage]
     dirs = {name: Path(path) for name, path in job.upstream_dirs.items()}
-    return ArtifactStore(job.artifacts).run(job.spec, lambda out: stage.build(cfg, dirs, out), force=job.force,
-                                            verify=job.verify, wait=job.wait).status
+    try:
+        return ArtifactStore(job.artifacts).run(job.spec, lambda out: stage.build(cfg, dirs, out),
+                                                force=job.force, verify=job.verify, wait=job.wait).status
+    except EXPLAINED_FAILURES as err:
+        return Failed(message=str(err))
 
 
 STAGE_TASKS = {name: task(_run_stage, name=name, cache_policy=ArtifactCachePolicy(), persist_result=True)
@@ -173,7 +184,7 @@ def left_out_note(outcomes: list[StageOutcome], shown: int = 20) -> str:
 
 
 def _finish(flow_name: str, config: str, overrides: list[str], force: list[str], t0: float,
-            run: Callable[[], list[StageOutcome]]) -> dict[str, Any]:
+            run: Callable[[], list[StageOutcome]]) -> dict[str, Any] | State:
     """Run, then print the stage table and write the run record, also when a stage failed."""
     status, error, outcomes = "completed", None, []
     try:
@@ -192,14 +203,14 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
     note = left_out_note(outcomes)
     if note:
         get_run_logger().warning("%s", note)
-    if error is not None:
-        raise error
+    if error is not None:  # the flow run fails with the stage's one-line reason (the caller gets FailedRun)
+        return Failed(message=str(error))
     return {"stages": [o.row() for o in outcomes], "record": str(path), "outcomes": outcomes}
 
 
 @flow(name="tokenize", log_prints=False)
 def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
-                  verify: bool = False, write_record: bool = True, wait: bool = True) -> dict[str, Any]:
+                  verify: bool = False, write_record: bool = True, wait: bool = True) -> dict[str, Any] | State:
     """Tokenization alone: (demo data/assets) → manifest → features → k-means → tokenize + assign → pack.
 
     As a sub-flow of `lease` (`write_record=False`) it returns its outcomes for the parent's table.
@@ -213,7 +224,7 @@ def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, forc
 
 @flow(name="lease", log_prints=False)
 def lease_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
-               verify: bool = False, wait: bool = True) -> dict[str, Any]:
+               verify: bool = False, wait: bool = True) -> dict[str, Any] | State:
     """The whole pipeline: the `tokenize` sub-flow, then pretraining and evaluation."""
     overrides, force, t0 = list(overrides or []), list(force or []), time.perf_counter()
     load_pipeline_config(config, overrides)  # fail on a bad key before any stage starts

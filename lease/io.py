@@ -5,7 +5,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import errno
 import os
+import shutil
 import re
 import tempfile
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+FULL_DISK_BYTES = 1 << 20  # a failed write with less than this left free was a full disk
 
 
 @contextlib.contextmanager
@@ -145,5 +148,10 @@ def save_torch_file(obj: Any, path: str | Path) -> Path:
     import torch
 
     with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        torch.save(obj, fh)
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as err:  # torch's writer turns a full disk into "unexpected pos ..."
+            if shutil.disk_usage(tmp.parent).free < FULL_DISK_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise
     return Path(path)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import json
@@ -51,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -239,6 +240,25 @@ def damaged_output(root: Path, outputs: dict[str, dict[str, Any]], verify: bool)
     return None
 
 
+class ArtifactStorageError(RuntimeError):
+    """The artifacts root cannot take the stage's files (read-only, full, or not ours to write)."""
+
+
+STORAGE_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM)
+
+
+def storage_advice(err: OSError, root: Path) -> str:
+    """What went wrong with the artifacts root, and what to do, in one sentence."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0.0
+        return (f"the disk filled up ({free:.1f} MiB free now); free some space and rerun: work already written is kept "
+                "and the stage resumes from it")
+    if err.errno == errno.EROFS:
+        return "the file system is read-only; cached stages can still be read, but this one must be built: " \
+               "rerun with artifacts=<a writable directory>"
+    return f"{err.strerror} ({err.filename}); check the permissions of the artifacts directory"
+
+
 class ArtifactLocked(RuntimeError):
     """Another live run holds the lock of the artifact key (raised with `wait=False`)."""
 
@@ -373,7 +393,7 @@ class ArtifactStore:
         hit = self._cached(spec, verify, force, t0)
         if hit is not None:
             return hit
-        with KeyLock(self.root / spec.stage, spec.key).held(wait):
+        with self._storage_errors(spec.stage), KeyLock(self.root / spec.stage, spec.key).held(wait):
             hit = self._cached(spec, verify, force, t0, quiet=True)  # built by the run we waited for
             if hit is not None:
                 return hit
@@ -383,6 +403,17 @@ class ArtifactStore:
             self.publish(work, spec, force)
         return StageOutcome(spec.stage, "ran", spec.key, time.perf_counter() - t0,
                             str(self.path(spec.stage, spec.key)), result)
+
+    @contextlib.contextmanager
+    def _storage_errors(self, stage: str) -> Iterator[None]:
+        """A read-only, full or forbidden artifacts root as one `ArtifactStorageError` saying what to do."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in STORAGE_ERRNOS:
+                raise
+            raise ArtifactStorageError(f"{stage}: cannot write under {self.root}: {storage_advice(err, self.root)}"
+                                       ) from err
 
     def _cached(self, spec: StageSpec, verify: bool, force: bool, t0: float,
                 quiet: bool = False) -> StageOutcome | None:

@@ -65,14 +65,16 @@ def run_flow(args: argparse.Namespace) -> int:
     from pipeline.config import load_pipeline_config
 
     cfg = load_pipeline_config(args.config, args.overrides)
-    from flows.lease_flow import StageFailed, lease_flow, tokenize_flow
+    from prefect.exceptions import FailedRun
+
+    from flows.lease_flow import lease_flow, tokenize_flow
     from pipeline.stages import with_dependents
 
     with_dependents(cfg, args.force)  # unknown stage names fail here, before any work
     flow_fn = lease_flow if args.flow == "lease" else tokenize_flow
     try:
         flow_fn(config=args.config, overrides=args.overrides, force=args.force, verify=args.verify, wait=args.wait)
-    except StageFailed as err:
+    except FailedRun as err:  # a stage failed: its reason and the stage table are already in the log
         log.error("%s", err)
         return 1
     return 0

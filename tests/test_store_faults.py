@@ -1,6 +1,7 @@
-"""Two real `lease run` processes on one artifacts root: one writer per key, whichever run finishes.
+"""The artifact store under faults, through real `lease run` processes: two runs on one artifacts root
+(one writer per key, whichever run finishes), a read-only root, a full disk.
 
-Each case freezes the first run (SIGSTOP) once its tokenize stage has written three shards, so that the
+Each two-run case freezes the first run (SIGSTOP) once its tokenize stage has written three shards, so that the
 second run provably meets a key that is being built (and a third, with --no-wait, fails naming the
 first); then the first either goes on (and the second uses its artifact) or is killed with SIGKILL (and
 the second resumes its partial work). Afterwards every
@@ -22,7 +23,7 @@ from pipeline.artifacts import LOCKS_DIR, RECORD_NAME, Record, damaged_output
 from pipeline.config import load_pipeline_config
 from pipeline.stages import TOKENIZE_STAGES, run_in_process
 
-pytestmark = pytest.mark.slow  # two or three tiny tokenization flows per test (~1 min on 2 cores)
+pytestmark = pytest.mark.slow  # one to three tiny tokenization flows per test (up to ~1 min on 2 cores)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["demo_data.num_classes=4", "demo_data.train_per_class=6", "demo_data.val_per_class=2",
@@ -37,8 +38,9 @@ def reference(tmp_path_factory):
     """Output digests of one undisturbed run (in process, no Prefect), by stage."""
     root = tmp_path_factory.mktemp("single")
     cfg = load_pipeline_config("demo", [*TINY, f"artifacts={root}"])
-    return {outcome.name: (outcome.key, _output_digests(Path(outcome.path), root))
-            for outcome in run_in_process(cfg, TOKENIZE_STAGES)}
+    digests = {outcome.name: (outcome.key, _output_digests(Path(outcome.path), root))
+               for outcome in run_in_process(cfg, TOKENIZE_STAGES)}
+    return {"root": root, "digests": digests}
 
 
 def _output_digests(directory: Path, root: Path) -> dict[str, str]:
@@ -80,7 +82,7 @@ def statuses(log: Path) -> dict[str, str]:
 
 def assert_store_matches(artifacts: Path, reference: dict) -> None:
     """Every record against its files (sha256 of each) and the single run; no partial work or holder left."""
-    for name, (key, digests) in reference.items():
+    for name, (key, digests) in reference["digests"].items():
         directory = artifacts / name / key
         record = Record.load(directory / RECORD_NAME)
         assert damaged_output(directory, record.outputs, verify=True) is None, name
@@ -121,3 +123,54 @@ def test_the_second_run_takes_over_when_the_first_is_killed(tmp_path, reference)
     assert "tokenize: resuming from the partial work of an earlier run" in logs[1].read_text()
     assert statuses(logs[1])["tokenize"] == "ran"
     assert_store_matches(artifacts, reference)
+
+
+def mount(*args: str) -> None:
+    """`mount ARGS`, or skip the test with the reason where this machine does not allow it."""
+    done = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here ({done.stderr.strip() or 'mount exited ' + str(done.returncode)})")
+
+
+@pytest.fixture
+def mounts():
+    points: list[Path] = []
+    yield points
+    for point in reversed(points):
+        subprocess.run(["umount", str(point)], capture_output=True)
+
+
+def run_to_end(artifacts: Path, tmp_path: Path, name: str, *extra: str) -> tuple[int, str]:
+    log = tmp_path / f"{name}.log"
+    run = start_run(artifacts, tmp_path / "prefect", log, *extra)
+    return run.wait(TIMEOUT), log.read_text()
+
+
+def test_a_read_only_root_serves_cached_stages_and_fails_a_rebuild_in_one_line(tmp_path, reference, mounts):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    mount("--bind", str(reference["root"]), str(read_only))
+    mounts.append(read_only)
+    mount("-o", "remount,ro,bind", str(read_only))
+    code, text = run_to_end(read_only, tmp_path, "cached")
+    assert code == 0, text[-3000:]  # all cached: nothing to write but the run record, which is let go
+    assert "cannot write the run record" in text and re.search(r"pack\s+cached", text)
+    code, text = run_to_end(read_only, tmp_path, "forced", "--force", "pack")
+    assert code == 1
+    assert "pack: cannot write under" in text and "read-only; cached stages can still be read" in text
+    assert re.search(r"tokenize\s+cached", text) and re.search(r"pack\s+failed", text)  # the stage table
+    assert "Traceback" not in text
+
+
+def test_a_full_disk_fails_the_stage_in_one_line_and_leaves_no_torn_file(tmp_path, mounts):
+    small = tmp_path / "small"
+    small.mkdir()
+    mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small))  # the demo tokenizers need about 11 MB
+    mounts.append(small)
+    code, text = run_to_end(small / "artifacts", tmp_path, "full")
+    assert code == 1
+    assert "demo-assets: cannot write under" in text and "the disk filled up" in text
+    assert re.search(r"demo-data\s+ran", text) and re.search(r"demo-assets\s+failed", text)
+    assert "Traceback" not in text
+    files = [p for p in (small / "artifacts" / "demo-assets").rglob("*") if p.is_file()]
+    assert all(p.parent.name == LOCKS_DIR for p in files), files  # no half-written checkpoint anywhere
