@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from lease.configs import model_config
-from lease.evaluate.generate import (GenerateConfig, MaskGitSampler, bench_generate, decode_images, mask_schedule,
-                                     maskgit_decode, maskgit_step, task_mask, to_uint8)
+from lease.evaluate.generate import (GENERATE_PRESETS, GenerateConfig, MaskGitSampler, bench_generate,
+                                     decode_images, mask_schedule, maskgit_decode, maskgit_step, task_mask, to_uint8)
+from lease.typed_config import ConfigError, from_dict
 from lease.evaluate.grids import masked_preview, save_comparison_grid, save_image_grid
 from lease.model import LeaseModel
 
@@ -63,6 +64,48 @@ def test_many_steps_still_commit_at_least_one_token_per_step():
     counts = torch.stack(history)[:, 0].tolist()
     assert counts == expected_masked_counts(L, 40)
     assert all(b <= a for a, b in zip([L] + counts, counts)) and counts[-1] == 0
+
+
+class LastLogits:
+    """Random logits like `random_logits`, remembering the last call's inputs and output."""
+
+    def __init__(self, seed: int):
+        self.fn, self.calls = random_logits(seed), 0
+
+    def __call__(self, tokens, masked):
+        self.calls += 1
+        self.tokens, self.masked, self.logits = tokens.clone(), masked.clone(), self.fn(tokens, masked)
+        return self.logits
+
+
+def test_mage_preset_unmasks_everything_and_its_last_step_is_greedy():
+    cfg = GenerateConfig(preset="mage")
+    assert (cfg.num_steps, cfg.choice_temperature, cfg.greedy_fill, cfg.dtype, cfg.uint8) == (
+        20, 6.0, True, "fp32", "truncate")
+    history, logits = [], LastLogits(4)
+    empty = torch.zeros(3, L, dtype=torch.long)
+    out = maskgit_decode(logits, empty, torch.zeros_like(empty, dtype=torch.bool), cfg.num_steps,
+                         cfg.choice_temperature, torch.Generator().manual_seed(0), history=history,
+                         greedy_last=cfg.greedy_fill)
+    counts = torch.stack(history)[:, 0].tolist()
+    # the 20 scheduled steps keep at least one position masked (MAGE's clamp); the extra pass fills it
+    assert counts == expected_masked_counts(L, 20)[:-1] + [1, 0] and logits.calls == 21
+    last = logits.masked
+    assert last.sum(1).tolist() == [1, 1, 1]
+    assert torch.equal(out[last], logits.logits.argmax(-1)[last])  # greedy: the arg-max code
+    assert torch.equal(out[~last], logits.tokens[~last])  # everything else was committed before
+
+
+def test_generation_presets_and_overrides():
+    maskgit = from_dict(GenerateConfig, {"preset": "maskgit"})
+    assert (maskgit.num_steps, maskgit.choice_temperature, maskgit.greedy_fill) == (12, 4.5, False)
+    assert from_dict(GenerateConfig, {"preset": "mage", "dtype": "bf16", "num_steps": 8}).dtype == "bf16"
+    assert set(GENERATE_PRESETS) == {"mage", "maskgit"}
+    with pytest.raises(ConfigError, match="preset"):
+        from_dict(GenerateConfig, {"preset": "magvit"})
+    images = torch.tensor([0.0, 0.5, 0.999, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    assert to_uint8(images, "truncate")[0, 0].flatten().tolist() == [0, 127, 254, 255]
+    assert to_uint8(images, "round")[0, 0].flatten().tolist() == [0, 128, 255, 255]
 
 
 def test_fixed_tokens_never_change_and_committed_tokens_are_never_remasked():
@@ -150,7 +193,7 @@ def test_sampler_with_tiny_model(tiny_model):
 
 def test_bench_generate_reports_throughput(tiny_model):
     result = bench_generate(tiny_model, FakeVQGAN(), batch_size=2, steps=3, dtype="fp32", device="cpu",
-                            warmup=1, repeats=2)
+                            warmup=1, repeats=2, preset="maskgit")
     # timings on a shared CPU are noise; check the record's shape and its internal consistency
     assert min(result["images_per_s"], result["maskgit_images_per_s"], result["vqgan_decode_images_per_s"]) > 0
     assert result["seconds_for_50k"] == pytest.approx(50000 / result["images_per_s"], rel=0.01)

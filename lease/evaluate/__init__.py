@@ -6,7 +6,7 @@ Protocols, each a function on tensors plus a `main(argv)` command (`python -m le
 - `knn`           weighted k-NN on cosine similarity (k = 20, T = 0.07), top-1/top-5
 - `linear_probe`  BatchNorm(affine=False) + linear head, LARS, 90 epochs, on cached features
 - `fewshot`       5/10/13/25 shots per class, LARS lr 1.0, batch 16, 10 epochs, averaged over seeds
-- `generate`      MaskGIT decoding from all-[MASK] (12 steps), VQGAN decoding, grids, FID/IS
+- `generate`      MaskGIT decoding from all-[MASK] (presets mage: 20 steps + greedy fill, maskgit: 12), grids, FID/IS
 - `fid`           FID / IS through torch-fidelity with local Inception weights
 - `report`        Markdown report with the paper's numbers beside ours
 

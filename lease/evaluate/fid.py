@@ -141,18 +141,19 @@ class StreamedImages(GenerativeModelBase):
 
 
 class TokenImages(StreamedImages):
-    """Stored token grids [N, L] decoded in order by `decode(tokens) -> float [n, 3, H, W] in [0, 1]`."""
+    """Stored token grids [N, L] decoded in order by `decode(tokens) -> float [n, 3, H, W] in [0, 1]`,
+    made uint8 by `uint8` (round, or truncate as the `mage` generation preset's PNGs)."""
 
-    def __init__(self, tokens: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, tokens: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], uint8: str = "round"):
         super().__init__(self._decode_next, tokens.shape[0])
-        self.tokens, self.decode, self.cursor = tokens, decode, 0
+        self.tokens, self.decode, self.cursor, self.uint8 = tokens, decode, 0, uint8
 
     def _decode_next(self, n: int) -> torch.Tensor:
         from lease.evaluate.generate import to_uint8
 
         batch = self.tokens[self.cursor : self.cursor + n]
         self.cursor += batch.shape[0]
-        return to_uint8(self.decode(batch))
+        return to_uint8(self.decode(batch), self.uint8)
 
 
 def _as_input(source) -> object:

@@ -1,7 +1,7 @@
 """MaskGIT iterative decoding with a LEASE model, then VQGAN decoding to images (paper §4, MAGE's protocol).
 
 Unconditional generation starts from an all-[MASK] canvas; reconstruction, inpainting and outpainting
-start from real tokens with some positions given (`fixed`). Each of the T steps (default 12):
+start from real tokens with some positions given (`fixed`). Each of the T steps:
 
 1. logits = model.code_logits(tokens, masked) over the V_gen codes;
 2. every masked position samples a code from softmax(logits) (Gumbel-max: exact categorical sampling);
@@ -10,7 +10,14 @@ start from real tokens with some positions given (`fixed`). Each of the T steps 
 4. the n_t lowest-confidence masked positions are masked again, n_t = ⌊N₀ · cos(π/2 · (t+1)/T)⌋
    (N₀: masked positions at the start), clamped to [1, still-masked − 1] as in MaskGIT / MAGE.
 
-After the last step every position holds a sampled code. All of it is batched tensor code with no
+Two presets (`GenerateConfig.preset`):
+
+- `mage`: what the authors' FID numbers came from (MAGE's script): T = 20, τ = 6.0, fp32. The last step
+  re-masks like every other (the clamp keeps one position masked); one extra forward pass then fills what
+  is still masked with the arg-max code (`greedy_fill`). Images reach uint8 by truncation, as their PNGs.
+- `maskgit`: T = 12, τ = 4.5, the last step commits every sampled code; images are rounded to uint8.
+
+Any field set explicitly overrides its preset value (bf16 is a switch on either). All of it is batched tensor code with no
 per-sample Python and no host synchronisation; the random numbers come from an explicit generator and
 are passed into `maskgit_step`, which traces into one graph under `torch.compile`.
 """
@@ -37,19 +44,35 @@ log = logging.getLogger(__name__)
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+GENERATE_PRESETS: dict[str, dict[str, object]] = {
+    "mage": {"num_steps": 20, "choice_temperature": 6.0, "greedy_fill": True, "dtype": "fp32", "uint8": "truncate"},
+    "maskgit": {"num_steps": 12, "choice_temperature": 4.5, "greedy_fill": False, "dtype": "auto", "uint8": "round"},
+}
+Uint8Mode = Literal["round", "truncate"]
+
+
 @dataclass
 class GenerateConfig:
-    num_steps: int = 12
-    choice_temperature: float = 4.5
+    preset: Literal["mage", "maskgit"] = "mage"
+    # None: the preset's value (GENERATE_PRESETS); filled in by __post_init__, so records show what ran
+    num_steps: int | None = None
+    choice_temperature: float | None = None
+    greedy_fill: bool | None = None  # an extra arg-max pass for the positions the last step left masked
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = None
+    uint8: Uint8Mode | None = None  # how [0, 1] images become uint8 for FID / IS
     batch_size: int = 256
     num_images: int = 50000
     seed: int = 0
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
 
     def __post_init__(self) -> None:
+        require(self.preset in GENERATE_PRESETS, "preset", f"must be one of {list(GENERATE_PRESETS)}")
+        for key, value in GENERATE_PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         require(self.num_steps > 0, "num_steps", "must be > 0")
         require(self.choice_temperature >= 0, "choice_temperature", "must be >= 0")
+        require(self.uint8 in ("round", "truncate"), "uint8", "must be round or truncate")
         require(self.batch_size > 0, "batch_size", "must be > 0")
         require(self.num_images > 0, "num_images", "must be > 0")
 
@@ -90,12 +113,20 @@ def maskgit_step(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tenso
     return sampled, (confidence <= cutoff) & masked
 
 
+def greedy_fill(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """`tokens` with every `masked` position set to its arg-max code (the `mage` preset's extra pass)."""
+    return torch.where(masked, logits.argmax(dim=-1), tokens)
+
+
 def maskgit_decode(logits_fn: LogitsFn, tokens: torch.Tensor, fixed: torch.Tensor, num_steps: int,
                    choice_temperature: float, generator: torch.Generator,
-                   step_fn: Callable = maskgit_step, history: list[torch.Tensor] | None = None) -> torch.Tensor:
+                   step_fn: Callable = maskgit_step, history: list[torch.Tensor] | None = None,
+                   greedy_last: bool = False) -> torch.Tensor:
     """Fill every non-`fixed` position of `tokens` [B, L] by MaskGIT decoding; fixed ones are returned as given.
 
-    `history`, when a list, receives the per-row count of masked positions after each step.
+    `greedy_last`: the last step re-masks by the schedule too, then one more pass fills the rest by arg-max
+    (MAGE's protocol); otherwise the last step commits every sample. `history`, when a list, receives the
+    per-row count of masked positions after each step (and after the greedy pass).
     """
     if tokens.shape != fixed.shape or fixed.dtype != torch.bool:
         raise ValueError(f"tokens {tuple(tokens.shape)} and fixed {tuple(fixed.shape)} must match; fixed is bool")
@@ -110,9 +141,13 @@ def maskgit_decode(logits_fn: LogitsFn, tokens: torch.Tensor, fixed: torch.Tenso
         choice_noise = gumbel_noise(tuple(masked.shape), generator, device)
         tokens, remask = step_fn(logits, tokens, masked, initial, ratios[t], temperatures[t], sample_noise,
                                  choice_noise)
-        masked = remask if t < num_steps - 1 else torch.zeros_like(masked)  # the last step commits everything
+        masked = remask if greedy_last or t < num_steps - 1 else torch.zeros_like(masked)
         if history is not None:
             history.append(masked.sum(dim=1))
+    if greedy_last:
+        tokens = greedy_fill(logits_fn(tokens, masked), tokens, masked)
+        if history is not None:
+            history.append(torch.zeros_like(history[-1]))
     return tokens
 
 
@@ -174,7 +209,8 @@ class MaskGitSampler:
         tokens = as_ids(tokens.to(self.device))
         with eval_mode(self.model):
             return maskgit_decode(self.logits, tokens, ~regenerate.to(self.device), self.cfg.num_steps,
-                                  self.cfg.choice_temperature, self.generator, self.step_fn, history)
+                                  self.cfg.choice_temperature, self.generator, self.step_fn, history,
+                                  greedy_last=self.cfg.greedy_fill)
 
     def sample(self, batch: int) -> torch.Tensor:
         """Unconditional samples int64 [batch, L] from an all-[MASK] canvas."""
@@ -200,9 +236,11 @@ def decode_images(vqgan, tokens: torch.Tensor, grid_size: int, dtype: str = "aut
         return vqgan.decode(codes).float().clamp(0.0, 1.0)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] float images → uint8 (what torch-fidelity and PNG writers take)."""
-    return images.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+def to_uint8(images: torch.Tensor, mode: Uint8Mode = "round") -> torch.Tensor:
+    """[0, 1] float images → uint8 (what torch-fidelity and PNG writers take): rounded, or truncated as
+    numpy's `astype(np.uint8)` in MAGE's sample writer (the `mage` preset, so FID sees their pixels)."""
+    scaled = images.mul(255.0).clamp_(0, 255)
+    return (scaled.round_() if mode == "round" else scaled).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------- benchmark
@@ -216,16 +254,17 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench_generate(model: torch.nn.Module, vqgan, batch_size: int = 256, steps: int = 12, dtype: str = "bf16",
-                   compile: bool = False, device: str | torch.device | None = None, warmup: int = 2,
-                   repeats: int = 5) -> dict:
-    """Generated images/s for `steps`-step MaskGIT decoding plus VQGAN decoding, at `batch_size`.
+def bench_generate(model: torch.nn.Module, vqgan, batch_size: int = 256, steps: int | None = None,
+                   dtype: str = "bf16", compile: bool = False, device: str | torch.device | None = None,
+                   warmup: int = 2, repeats: int = 5, preset: str = "mage") -> dict:
+    """Generated images/s for MaskGIT decoding (`preset`, `steps` overriding its count) plus VQGAN
+    decoding, at `batch_size`.
 
     Median over `repeats` timed batches after `warmup` untimed ones (compilation happens there); also the
     two parts alone, so one sees where the time goes.
     """
     device = resolve_device(device)
-    cfg = GenerateConfig(num_steps=steps, batch_size=batch_size, dtype=dtype, compile=compile,
+    cfg = GenerateConfig(preset=preset, num_steps=steps, batch_size=batch_size, dtype=dtype, compile=compile,
                          num_images=batch_size)
     sampler = MaskGitSampler(model, cfg, device)
     tokens = sampler.sample(batch_size)
@@ -242,7 +281,8 @@ def bench_generate(model: torch.nn.Module, vqgan, batch_size: int = 256, steps: 
     decode_only = [_timed(lambda: decode_images(vqgan, tokens, sampler.grid_size, dtype), device)
                    for _ in range(repeats)]
     median = statistics.median(total)
-    result = {"batch_size": batch_size, "steps": steps, "dtype": dtype, "compile": compile,
+    result = {"batch_size": batch_size, "preset": preset, "steps": cfg.num_steps, "greedy_fill": cfg.greedy_fill,
+              "dtype": dtype, "compile": compile,
               "device": str(device), "repeats": repeats, "warmup": warmup,
               "median_s_per_batch": round(median, 4), "images_per_s": round(batch_size / median, 1),
               "maskgit_images_per_s": round(batch_size / statistics.median(tokens_only), 1),
@@ -342,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
         if args.inception_weights is None:
             raise SystemExit("--reference needs --inception-weights (the torch-fidelity inception-v3-compat file)")
         fid_cfg = FidConfig(weights=str(args.inception_weights))
-        source = TokenImages(tokens, lambda t: decode_images(vqgan, t.to(device), sampler.grid_size, cfg.dtype))
+        source = TokenImages(tokens, lambda t: decode_images(vqgan, t.to(device), sampler.grid_size, cfg.dtype),
+                             uint8=cfg.uint8)
         record["fid"] = fid_is(source, args.reference, fid_cfg, device=device)
         atomic_write_json(args.out / "fid.json", {"protocol": "fid", **record["fid"]})
     atomic_write_json(args.out / "generate.json", record)
@@ -359,7 +400,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: random weights at MAGE's full width (ch 128, 2 blocks, 1024 codes)")
     parser.add_argument("--vqgan-config", type=Path, default=None)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[256])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--generate-preset", choices=list(GENERATE_PRESETS), default="mage",
+                        help="decoding protocol (mage: 20 steps + greedy fill; maskgit: 12 steps)")
+    parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="on")
     parser.add_argument("--repeats", type=int, default=5)
@@ -394,7 +437,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
             vqgan = load_vqgan_from_args(args, device, dtype=torch_dtype, compile=compiled)
             check_compatible(model, vqgan)
             result = bench_generate(model, vqgan, batch, args.steps, args.dtype, compiled, device,
-                                    warmup=args.warmup * (2 if compiled else 1), repeats=args.repeats)
+                                    warmup=args.warmup * (2 if compiled else 1), repeats=args.repeats,
+                                    preset=args.generate_preset)
             name = f"generate-{args.checkpoint.stem if args.checkpoint else args.preset}-b{batch}-{args.dtype}-" \
                    f"{'compile' if compiled else 'eager'}"
             write_record(name, {"results": {**result, "vqgan": str(args.vqgan_checkpoint)}}, args.out_dir)
