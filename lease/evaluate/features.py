@@ -1,7 +1,9 @@
 """Frozen encoder features for the discriminative protocols (k-NN, linear probe, few-shot).
 
 The paper evaluates mean-pooled encoder outputs of the full, unmasked token sequence ([CLS] excluded);
-the [CLS] output is an option. Extraction runs batched under `inference_mode` (bf16 autocast on CUDA)
+the [CLS] output is an option. `pool="mean_ln"` is the authors' probe feature (MAE's `global_pool`, their
+linear-probe script): the mean of the patch tokens *before* the encoder's final norm, through a fresh
+LayerNorm whose affine parameters stay at their initial 1 and 0 (MAE freezes all but the head). Extraction runs batched under `inference_mode` (bf16 autocast on CUDA)
 and the result is cached as an artifact: `features.npy` (float32 [N, D]), `labels.npy` (int64 [N]) and
 `features.json` (what produced them).
 """
@@ -16,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from lease.io import atomic_path, atomic_write_json, file_digest
@@ -23,6 +26,8 @@ from lease.io import atomic_path, atomic_write_json, file_digest
 log = logging.getLogger(__name__)
 
 DType = Literal["auto", "bf16", "fp16", "fp32"]
+Pool = Literal["mean", "cls", "mean_ln"]
+POOLS = ("mean", "cls", "mean_ln")
 FEATURES_FILE, LABELS_FILE, RECORD_FILE = "features.npy", "labels.npy", "features.json"
 
 
@@ -62,6 +67,25 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+def prenorm_patch_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Encoder outputs of the patch positions before the final norm, [B, L, D] (full, unmasked input)."""
+    positions = torch.arange(tokens.shape[1] + 1, device=tokens.device).expand(tokens.shape[0], -1)
+    x = model.embed(model.with_cls(tokens), positions)
+    for block in model.blocks:
+        x = block(x)
+    return x[:, 1:]
+
+
+def encoder_features(model: torch.nn.Module, tokens: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+    """Pooled features [B, D] of token ids [B, L]: `mean` / `cls` (`model.features`) or `mean_ln`."""
+    if pool == "mean_ln":
+        pooled = prenorm_patch_tokens(model, tokens).mean(dim=1)
+        return F.layer_norm(pooled, pooled.shape[-1:], eps=model.cfg.ln_eps)  # unit affine: none applied
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    return model.features(tokens, pool=pool)
+
+
 @torch.inference_mode()
 def extract_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 256, pool: str = "mean",
                      device: str | torch.device | None = None, dtype: DType = "auto",
@@ -83,7 +107,7 @@ def extract_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size: i
         for lo in range(0, n, batch_size):
             batch = as_ids(tokens[lo : lo + batch_size].to(device, non_blocking=True))
             with autocast_for(device, dtype):
-                feats = model.features(batch, pool=pool)
+                feats = encoder_features(model, batch, pool)
             if out is None:  # the width is only known after the first batch
                 out = torch.empty(n, feats.shape[1], dtype=torch.float32, device=out_device)
             out[lo : lo + batch.shape[0]] = feats.float().to(out_device, non_blocking=True)
@@ -140,7 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a lease training checkpoint")
     parser.add_argument("--shards", required=True, help="packed split: directory of .tar shards or a glob")
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
-    parser.add_argument("--pool", choices=["mean", "cls"], default="mean")
+    parser.add_argument("--pool", choices=list(POOLS), default="mean",
+                        help="mean_ln: the authors' probe feature (LayerNorm of the pre-norm patch mean)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     parser.add_argument("--device", default=None, help="default: cuda when available")
