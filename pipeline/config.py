@@ -177,10 +177,12 @@ class TokenizeConfig:
 @dataclass
 class PackConfig:
     samples_per_shard: int = 10_000
+    seed: int = 0  # each split's samples are written in a permutation drawn from it (pipeline.pack)
     num_workers: int = 4  # performance only
 
     def __post_init__(self) -> None:
         require(self.samples_per_shard > 0, "samples_per_shard", "must be > 0")
+        require(self.seed >= 0, "seed", "must be >= 0")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
 
 

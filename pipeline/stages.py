@@ -182,7 +182,8 @@ def build_pack(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     tokens = _recorded_result(dirs["tokenize"])
     splits = {split: dirs["tokenize"] / split for split, count in tokens["num_images"].items() if count > 0}
     return pack.pack(splits, out, vocab_gen=tokens["vq_codes"], codebook_size=tokens["disc_codes"],
-                     samples_per_shard=cfg.pack.samples_per_shard, num_workers=cfg.pack.num_workers)
+                     samples_per_shard=cfg.pack.samples_per_shard, seed=cfg.pack.seed,
+                     num_workers=cfg.pack.num_workers)
 
 
 def _pretrain_config(cfg: PipelineConfig, dirs: Dirs | None = None) -> dict[str, Any]:

@@ -56,22 +56,27 @@ def test_round_trip_index_and_stats(tokens, tmp_path):
     index = pq.read_table(out / "index.parquet").to_pydict()
     for split, data in expected.items():
         samples = list(pk.iter_packed(sorted((out / split).glob("*.tar"))))
-        assert [s["__key__"] for s in samples] == data["keys"].tolist()
+        keys = [s["__key__"] for s in samples]
+        assert sorted(keys) == sorted(data["keys"].tolist())  # every sample once, in the permuted order
+        row = {k: i for i, k in enumerate(data["keys"].tolist())}
+        order = [row[k] for k in keys]
         for name in ("vq", "disc"):
             got = np.stack([s[name] for s in samples])
             assert got.dtype == np.uint16
-            np.testing.assert_array_equal(got, data[name])
-        assert [s["cls"] for s in samples] == data["labels"].tolist()
+            np.testing.assert_array_equal(got, data[name][order])
+        assert [s["cls"] for s in samples] == data["labels"][order].tolist()
         rows = [i for i, s in enumerate(index["split"]) if s == split]
-        assert [index["key"][i] for i in rows] == data["keys"].tolist()
-        assert [index["label"][i] for i in rows] == data["labels"].tolist()
+        assert [index["key"][i] for i in rows] == keys
+        assert [index["label"][i] for i in rows] == data["labels"][order].tolist()
         assert [(index["shard"][i], index["position"][i]) for i in rows] == [
             (f"{split}/shard-{j // 8:06d}.tar", j % 8) for j in range(len(rows))]
     # The trainer's own reader sees the same samples.
+    train = [s["__key__"] for s in pk.iter_packed(sorted((out / "train").glob("*.tar")))]
     keys, vq, disc, labels = read_shard(out / "train" / "shard-000001.tar")
-    assert keys == expected["train"]["keys"][8:16].tolist()
-    np.testing.assert_array_equal(vq, expected["train"]["vq"][8:16])
-    np.testing.assert_array_equal(labels, expected["train"]["labels"][8:16])
+    assert keys == train[8:16]
+    row = [expected["train"]["keys"].tolist().index(k) for k in keys]
+    np.testing.assert_array_equal(vq, expected["train"]["vq"][row])
+    np.testing.assert_array_equal(labels, expected["train"]["labels"][row])
     stats = json.loads((out / "stats.json").read_text())
     assert stats["num_images"] == 30 and stats["num_tokens"] == 30 * SEQ_LEN
     assert sum(stats["histograms"]["disc"]) == 30 * SEQ_LEN and len(stats["histograms"]["gen"]) == VOCAB_GEN
@@ -85,6 +90,44 @@ def test_same_inputs_give_identical_bytes(tokens, tmp_path):
     run_pack(dirs, tmp_path / "b", num_workers=2)
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
     assert file_digest(tmp_path / "a" / "index.parquet") == file_digest(tmp_path / "b" / "index.parquet")
+
+
+def packed_keys(out: Path, split: str) -> list[str]:
+    return [s["__key__"] for s in pk.iter_packed(sorted((out / split).glob("*.tar")))]
+
+
+def test_permutation_is_seeded_and_depends_on_the_set_of_samples_only(tokens, tmp_path):
+    """The same samples cut into other token files, in another order, pack to the same bytes; another seed
+    gives another order of the same samples; neither is the input order."""
+    dirs, expected = tokens
+    run_pack(dirs, tmp_path / "a")
+    train = expected["train"]
+    flipped = np.arange(len(train["keys"]))[::-1]
+    (tmp_path / "recut" / "train").mkdir(parents=True)
+    for number, rows in enumerate(np.array_split(flipped, [3, 13])):
+        np.savez(tmp_path / "recut" / "train" / f"shard-{number:06d}.npz", **{k: v[rows] for k, v in train.items()})
+    run_pack({**dirs, "train": tmp_path / "recut" / "train"}, tmp_path / "recut-out")
+    assert digests(tmp_path / "recut-out") == digests(tmp_path / "a")
+    assert file_digest(tmp_path / "recut-out" / "index.parquet") == file_digest(tmp_path / "a" / "index.parquet")
+    run_pack(dirs, tmp_path / "seed1", seed=1)
+    first, other = packed_keys(tmp_path / "a", "train"), packed_keys(tmp_path / "seed1", "train")
+    assert sorted(first) == sorted(other) == train["keys"].tolist()
+    assert len({tuple(first), tuple(other), tuple(train["keys"].tolist())}) == 3
+    assert digests(tmp_path / "seed1") != digests(tmp_path / "a")
+
+
+def test_index_maps_every_key_to_its_shard_and_position(tokens, tmp_path):
+    dirs, expected = tokens
+    run_pack(dirs, tmp_path / "out", samples_per_shard=5)
+    index = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
+    assert sorted(r["key"] for r in index) == sorted(k for data in expected.values() for k in data["keys"].tolist())
+    shards = {name: read_shard(tmp_path / "out" / name) for name in {r["shard"] for r in index}}
+    for r in index:
+        keys, vq, _, labels = shards[r["shard"]]
+        data = expected[r["split"]]
+        row = data["keys"].tolist().index(r["key"])
+        assert keys[r["position"]] == r["key"] and labels[r["position"]] == r["label"] == data["labels"][row]
+        np.testing.assert_array_equal(vq[r["position"]], data["vq"][row])
 
 
 def test_interrupted_run_resumes_to_identical_output(tokens, tmp_path, monkeypatch):
@@ -132,9 +175,10 @@ def test_manifest_keys_of_odd_file_names_pack_and_read_back(tmp_path):
              disc=rng.integers(0, CODEBOOK, (len(keys), SEQ_LEN)).astype(np.uint16))
     run_pack({"train": tmp_path}, tmp_path / "out", samples_per_shard=len(keys))
     shard = tmp_path / "out" / "train" / "shard-000000.tar"
-    assert [s["__key__"] for s in pk.iter_packed([shard])] == keys.tolist()
-    assert read_shard(shard)[0] == keys.tolist()
-    assert [s["cls"] for s in pk.iter_packed([shard])] == list(range(len(keys)))
+    packed = list(pk.iter_packed([shard]))
+    assert sorted(s["__key__"] for s in packed) == sorted(keys.tolist())
+    assert read_shard(shard)[0] == [s["__key__"] for s in packed]
+    assert [s["cls"] for s in packed] == [keys.tolist().index(s["__key__"]) for s in packed]
 
 
 @pytest.mark.parametrize("change, message", [
