@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lease.configs import TrainConfig, train_config
+from lease.evaluate.fewshot import FewShotConfig
 from lease.evaluate.generate import GenerateConfig
 from lease.evaluate.knn import KnnConfig
 from lease.evaluate.linear_probe import ProbeConfig
+from lease.evaluate.online import AugmentConfig
 from lease.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, require
 
 DEMO = "demo"
@@ -188,10 +190,16 @@ class PackConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Protocols run on the pretrained encoder (configs of `lease.evaluate`); FID needs `lease eval fid`."""
+    """Protocols run on the pretrained encoder (configs of `lease.evaluate`); FID needs `lease eval fid`.
 
+    `protocol` (lease.evaluate.protocols): authors | paper probe online-tokenized augmented views (`augment`),
+    fast probes the cached centre-crop tokens; k-NN always uses the cached tokens."""
+
+    protocol: Literal["authors", "paper", "fast"] = "fast"
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear_probe: ProbeConfig = field(default_factory=ProbeConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(num_images=64))
     grid_rows: int = 8  # rows of the sample and reconstruction/inpainting/outpainting grids
     batch_size: int = 256  # feature extraction; performance only

@@ -219,11 +219,12 @@ def build_pretrain(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
 
 
 def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
-    """k-NN and linear probe on mean-pooled encoder features (train → val), MaskGIT sample and
-    reconstruction/inpainting/outpainting grids through the VQGAN, and the Markdown report."""
+    """k-NN on mean-pooled encoder features of the cached tokens (train → val); linear probe and few-shot
+    by `evaluate.protocol` (cached tokens, or online-tokenized views of the manifest's images); MaskGIT
+    sample and reconstruction/inpainting/outpainting grids through the VQGAN, and the Markdown report."""
     from lease.checkpoints import model_from_checkpoint
     from lease.data import read_token_set
-    from lease.evaluate import generate, grids, knn, linear_probe, report
+    from lease.evaluate import fewshot, generate, grids, knn, linear_probe, protocols, report
     from lease.evaluate.features import extract_token_set
     from lease.tokenizers import load_vqgan
 
@@ -231,8 +232,14 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     model = model_from_checkpoint(dirs["pretrain"] / "checkpoint.pt", device)
     train, val = (extract_token_set(model, read_token_set(dirs["pack"] / split), e.batch_size, device=device,
                                     dtype=e.dtype) for split in ("train", "val"))
-    results = {"knn": knn.knn_classify(*train, *val, e.knn, device),
-               "linear_probe": linear_probe.linear_probe(*train, *val, e.linear_probe, device)}
+    results = {"knn": knn.knn_classify(*train, *val, e.knn, device)}
+    if e.protocol == "fast":
+        results.update(linear_probe=linear_probe.linear_probe(*train, *val, e.linear_probe, device),
+                       fewshot=fewshot.few_shot(*train, *val, e.fewshot, device))
+    else:
+        results.update(protocols.online_probes(e.protocol, model, _online_views(cfg, dirs, device), e.linear_probe,
+                                               e.fewshot, e.augment, e.dtype))
+    results = protocols.labelled(results, e.protocol)
     for name, result in results.items():
         atomic_write_json(out / report.RESULT_FILES[name], result)
 
@@ -249,6 +256,27 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
                         pictures, title=f"LEASE evaluation ({cfg.name})")
     return {"knn_top1": results["knn"]["top1"], "linear_probe_top1": results["linear_probe"]["top1"],
             "report": "report/report.md", "grids": sorted(pictures)}
+
+
+def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str):
+    """The manifest's train (augmented) and val views, decoded by the pipeline's image loader, and the
+    run's VQGAN (compiled on CUDA) to tokenize them online."""
+    from lease.evaluate.online import AugmentedImages, OnlineTokenizer, view_transform
+    from lease.evaluate.protocols import OnlineViews
+    from lease.tokenizers import load_vqgan
+    from pipeline.images import decode_location
+    from pipeline.manifest import read_manifest
+
+    a = cfg.evaluate.augment
+    views = {}
+    for split in ("train", "val"):
+        rows = read_manifest(dirs["manifest"] / "manifest.parquet", split=split)
+        views[split] = AugmentedImages(rows["location"].to_pylist(), rows["label"].to_pylist(),
+                                       view_transform(a, split), decode_location, seed=a.seed)
+    vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
+    vqgan = load_vqgan(cfg.tokenizers.vqgan.kind, vq_ckpt, config=vq_config, device=device,
+                       compile=device.startswith("cuda"))
+    return OnlineViews(views["train"], views["val"], OnlineTokenizer(vqgan, a.batch_size))
 
 
 def _plain(summary: Any) -> dict[str, Any]:
@@ -279,8 +307,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("pretrain", ("pack", "kmeans"),
           lambda c: _without(_pretrain_config(c), "data.num_workers", "log_every", "ckpt_every"),
           build_pretrain, on_device=True),
-    Stage("evaluate", ("pretrain", "pack", "demo-assets"),
-          lambda c: {"evaluate": _without(to_dict(c.evaluate), "batch_size"), "vqgan": _tokenizer_config(c)["vqgan"]},
+    Stage("evaluate", ("pretrain", "pack", "manifest", "demo-assets"),
+          lambda c: {"evaluate": _without(to_dict(c.evaluate), "batch_size", "augment.batch_size",
+                                          "augment.num_workers"), "vqgan": _tokenizer_config(c)["vqgan"]},
           build_evaluate, inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
                                                      vqgan_config=c.tokenizers.vqgan.config), on_device=True),
 ]}

@@ -47,7 +47,7 @@ def test_online_path_gives_the_tokenize_stage_tokens_for_its_centre_crop(assets,
     stage = tok.read_shards(tmp_path / "val")
     rows = read_manifest(assets / "manifest.parquet", split="val")
     data = AugmentedImages(rows["location"].to_pylist(), rows["label"].to_pylist(), StageCrop(), decode_location)
-    tokenizer = OnlineTokenizer(load_vqgan("maskgit", assets / "vqgan.ckpt", device="cpu"), batch_size=4)
+    tokenizer = OnlineTokenizer(load_vqgan("maskgit", assets / "vqgan.ckpt", device="cpu"), chunk=3)
     batches = list(epoch_loader(data, 0, batch_size=4, num_workers=0, shuffle=False))
     ids = torch.cat([tokenizer(images) for images, _ in batches])
     assert ids.shape == (6, 256)

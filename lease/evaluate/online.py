@@ -15,7 +15,7 @@ differs between epochs and does not depend on the worker count. Batches arrive a
 (uint8 for the v2 views, float in [0, 1] for timm's).
 
 Model side (`OnlineTokenizer`): the batch goes to the device once, becomes [0, 1] float and is encoded by the
-VQGAN (compiled on CUDA, `lease.tokenizers`); a short batch is padded to the compiled batch size.
+VQGAN (compiled on CUDA, `lease.tokenizers`) in chunks, a short one padded to the compiled chunk size.
 """
 from __future__ import annotations
 
@@ -133,16 +133,26 @@ def to_unit(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class OnlineTokenizer:
-    """View batches → VQGAN code ids int64 [B, L] on the tokenizer's device."""
+    """View batches → VQGAN code ids int64 [B, L] on the tokenizer's device, encoded `chunk` images at a time
+    (the VQGAN's activations bound the memory, not the probe's batch)."""
 
-    def __init__(self, vqgan, batch_size: int):
-        self.vqgan, self.device = vqgan, vqgan.device
-        # compiled encoders are specialised to one batch size: pad a short batch instead of recompiling
-        self.pad_to = batch_size if getattr(vqgan, "compiled", False) else 0
+    def __init__(self, vqgan, chunk: int):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.vqgan, self.device, self.chunk = vqgan, vqgan.device, chunk
+        # compiled encoders are specialised to one batch size: pad a short chunk instead of recompiling
+        self.pad = getattr(vqgan, "compiled", False)
+
+    def resized(self, chunk: int) -> "OnlineTokenizer":
+        """The same VQGAN encoding at most `chunk` images at a time (a compiled one then holds both sizes)."""
+        return OnlineTokenizer(self.vqgan, min(chunk, self.chunk))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        n = images.shape[0]
         x = to_unit(images, self.device)
-        if n < self.pad_to:
-            x = torch.cat([x, x.new_zeros((self.pad_to - n, *x.shape[1:]))])
+        return torch.cat([self._encode(part) for part in x.split(self.chunk)])
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.pad and n < self.chunk:
+            x = torch.cat([x, x.new_zeros((self.chunk - n, *x.shape[1:]))])
         return self.vqgan.encode(x).flatten(1)[:n]

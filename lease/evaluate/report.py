@@ -124,24 +124,37 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+PROTOCOL_NAMES = {"fast": "cached centre-crop tokens", "authors": "authors' scripts: online augmented views",
+                  "paper": "paper's tables: online augmented views"}
+
+
+def _by(r: dict) -> str:
+    """Which evaluation protocol produced a result (`evaluate.protocol`; results of the standalone
+    `lease eval` commands on cached features are `fast`)."""
+    protocol = r.get("eval_protocol", "fast")
+    return f" [{protocol}: {PROTOCOL_NAMES.get(protocol, protocol)}]"
+
+
 def metrics_rows(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
-    """(metric, ours, paper, paper source) rows for every protocol present."""
+    """(metric, ours, paper, paper source) rows for every protocol present; each metric names the
+    evaluation protocol that produced it."""
     rows = []
     paper = PAPER_LEASE_VIT_B
     if "knn" in results:
         r = results["knn"]
-        rows.append((f"k-NN top-1 (k={r.get('k')}, T={r.get('temperature')})", _fmt(r["top1"]),
+        rows.append((f"k-NN top-1 (k={r.get('k')}, T={r.get('temperature')}){_by(r)}", _fmt(r["top1"]),
                      _fmt(paper["knn_top1"][0]), paper["knn_top1"][1]))
         rows.append(("k-NN top-5", _fmt(r["top5"]), "–", ""))
     if "linear_probe" in results:
         r = results["linear_probe"]
-        rows.append(("linear probe top-1", _fmt(r["top1"]), _fmt(paper["linear_probe_top1"][0], 1),
+        rows.append((f"linear probe top-1{_by(r)}", _fmt(r["top1"]), _fmt(paper["linear_probe_top1"][0], 1),
                      paper["linear_probe_top1"][1]))
         rows.append(("linear probe top-5", _fmt(r["top5"]), "–", ""))
     if "fewshot" in results:
         ref, source = paper["fewshot"]
         for shots, r in results["fewshot"]["shots"].items():
-            rows.append((f"{shots}-shot top-1 (mean ± std over seeds)", f"{r['top1']:.2f} ± {r['std']:.2f}",
+            rows.append((f"{shots}-shot top-1 (mean ± std over seeds){_by(results['fewshot'])}",
+                         f"{r['top1']:.2f} ± {r['std']:.2f}",
                          _fmt(ref.get(shots)), source if shots in ref else ""))
         rows.append(("few-shot average", _fmt(results["fewshot"]["average"]), _fmt(ref["avg"]), source))
     if "fid" in results:
