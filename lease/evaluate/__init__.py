@@ -6,6 +6,7 @@ Protocols, each a function on tensors plus a `main(argv)` command (`python -m le
 - `knn`           weighted k-NN on cosine similarity (k = 20, T = 0.07), top-1/top-5
 - `linear_probe`  BatchNorm(affine=False) + linear head, LARS, 90 epochs, on cached features
 - `fewshot`       5/10/13/25 shots per class, LARS lr 1.0, batch 16, 10 epochs, averaged over seeds
+- `finetune`      full fine-tuning on online-tokenized views (table A.3), top-1/top-5, resumable
 - `generate`      MaskGIT decoding from all-[MASK] (presets mage: 20 steps + greedy fill, maskgit: 12), grids, FID/IS
 - `fid`           FID / IS through torch-fidelity with local Inception weights
 - `report`        Markdown report with the paper's numbers beside ours
@@ -31,6 +32,7 @@ PROTOCOLS = {
     "knn": "weighted k-NN top-1/top-5 on cached features",
     "linear-probe": "linear probe (BN + linear, LARS) on cached features",
     "fewshot": "few-shot linear probes (5/10/13/25 shots per class), averaged over seeds",
+    "finetune": "full fine-tuning on online-tokenized RandAug views (table A.3), checkpoint/resume",
     "generate": "MaskGIT generation, reconstruction/inpainting/outpainting grids, FID/IS",
     "fid": "FID / IS of an image folder against the validation images",
     "report": "Markdown report of a run's evaluation beside the paper's numbers",
