@@ -189,6 +189,13 @@ def code_identity(fn: Callable) -> dict[str, Any]:
             "constants": dict(sorted(constants.items())), "packages": packages}
 
 
+def combined_identity(fns: tuple[Callable, ...]) -> dict[str, Any]:
+    """`code_identity` of several functions that build one artifact, as one."""
+    parts = [code_identity(fn) for fn in fns]
+    return {section: dict(sorted(kv for part in parts for kv in part[section].items()))
+            for section in ("functions", "modules", "constants", "packages")}
+
+
 def _version(distribution: str) -> str:
     try:
         return importlib.metadata.version(distribution)

@@ -170,10 +170,27 @@ class TokenizeConfig:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     gpu_decode: bool = False  # nvJPEG on the device (CUDA only)
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the tokenizers (auto: on CUDA)
+    # Parts of the work that run as separate tasks (on the runner's workers), each whole shards; 0: one per
+    # worker. Performance only: the stage's output is the same for any count.
+    partitions: int = 0
 
     def __post_init__(self) -> None:
         _check_loader(self.batch_size, self.num_workers)
         require(self.images_per_shard > 0, "images_per_shard", "must be > 0")
+        require(self.partitions >= 0, "partitions", "must be >= 0 (0: one per worker)")
+
+
+@dataclass
+class RunnerConfig:
+    """Where the partitioned stages' tasks run: in the flow's process, or on a Dask cluster's workers."""
+
+    kind: Literal["local", "dask"] = "local"
+    address: str = ""  # a running Dask scheduler (tcp://host:8786); empty: start a cluster on this machine
+    workers: int = 0  # workers of a local cluster; 0: one per visible GPU, or 2 CPU workers without GPUs
+
+    def __post_init__(self) -> None:
+        require(self.workers >= 0, "workers", "must be >= 0 (0: one per visible GPU, else 2)")
+        require(not (self.address and self.kind == "local"), "address", "needs runner.kind=dask")
 
 
 @dataclass
@@ -215,6 +232,7 @@ class PipelineConfig:
     name: str = "lease"
     artifacts: str = "artifacts"  # root of artifacts/<stage>/<key>/ (relative to the working directory)
     device: str = "auto"  # auto: cuda when present, else cpu
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
     tokenizers: TokenizersConfig = field(default_factory=TokenizersConfig)

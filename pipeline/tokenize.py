@@ -18,20 +18,22 @@ train images (a seeded random subset of patches per image) written to one `.npy`
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import shutil
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from lease.codebook import load_codebook
-from lease.io import atomic_path
+from lease.io import atomic_path, json_digest
 from lease.tokenizers import codes_to_uint16, load_vqgan
 from lease.tokenizers.dinov2 import DEFAULT_IMAGE_SIZE, DEFAULT_LAYER, load_dinov2
 from pipeline.assign import Assigner, resolve_device
@@ -160,6 +162,31 @@ def load_fused_tokenizer(*, vqgan_kind: str, vqgan_checkpoint: str | Path, vqgan
                           pad_to=batch_size if compiled else 0)
 
 
+def cached_fused_tokenizer(**files_and_settings) -> FusedTokenizer:
+    """`load_fused_tokenizer`, kept for the next call with the same arguments and unchanged files (one
+    model per process: a worker that runs several partitions loads and compiles the networks once)."""
+    files = ("vqgan_checkpoint", "vqgan_config", "dinov2_path", "centroids")
+    stamps = tuple(_stamp(files_and_settings[name]) for name in files)
+    return _kept_fused_tokenizer(stamps, **files_and_settings)
+
+
+def _stamp(path: str | None) -> tuple:
+    if not path:
+        return ()
+    stat = Path(path).stat()
+    return (path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _kept_fused_tokenizer(stamps: tuple, **files_and_settings) -> FusedTokenizer:
+    return load_fused_tokenizer(**files_and_settings)
+
+
+def release_cached_tokenizer() -> None:
+    """Drop the kept tokenizers (their GPU memory) once a process has no more partitions to run."""
+    _kept_fused_tokenizer.cache_clear()
+
+
 def _shard_arrays(rows, shard: range, vq: torch.Tensor, disc: torch.Tensor, vq_codes: int,
                   disc_codes: int) -> dict[str, np.ndarray]:
     return {"keys": np.asarray(rows["key"][shard.start:shard.stop], dtype=str),
@@ -197,14 +224,17 @@ class WaitClock:
 
 def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_dir: Path, *, batch_size: int,
                    num_workers: int, images_per_shard: int, gpu_decode: bool = False,
-                   max_shards: int | None = None) -> SplitResult:
-    """Tokenize one split into `out_dir/shard-*.npz`, skipping the shards that already exist."""
+                   max_shards: int | None = None, only: Collection[int] | None = None) -> SplitResult:
+    """Tokenize one split into `out_dir/shard-*.npz`, skipping the shards that already exist; `only`
+    restricts the work to those shard indices (a partition of the stage)."""
     table = read_manifest(manifest, split=split)
     rows = {"key": table["key"].to_pylist(), "label": table["label"].to_pylist(),
             "location": table["location"].to_pylist()}
     shards = shard_ranges(len(rows["key"]), images_per_shard)
-    done = {j for j in range(len(shards)) if (out_dir / shard_name(j)).exists()}
-    pending = [j for j in range(len(shards)) if j not in done][:max_shards]
+    mine = range(len(shards)) if only is None else sorted(only)
+    done = {j for j in mine if (out_dir / shard_name(j)).exists()}
+    pending = [j for j in mine if j not in done][:max_shards]
+    out_dir.mkdir(parents=True, exist_ok=True)  # an empty partition of a split still has its folder
     if not pending:
         return SplitResult(len(rows["key"]), len(shards), 0, len(done), 0)
 
@@ -254,25 +284,31 @@ def tokenize(manifest: str | Path, centroids: str | Path, out_dir: str | Path, *
              dinov2_path: str | Path, layer: int = DEFAULT_LAYER, dino_size: int = DEFAULT_IMAGE_SIZE,
              splits: Sequence[str] = SPLIT_ORDER, batch_size: int = 128, num_workers: int = 8,
              images_per_shard: int = 10_000, dtype: str = "auto", device: str | torch.device = "auto",
-             gpu_decode: bool = False, max_shards: int | None = None, compile: str = "auto") -> TokenizeSummary:
+             gpu_decode: bool = False, max_shards: int | None = None, compile: str = "auto",
+             shards: dict[str, list[int]] | None = None) -> TokenizeSummary:
     """Tokenize the usable rows of each split of `manifest` into `out_dir/<split>/shard-*.npz`.
 
     `max_shards` stops after that many new shards per split (a later call continues); `gpu_decode`
-    decodes JPEGs with nvJPEG on `device`.
+    decodes JPEGs with nvJPEG on `device`; `shards` names the shards of each split to write (one
+    partition of the stage; default all). The tokenizers are loaded once per process and kept for the
+    next call with the same files (a worker running several partitions).
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
-    model = load_fused_tokenizer(vqgan_kind=vqgan_kind, vqgan_checkpoint=vqgan_checkpoint, vqgan_config=vqgan_config,
-                                 dinov2_kind=dinov2_kind, dinov2_path=dinov2_path, layer=layer, centroids=centroids,
-                                 dino_size=dino_size, dtype=dtype, device=device, compile=compile,
-                                 batch_size=batch_size)
+    model = cached_fused_tokenizer(vqgan_kind=vqgan_kind, vqgan_checkpoint=str(vqgan_checkpoint),
+                                   vqgan_config=str(vqgan_config) if vqgan_config else None, dinov2_kind=dinov2_kind,
+                                   dinov2_path=str(dinov2_path), layer=layer, centroids=str(centroids),
+                                   dino_size=dino_size, dtype=dtype, device=device, compile=compile,
+                                   batch_size=batch_size)
     log.info("tokenize on %s: VQGAN %s (%d codes, %d px), DINOv2 %s layer %d (%d px), %d centroids", device,
              vqgan_kind, model.vqgan.num_codes, model.vqgan.image_size, dinov2_kind, layer, dino_size,
              model.assigner.num_centroids)
     start = time.perf_counter()
     results = {split: tokenize_split(model, manifest, split, out_dir / split, batch_size=batch_size,
                                      num_workers=num_workers, images_per_shard=images_per_shard,
-                                     gpu_decode=gpu_decode, max_shards=max_shards) for split in splits}
+                                     gpu_decode=gpu_decode, max_shards=max_shards,
+                                     only=None if shards is None else shards.get(split, []))
+               for split in splits}
     seconds = time.perf_counter() - start
     processed = sum(r.processed for r in results.values())
     summary = TokenizeSummary(out_dir, {s: r.images for s, r in results.items()},
@@ -284,6 +320,49 @@ def tokenize(manifest: str | Path, centroids: str | Path, out_dir: str | Path, *
              summary.num_images, summary.num_shards, summary.shards_written, summary.shards_skipped, seconds,
              summary.images_per_second)
     return summary
+
+
+# -------------------------------------------------------------------------------------- partitions
+
+
+def partition_shards(manifest: str | Path, images_per_shard: int, count: int) -> list[dict[str, Any]]:
+    """The stage's shards cut into at most `count` contiguous runs of about equal length, train then val:
+    [{"shards": {split: [shard indices]}, "rows": digest of those shards' (split, key, location) rows}].
+
+    A partition is whole shards, so the files it writes are exactly the single-process run's files.
+    """
+    units, rows = [], {}
+    for split in SPLIT_ORDER:
+        table = read_manifest(manifest, split=split)
+        rows[split] = list(zip(table["key"].to_pylist(), table["location"].to_pylist()))
+        units += [(split, j, shard) for j, shard in enumerate(shard_ranges(len(rows[split]), images_per_shard))]
+    bounds = np.linspace(0, len(units), min(count, len(units)) + 1).round().astype(int)
+    parts = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        chosen = units[start:stop]
+        shards = {split: [j for s, j, _ in chosen if s == split] for split in SPLIT_ORDER}
+        listed = [[split, *rows[split][i]] for split, _, shard in chosen for i in shard]
+        parts.append({"shards": {k: v for k, v in shards.items() if v}, "rows": json_digest(listed)})
+    return parts
+
+
+def merge_partitions(part_dirs: Sequence[Path], out_dir: Path) -> dict[str, int]:
+    """Link every partition's shard files into `out_dir/<split>/` (hard links: no second copy on disk,
+    a copy where the file system has none); returns the shard count per split."""
+    counts: dict[str, int] = {}
+    for part in part_dirs:
+        for shard in sorted(part.glob("*/shard-*.npz")):
+            target = out_dir / shard.parent.name / shard.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                raise ValueError(f"two partitions wrote {shard.parent.name}/{shard.name}: the partition plan "
+                                 "overlaps")
+            try:
+                os.link(shard, target)
+            except OSError:
+                shutil.copy2(shard, target)
+            counts[shard.parent.name] = counts.get(shard.parent.name, 0) + 1
+    return counts
 
 
 def read_shards(folder: str | Path) -> dict[str, np.ndarray]:

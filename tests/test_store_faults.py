@@ -7,77 +7,33 @@ first); then the first either goes on (and the second uses its artifact) or is k
 the second resumes its partial work). Afterwards every
 record must match the files on disk and a single, undisturbed run's digests.
 """
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
+from lease_runs import TIMEOUT, TINY, output_digests, run_to_end, start_run, statuses, wait_until
 from pipeline.artifacts import LOCKS_DIR, RECORD_NAME, Record, damaged_output
 from pipeline.config import load_pipeline_config
 from pipeline.stages import TOKENIZE_STAGES, run_in_process
 
 pytestmark = pytest.mark.slow  # one to three tiny tokenization flows per test (up to ~1 min on 2 cores)
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["demo_data.num_classes=4", "demo_data.train_per_class=6", "demo_data.val_per_class=2",
-        "demo_data.image_size=32", "features.num_images=16", "features.patches_per_image=16",
-        "features.num_workers=0", "kmeans.k=8", "kmeans.iters=3", "tokenize.num_workers=1",
-        "tokenize.images_per_shard=2", "pack.samples_per_shard=16"]
-TIMEOUT = 300
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Output digests of one undisturbed run (in process, no Prefect), by stage."""
     root = tmp_path_factory.mktemp("single")
     cfg = load_pipeline_config("demo", [*TINY, f"artifacts={root}"])
-    digests = {outcome.name: (outcome.key, _output_digests(Path(outcome.path), root))
+    digests = {outcome.name: (outcome.key, output_digests(Path(outcome.path), root))
                for outcome in run_in_process(cfg, TOKENIZE_STAGES)}
     return {"root": root, "digests": digests}
 
 
-def _output_digests(directory: Path, root: Path) -> dict[str, str]:
-    """sha256 of each recorded output; the manifest's rows instead, with image paths below the artifacts
-    root made relative (the demo images lie in each root's own demo-data artifact)."""
-    digests = {rel: out["sha256"] for rel, out in Record.load(directory / RECORD_NAME).outputs.items()}
-    if "manifest.parquet" in digests:
-        rows = pq.read_table(directory / "manifest.parquet").to_pylist()
-        digests["manifest.parquet"] = json.dumps([{**row, "location": row["location"].replace(str(root), "<root>")}
-                                                  for row in rows], sort_keys=True)
-    return digests
-
-
-def start_run(artifacts: Path, home: Path, log: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PREFECT_HOME=str(home), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    with log.open("w") as fh:  # its own session: the run, its loader worker and its Prefect server
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--flow", "tokenize", "--config",
-                                 "demo", *TINY, f"artifacts={artifacts}", *extra], cwd=REPO, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_until(condition, what: str, *procs: subprocess.Popen, logs: tuple[Path, ...] = ()) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs)
-            pytest.fail(f"{what} did not happen\n{tails}")
-        time.sleep(0.05)
-
-
 def tokenize_shards_written(artifacts: Path) -> int:
     return len(list((artifacts / "tokenize").glob("*.partial-*/*/shard-*.npz")))
-
-
-def statuses(log: Path) -> dict[str, str]:
-    record = re.search(r"stage table \((\S+\.json)\)", log.read_text()).group(1)
-    return {row["name"]: row["status"] for row in json.loads(Path(record).read_text())["stages"]}
 
 
 def assert_store_matches(artifacts: Path, reference: dict) -> None:
@@ -86,7 +42,7 @@ def assert_store_matches(artifacts: Path, reference: dict) -> None:
         directory = artifacts / name / key
         record = Record.load(directory / RECORD_NAME)
         assert damaged_output(directory, record.outputs, verify=True) is None, name
-        assert _output_digests(directory, artifacts) == digests, f"{name} differs from a single run"
+        assert output_digests(directory, artifacts) == digests, f"{name} differs from a single run"
         assert not list((artifacts / name).glob("*.partial*")), f"{name}: partial work left behind"
         assert not list((artifacts / name / LOCKS_DIR).glob("*.holder.json")), f"{name}: a holder note left"
 
@@ -138,12 +94,6 @@ def mounts():
     yield points
     for point in reversed(points):
         subprocess.run(["umount", str(point)], capture_output=True)
-
-
-def run_to_end(artifacts: Path, tmp_path: Path, name: str, *extra: str) -> tuple[int, str]:
-    log = tmp_path / f"{name}.log"
-    run = start_run(artifacts, tmp_path / "prefect", log, *extra)
-    return run.wait(TIMEOUT), log.read_text()
 
 
 def test_a_read_only_root_serves_cached_stages_and_fails_a_rebuild_in_one_line(tmp_path, reference, mounts):

@@ -1,0 +1,71 @@
+"""The partitioned tokenize stage on a real Dask cluster (2 worker processes, prefect-dask): the same pack
+outputs as one process, and a worker killed mid-run costs only the parts that had not finished."""
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lease_runs import TIMEOUT, TINY, output_digests, run_to_end, stage_rows, start_run, wait_until
+from pipeline.artifacts import RECORD_NAME, Record
+from pipeline.config import load_pipeline_config
+from pipeline.stages import PART_SUFFIX, TOKENIZE_STAGES, run_in_process
+
+pytestmark = pytest.mark.slow  # a Dask cluster and one or two tiny tokenization flows per test
+
+DASK = ["runner.kind=dask", "runner.workers=2"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, one part: the digests every fan-out must reproduce."""
+    root = tmp_path_factory.mktemp("single")
+    cfg = load_pipeline_config("demo", [*TINY, f"artifacts={root}", "tokenize.partitions=1"])
+    return {o.name: (o.key, output_digests(Path(o.path), root)) for o in run_in_process(cfg, TOKENIZE_STAGES)}
+
+
+def part_records(artifacts: Path) -> dict[str, Record]:
+    return {path.parent.name: Record.load(path)
+            for path in (artifacts / f"tokenize{PART_SUFFIX}").glob(f"*/{RECORD_NAME}")}
+
+
+def assert_same_as_single(artifacts: Path, text: str, single: dict) -> None:
+    """The run's tokenize and pack artifacts (keys from its stage table) hold the single process's bytes."""
+    keys = {row["name"]: row["key"] for row in stage_rows(text)}
+    for name in ("tokenize", "pack"):
+        digests = output_digests(artifacts / name / keys[name], artifacts)
+        assert digests == single[name][1], f"{name} differs from one process"
+
+
+def test_three_parts_on_two_dask_workers_pack_the_same_bytes_as_one_process(tmp_path, single):
+    artifacts = tmp_path / "artifacts"
+    code, text = run_to_end(artifacts, tmp_path, "dask", *DASK, "tokenize.partitions=3")
+    assert code == 0, text[-3000:]
+    assert "tokenize: 3 parts on 2 Dask workers" in text
+    assert len(part_records(artifacts)) == 3
+    assert_same_as_single(artifacts, text, single)
+
+
+def dask_worker_processes(run_pid: int) -> list[psutil.Process]:
+    """The cluster's worker processes: the run's spawned Python children (its Prefect server is not one)."""
+    return [p for p in psutil.Process(run_pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())]
+
+
+def test_a_killed_worker_costs_only_the_parts_that_had_not_finished(tmp_path, single):
+    artifacts, log = tmp_path / "artifacts", tmp_path / "first.log"
+    fast = ["tokenize.partitions=6", "tokenize.num_workers=0"]  # decoding in the worker itself: quicker here
+    run = start_run(artifacts, tmp_path / "prefect", log, *DASK, *fast)
+    wait_until(lambda: part_records(artifacts), "a first finished part", run, logs=(log,))
+    finished = part_records(artifacts)
+    workers = dask_worker_processes(run.pid)
+    assert workers, "no Dask worker process found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    run.wait(TIMEOUT)  # Dask may finish the run on the other worker, or the run fails: either way, rerun
+    code, text = run_to_end(artifacts, tmp_path, "rerun", *DASK, *fast)
+    assert code == 0, text[-3000:]
+    records = part_records(artifacts)
+    assert len(records) == 6
+    assert {key: records[key] for key in finished} == finished  # the same records: not rebuilt
+    assert_same_as_single(artifacts, text, single)
