@@ -377,6 +377,41 @@ def read_shards(folder: str | Path) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------ feature sample
 
 
+SKIP_ROWS = 1 << 16  # the generator is skipped ahead this many images' draws at a time
+
+
+def skipped_generator(seed: int, images: int, num_patches: int) -> torch.Generator:
+    """The patch-choice generator as it stands after `images` images (each draws `num_patches` uniforms)."""
+    generator = torch.Generator().manual_seed(seed)
+    for done in range(0, images, SKIP_ROWS):
+        torch.rand(min(SKIP_ROWS, images - done), num_patches, generator=generator)
+    return generator
+
+
+def feature_sample_parts(manifest: str | Path, num_images: int, seed: int, count: int) -> list[dict[str, Any]]:
+    """The feature sample cut into at most `count` contiguous runs of images:
+    [{"images": [start, stop], "rows": digest of those images' locations}]."""
+    locations = read_manifest(manifest, split="train")["location"].to_pylist()
+    chosen = sample_rows(len(locations), num_images, seed)
+    bounds = np.linspace(0, len(chosen), min(count, len(chosen)) + 1).round().astype(int)
+    return [{"images": [int(a), int(b)], "rows": json_digest([locations[i] for i in chosen[a:b]])}
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def concatenate_feature_parts(parts: Sequence[Path], out_path: Path) -> None:
+    """One `.npy` from the parts' files, in order (what one process would have written)."""
+    arrays = [np.load(path, mmap_mode="r") for path in parts]
+    with atomic_path(out_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype,
+                                        shape=(sum(len(a) for a in arrays), arrays[0].shape[1]))
+        done = 0
+        for array in arrays:
+            out[done:done + len(array)] = array
+            done += len(array)
+        out.flush()
+        del out
+
+
 def sample_rows(num_rows: int, num_images: int, seed: int) -> np.ndarray:
     """A seeded random subset of row indices, sorted (files are then read in manifest order)."""
     rng = np.random.default_rng(seed)
@@ -389,11 +424,13 @@ def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: 
                     seed: int = 0, batch_size: int = 256, num_workers: int | None = None,
                     dino_size: int = DEFAULT_IMAGE_SIZE,
                     dtype: str = "auto", out_dtype: str = "float16", device: str | torch.device = "auto",
-                    gpu_decode: bool = False) -> FeatureSampleSummary:
+                    gpu_decode: bool = False, part: tuple[int, int] | None = None) -> FeatureSampleSummary:
     """DINOv2 patch features of a seeded sample of train images → `.npy` [num_images·patches, D].
 
     The patch subset of each image is drawn from a CPU generator seeded with `seed`, in row order, so the
-    sample is the same on any device and with any batch size. `num_workers` defaults to min(8, cores).
+    sample is the same on any device and with any batch size. `part=(start, stop)` computes only those
+    images of the sample (the generator skipped ahead to `start`), so that the parts' files concatenated
+    are the whole sample's file. `num_workers` defaults to min(8, cores).
     """
     num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     if out_dtype not in FEATURE_DTYPES:
@@ -409,10 +446,12 @@ def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: 
     if table.num_rows == 0:
         raise ValueError(f"{manifest} has no usable train images to sample features from")
     chosen = sample_rows(table.num_rows, num_images, seed)
+    start_at, stop_at = part or (0, len(chosen))
+    chosen = chosen[start_at:stop_at]
     locations = table["location"].to_pylist()
     loader = make_loader([locations[i] for i in chosen], batch_size, num_workers,
                          pin_memory=device.type == "cuda", sizes=(dino_size,), gpu_decode=gpu_decode, device=device)
-    generator = torch.Generator().manual_seed(seed)
+    generator = skipped_generator(seed, start_at, num_patches)
     out_path = Path(out_path)
     start, done = time.perf_counter(), 0
     bar = tqdm(total=len(chosen), desc="sample features", unit="img", dynamic_ncols=True, disable=None)

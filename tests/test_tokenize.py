@@ -153,6 +153,38 @@ def test_feature_sample_is_seeded_and_batch_size_free(assets, tmp_path):
                                                                                        "patches_per_image": 300})
 
 
+def test_feature_sample_parts_concatenate_to_the_whole_sample(assets, tmp_path):
+    """Parts of the feature sample (the partitioned stage's tasks) pick the same images and patches as
+    one pass: their files, concatenated in order, are the whole file (batch 4 in both: same rounding)."""
+    common = dict(dinov2_kind="hf", dinov2_path=assets / "dinov2", layer=-2, num_images=7, patches_per_image=5,
+                  dino_size=DINO_SIZE, num_workers=0, device="cpu", out_dtype="float32", seed=3, batch_size=4)
+    manifest = assets / "manifest.parquet"
+    tok.sample_features(manifest, tmp_path / "whole.npy", **common)
+    parts = tok.feature_sample_parts(manifest, num_images=7, seed=3, count=3)
+    assert [p["images"] for p in parts] == [[0, 2], [2, 5], [5, 7]]
+    for i, part in enumerate(parts):
+        tok.sample_features(manifest, tmp_path / f"part{i}.npy", part=tuple(part["images"]), **common)
+    tok.concatenate_feature_parts([tmp_path / f"part{i}.npy" for i in range(3)], tmp_path / "joined.npy")
+    assert file_digest(tmp_path / "joined.npy") == file_digest(tmp_path / "whole.npy")
+    assert len({p["rows"] for p in parts}) == 3
+
+
+def test_tokenize_parts_are_whole_shards_and_merge_to_the_single_run(assets, full_run, tmp_path):
+    full_run, _ = full_run
+    manifest = assets / "manifest.parquet"
+    parts = tok.partition_shards(manifest, images_per_shard=5, count=3)
+    assert len(parts) == 3 and len({p["rows"] for p in parts}) == 3
+    listed = [(split, j) for p in parts for split, shards in p["shards"].items() for j in shards]
+    assert len(listed) == len(set(listed))  # no shard twice
+    for i, part in enumerate(parts):
+        _run(assets, tmp_path / f"part{i}", shards=part["shards"])
+    tok.merge_partitions([tmp_path / f"part{i}" for i in range(3)], tmp_path / "merged")
+    whole = sorted(p.relative_to(full_run) for p in full_run.glob("*/shard-*.npz"))
+    assert sorted(p.relative_to(tmp_path / "merged") for p in (tmp_path / "merged").glob("*/shard-*.npz")) == whole
+    for rel in whole:
+        assert file_digest(tmp_path / "merged" / rel) == file_digest(full_run / rel)
+
+
 def test_padding_a_short_batch_leaves_its_tokens_unchanged(assets):
     """The compiled path pads a short last batch to the compiled size; the real rows' tokens must not move."""
     model = tok.load_fused_tokenizer(vqgan_kind="maskgit", vqgan_checkpoint=assets / "vqgan.ckpt", vqgan_config=None,
