@@ -3,6 +3,9 @@
 `lease bench train`: training steps of a preset at a batch size and dtype (eager or compiled) on
 device-resident synthetic tokens through the real `Trainer.step`; warm-up, then the median of timed
 steps, peak memory, images/s, useful FLOPs per image and MFU against the measured bf16 matmul peak.
+`--method lease sorcen mage mage_online` times each method's step at the same settings in one run and
+writes one record with their images/s and LEASE's ratio to each (`bench_methods`); mage_online's step
+holds its augmentation and VQGAN encode of device-resident synthetic images.
 """
 from __future__ import annotations
 
@@ -24,11 +27,14 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from lease.attention import split_cls_attention
-from lease.configs import MaskConfig, TrainConfig, model_config
+from lease.configs import MaskConfig, TrainConfig, model_config, train_config
 from lease.data import Batch, ResidentBatches
 from lease.model import SDPA_KERNELS, flops_per_image
+from lease.online import ImageBatch, OnlineTokenizer
 from lease.synthetic import uniform_tokens
 from lease.records import RESULTS_DIR, results_dir, write_record
+from lease.tokenizers.bench import _time_calls, full_width_maskgit_config, random_maskgit_tokenizer
+from lease.tokenizers.vqgan_maskgit import MaskGITVQGANConfig
 from lease.typed_config import apply_overrides
 from lease.train import Dist, Trainer, build_model, compile_for_training
 
@@ -191,7 +197,7 @@ def executed_tflop(trainer: Trainer, batch: Batch, count_images: int = 16) -> di
     model, n = trainer.model, min(count_images, batch.vq.shape[0])
     plan = trainer.plan_at_mean_ratio(n)
     with FlopCounterMode(display=False) as counter, trainer.autocast():
-        model(batch.vq[:n], batch.disc[:n], plan).backward_loss().backward()
+        model(batch.vq[:n], None if batch.disc is None else batch.disc[:n], plan).backward_loss().backward()
     model.zero_grad(set_to_none=True)
     totals = {"matmul": 0.0, "attention": 0.0}
     scale = batch.vq.shape[0] / n / 1e12
@@ -206,59 +212,83 @@ def kernel_tflops(executed: dict[str, float], kernel_ms: dict[str, float]) -> di
             if tflop > 0 and kernel_ms.get(name)}
 
 
-def synthetic_trainer(cfg: TrainConfig, codebook_size: int, codebook_dim: int, device: torch.device
-                      ) -> tuple[Trainer, Iterator[Batch]]:
+def synthetic_trainer(cfg: TrainConfig, codebook_size: int, codebook_dim: int, device: torch.device,
+                      vqgan: MaskGITVQGANConfig | None = None) -> tuple[Trainer, Iterator[Batch | ImageBatch]]:
     """A Trainer for `cfg` with a random codebook, and its batches of uniform synthetic tokens resident on
-    `device` (SYNTHETIC_BATCHES distinct batches): real shapes and real arithmetic, nothing to learn."""
+    `device` (SYNTHETIC_BATCHES distinct batches): real shapes and real arithmetic, nothing to learn.
+
+    For mage_online the batches are uniform uint8 images at the VQGAN's input side, and the Trainer
+    tokenizes them in its step with a random-weight MaskGIT VQGAN of the sizes `vqgan` (default MAGE's)
+    and MAGE's augmentation (`cfg.online`), compiled when `cfg.compile`."""
     centroids = torch.randn(codebook_size, codebook_dim) if cfg.model.contrast_on != "none" else None
     model = build_model(cfg, centroids)
-    tokens = uniform_tokens(cfg.batch_size * SYNTHETIC_BATCHES, model.cfg.seq_len, model.cfg.vocab_gen, codebook_size,
-                            seed=0)
-    batches = ResidentBatches(tokens, cfg.batch_size, device, seed=0)
-    return Trainer(cfg, model, device, Dist(), batches.steps_per_epoch), batches.iterate(0)
+    if cfg.method != "mage_online":
+        tokens = uniform_tokens(cfg.batch_size * SYNTHETIC_BATCHES, model.cfg.seq_len, model.cfg.vocab_gen,
+                                codebook_size, seed=0)
+        batches = ResidentBatches(tokens, cfg.batch_size, device, seed=0)
+        return Trainer(cfg, model, device, Dist(), batches.steps_per_epoch), batches.iterate(0)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    vqgan = random_maskgit_tokenizer(vqgan or full_width_maskgit_config(), device, dtype, cfg.compile)
+    online = OnlineTokenizer(vqgan, cfg.online.crop_scale, cfg.online.crop_ratio, cfg.online.flip)
+    side = vqgan.image_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (SYNTHETIC_BATCHES, cfg.batch_size, 3, side, side), dtype=torch.uint8,
+                           device=device, generator=gen)
+    labels = torch.zeros(cfg.batch_size, dtype=torch.int64, device=device)
+    return (Trainer(cfg, model, device, Dist(), SYNTHETIC_BATCHES, online),
+            (ImageBatch(batch, labels) for batch in itertools.cycle(images)))
 
 
 def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: int, warmup: int,
                 codebook_size: int, codebook_dim: int, model_overrides: dict[str, Any] | None = None,
-                profile_to: Path | None = None, compile_mode: str = "default") -> dict[str, Any]:
-    """Time `Trainer.step` for a preset; `model_overrides` are ModelConfig fields (dropout, kernels, ...)."""
-    if not torch.cuda.is_available():
+                profile_to: Path | None = None, compile_mode: str = "default", method: str = "lease",
+                device: str = "cuda", vqgan: MaskGITVQGANConfig | None = None) -> dict[str, Any]:
+    """Time `Trainer.step` for a preset and method; `model_overrides` are ModelConfig fields (dropout,
+    kernels, ...), on top of the method's layout. Sorcen is timed in its steady state (the echo drawn
+    from the decoder's logits, not the first epochs' true tokens). `device="cpu"` times by the wall clock
+    and records no memory, GPU samples or MFU (tests)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("lease bench train measures GPU training speed: no CUDA device found")
+    on_cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
-    device = torch.device("cuda")
-    cfg = TrainConfig(preset=preset, model=model_config(preset, **(model_overrides or {})),
-                      batch_size=batch_size, dtype=dtype, compile=compile, compile_mode=compile_mode,
-                      max_steps=10**9)
+    cfg = train_config({"preset": preset, "method": method, "model": dict(model_overrides or {}),
+                        "batch_size": batch_size, "dtype": dtype, "compile": compile, "compile_mode": compile_mode,
+                        "max_steps": 10**9, "ema": {"echo_from_truth_epochs": 0.0}})
     contrast_on = cfg.model.contrast_on
-    trainer, data = synthetic_trainer(cfg, codebook_size, codebook_dim, device)
+    trainer, data = synthetic_trainer(cfg, codebook_size, codebook_dim, device, vqgan)
     model = trainer.model
     last_metrics: dict[str, torch.Tensor] = {}
 
     def train_step() -> None:
         last_metrics.update(trainer.step(next(data)))
 
-    torch.cuda.reset_peak_memory_stats()
-    time_cuda(train_step, warmup=warmup, steps=0)  # compiles
-    with no_compilation("the timed steps"), GpuSampler(nvidia_smi_id(device)) as gpu:
-        ms = time_cuda(train_step, warmup=0, steps=steps)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _time_calls(train_step, warmup, 0, device)  # compiles
+    sampler = GpuSampler(nvidia_smi_id(device)) if on_cuda else contextlib.nullcontext()
+    with no_compilation("the timed steps"), sampler:
+        ms = _time_calls(train_step, 0, steps, device)
     final_metrics = finite_metrics(last_metrics)
     median_ms = statistics.median(ms)
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30  # before the eager step that counts FLOPs
+    # before the eager step that counts FLOPs
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None
     profiled: dict[str, Any] = {}
     if profile_to is not None:
         profile_to.parent.mkdir(parents=True, exist_ok=True)
         table, kernel_ms = profile_table(lambda: trainer.step(next(data)))
         profile_to.write_text(table)
-        executed = executed_tflop(trainer, next(data))
+        tokens = next(data)
+        executed = executed_tflop(trainer, trainer.online.tokenize(tokens) if trainer.online else tokens)
         profiled = {"profile_ms_per_step": kernel_ms,
                     "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
                     "profile_kernel_tflops": kernel_tflops(executed, kernel_ms)}
     kept = model.cfg.seq_len - trainer.num_dropped
     flops = flops_per_image(model.cfg, kept, codebook_size)
     images_per_s = batch_size / (median_ms / 1e3)
-    peak = matmul_peak_tflops()
+    peak = matmul_peak_tflops() if on_cuda else None
     achieved = flops * images_per_s / 1e12
-    return {"preset": preset, "batch_size": batch_size, "dtype": dtype, "compile": compile,
+    return {"method": method, "preset": preset, "batch_size": batch_size, "dtype": dtype, "compile": compile,
             "compile_mode": compile_mode if compile else None, "attention": model.attention_backend,
             "sdpa_kernel": model.cfg.sdpa_kernel, "dropout": model.cfg.dropout, "attn_dropout": model.cfg.attn_dropout,
             "dropout_impl": model.cfg.dropout_impl if compile else "torch",  # eager: always torch's kernel
@@ -267,10 +297,35 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
             "images_per_s": round(images_per_s, 1),
-            "peak_memory_gib": round(peak_gib, 2),
+            "peak_memory_gib": None if peak_gib is None else round(peak_gib, 2),
+            # the transformer's FLOPs: mage_online's VQGAN encode is in the time, not in this count
             "useful_tflop_per_image": round(flops / 1e12, 6), "achieved_tflops": round(achieved, 1),
-            "measured_bf16_matmul_peak_tflops": round(peak, 1), "mfu": round(achieved / peak, 4),
-            "gpu_during_timed_steps": gpu.summary(), "last_step_metrics": final_metrics, **profiled}
+            "measured_bf16_matmul_peak_tflops": None if peak is None else round(peak, 1),
+            "mfu": None if peak is None else round(achieved / peak, 4),
+            "gpu_during_timed_steps": sampler.summary() if on_cuda else None, "last_step_metrics": final_metrics,
+            **profiled}
+
+
+METHOD_RATIOS = ("sorcen", "mage", "mage_online")  # LEASE's images/s over each of these (the paper's speed figure)
+
+
+def bench_methods(methods: list[str], **settings: Any) -> dict[str, Any]:
+    """`bench_train` for each method at the same `settings`, one after the other in this process, and
+    LEASE's images/s over each other method's (`"lease/sorcen"`, ...; where both were timed)."""
+    runs = {}
+    for method in methods:
+        torch._dynamo.reset()  # each method's graphs compiled afresh, none evicting another's
+        runs[method] = bench_train(method=method, **settings)
+        log.info("%s: %.0f img/s, %.1f ms/step", method, runs[method]["images_per_s"],
+                 runs[method]["median_ms_per_step"])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    rates = {method: run["images_per_s"] for method, run in runs.items()}
+    ratios = {f"lease/{other}": round(rates["lease"] / rates[other], 4) for other in METHOD_RATIOS
+              if "lease" in rates and other in rates}
+    return {"methods": list(methods), "images_per_s": rates,
+            "peak_memory_gib": {method: run["peak_memory_gib"] for method, run in runs.items()},
+            "ratios": ratios, "runs": runs}
 
 
 def finite_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -365,6 +420,17 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
         return [(f"train {r['preset']} b{r['batch_size']} {r['dtype']} {mode}{extra}",
                  f"{r['images_per_s']:.0f} img/s", f"{r['median_ms_per_step']:.1f} ms/step, MFU {100 * r['mfu']:.1f} %, "
                  f"{r['peak_memory_gib']:.1f} GiB" + _gpu_details(r))]
+    if name.startswith("methods-") and isinstance(r, dict):
+        first = r["runs"][r["methods"][0]]
+        settings = f"{first['preset']} b{first['batch_size']} {first['dtype']} {'compiled' if first['compile'] else 'eager'}"
+        rows = [(f"train {method} {settings}", f"{r['images_per_s'][method]:.0f} img/s",
+                 f"{run['median_ms_per_step']:.1f} ms/step" + (f", {run['peak_memory_gib']:.1f} GiB"
+                                                                if run["peak_memory_gib"] is not None else ""))
+                for method, run in r["runs"].items()]
+        if r["ratios"]:
+            rows.append((f"LEASE's speed-up, {settings}", ", ".join(f"{k} {v:.3f}×" for k, v in r["ratios"].items()),
+                         "images/s ratios in one run (`lease bench train --method ...`)"))
+        return rows
     if name.startswith("tokenize-vqgan-encode"):
         return [(f"VQGAN encode (MaskGIT, ch 128) b{r['batch_size']} {r['dtype']} "
                  f"{'compiled' if r['compile'] else 'eager'}", f"{r['images_per_s']:.0f} img/s",
@@ -450,6 +516,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override dropout and attention dropout (default: the preset's 0.1); 0 shows their cost")
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
+    parser.add_argument("--method", nargs="+", default=["lease"], choices=["lease", *METHOD_RATIOS],
+                        help="methods to time at the same settings; more than LEASE alone writes one "
+                             "methods-* record with each one's images/s and LEASE's ratio to the others")
     parser.add_argument("--attention-only", action="store_true",
                         help="time attention fwd+bwd per kernel (SDPA's and lease/attention.py's split_cls) "
                              "at the preset's shapes instead of whole steps")
@@ -473,6 +542,11 @@ def train_record_name(preset: str, batch: int, dtype: str, compile_mode: str | N
     return name
 
 
+def methods_record_name(methods: list[str], train_name: str) -> str:
+    """`methods-<m1>-<m2>...-<preset>-b<batch>-...`: a `train_record_name` for several methods."""
+    return f"methods-{'-'.join(methods)}-{train_name.removeprefix('train-')}"
+
+
 def run_train_cli(args: argparse.Namespace) -> int:
     if args.steps < 30:
         raise SystemExit("--steps must be >= 30 for a meaningful median")
@@ -489,6 +563,15 @@ def run_train_cli(args: argparse.Namespace) -> int:
             overrides.update(dropout=args.dropout, attn_dropout=args.dropout)
         name = train_record_name(args.preset, batch, args.dtype, args.compile_mode if compiled else None,
                                  overrides)
+        if args.method != ["lease"]:
+            settings = dict(preset=args.preset, batch_size=batch, dtype=args.dtype, compile=compiled, steps=args.steps,
+                            warmup=args.warmup * (3 if compiled else 1), codebook_size=args.codebook_size,
+                            codebook_dim=args.codebook_dim, model_overrides=overrides, compile_mode=args.compile_mode)
+            name = methods_record_name(args.method, name)
+            result = bench_methods(args.method, **settings)
+            write_record(name, {"results": result}, args.out_dir)
+            log.info("%s: %s img/s; %s", name, result["images_per_s"], result["ratios"])
+            continue
         profile_to = results_dir(args.out_dir) / f"{name}.profile.txt" if args.profile else None
         result = bench_train(args.preset, batch, args.dtype, compiled, args.steps,
                              args.warmup * (3 if compiled else 1), args.codebook_size, args.codebook_dim,

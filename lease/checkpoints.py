@@ -3,6 +3,7 @@ authors' reference LEASE, Sorcen and MAGE checkpoints by key conversion."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lease.codebook import load_codebook
 from lease.configs import (AUTHORS_MAGE_LAYOUT, DECODER_CONTRAST, ENCODER_CONTRAST, MODEL_PRESETS, LossConfig,
@@ -96,9 +97,8 @@ def _authors_name(key: str) -> str:
 
 def _authors_layout(sd: dict[str, torch.Tensor], method: str, cls_token_id: int | None) -> dict[str, Any]:
     """The MAGE/Sorcen layout switches, the echo branch's widths and the classifier's, from the shapes."""
-    layout = {k: v for k, v in AUTHORS_MAGE_LAYOUT.items() if k not in ("vocab_size", "mask_token_id")}
-    layout.update(cls_token_id=cls_token_id if cls_token_id is not None else AUTHORS_MAGE_LAYOUT["cls_token_id"],
-                  echo_contrast=method == "sorcen")
+    # the vocabulary size comes from the shapes, [CLS] (unless given) from the layout: V_gen + 76, 1100 for 1024 codes
+    layout = dict(AUTHORS_MAGE_LAYOUT, cls_token_id=cls_token_id, echo_contrast=method == "sorcen")
     if method == "sorcen":
         hidden, _ = sd["projector.projector.0.weight"].shape
         layout.update(projector_hidden=hidden, projector_dim=sd["projector.projector.3.weight"].shape[0],
@@ -310,17 +310,35 @@ def _plain_key(key: Any, where: str, dropped: list[str]) -> bool:
     return False
 
 
+ENCODER_KEYS = ("token_emb.word_embeddings", "token_emb.position_embeddings", "token_emb.LayerNorm", "blocks.", "norm.")
+
+
 def export_encoder(model: LeaseModel, out_dir: str | Path) -> Path:
-    """Encoder weights (token embedding, blocks, final norm) as safetensors, config JSON beside them."""
+    """Encoder weights (token embedding, blocks, final norm; not Sorcen's teacher) as safetensors, config
+    JSON beside them (its layout switches say how to embed: vocabulary ids, 2-D sin-cos or not)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keep = ("token_emb.word_embeddings", "token_emb.position_embeddings", "token_emb.LayerNorm", "blocks.", "norm.")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(keep)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(ENCODER_KEYS)}
     target = out_dir / "encoder.safetensors"
     with atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "lease-encoder", "version": str(FORMAT_VERSION)})
     atomic_write_json(out_dir / "encoder_config.json", to_dict(model.cfg))
     return target
+
+
+def load_encoder(export_dir: str | Path, device: str | torch.device = "cpu") -> LeaseModel:
+    """An `export_encoder` directory back as a model whose encoder (`features`, `forward_encoder_full`) is
+    the exported one, for any method; it has no contrast, echo or classifier heads, and its decoder is
+    not part of the export (left at initialisation)."""
+    export_dir = Path(export_dir)
+    cfg = from_dict(ModelConfig, json.loads((export_dir / "encoder_config.json").read_text()), prefix="model.")
+    model = LeaseModel(dataclasses.replace(cfg, contrast_on="none", echo_contrast=False, num_classes=0))
+    tensors = load_file(str(export_dir / "encoder.safetensors"))
+    absent = sorted(k for k in model.state_dict() if k.startswith(ENCODER_KEYS) and k not in tensors)
+    if absent:
+        raise CheckpointError(f"{export_dir} is not a complete encoder export: missing {absent}")
+    model.load_state_dict(tensors, strict=False)
+    return model.to(device)
 
 
 def save_reference_import(model: LeaseModel, out: str | Path, source: str) -> Path:

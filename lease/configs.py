@@ -20,9 +20,19 @@ ENCODER_CONTRAST = ("encoder", "both", "both_authors")
 DECODER_CONTRAST = ("decoder", "both", "decoder_authors", "both_authors")
 # "lease": eq. 5 (reconstruction + codebook contrast); "sorcen": reconstruction + echo contrast (the
 # Sorcen supplement); "mage": reconstruction only on the precomputed tokens (MAGE_precomp, supplement
-# table D.7); "mage_online": MAGE as published, tokenizing augmented images in the step (not built yet)
+# table D.7); "mage_online": MAGE as published, tokenizing augmented images in the step (`lease.online`)
 Method = Literal["lease", "sorcen", "mage", "mage_online"]
+METHOD_DESCRIPTIONS = {
+    "lease": "LEASE: reconstruction + codebook contrast (eq. 5) on the precomputed tokens",
+    "sorcen": "Sorcen: reconstruction + echo contrast (EMA teacher) on the precomputed tokens",
+    "mage": "MAGE on the precomputed tokens: reconstruction only (MAGE_precomp)",
+    "mage_online": "MAGE as published: reconstruction of the VQGAN codes of augmented images, tokenized in the step",
+}
 AUTHORS_EMA_EPOCHS = 1600.0  # the β schedule's length hard-coded in the authors' Sorcen code
+# The MAGE/Sorcen vocabulary (their code: codebook_size + 1000 + 1, fake class label codebook_size + 1100 - 1024,
+# [MASK] last): the codes, 1000 rows of their class-conditional layout (unused here), [MASK]; [CLS] inside them
+MAGE_CLASS_ROWS = 1000
+MAGE_CLS_OFFSET = 1100 - 1024
 
 
 @dataclass
@@ -39,8 +49,11 @@ class ModelConfig:
     ln_eps: float = 1e-6
     mlm_ln_eps: float = 1e-5  # the MLM head's LayerNorm uses torch's default eps in the authors' code
     vocab_gen: int = 1024  # V_gen: generative (VQGAN) codes; only these logits are trained
-    vocab_size: int | None = None  # token-embedding rows; default vocab_gen + 2
-    cls_token_id: int | None = None  # default vocab_size - 2
+    # Where [CLS] and [MASK] go when not set: "compact" (LEASE) V_gen + 2 rows, [CLS] V_gen, [MASK] V_gen + 1;
+    # "mage" (MAGE, Sorcen) V_gen + 1000 + 1 rows, [CLS] V_gen + 76, [MASK] last (2025, 1100, 2024 for 1024 codes)
+    vocab_layout: Literal["compact", "mage"] = "compact"
+    vocab_size: int | None = None  # token-embedding rows; default from vocab_layout
+    cls_token_id: int | None = None  # default from vocab_layout
     mask_token_id: int | None = None  # default vocab_size - 1
     grid_size: int = 16  # tokens per side; sequence length = grid_size**2
     decoder_pos_rows: int | None = None  # learned decoder positions; default seq_len + 1
@@ -85,10 +98,11 @@ class ModelConfig:
     predictor_hidden: int = 2048
 
     def __post_init__(self) -> None:
+        mage = self.vocab_layout == "mage"
         if self.vocab_size is None:
-            self.vocab_size = self.vocab_gen + 2
+            self.vocab_size = self.vocab_gen + (MAGE_CLASS_ROWS + 1 if mage else 2)
         if self.cls_token_id is None:
-            self.cls_token_id = self.vocab_size - 2
+            self.cls_token_id = self.vocab_gen + MAGE_CLS_OFFSET if mage else self.vocab_size - 2
         if self.mask_token_id is None:
             self.mask_token_id = self.vocab_size - 1
         if self.decoder_pos_rows is None:
@@ -204,6 +218,31 @@ class EmaConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """`method: mage_online`: a manifest's images, MAGE's augmentation on the device and the VQGAN in the
+    step (`lease.online`). The loader centre-crops each image to `source_size` (as the tokenize stage),
+    the random resized crop is then taken from that square at the VQGAN's input size."""
+
+    manifest: str = ""  # the manifest parquet (pipeline.manifest) whose train split is read
+    vqgan_kind: Literal["maskgit", "taming"] = "maskgit"
+    vqgan_checkpoint: str = ""
+    vqgan_config: str = ""  # taming only
+    source_size: int = 256
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    compile: Literal["auto", "on", "off"] = "auto"  # the VQGAN: "auto" compiles it on CUDA
+    num_workers: int = 4  # decoding workers of the loader
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0, "crop_scale", "need 0 < min <= max <= 1")
+        require(0.0 < self.crop_ratio[0] <= 1.0 <= self.crop_ratio[1], "crop_ratio",
+                "need min <= 1 <= max (the whole square is the fallback crop)")
+        require(self.source_size >= 1, "source_size", "must be >= 1")
+        require(self.num_workers >= 0, "num_workers", "must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     """One pretraining run."""
 
@@ -215,6 +254,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     batch_size: int = 4096  # global batch (over all ranks and accumulation steps)
     grad_accum: int = 1
     epochs: float = 1600.0
@@ -236,8 +276,6 @@ class TrainConfig:
         require(self.epochs > 0 or self.max_steps > 0, "epochs", "need epochs > 0 or max_steps > 0")
         require(self.log_every > 0, "log_every", "must be > 0")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
-        require(self.method != "mage_online", "method", "'mage_online' (the online VQGAN in the step) is not "
-                "implemented yet; 'mage' trains MAGE on the precomputed tokens")
         require(self.model.echo_contrast == (self.method == "sorcen"), "model.echo_contrast",
                 f"must be {self.method == 'sorcen'} for method={self.method!r} (set by the method's preset)")
         require(not self.model.echo_contrast or self.loss.echo_crop_max <= self.model.grid_size,
@@ -257,10 +295,11 @@ MODEL_PRESETS: dict[str, dict] = {
 
 
 # Each method's layout (DESIGN.md, issue 23): MAGE's and Sorcen's vocabulary is the codes + 1000 + 1 with
-# [CLS] at 1100 and [MASK] last (their code's layout for 1024 codes), no 2-D sin-cos, latents alone on the
-# canvas, the authors' MLP classifier; `mage` and `sorcen` train without the codebook contrast.
-AUTHORS_MAGE_LAYOUT = dict(vocab_size=2025, cls_token_id=1100, mask_token_id=2024, pos_embed_2d=False,
-                           decoder_canvas="latent", classifier_hidden=512, contrast_on="none")
+# [CLS] at codes + 76 and [MASK] last (their code's layout, from the tokenizer's code count: 2025/1100/2024
+# for 1024 codes), no 2-D sin-cos, latents alone on the canvas, the authors' MLP classifier; `mage`,
+# `mage_online` and `sorcen` train without the codebook contrast.
+AUTHORS_MAGE_LAYOUT = dict(vocab_layout="mage", pos_embed_2d=False, decoder_canvas="latent", classifier_hidden=512,
+                           contrast_on="none")
 METHOD_MODEL_PRESETS: dict[str, dict] = {
     "lease": {},
     "sorcen": dict(AUTHORS_MAGE_LAYOUT, echo_contrast=True),

@@ -45,7 +45,7 @@ class TokenSet:
 @dataclass
 class Batch:
     vq: torch.Tensor  # int64 [B, L]
-    disc: torch.Tensor  # int64 [B, L]
+    disc: torch.Tensor | None  # int64 [B, L]; None where no loss reads codebook ids (mage_online)
     labels: torch.Tensor  # int64 [B]
 
 

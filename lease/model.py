@@ -562,21 +562,27 @@ def count_parameters(model: nn.Module) -> int:
 def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
     """Training FLOPs per image of the matmuls the method needs: encoder blocks on 1 + kept tokens,
     decoder embedding, decoder blocks on 1 + L, attention scores and mixing, MLM head and logits, the
-    contrast projection and logits.
+    contrast projection and logits; for Sorcen's echo (`echo_contrast`) the teacher's blocks on 1 + L
+    tokens and its momentum projector (forward only), the projector and the predictor on the pooled row.
 
     A matmul against a trained weight costs 3× its forward (forward, input gradient, weight gradient);
     the MLM logits against the detached token embeddings and the contrast logits against the fixed
-    codebook cost 2× (no weight gradient). Counted at every decoder position and, for the encoder
+    codebook cost 2× (no weight gradient), the teacher's matmuls 1× (no gradient at all). The B × B
+    logits of Sorcen's InfoNCE and uniformity term grow with the batch and are left out (under 0.1 %
+    of the step at ViT-B, batch 256). Counted at every decoder position and, for the encoder
     contrast, every kept token, as the authors' code computes, so work that `decode_masked_only` and
     `MaskPlan.contrast_idx` skip shows up as a higher MFU rather than fewer FLOPs.
     `tests/test_bench.py` checks this against torch's FLOP counter on an eager step.
     """
-    trained, frozen = 3.0, 2.0
+    trained, frozen, forward_only = 3.0, 2.0, 1.0
 
-    def blocks(n_tok: int, dim: int, depth: int) -> float:
+    def blocks(n_tok: int, dim: int, depth: int, factor: float = trained) -> float:
         dense = 2 * n_tok * (4 * dim * dim + 2 * dim * int(dim * cfg.mlp_ratio))
         attn = 2 * 2 * n_tok * n_tok * dim  # q·kᵀ and p·v
-        return trained * depth * (dense + attn)
+        return factor * depth * (dense + attn)
+
+    def mlp(width: int, hidden: int, out: int, factor: float) -> float:  # projector / predictor, one row
+        return factor * 2 * (width * hidden + hidden * out)
 
     d, dd, seq = cfg.embed_dim, cfg.decoder_embed_dim, cfg.seq_len
     total = blocks(kept + 1, d, cfg.depth) + blocks(seq + 1, dd, cfg.decoder_depth)
@@ -588,6 +594,10 @@ def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
                          "none": []}[cfg.contrast_on]
         for rows, width in contrast_rows:  # projection to the codebook dim, logits over the K centroids
             total += 2 * rows * cfg.codebook_dim * (trained * width + frozen * codebook_size)
+    if cfg.echo_contrast:
+        total += blocks(seq + 1, d, cfg.depth, forward_only)  # the teacher on [CLS] + echo
+        total += mlp(d, cfg.projector_hidden, cfg.projector_dim, forward_only + trained)  # momentum + own projector
+        total += mlp(cfg.projector_dim, cfg.predictor_hidden, cfg.projector_dim, trained)
     return total
 
 

@@ -25,9 +25,10 @@ from lease.codebook import load_codebook
 from lease.configs import AUTHORS_EMA_EPOCHS, TrainConfig, train_config
 from lease.data import Batch, ResidentBatches, StreamingBatches, fits_on_device, read_token_set, resolve_shards
 from lease.io import atomic_path
-from lease.masking import (MaskPlan, MaskRatioSampler, num_dropped_tokens, num_masked_tokens, random_echo_plan,
-                           random_plan)
+from lease.masking import (EchoPlan, MaskPlan, MaskRatioSampler, num_dropped_tokens, num_masked_tokens,
+                           random_echo_plan, random_plan)
 from lease.model import LeaseModel, describe
+from lease.online import ImageBatch, OnlineTokenizer, online_inputs
 from lease.sorcen import ema_beta
 from lease.typed_config import apply_overrides, load_yaml, to_dict
 
@@ -134,8 +135,9 @@ class Trainer:
     """Owns model, optimizer, RNG streams and the step counter; `step()` runs one optimizer step."""
 
     def __init__(self, cfg: TrainConfig, model: LeaseModel, device: torch.device, ddp: Dist,
-                 steps_per_epoch: int):
-        self.cfg, self.device, self.ddp = cfg, device, ddp
+                 steps_per_epoch: int, online: OnlineTokenizer | None = None):
+        """`online` (method mage_online) turns each step's image batch into codes inside the step."""
+        self.cfg, self.device, self.ddp, self.online = cfg, device, ddp, online
         self.model = model.to(device)
         self.dtype = autocast_dtype(cfg, device)
         self.micro_batch = cfg.batch_size // (ddp.world_size * cfg.grad_accum)
@@ -167,16 +169,28 @@ class Trainer:
         """A mask plan for `batch` images at the ratio law's mean: for measuring, not for training."""
         seq_len = self.model.cfg.seq_len
         num_masked = num_masked_tokens(seq_len, self.ratio_sampler.mean())
-        return random_plan(batch, seq_len, self.num_dropped, num_masked, self.device, generator,
+        plan = random_plan(batch, seq_len, self.num_dropped, num_masked, self.device, generator,
                            self.cfg.mask.decode_rows_multiple)
+        if self.model.cfg.echo_contrast:
+            plan.echo = self.echo_plan(batch, generator)
+        return plan
+
+    def echo_plan(self, batch: int, generator: torch.Generator | None) -> EchoPlan:
+        """Sorcen's random choices for `batch` images (the echo of the true tokens in the first epochs)."""
+        return random_echo_plan(batch, self.model.cfg.grid_size, self.cfg.loss.echo_crop_min,
+                                self.cfg.loss.echo_crop_max, self.device, generator,
+                                from_truth=self.epoch < self.cfg.ema.echo_from_truth_epochs)
 
     def _micro_batches(self, batch: Batch) -> Iterator[Batch]:
         for i in range(self.cfg.grad_accum):
             sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
-            yield Batch(batch.vq[sl], batch.disc[sl], batch.labels[sl])
+            yield Batch(batch.vq[sl], None if batch.disc is None else batch.disc[sl], batch.labels[sl])
 
-    def step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """One optimizer step over `batch` (this rank's share); metrics stay on the device."""
+    def step(self, batch: Batch | ImageBatch) -> dict[str, torch.Tensor]:
+        """One optimizer step over `batch` (this rank's share; images for mage_online, whose augmentation
+        draws from the mask stream); metrics stay on the device."""
+        if self.online is not None:
+            batch = self.online.tokenize(batch, self.mask_gen)
         lr = lr_at(self.step_count, self.peak_lr, self.warmup_steps, self.total_steps, self.cfg.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -192,9 +206,7 @@ class Trainer:
             plan = random_plan(micro.vq.shape[0], micro.vq.shape[1], self.num_dropped, num_masked,
                                self.device, self.mask_gen, self.cfg.mask.decode_rows_multiple)
             if echo:
-                plan.echo = random_echo_plan(micro.vq.shape[0], self.model.cfg.grid_size, self.cfg.loss.echo_crop_min,
-                                             self.cfg.loss.echo_crop_max, self.device, self.mask_gen,
-                                             from_truth=self.epoch < self.cfg.ema.echo_from_truth_epochs)
+                plan.echo = self.echo_plan(micro.vq.shape[0], self.mask_gen)
             if self.cfg.compile:
                 mark_row_counts_dynamic(plan)
             labels = micro.labels if self.model.online_classifier is not None else None
@@ -422,14 +434,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     ddp = setup_distributed()
     device = pick_device(ddp)
     out_dir.mkdir(parents=True, exist_ok=True)
-    batches, tokens = make_batches(cfg, device, ddp)
+    online = None
+    if cfg.method == "mage_online":
+        (batches, online), tokens = online_inputs(cfg, device, ddp.rank, ddp.world_size), None
+    else:
+        batches, tokens = make_batches(cfg, device, ddp)
     centroids = load_codebook(cfg.data.codebook) if cfg.model.contrast_on != "none" else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every rerun
     num_classes = int(tokens.labels.max()) + 1 if tokens is not None and cfg.model.num_classes == -1 else 0
     model = build_model(cfg, centroids, num_classes)
     if tokens is not None:
         model.check_tokens(tokens.vq[:4096].long().to(device), tokens.disc[:4096].long().to(device))
-    trainer = Trainer(cfg, model, device, ddp, batches.steps_per_epoch)
+    trainer = Trainer(cfg, model, device, ddp, batches.steps_per_epoch, online)
     ckpt_path = out_dir / "checkpoint.pt"
     if resume:
         trainer.load_state(load_checkpoint(ckpt_path))  # on the CPU, where torch takes RNG states

@@ -253,7 +253,8 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     pictures = {"samples": grids.save_image_grid(images, out / "samples.png", nrow=e.grid_rows)}
     pictures.update(generate._task_grids(sampler, vqgan, str(dirs["pack"] / "val"), e.grid_rows, out))
     report.write_report(out / "report", results, dirs["pretrain"] / "metrics.jsonl", dirs["pack"] / "stats.json",
-                        pictures, title=f"LEASE evaluation ({cfg.name})")
+                        pictures, title=f"LEASE evaluation ({cfg.name})",
+                        caveat=random_tokenizers_note(cfg), method=cfg.pretrain.method)
     return {"knn_top1": results["knn"]["top1"], "linear_probe_top1": results["linear_probe"]["top1"],
             "report": "report/report.md", "grids": sorted(pictures)}
 

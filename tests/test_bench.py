@@ -157,3 +157,58 @@ def test_records_name_the_kernel_switches_set_in_the_environment(monkeypatch):
     monkeypatch.setenv("LEASE_UNRELATED", "1")
     env = machine_info()["env"]
     assert env["TORCHINDUCTOR_MIX_ORDER_REDUCTION"] == "0" and "LEASE_UNRELATED" not in env
+
+
+def test_sorcen_useful_flops_count_teacher_projector_and_predictor():
+    """flops_per_image of Sorcen against torch's FLOP counter on an eager step: the student's matmuls,
+    the teacher's forward on [CLS] + echo and both projectors and the predictor; all that differs are
+    the batch's B × B logits (InfoNCE: forward and the student side's gradient; uniformity: forward and
+    both sides' gradients), which the count leaves out."""
+    from lease.bench import executed_tflop
+    from lease.configs import train_config
+    from lease.data import Batch
+    from lease.model import flops_per_image
+    from lease.synthetic import uniform_tokens
+    from lease.train import Dist, Trainer, build_model
+
+    b = 4
+    cfg = train_config({"preset": "tiny", "method": "sorcen", "batch_size": b,
+                        "model": {"projector_hidden": 48, "projector_dim": 24, "predictor_hidden": 40}})
+    trainer = Trainer(cfg, build_model(cfg, None), torch.device("cpu"), Dist(), steps_per_epoch=1)
+    m = trainer.model.cfg
+    tokens = uniform_tokens(b, m.seq_len, m.vocab_gen, 1, seed=0)
+    executed = sum(executed_tflop(trainer, Batch(tokens.vq.long(), None, tokens.labels), count_images=b).values())
+    batch_logits = b * b * (4 * m.projector_dim + 6 * m.embed_dim) / 1e12
+    useful = b * flops_per_image(m, m.seq_len - trainer.num_dropped, 0) / 1e12
+    assert executed == pytest.approx(useful + batch_logits, rel=1e-9)
+
+
+def test_methods_record_holds_each_rate_and_lease_over_the_others(tmp_path):
+    """`lease bench train --method ...` on the CPU with a tiny model and VQGAN, 2 steps each: one record
+    with every method's images/s and peak memory, and the ratios computed from those rates."""
+    import json
+
+    from lease.bench import bench_methods, methods_record_name
+    from lease.records import write_record
+    from lease.tokenizers.vqgan_maskgit import MaskGITVQGANConfig
+
+    methods = ["lease", "sorcen", "mage", "mage_online"]
+    vqgan = MaskGITVQGANConfig(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=64,
+                               resolution=64)  # f4: 16 × 16 codes, the tiny preset's grid
+    result = bench_methods(methods, preset="tiny", batch_size=4, dtype="fp32", compile=False, steps=2, warmup=1,
+                           codebook_size=16, codebook_dim=8, device="cpu", vqgan=vqgan,
+                           model_overrides={"vocab_gen": 64, "projector_hidden": 32,
+                                            "projector_dim": 16, "predictor_hidden": 32})
+    assert result["methods"] == methods and set(result["runs"]) == set(methods)
+    rates = result["images_per_s"]
+    for method, run in result["runs"].items():
+        assert run["method"] == method and run["batch_size"] == 4 and run["steps_timed"] == 2
+        assert rates[method] == run["images_per_s"] > 0 and result["peak_memory_gib"][method] is None  # CPU
+        assert (run["last_step_metrics"].get("uniformity_loss") is not None) == (method == "sorcen")
+    assert result["ratios"] == {f"lease/{m}": round(rates["lease"] / rates[m], 4) for m in methods[1:]}
+    name = methods_record_name(methods, "train-tiny-b4-fp32-eager")
+    assert name == "methods-lease-sorcen-mage-mage_online-tiny-b4-fp32-eager"
+    write_record(name, {"results": result}, tmp_path)
+    assert json.loads((tmp_path / f"{name}.json").read_text())["results"]["ratios"] == result["ratios"]
+    table = results_table(tmp_path)
+    assert "train mage_online tiny b4 fp32 eager" in table and "lease/mage_online" in table

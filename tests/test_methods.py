@@ -15,7 +15,9 @@ from lease.losses import info_nce_loss, uniformity_loss
 from lease.masking import random_plan
 from lease.train import build_model, train
 from lease.typed_config import ConfigError
-from test_train import assert_same_state, planted, tiny_cfg  # noqa: F401 (planted: the shards fixture)
+from lease.checkpoints import model_from_checkpoint
+from lease.data import read_token_set
+from test_train import _knn_accuracy, assert_same_state, planted, tiny_cfg  # noqa: F401 (planted: the shards fixture)
 
 
 def test_method_presets_set_the_layout():
@@ -29,9 +31,22 @@ def test_method_presets_set_the_layout():
     assert train_config({"preset": "tiny", "method": "sorcen", "model": {"projector_dim": 64}}).model.projector_dim == 64
 
 
+@pytest.mark.parametrize("method", ["sorcen", "mage", "mage_online"])
+def test_the_authors_vocabulary_follows_the_code_count(method):
+    """Their layout from the tokenizer's codes V: V + 1000 + 1 rows, [CLS] V + 76, [MASK] last (the demo's 64
+    codes: 1065, 140, 1064); explicit ids still win."""
+    cfg = train_config({"preset": "tiny", "method": method, "model": {"vocab_gen": 64}}).model
+    assert (cfg.vocab_size, cfg.cls_token_id, cfg.mask_token_id) == (1065, 140, 1064)
+    cfg = train_config({"preset": "tiny", "method": method, "model": {"vocab_gen": 64, "cls_token_id": 64}}).model
+    assert (cfg.vocab_size, cfg.cls_token_id, cfg.mask_token_id) == (1065, 64, 1064)
+    assert train_config({"preset": "tiny", "model": {"vocab_gen": 64}}).model.vocab_size == 66
+
+
 @pytest.mark.parametrize("data, key", [
     ({"method": "simclr"}, "method"),
-    ({"method": "mage_online"}, "method"),
+    ({"method": "mage_online", "online": {"crop_scale": [0.5, 0.2]}}, "online.crop_scale"),
+    ({"method": "mage_online", "online": {"crop_ratio": [1.2, 1.5]}}, "online.crop_ratio"),
+    ({"model": {"vocab_layout": "bert"}}, "model.vocab_layout"),
     ({"method": "sorcen", "model": {"echo_contrast": False}}, "model.echo_contrast"),
     ({"method": "lease", "model": {"echo_contrast": True}}, "model.echo_contrast"),
     ({"method": "mage", "model": {"contrast_on": "encoder"}}, "model.contrast_on"),
@@ -119,6 +134,19 @@ def test_every_method_trains_on_planted_tokens(planted, tmp_path, method):  # no
     assert result["completed"]
 
 
+def test_lease_knn_beats_mage_on_planted_tokens(planted, tmp_path):  # noqa: F811
+    """The codebook contrast says which codes are synonyms; reconstruction alone (MAGE on the same tokens)
+    has to find out: after the same 40 steps LEASE's k-NN is well above MAGE's (about 0.73 against 0.52)."""
+    train_set, val_set = read_token_set(planted / "train"), read_token_set(planted / "val")
+    accuracy = {}
+    for method, extra in (("lease", {"loss.contrast_weight": 1.0}), ("mage", {"method": "mage"})):
+        cfg = tiny_cfg(planted, **{"batch_size": 32, "max_steps": 40, "log_every": 40, "ckpt_every": 40,
+                                   "optim.base_lr": 4e-3, **extra})
+        result = train(cfg, tmp_path / method)
+        accuracy[method] = _knn_accuracy(model_from_checkpoint(result["checkpoint"]), train_set, val_set)
+    assert accuracy["lease"] > accuracy["mage"] + 0.1, accuracy
+
+
 def test_sorcen_resume_is_exact_teacher_included(planted, tmp_path):  # noqa: F811
     cfg = tiny_cfg(planted, **{"batch_size": 32, **SORCEN_TINY})
     train(cfg, tmp_path / "straight")
@@ -127,3 +155,31 @@ def test_sorcen_resume_is_exact_teacher_included(planted, tmp_path):  # noqa: F8
     assert_same_state(tmp_path / "straight", tmp_path / "split")
     state = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
     assert "teacher_blocks.0.attn.qkv.weight" in state and "teacher_projector.1.running_mean" in state
+
+
+@pytest.mark.parametrize("method", ["lease", "sorcen", "mage"])
+def test_the_exported_encoder_computes_the_trained_models_features(tmp_path, method):
+    """Every method's export (Sorcen's without its teacher) loads back into a model whose features equal
+    the trained model's: the layout (vocabulary ids, 2-D sin-cos or not) travels in the config JSON."""
+    from lease.checkpoints import export_encoder, load_encoder
+    from safetensors.torch import load_file
+
+    cfg = train_config({"preset": "tiny", "method": method, "model": {"vocab_gen": 64, "grid_size": 4},
+                        "loss": {"echo_crop_min": 2, "echo_crop_max": 4}})
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.randn(10, 8) if method == "lease" else None).eval()
+    export_encoder(model, tmp_path / "export")
+    assert not any(key.startswith("teacher") for key in load_file(tmp_path / "export" / "encoder.safetensors"))
+    torch.manual_seed(1)  # other initial weights: only the export can make the features agree
+    loaded = load_encoder(tmp_path / "export").eval()
+    tokens = torch.randint(0, 64, (3, 16))
+    assert torch.equal(loaded.features(tokens), model.features(tokens))
+    assert torch.equal(loaded.features(tokens, "cls"), model.features(tokens, "cls"))
+
+
+def test_the_report_names_the_method():
+    from lease.evaluate.report import render_report
+
+    text = render_report({}, {}, None, "LEASE evaluation (demo)", [], method="sorcen")
+    assert "Pretraining method: `sorcen` (Sorcen: reconstruction + echo contrast" in text
+    assert "Pretraining method" not in render_report({}, {}, None, "report", [])

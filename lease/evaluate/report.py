@@ -15,12 +15,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import get_args
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on the workers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lease.configs import METHOD_DESCRIPTIONS, Method  # noqa: E402
 from lease.io import atomic_path, atomic_write_bytes  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ PAPER_LEASE_VIT_B = {
 }
 RESULT_FILES = {"knn": "knn.json", "linear_probe": "linear_probe.json", "fewshot": "fewshot.json",
                 "fid": "fid.json"}
-CURVE_KEYS = ("loss", "rec_loss", "contrast_loss")
+CURVE_KEYS = ("loss", "rec_loss", "contrast_loss", "uniformity_loss")
 
 
 def load_results(eval_dir: str | Path) -> dict[str, dict]:
@@ -168,9 +170,12 @@ def metrics_rows(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
 
 
 def render_report(results: dict[str, dict], figures: dict[str, str], stats: dict | None, title: str,
-                  notes: list[str]) -> str:
-    """The Markdown text; `figures` maps captions to paths relative to the report."""
+                  notes: list[str], method: str | None = None) -> str:
+    """The Markdown text; `figures` maps captions to paths relative to the report; `method` the
+    pretraining method (`pretrain.method`), named under the title."""
     lines = [f"# {title}", ""]
+    if method is not None:
+        lines += [f"Pretraining method: `{method}` ({METHOD_DESCRIPTIONS[method]}).", ""]
     lines += ["## Metrics", "",
               "Accuracies in %. Paper: LEASE ViT-B, ImageNet-1K, 1600 epochs — comparable only for that setting.", "",
               "| Metric | This run | LEASE ViT-B (paper) | Paper source |", "|---|---|---|---|"]
@@ -190,10 +195,14 @@ def render_report(results: dict[str, dict], figures: dict[str, str], stats: dict
 
 def write_report(out_dir: str | Path, results: dict[str, dict], metrics_jsonl: str | Path | None = None,
                  stats_json: str | Path | None = None, grids: dict[str, str | Path] | None = None,
-                 title: str = "LEASE evaluation report") -> Path:
-    """Write `<out_dir>/report.md` and its figures; returns the report path."""
+                 title: str = "LEASE evaluation report", caveat: str | None = None, method: str | None = None) -> Path:
+    """Write `<out_dir>/report.md` and its figures; returns the report path. `caveat` (e.g. that the tokenizers
+    had random weights) goes into the title and the caption of every image grid. `method` names the
+    pretraining method in the report."""
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
+    if caveat:
+        title = f"{title} — {caveat}"
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
     notes: list[str] = []
@@ -215,9 +224,9 @@ def write_report(out_dir: str | Path, results: dict[str, dict], metrics_jsonl: s
         target = fig_dir / f"{name}.png"
         with atomic_path(target) as tmp:
             shutil.copyfile(path, tmp)
-        figures[name.replace("_", " ").capitalize()] = f"figures/{name}.png"
+        figures[name.replace("_", " ").capitalize() + (f" ({caveat})" if caveat else "")] = f"figures/{name}.png"
     report = out_dir / "report.md"
-    atomic_write_bytes(report, render_report(results, figures, stats, title, notes).encode())
+    atomic_write_bytes(report, render_report(results, figures, stats, title, notes, method).encode())
     log.info("wrote %s with %d figures", report, len(figures))
     return report
 
@@ -229,11 +238,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", type=Path, default=None, help="the pack stage's stats.json")
     parser.add_argument("--out", type=Path, required=True, help="report directory")
     parser.add_argument("--title", default="LEASE evaluation report")
+    parser.add_argument("--method", default=None, choices=list(get_args(Method)),
+                        help="the pretraining method, named in the report")
 
 
 def run(args: argparse.Namespace) -> int:
     grids = {p.stem: p for p in sorted(args.eval_dir.glob("*.png"))}
-    write_report(args.out, load_results(args.eval_dir), args.metrics, args.stats, grids, args.title)
+    write_report(args.out, load_results(args.eval_dir), args.metrics, args.stats, grids, args.title, args.method)
     return 0
 
 
