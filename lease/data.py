@@ -4,15 +4,17 @@ shards' one writer (`write_shard`: the pack stage's output, and synthetic token 
 Two modes:
 - `ResidentBatches`: the whole token set lives on the device (ImageNet-1K is ~1.3 GB as uint16); each
   epoch is a device-side permutation sliced into batches — no loader in the loop, exact resume.
-- `StreamingBatches`: shards read whole by DataLoader workers (split by rank and worker), shuffled
-  within a buffer of samples, yielded as ready-made batches.
+- `StreamingBatches`: webdataset's pipeline on DataLoader workers: the shard order shuffled per epoch and
+  dealt to ranks and workers, several shards read at once per worker, a sample shuffle buffer, ready-made
+  batches; exact resume. The pack stage writes samples in a global permutation, so a buffer's worth of
+  a few shards already holds the classes in their overall proportions.
 """
 from __future__ import annotations
 
 import glob
 import io
+import itertools
 import logging
-import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from lease.io import atomic_path
 
 log = logging.getLogger(__name__)
 SHARD_MTIME = 0  # fixed tar member mtime: the same tokens give byte-identical shards
+INTERLEAVE = 4  # shards a streaming worker reads at once, taking their samples in turn
 
 
 @dataclass
@@ -159,80 +162,105 @@ class ResidentBatches:
             epoch, offset = epoch + 1, 0
 
 
-class _ShardStream(torch.utils.data.IterableDataset):
-    """Worker-side: read whole shards (this rank's and worker's share), shuffle a sample buffer,
-    yield ready batches as numpy arrays (no per-sample work in the main process)."""
+def _stack_npy(records: list[bytes]) -> np.ndarray:
+    """Equal-shaped 1-D .npy records as one [n, L] array, the header parsed once (np.load per record costs
+    more than the rest of the loader)."""
+    head = io.BytesIO(records[0])
+    version = np.lib.format.read_magic(head)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    _, _, dtype = read(head)
+    raw = np.frombuffer(b"".join(records), np.uint8)
+    if raw.size != len(records) * len(records[0]):
+        raise ValueError("token arrays of different lengths in one batch: shards of different pack runs?")
+    return np.ascontiguousarray(raw.reshape(len(records), -1)[:, head.tell():]).view(dtype)
 
-    def __init__(self, shards: list[Path], batch_size: int, buffer: int, seed: int, epoch: int,
+
+def _collate(samples: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """webdataset samples → (vq, disc) as int16 views [B, L] (what `_as_batch` reads) and labels int64 [B]."""
+    try:
+        vq, disc = (_stack_npy([s[name] for s in samples]) for name in ("vq.npy", "disc.npy"))
+    except KeyError as err:
+        raise ValueError(f"a sample of {samples[0]['__url__']} has no {err.args[0]}: not a LEASE token shard") from err
+    labels = np.array([s.get("cls", b"-1") for s in samples]).astype(np.int64)
+    return vq.view(np.int16), disc.view(np.int16), labels
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """One epoch of one rank, on the loader's workers, from webdataset's stages: the shard list shuffled by
+    (seed, epoch), the same order on every rank, dealt to the ranks and then to the workers; a worker reads
+    `interleave` of its shards at once, taking their samples in turn, through a `buffer`-sample shuffle,
+    then goes on with shards resampled with replacement, so that no worker runs dry before its rank's epoch
+    ends (`StreamingBatches`)."""
+
+    def __init__(self, urls: list[str], batch_size: int, buffer: int, interleave: int, seed: int, epoch: int,
                  rank: int, world_size: int):
         super().__init__()
-        self.shards, self.batch_size, self.buffer = shards, batch_size, buffer
+        self.urls, self.batch_size, self.buffer, self.interleave = urls, batch_size, buffer, interleave
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def _of_rank(self, shards: Iterator[dict]) -> Iterator[dict]:
+        return itertools.islice(shards, self.rank, None, self.world_size)
+
+    def share(self) -> list[str]:
+        """This rank's and worker's shards of the epoch, in the order they are read."""
+        order = wds.SimpleShardList(self.urls, seed=wds.utils.make_seed(self.seed, self.epoch))
+        return [shard["url"] for shard in wds.DataPipeline(order, self._of_rank, wds.split_by_worker)]
+
+    def _shuffled(self, samples, seed: int):
+        return wds.shuffle(self.buffer, initial=self.buffer, seed=seed)(iter(samples))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(self.seed * 7919 + self.epoch)
-        shards = list(self.shards)
-        rng.shuffle(shards)
-        mine = shards[self.rank :: self.world_size][worker::workers]
-        local = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        pool: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        pooled = 0
-        for path in mine:
-            _, vq, disc, labels = read_shard(path)
-            pool.append((vq, disc, labels))
-            pooled += len(labels)
-            if pooled >= max(self.buffer, self.batch_size):
-                yield from self._drain(pool, local, keep_tail=True)
-                pooled = sum(len(p[2]) for p in pool)
-        yield from self._drain(pool, local, keep_tail=False)
-
-    def _drain(self, pool, rng, keep_tail: bool):
-        vq, disc, labels = (np.concatenate([p[i] for p in pool]) for i in range(3))
-        order = rng.permutation(len(labels))
-        full = len(order) // self.batch_size
-        for b in range(full):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield vq[idx], disc[idx], labels[idx]
-        pool.clear()
-        if keep_tail and full * self.batch_size < len(order):
-            idx = order[full * self.batch_size :]
-            pool.append((vq[idx], disc[idx], labels[idx]))
+        seed = wds.utils.make_seed(self.seed, self.epoch, self.rank, info.id if info else 0)
+        share = self.share()
+        lanes = min(self.interleave, len(share))
+        read = [wds.DataPipeline(wds.SimpleShardList(share[i::lanes]), wds.tarfile_to_samples()) for i in range(lanes)]
+        resampled = wds.DataPipeline(wds.ResampledShards(self.urls, seed=seed, deterministic=True),
+                                     wds.tarfile_to_samples())
+        # the share drains completely before the resampled shards start: each of its samples comes once
+        samples = itertools.chain(self._shuffled(wds.RoundRobin(read, longest=True), seed),
+                                  self._shuffled(resampled, seed + 1))
+        return wds.batched(self.batch_size, collation_fn=_collate, partial=False)(samples)
 
 
 class StreamingBatches:
-    """Streams shards through DataLoader workers; resumes by skipping the consumed batches of the epoch."""
+    """Streams the shards through DataLoader workers (`_EpochStream`). Every epoch yields exactly
+    `steps_per_epoch` batches on every rank, a function of (seed, epoch, rank, world size, workers) alone:
+    ranks step together, and a resumed run rebuilds the epoch it stopped in and skips the batches it had
+    consumed, so it sees the batches of a straight run. An epoch reads every shard once when the shards
+    deal evenly to the world size × workers; a worker dealt one shard more than another has the end of its
+    share cut, one dealt fewer is topped up with resampled shards."""
 
     def __init__(self, shards: list[Path], batch_size: int, device: torch.device, seed: int, buffer: int,
-                 num_workers: int, rank: int = 0, world_size: int = 1, steps_per_epoch: int | None = None):
+                 num_workers: int, rank: int = 0, world_size: int = 1, steps_per_epoch: int | None = None,
+                 interleave: int = INTERLEAVE):
         self.shards, self.batch_size, self.device = shards, batch_size, device
-        self.seed, self.buffer, self.num_workers = seed, buffer, num_workers
+        self.seed, self.buffer, self.num_workers, self.interleave = seed, buffer, num_workers, interleave
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = steps_per_epoch or self._count_steps()
 
     def _count_steps(self) -> int:
-        per_shard = len(read_shard(self.shards[0])[0])
-        return max(1, per_shard * len(self.shards) // (self.batch_size * self.world_size))
+        # pack fills every shard but the last (in name order): the first and the last give the epoch's size
+        full, last = (len(read_shard(p)[0]) for p in (self.shards[0], self.shards[-1]))
+        return max(1, (full * (len(self.shards) - 1) + last) // (self.batch_size * self.world_size))
+
+    def stream(self, epoch: int) -> _EpochStream:
+        return _EpochStream([str(p) for p in self.shards], self.batch_size, self.buffer, self.interleave,
+                            self.seed, epoch, self.rank, self.world_size)
 
     def _epoch(self, epoch: int) -> Iterator[Batch]:
-        stream = _ShardStream(self.shards, self.batch_size, self.buffer, self.seed, epoch, self.rank,
-                              self.world_size)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                             pin_memory=self.device.type == "cuda",
-                                             persistent_workers=False)
-        for i, (vq, disc, labels) in enumerate(loader):
-            if i >= self.steps_per_epoch:
-                break
+        # its own generator: DataLoader draws its workers' base seed from it, which would otherwise take a
+        # number from the global torch stream (the masks') each epoch and put a resumed run off a straight one's
+        loader = wds.WebLoader(self.stream(epoch), batch_size=None, num_workers=self.num_workers,
+                               pin_memory=self.device.type == "cuda", generator=torch.Generator())
+        for vq, disc, labels in itertools.islice(loader, self.steps_per_epoch):
             yield _as_batch(vq.to(self.device, non_blocking=True), disc.to(self.device, non_blocking=True),
                             labels.to(self.device, non_blocking=True))
 
     def iterate(self, start_step: int) -> Iterator[Batch]:
         epoch, offset = divmod(start_step, self.steps_per_epoch)
         while True:
-            for i, batch in enumerate(self._epoch(epoch)):
-                if i >= offset:
-                    yield batch
+            yield from itertools.islice(self._epoch(epoch), offset, None)
             epoch, offset = epoch + 1, 0
 
 

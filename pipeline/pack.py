@@ -13,9 +13,10 @@ batch streamed from a few shards, holds classes in their overall proportions ins
 of one class that sorted inputs come in. The permutation is drawn over the samples sorted by key, so the
 output depends on the set of samples only, not on how the tokenize stage cut or ordered its files. A
 split is held in memory while it is permuted (2 × 2 bytes per token: 1.3 GB for ImageNet-1K); the
-permuted rows are cut into shards of `samples_per_shard`, all full but the last. Each shard is written to a temporary file and renamed, so an existing shard is
-complete; a rerun keeps existing shards and writes the missing ones. Tar members carry a fixed mtime,
-owner and mode, so the same inputs give byte-identical shards.
+permuted rows are cut into shards of `samples_per_shard`, all full but the last. Each shard is written
+to a temporary file and renamed, so an existing shard is complete; a rerun keeps existing shards and
+writes the missing ones. Tar members carry a fixed mtime, owner and mode, so the same inputs give
+byte-identical shards.
 """
 from __future__ import annotations
 
