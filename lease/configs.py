@@ -268,6 +268,11 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     classifier_lr: float = 1e-3
+    # How the pipeline's pretrain stage starts the run (lease.launch): torchrun with nproc_per_node processes
+    # per machine (0: one per visible GPU), on nnodes machines meeting at rdzv_endpoint (host:port).
+    nproc_per_node: int = 0
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
 
     def __post_init__(self) -> None:
         require(self.batch_size > 0, "batch_size", "must be > 0")
@@ -275,6 +280,10 @@ class TrainConfig:
         require(self.batch_size % self.grad_accum == 0, "batch_size", "must be divisible by grad_accum")
         require(self.epochs > 0 or self.max_steps > 0, "epochs", "need epochs > 0 or max_steps > 0")
         require(self.log_every > 0, "log_every", "must be > 0")
+        require(self.nproc_per_node >= 0, "nproc_per_node", "must be >= 0 (0: one per visible GPU)")
+        require(self.nnodes >= 1, "nnodes", "must be >= 1")
+        require(self.nnodes == 1 or bool(self.rdzv_endpoint), "rdzv_endpoint",
+                "several machines (nnodes > 1) meet at a rendezvous: give host:port")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
         require(self.model.echo_contrast == (self.method == "sorcen"), "model.echo_contrast",
                 f"must be {self.method == 'sorcen'} for method={self.method!r} (set by the method's preset)")

@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,10 +38,11 @@ import numpy as np
 import torch
 import yaml
 
-from lease.records import results_dir, write_record
 from lease.configs import DataConfig, ModelConfig, TrainConfig, train_config
 from lease.data import write_token_set
+from lease.launch import train_command
 from lease.numerics import NumericsRun, late_gap, plot_curves, smoothed, train_config_for
+from lease.records import results_dir, write_record
 from lease.synthetic import planted_codebook, planted_token_set
 from lease.typed_config import apply_overrides, to_dict
 
@@ -89,13 +89,6 @@ def ranks_by_step(train_log: str) -> dict[int, list[int]]:
     for rank, step in STEP_LINE.findall(train_log):
         seen.setdefault(int(step), set()).add(int(rank))
     return {step: sorted(ranks) for step, ranks in sorted(seen.items())}
-
-
-def train_command(config: Path, out: Path, torchrun_nproc: int | None = None) -> list[str]:
-    """The `lease train` command line: this Python alone, or under torchrun with `torchrun_nproc` processes."""
-    launcher = [sys.executable] if torchrun_nproc is None else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}"]
-    return [*launcher, "-m", "lease.train", "--config", str(config), "--out", str(out)]
 
 
 def launch(config: Path, out: Path, torchrun_nproc: int | None = None, cpu: bool = False) -> TrainingRun:

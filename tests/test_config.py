@@ -59,6 +59,8 @@ def test_exponents_without_a_dot_read_as_numbers():
     ("tokenizers.demo.dino_heads=3", "tokenizers.demo.dino_hidden"),
     ("device=cpux", "device"),
     ("device=cuda:99", "device"),  # no such GPU here
+    ("pretrain.nnodes=2", "pretrain.rdzv_endpoint"),  # several machines need a rendezvous
+    ("pretrain.nproc_per_node=-1", "pretrain.nproc_per_node"),
 ])
 def test_bad_key_or_value_is_named(override, named):
     with pytest.raises(ConfigError) as err:

@@ -321,3 +321,19 @@ def test_planted_structure_knn_rises_and_contrast_helps(planted, tmp_path):
     assert accuracy["encoder"] > 5 * chance, accuracy
     assert accuracy["none"] > accuracy["untrained"] + 0.05, accuracy
     assert accuracy["encoder"] > accuracy["none"] + 0.1, accuracy
+
+
+def test_the_pipeline_launches_torchrun_as_a_user_would(planted, tmp_path, monkeypatch):
+    """The pretrain stage's launcher (pretrain.nproc_per_node=2) trains to the weights of the same config
+    run by hand under torchrun, with both ranks in sync (gloo, CPU)."""
+    from lease.launch import run_torchrun, runs_distributed
+
+    cfg = tiny_cfg(planted, nproc_per_node=2)
+    assert runs_distributed(cfg) and not runs_distributed(tiny_cfg(planted, nproc_per_node=1))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    by_hand = launch_training(cfg, tmp_path / "by-hand", nproc=2)
+    result = run_torchrun(cfg, tmp_path / "stage", resume=False)
+    finish(by_hand, tmp_path / "by-hand")
+    assert result["completed"] and result["world_size"] == 2 and result["ranks_in_sync"]
+    assert_same_state(tmp_path / "by-hand", tmp_path / "stage")
