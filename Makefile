@@ -21,6 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # ---- pipeline (flows/): Prefect state and results stay in the repo, nothing reaches the network
+# A rerun of a stage whose run was interrupted (Ctrl-C) continues it; RESTART=1 starts it from nothing.
 LEASE := $(VENV)/bin/lease
 CONFIG ?= demo
 ARGS ?=
@@ -41,8 +42,8 @@ tokenize: $(STAMP)  ## the tokenization sub-flow (manifest → features → k-me
 	$(LEASE) run --flow tokenize --config $(CONFIG) $(if $(DATA),data.source=$(abspath $(DATA))) $(ARGS)
 
 rerun: $(STAMP)  ## recompute one stage and its dependents, the rest from cache: make rerun STAGE=pretrain
-	@test -n "$(STAGE)" || { echo "usage: make rerun STAGE=<stage> (demo-data demo-assets manifest features kmeans tokenize pack pretrain evaluate)"; exit 2; }
-	$(LEASE) run --config $(CONFIG) --force $(STAGE) $(if $(DATA),data.source=$(abspath $(DATA))) $(ARGS)
+	@test -n "$(STAGE)" || { echo "usage: make rerun STAGE=<stage> [RESTART=1] (demo-data demo-assets manifest features kmeans tokenize pack pretrain evaluate)"; exit 2; }
+	$(LEASE) run --config $(CONFIG) --force $(STAGE) $(if $(RESTART),--restart) $(if $(DATA),data.source=$(abspath $(DATA))) $(ARGS)
 
 server: $(STAMP)  ## local Prefect server in the background (SQLite in .prefect/); stop with make server-stop
 	$(PY) -m prefect server start --background --host 127.0.0.1 --port $(PREFECT_PORT)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import flows  # noqa: F401  (Prefect's environment defaults, before Prefect is imported)
 
+import contextlib
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,12 +26,13 @@ from prefect.cache_policies import CachePolicy
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
+from lease import stopping
 from lease.io import CheckpointFileError, atomic_write_json
 from lease.typed_config import ConfigError
 from pipeline.artifacts import (RECORD_NAME, ArtifactLocked, ArtifactStorageError, ArtifactStore, StageOutcome,
                                 StageSpec)
 from pipeline.config import PipelineConfig, load_pipeline_config
-from pipeline.stages import STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Stage, with_dependents
+from pipeline.stages import STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Stage, random_tokenizers_note, with_dependents
 
 
 # ------------------------------------------------------------------------------- Prefect plumbing
@@ -46,6 +49,7 @@ class StageJob:
     verify: bool
     upstream_dirs: dict[str, str] = field(default_factory=dict)
     wait: bool = True  # for a key another run is building: wait for it (False: fail naming that run)
+    restart: bool = False  # discard what an interrupted run of the stage left instead of continuing it
 
 
 class ArtifactCachePolicy(CachePolicy):
@@ -72,11 +76,48 @@ def _run_stage(job: StageJob, cfg: PipelineConfig) -> str | State:
     """The task body: reuse or build the artifact; returns "ran" or "cached" (the record holds the rest)."""
     stage = STAGES[job.stage]
     dirs = {name: Path(path) for name, path in job.upstream_dirs.items()}
+    store = ArtifactStore(job.artifacts)
+    build = _naming_final_paths(lambda out: stage.build(cfg, dirs, out), store.path(job.spec.stage, job.spec.key))
     try:
-        return ArtifactStore(job.artifacts).run(job.spec, lambda out: stage.build(cfg, dirs, out),
-                                                force=job.force, verify=job.verify, wait=job.wait).status
+        return store.run(job.spec, build, force=job.force, verify=job.verify, wait=job.wait,
+                         restart=job.restart).status
     except EXPLAINED_FAILURES as err:
         return Failed(message=str(err))
+    except KeyboardInterrupt as err:  # a stop signal (lease.stopping): what the stage finished stays
+        stopping.interrupt_taken()
+        return Failed(message=str(err) or "interrupted: the work it finished is kept, and the next run "
+                                          "continues from it")
+
+
+@contextlib.contextmanager
+def _logs_name_final_paths(work: Path, final: Path):
+    """While a stage builds in its work directory (`<key>.partial-...`), the lines it logs name the
+    directory the work is published as, which is where the user will find it."""
+    make_record = logging.getLogRecordFactory()
+
+    def record_naming_final(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: logging reports it as usual
+            return record
+        if str(work) in message:
+            record.msg, record.args = message.replace(str(work), str(final)), ()
+        return record
+
+    logging.setLogRecordFactory(record_naming_final)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(make_record)
+
+
+def _naming_final_paths(build: Callable[[Path], dict[str, Any]], final: Path) -> Callable[[Path], dict[str, Any]]:
+    def build_in(work: Path) -> dict[str, Any]:
+        with _logs_name_final_paths(work, final):
+            return build(work)
+
+    return build_in
 
 
 STAGE_TASKS = {name: task(_run_stage, name=name, cache_policy=ArtifactCachePolicy(), persist_result=True)
@@ -84,11 +125,12 @@ STAGE_TASKS = {name: task(_run_stage, name=name, cache_policy=ArtifactCachePolic
 
 
 class StageFailed(RuntimeError):
-    """A stage failed; `outcomes` holds the table up to and including the failed stage."""
+    """A stage failed, or was interrupted by a stop signal; `outcomes` holds the table up to and including
+    that stage, `forced` whether this run forced it."""
 
-    def __init__(self, message: str, outcomes: list[StageOutcome]):
+    def __init__(self, message: str, outcomes: list[StageOutcome], stage: str, interrupted: bool, forced: bool):
         super().__init__(message)
-        self.outcomes = outcomes
+        self.outcomes, self.stage, self.interrupted, self.forced = outcomes, stage, interrupted, forced
 
 
 @dataclass
@@ -100,6 +142,7 @@ class Runner:
     verify: bool = False
     outcomes: dict[str, StageOutcome] = field(default_factory=dict)
     wait: bool = True
+    restart: bool = False
 
     def spec(self, stage: Stage) -> StageSpec:
         return stage.spec(self.cfg, {name: outcome.key for name, outcome in self.outcomes.items()})
@@ -107,8 +150,11 @@ class Runner:
     def run(self, names: tuple[str, ...]) -> None:
         for name in names:
             stage = STAGES[name]
-            if stage.enabled(self.cfg):
-                self.run_one(stage)
+            if not stage.enabled(self.cfg):
+                continue
+            if stopping.requested() is not None:  # a stop signal whose interrupt some code swallowed
+                self._fail(name, "", time.perf_counter(), "not started: the run was asked to stop")
+            self.run_one(stage)
 
     def run_one(self, stage: Stage) -> StageOutcome:
         t0 = time.perf_counter()
@@ -118,7 +164,7 @@ class Runner:
             self._fail(stage.name, "", t0, f"cannot compute its key: {err}")
         job = StageJob(stage.name, spec, str(self.artifacts), stage.name in self.force, self.verify,
                        {name: self.outcomes[name].path for name in stage.after if name in self.outcomes},
-                       self.wait)
+                       self.wait, restart=self.restart)
         state = STAGE_TASKS[stage.name](job, self.cfg, return_state=True)
         seconds = time.perf_counter() - t0
         if not state.is_completed():
@@ -135,8 +181,11 @@ class Runner:
         return self.outcomes[stage.name]
 
     def _fail(self, name: str, key: str, t0: float, message: str | None) -> NoReturn:
-        self.outcomes[name] = StageOutcome(name, "failed", key, time.perf_counter() - t0, "", {})
-        raise StageFailed(f"stage {name} failed: {message}", list(self.outcomes.values()))
+        interrupted = stopping.requested() is not None
+        status = "interrupted" if interrupted else "failed"
+        self.outcomes[name] = StageOutcome(name, status, key, time.perf_counter() - t0, "", {})
+        raise StageFailed(f"stage {name} {status}: {message}", list(self.outcomes.values()), name, interrupted,
+                          name in self.force)
 
     @property
     def artifacts(self) -> Path:
@@ -160,11 +209,11 @@ def write_run_record(cfg: PipelineConfig, outcomes: list[StageOutcome], meta: di
     return runs / f"{run_id}.json"
 
 
-def _run(config: str, overrides: list[str], force: list[str], verify: bool, wait: bool, names: tuple[str, ...],
-         prior: list[StageOutcome] | None = None) -> list[StageOutcome]:
+def _run(config: str, overrides: list[str], force: list[str], verify: bool, wait: bool, restart: bool,
+         names: tuple[str, ...], prior: list[StageOutcome] | None = None) -> list[StageOutcome]:
     """Validate the config (before any work), then run the enabled stages among `names`."""
     cfg = load_pipeline_config(config, overrides)
-    runner = Runner(cfg, with_dependents(cfg, force), verify, {o.name: o for o in prior or []}, wait)
+    runner = Runner(cfg, with_dependents(cfg, force), verify, {o.name: o for o in prior or []}, wait, restart)
     runner.run(names)
     return list(runner.outcomes.values())
 
@@ -203,34 +252,58 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
     note = left_out_note(outcomes)
     if note:
         get_run_logger().warning("%s", note)
-    if error is not None:  # the flow run fails with the stage's one-line reason (the caller gets FailedRun)
-        return Failed(message=str(error))
-    return {"stages": [o.row() for o in outcomes], "record": str(path), "outcomes": outcomes}
+    warn_of_random_tokenizers(cfg)  # again at the end, where a reader looks for the result
+    if error is not None:  # the flow run fails with the stage's one-line reason; the caller gets `error`
+        return Failed(message=str(error), data=error)
+    return {"stages": [o.row() for o in outcomes], "record": str(path), "outcomes": outcomes,
+            "summary": run_summary(outcomes, path)}
+
+
+def warn_of_random_tokenizers(cfg: PipelineConfig) -> None:
+    note = random_tokenizers_note(cfg)
+    if note:
+        get_run_logger().warning("%s (tokenizers.vqgan.checkpoint / tokenizers.dinov2.path name the real ones)",
+                                 note.upper())
+
+
+def run_summary(outcomes: list[StageOutcome], record: Path | str) -> str:
+    """The run's result in one line: where its report is, or (tokenization alone) its packed shards."""
+    done = {o.name: o for o in outcomes}
+    if "evaluate" in done:
+        return f"report: {Path(done['evaluate'].path) / done['evaluate'].result['report']}"
+    return f"packed shards: {done['pack'].path} (every stage's artifact: {record})"
 
 
 @flow(name="tokenize", log_prints=False)
 def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
-                  verify: bool = False, write_record: bool = True, wait: bool = True) -> dict[str, Any] | State:
+                  verify: bool = False, write_record: bool = True, wait: bool = True,
+                  restart: bool = False) -> dict[str, Any] | State:
     """Tokenization alone: (demo data/assets) → manifest → features → k-means → tokenize + assign → pack.
 
     As a sub-flow of `lease` (`write_record=False`) it returns its outcomes for the parent's table.
+    `restart`: stages that run discard what an interrupted run of them left (default: continue it).
     """
     overrides, force, t0 = list(overrides or []), list(force or []), time.perf_counter()
-    run = functools.partial(_run, config, overrides, force, verify, wait, TOKENIZE_STAGES)
-    if not write_record:
-        return {"outcomes": run()}
+    run = functools.partial(_run, config, overrides, force, verify, wait, restart, TOKENIZE_STAGES)
+    if not write_record:  # a failed stage fails the sub-flow with its one line, the parent prints the table
+        try:
+            return {"outcomes": run()}
+        except StageFailed as err:
+            return Failed(message=str(err), data=err)
+    warn_of_random_tokenizers(load_pipeline_config(config, overrides))
     return _finish("tokenize", config, overrides, force, t0, run)
 
 
 @flow(name="lease", log_prints=False)
 def lease_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
-               verify: bool = False, wait: bool = True) -> dict[str, Any] | State:
+               verify: bool = False, wait: bool = True, restart: bool = False) -> dict[str, Any] | State:
     """The whole pipeline: the `tokenize` sub-flow, then pretraining and evaluation."""
     overrides, force, t0 = list(overrides or []), list(force or []), time.perf_counter()
-    load_pipeline_config(config, overrides)  # fail on a bad key before any stage starts
+    warn_of_random_tokenizers(load_pipeline_config(config, overrides))  # a bad key fails here, before any stage
 
     def run() -> list[StageOutcome]:
-        tokenized = tokenize_flow(config, overrides, force, verify, write_record=False, wait=wait)["outcomes"]
-        return _run(config, overrides, force, verify, wait, TRAIN_STAGES, prior=tokenized)
+        tokenized = tokenize_flow(config, overrides, force, verify, write_record=False, wait=wait,
+                                  restart=restart)["outcomes"]
+        return _run(config, overrides, force, verify, wait, restart, TRAIN_STAGES, prior=tokenized)
 
     return _finish("lease", config, overrides, force, t0, run)

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from lease import stopping
 from lease.checkpoints import export_encoder, load_checkpoint, save_checkpoint
 from lease.codebook import load_codebook
 from lease.configs import AUTHORS_EMA_EPOCHS, TrainConfig, train_config
@@ -378,25 +378,19 @@ def make_batches(cfg: TrainConfig, device: torch.device, ddp: Dist):
     return stream, None
 
 
-def _install_stop_handlers() -> dict[str, bool]:
-    flag = {"stop": False}
-
-    def handler(signum, _frame):
-        log.warning("signal %s: saving a checkpoint and stopping", signal.Signals(signum).name)
-        flag["stop"] = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(ValueError):  # not in the main thread (e.g. inside a Prefect worker)
-            signal.signal(sig, handler)
-    return flag
-
-
 def run_steps(trainer: Trainer, data: Iterator[Batch], metrics: MetricsLog, ckpt_path: Path,
               stop_after: int | None) -> dict:
     """Train until the last step, `stop_after` or a signal, logging and checkpointing on the way;
     returns the last logged metrics."""
+    # A signal stops the loop after the step in progress, with a checkpoint; the process's handlers come
+    # back when the loop ends (a Ctrl-C during the next pipeline stage is theirs again).
+    with stopping.deferred("saving a checkpoint and stopping"):
+        return _step_until_done(trainer, data, metrics, ckpt_path, stop_after)
+
+
+def _step_until_done(trainer: Trainer, data: Iterator[Batch], metrics: MetricsLog, ckpt_path: Path,
+                     stop_after: int | None) -> dict:
     cfg, ddp = trainer.cfg, trainer.ddp
-    stop = _install_stop_handlers()
     history, last_row, t0 = [], {}, time.perf_counter()
     while trainer.step_count < trainer.total_steps:
         history.append(trainer.step(next(data)))
@@ -405,9 +399,10 @@ def run_steps(trainer: Trainer, data: Iterator[Batch], metrics: MetricsLog, ckpt
         log_now, ckpt_now = step % cfg.log_every == 0, step % cfg.ckpt_every == 0
         # One process stops right after a signal; under torchrun the ranks agree at the next log or
         # checkpoint step (see Trainer.agree_to_stop).
-        if not (log_now or ckpt_now or finished or (stop["stop"] and not ddp.distributed)):
+        stop = stopping.requested() is not None
+        if not (log_now or ckpt_now or finished or (stop and not ddp.distributed)):
             continue
-        done = trainer.agree_to_stop(stop["stop"]) or finished
+        done = trainer.agree_to_stop(stop) or finished
         if log_now or done:
             seconds = time.perf_counter() - t0
             last_row = metrics.write(step, history, trainer.lr, seconds, len(history) * cfg.batch_size)
@@ -457,8 +452,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     metrics = MetricsLog(out_dir, enabled=ddp.is_main, start_step=trainer.step_count)
     last_row = run_steps(trainer, batches.iterate(trainer.step_count), metrics, ckpt_path, stop_after)
     if trainer.step_count < trainer.total_steps and ddp.is_main:
-        log.info("stopped at step %d of %d; the same command with --resume continues it exactly from %s",
-                 trainer.step_count, trainer.total_steps, ckpt_path)
+        log.info("stopped at step %d of %d, with a checkpoint", trainer.step_count, trainer.total_steps)
     result = {"steps": trainer.step_count, "checkpoint": str(ckpt_path), "final": last_row,
               "completed": trainer.step_count >= trainer.total_steps, "world_size": ddp.world_size}
     if ddp.distributed:
@@ -494,6 +488,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     result = train(load_train_config(args.config, args.overrides), args.out, resume=args.resume)
+    if not result["completed"] and int(os.environ.get("RANK", "0")) == 0:
+        log.info("the same command with --resume continues it exactly from %s", result["checkpoint"])
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))  # the command's result, for scripts
     return 0

@@ -12,10 +12,11 @@ What "cached" means (DESIGN.md, end of "The data path"):
   then finds the artifact published (a hit), or fails at once with `wait=False` naming the holder.
 - Under the lock, the run builds in a directory of its own, `<key>.partial-<pid>-<nonce>/`. Partial
   directories of earlier runs of the key (their holders are gone, or the lock would be held) are resumed
-  from: the newest is adopted by rename, the others removed; stages that write shards skip the ones
-  already there (`pending_items`). The run then writes `record.json` (stage, key, code, config, upstream
-  keys, input digests and content digests, every output file with size/mtime/sha256, timings) and renames
-  its directory to `<key>/`. A publish never replaces a complete, valid artifact unless forced.
+  from, by a forced run too (unless `restart`): the newest is adopted by rename, the others removed;
+  stages that write shards skip the ones already there (`pending_items`). The run then writes
+  `record.json` (stage, key, code, config, upstream keys, input digests and content digests, every
+  output file with size/mtime/sha256, timings) and renames its directory to `<key>/`. A publish never
+  replaces a complete, valid artifact unless forced.
 - A **hit** needs the record and every recorded output with its recorded size; a file's sha256 is checked
   again when the file is small (≤ `SMALL_FILE_BYTES`), when its mtime differs from the recorded one, or
   always with `verify=True`, which also re-hashes the external inputs' contents against the record.
@@ -381,13 +382,15 @@ class ArtifactStore:
         os.replace(work, final)
 
     def run(self, spec: StageSpec, build: Callable[[Path], dict[str, Any] | None], *, force: bool = False,
-            verify: bool = False, wait: bool = True) -> StageOutcome:
+            verify: bool = False, wait: bool = True, restart: bool = False) -> StageOutcome:
         """Reuse the artifact of `spec` if it is intact (and not forced), else build it with `build(dir)`.
 
         `build` writes its outputs into the directory it is given and returns a JSON-able summary that
         goes into the record. Paths in the summary should be relative to that directory. Building holds
         the key's lock: a run that finds it held waits (`wait=False`: raises `ArtifactLocked`).
-        A forced run of a complete artifact starts from nothing; of an interrupted one, it resumes.
+        A build continues the partial work an interrupted run of the key left, forced or not (an earlier
+        forced rerun that was stopped continues too); `restart=True` discards it and starts from nothing.
+        With no partial work a forced run starts from nothing anyway.
         """
         t0 = time.perf_counter()
         hit = self._cached(spec, verify, force, t0)
@@ -398,7 +401,7 @@ class ArtifactStore:
             if hit is not None:
                 return hit
             log.info("%s: running (%s: %s)", spec.stage, spec.key, "forced" if force else self.check(spec)[1])
-            work = self.claim_work_dir(spec, fresh=force and self.is_complete(spec))
+            work = self.claim_work_dir(spec, fresh=restart)
             result = self._build_into(work, spec, build, t0)
             self.publish(work, spec, force)
         return StageOutcome(spec.stage, "ran", spec.key, time.perf_counter() - t0,

@@ -14,6 +14,7 @@ nothing of Prefect. `flows/lease_flow.py` runs these stages as cached Prefect ta
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,6 +25,7 @@ from pipeline.artifacts import KEY_LENGTH, RECORD_NAME, ArtifactStore, StageOutc
 from pipeline.code_version import code_identity
 from pipeline.config import DEMO, PipelineConfig
 
+log = logging.getLogger(__name__)
 Dirs = dict[str, Path]  # upstream stage name -> its artifact directory
 
 
@@ -102,6 +104,19 @@ def _tokenizer_paths(cfg: PipelineConfig, dirs: Dirs) -> tuple[Path, Path | None
 
 DEMO_VQGAN = "vqgan_maskgit_tiny.ckpt"
 DEMO_DINOV2 = "dinov2_tiny_hf"
+
+
+RANDOM_TOKENIZERS = "demo tokenizers: random weights — codes carry no meaning"
+
+
+def random_tokenizers_note(cfg: PipelineConfig) -> str | None:
+    """What to say when the demo's random-weight tokenizers tokenize real images (None otherwise): their
+    codes say nothing of the images, nor does anything learnt from them."""
+    if cfg.uses_demo_data or not cfg.uses_demo_assets:
+        return None
+    which = [name for name, demo in (("VQGAN", cfg.tokenizers.vqgan.checkpoint == DEMO),
+                                     ("DINOv2", cfg.tokenizers.dinov2.path == DEMO)) if demo]
+    return f"{RANDOM_TOKENIZERS} ({' and '.join(which)})"
 
 
 def build_demo_data(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
@@ -194,28 +209,38 @@ def _pretrain_config(cfg: PipelineConfig, dirs: Dirs | None = None) -> dict[str,
     return train_cfg
 
 
-def _check_batch_fits(batch_size: int, train_split: dict[str, Any]) -> None:
-    """A small image folder packs fewer samples than one batch: say which setting to lower, and to what."""
+def _batch_for_data(batch_size: int, train_split: dict[str, Any]) -> int:
+    """`batch_size`, or for a small image folder that packs fewer train samples than one batch the
+    largest power of two within them, with a warning (powers of two keep the batch divisible by
+    `grad_accum`). The stage's key holds the configured size, and stays honest: the sample count is
+    fixed by the pack key upstream, so one key always trains with one batch size."""
     samples = int(train_split.get("samples", 0))
     if samples >= batch_size:
-        return
+        return batch_size
     if samples == 0:
         raise ValueError("the pack stage holds no train samples to pretrain on: check data.source")
     fits = 1 << (samples.bit_length() - 1)  # the largest power of two not above the sample count
-    raise ValueError(f"pretrain.batch_size={batch_size} is more than the {samples} train samples of this data: "
-                     f"rerun with pretrain.batch_size={fits} (make: ARGS=\"pretrain.batch_size={fits}\")")
+    log.warning("pretrain.batch_size=%d is more than the %d train samples of this data: training with batches "
+                "of %d", batch_size, samples, fits)
+    return fits
 
 
 def build_pretrain(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     from lease.configs import train_config
+    from lease.stopping import Interrupted
     from lease.train import train
 
-    _check_batch_fits(cfg.pretrain.batch_size, _recorded_result(dirs["pack"])["splits"].get("train", {}))
+    train_cfg = _pretrain_config(cfg, dirs)
+    requested = train_cfg["batch_size"]
+    train_cfg["batch_size"] = _batch_for_data(requested, _recorded_result(dirs["pack"])["splits"].get("train", {}))
     # An interrupted run left its checkpoint in this (work) directory: continue it exactly.
-    result = train(train_config(_pretrain_config(cfg, dirs)), out, resume=(out / "checkpoint.pt").is_file())
-    if not result.get("completed"):
-        raise RuntimeError(f"pretraining stopped at step {result['steps']} before finishing: rerun to resume")
-    return {"steps": result["steps"], "checkpoint": "checkpoint.pt", "final": result["final"]}
+    result = train(train_config(train_cfg), out, resume=(out / "checkpoint.pt").is_file())
+    if not result.get("completed"):  # a stop signal: the trainer saved a checkpoint at that step
+        raise Interrupted(f"stopped at step {result['steps']}; its checkpoint is kept, and the next run "
+                          "continues from it")
+    return {"steps": result["steps"], "checkpoint": "checkpoint.pt", "final": result["final"],
+            "batch_size": train_cfg["batch_size"], **({"batch_size_configured": requested}
+                                                      if requested != train_cfg["batch_size"] else {})}
 
 
 def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:

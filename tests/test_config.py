@@ -88,12 +88,12 @@ def test_lease_run_rejects_a_bad_key_before_any_work(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("samples, fits", [(26, 16), (31, 16), (8, 8)])
-def test_pretrain_names_the_batch_size_that_fits_a_small_folder(samples, fits):
-    from pipeline.stages import _check_batch_fits
+def test_pretrain_caps_the_batch_at_a_small_folder_and_says_so(samples, fits, caplog):
+    from pipeline.stages import _batch_for_data
 
-    with pytest.raises(ValueError, match=rf"pretrain.batch_size=32 is more than the {samples} .*"
-                                         rf"pretrain.batch_size={fits}\b"):
-        _check_batch_fits(32, {"samples": samples})
-    _check_batch_fits(fits, {"samples": samples})  # that one fits
+    assert _batch_for_data(32, {"samples": samples}) == fits
+    assert f"pretrain.batch_size=32 is more than the {samples} train samples" in caplog.text
+    assert f"training with batches of {fits}" in caplog.text
+    assert _batch_for_data(fits, {"samples": samples}) == fits  # that one fits as it is
     with pytest.raises(ValueError, match="no train samples"):
-        _check_batch_fits(32, {})
+        _batch_for_data(32, {})

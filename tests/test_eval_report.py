@@ -73,3 +73,14 @@ def test_bad_metrics_line_is_named(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         report.read_metrics_jsonl(tmp_path / "metrics.jsonl")
+
+
+def test_a_caveat_heads_the_report_and_captions_every_image_grid(run_dir):
+    root, grids = run_dir
+    caveat = "demo tokenizers: random weights — codes carry no meaning"
+    text = report.write_report(root / "report", RESULTS, root / "metrics.jsonl", grids=grids,
+                               title="LEASE evaluation (demo)", caveat=caveat).read_text()
+    assert text.splitlines()[0] == f"# LEASE evaluation (demo) — {caveat}"
+    captions = re.findall(r"^### (.+)$", text, re.M)
+    assert sorted(c for c in captions if caveat in c) == sorted(f"{n.capitalize()} ({caveat})" for n in grids)
+    assert "Training loss curves" in captions  # a figure of the run itself, not of the tokenizers' codes
