@@ -422,7 +422,8 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
                  f"{r['peak_memory_gib']:.1f} GiB" + _gpu_details(r))]
     if name.startswith("methods-") and isinstance(r, dict):
         first = r["runs"][r["methods"][0]]
-        settings = f"{first['preset']} b{first['batch_size']} {first['dtype']} {'compiled' if first['compile'] else 'eager'}"
+        mode = "compiled" if first["compile"] else "eager"
+        settings = f"{first['preset']} b{first['batch_size']} {first['dtype']} {mode}"
         rows = [(f"train {method} {settings}", f"{r['images_per_s'][method]:.0f} img/s",
                  f"{run['median_ms_per_step']:.1f} ms/step" + (f", {run['peak_memory_gib']:.1f} GiB"
                                                                 if run["peak_memory_gib"] is not None else ""))
