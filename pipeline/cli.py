@@ -75,9 +75,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def run_flow(args: argparse.Namespace) -> int:
     """Validate the config first (a bad key fails before Prefect starts), then run the flow.
 
-    Ctrl-C (or SIGTERM) stops the running stage where a rerun continues from (`lease.stopping`); the run
-    then ends with the stage table and the command that continues it, exit code 128 + the signal's
-    number (130 for Ctrl-C). A second one exits at once.
+    Ctrl-C stops the running stage where a rerun continues from (`lease.stopping`); the run then ends
+    with the stage table and the command that continues it, exit code 130. A second one exits at once.
+    SIGTERM is not handled so yet: while a flow runs, Prefect's engine takes it (its cancellation signal)
+    and the run ends as crashed; sent to the whole process group it also stops the temporary server.
     """
     from pipeline.config import load_pipeline_config
 
