@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import flows  # noqa: F401  (Prefect's environment defaults, before Prefect is imported)
 
+import dataclasses
 import contextlib
 import functools
 import logging
@@ -26,13 +27,15 @@ from prefect.cache_policies import CachePolicy
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
+from flows.runners import part_runner
 from lease import stopping
 from lease.io import CheckpointFileError, atomic_write_json
 from lease.typed_config import ConfigError
 from pipeline.artifacts import (RECORD_NAME, ArtifactLocked, ArtifactStorageError, ArtifactStore, StageOutcome,
                                 StageSpec)
 from pipeline.config import PipelineConfig, load_pipeline_config
-from pipeline.stages import STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Stage, random_tokenizers_note, with_dependents
+from pipeline.stages import (PART_SUFFIX, STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Stage, part_specs,
+                             random_tokenizers_note, with_dependents)
 
 
 # ------------------------------------------------------------------------------- Prefect plumbing
@@ -50,6 +53,7 @@ class StageJob:
     upstream_dirs: dict[str, str] = field(default_factory=dict)
     wait: bool = True  # for a key another run is building: wait for it (False: fail naming that run)
     restart: bool = False  # discard what an interrupted run of the stage left instead of continuing it
+    part: dict[str, Any] | None = None  # one part of a partitioned stage (its spec is the part's)
 
 
 class ArtifactCachePolicy(CachePolicy):
@@ -76,8 +80,10 @@ def _run_stage(job: StageJob, cfg: PipelineConfig) -> str | State:
     """The task body: reuse or build the artifact; returns "ran" or "cached" (the record holds the rest)."""
     stage = STAGES[job.stage]
     dirs = {name: Path(path) for name, path in job.upstream_dirs.items()}
+    build = functools.partial(stage.build, cfg, dirs) if job.part is None else \
+        functools.partial(stage.partitions.build, cfg, dirs, job.part)
     store = ArtifactStore(job.artifacts)
-    build = _naming_final_paths(lambda out: stage.build(cfg, dirs, out), store.path(job.spec.stage, job.spec.key))
+    build = _naming_final_paths(build, store.path(job.spec.stage, job.spec.key))
     try:
         return store.run(job.spec, build, force=job.force, verify=job.verify, wait=job.wait,
                          restart=job.restart).status
@@ -122,6 +128,8 @@ def _naming_final_paths(build: Callable[[Path], dict[str, Any]], final: Path) ->
 
 STAGE_TASKS = {name: task(_run_stage, name=name, cache_policy=ArtifactCachePolicy(), persist_result=True)
                for name in STAGES}
+PART_TASKS = {name: task(_run_stage, name=name + PART_SUFFIX, cache_policy=ArtifactCachePolicy(), persist_result=True)
+              for name, stage in STAGES.items() if stage.partitions}
 
 
 class StageFailed(RuntimeError):
@@ -165,6 +173,8 @@ class Runner:
         job = StageJob(stage.name, spec, str(self.artifacts), stage.name in self.force, self.verify,
                        {name: self.outcomes[name].path for name in stage.after if name in self.outcomes},
                        self.wait, restart=self.restart)
+        if stage.partitions and (job.force or not ArtifactStore(self.artifacts).is_complete(spec)):
+            job.upstream_dirs.update(self.run_parts(stage, job, t0))
         state = STAGE_TASKS[stage.name](job, self.cfg, return_state=True)
         seconds = time.perf_counter() - t0
         if not state.is_completed():
@@ -179,6 +189,27 @@ class Runner:
         path = str(store.path(stage.name, spec.key))
         self.outcomes[stage.name] = StageOutcome(stage.name, status, spec.key, seconds, path, record.result)
         return self.outcomes[stage.name]
+
+    def run_parts(self, stage: Stage, job: StageJob, t0: float) -> dict[str, str]:
+        """Build a partitioned stage's parts on the runner's workers; returns their directories by name."""
+        upstream = {name: Path(path) for name, path in job.upstream_dirs.items()}
+        with part_runner(self.cfg) as (runner, workers):
+            parts = part_specs(stage, self.cfg, upstream, job.spec, self.cfg.tokenize.partitions or workers)
+            jobs = [dataclasses.replace(job, spec=part_spec, part=part) for part_spec, part in parts]
+            get_run_logger().info("%s: %d parts on %s", stage.name, len(jobs),
+                                  f"{workers} Dask workers" if runner else "this process")
+            if runner is None:
+                states = [PART_TASKS[stage.name](part_job, self.cfg, return_state=True) for part_job in jobs]
+                stage.partitions.release()
+            else:
+                futures = [runner.submit(PART_TASKS[stage.name], {"job": part_job, "cfg": self.cfg})
+                           for part_job in jobs]
+                states = [future.wait() or future.state for future in futures]
+        failed = [state for state in states if not state.is_completed()]
+        if failed:
+            self._fail(stage.name, job.spec.key, t0, f"{len(failed)} of {len(jobs)} parts failed: {failed[0].message}")
+        store = ArtifactStore(self.artifacts)
+        return {f"part-{i}": str(store.path(part.spec.stage, part.spec.key)) for i, part in enumerate(jobs)}
 
     def _fail(self, name: str, key: str, t0: float, message: str | None) -> NoReturn:
         interrupted = stopping.requested() is not None

@@ -13,6 +13,7 @@ nothing of Prefect. `flows/lease_flow.py` runs these stages as cached Prefect ta
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator
 from lease.io import atomic_write_json, json_digest
 from lease.typed_config import ConfigError, to_dict
 from pipeline.artifacts import KEY_LENGTH, RECORD_NAME, ArtifactStore, StageOutcome, StageSpec, input_digest
-from pipeline.code_version import code_identity
+from pipeline.code_version import combined_identity
 from pipeline.config import DEMO, PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,20 @@ class ExternalInput:
 
 
 @dataclass(frozen=True)
+class Partitions:
+    """A stage whose work runs as separate tasks, one per part of its input, on the runner's workers.
+
+    `plan(cfg, dirs, count)` cuts the work into at most `count` JSON-able parts, each with a "rows" digest
+    of the input rows it covers; `build(cfg, dirs, part, out)` writes one part's outputs. The stage's own
+    build then merges the parts' directories, which it finds as `dirs["part-<i>"]`.
+    """
+
+    plan: Callable[[PipelineConfig, Dirs, int], list[dict[str, Any]]]
+    build: Callable[[PipelineConfig, Dirs, dict[str, Any], Path], dict[str, Any]]
+    release: Callable[[], None] = lambda: None  # frees what the parts kept loaded, in the process that ran them
+
+
+@dataclass(frozen=True)
 class Stage:
     """One node of the DAG: what its key depends on and how to build its artifact."""
 
@@ -51,6 +66,13 @@ class Stage:
     inputs: Callable[[PipelineConfig], dict[str, ExternalInput]] = lambda cfg: {}
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
     on_device: bool = False  # its numbers depend on the device it runs on (cpu or cuda): part of the key
+    partitions: Partitions | None = None
+
+    @property
+    def functions(self) -> tuple[Callable, ...]:
+        """The code that builds the artifact: what its code version digests."""
+        parts = (self.partitions.plan, self.partitions.build) if self.partitions else ()
+        return (self.build, *parts)
 
     def spec(self, cfg: PipelineConfig, done_keys: dict[str, str]) -> StageSpec:
         """The stage's cache identity from the keys of the stages done so far (its own upstream ones are
@@ -60,12 +82,30 @@ class Stage:
         config = self.config(cfg)
         if self.on_device:
             config = {**config, "device": _device(cfg)}
-        code = code_identity(self.build)
+        code = combined_identity(self.functions)
         inputs = self.inputs(cfg)
         return StageSpec(stage=self.name, config=config, code_version=json_digest(code)[:KEY_LENGTH],
                          upstream=upstream, code=code,
                          inputs={name: input_digest(i.path, content=not i.tree) for name, i in inputs.items()},
                          input_paths={name: i.path for name, i in inputs.items()})
+
+
+PART_SUFFIX = "-part"  # a partitioned stage's parts are artifacts of the stage `<name>-part`
+
+
+def part_specs(stage: Stage, cfg: PipelineConfig, dirs: Dirs, spec: StageSpec, count: int
+               ) -> list[tuple[StageSpec, dict[str, Any]]]:
+    """The parts of a partitioned stage, each keyed by the stage's key and the digest of its rows: a rerun
+    after a crash or a lost worker rebuilds only the parts that did not finish."""
+    assert stage.partitions is not None
+    return [(StageSpec(stage=stage.name + PART_SUFFIX, config={"of": spec.key, "rows": part["rows"]},
+                       code_version=spec.code_version, upstream=dict(spec.upstream)), part)
+            for part in stage.partitions.plan(cfg, dirs, count)]
+
+
+def part_dirs(dirs: Dirs) -> list[Path]:
+    """The parts' directories handed to a partitioned stage's merge, in part order."""
+    return [dirs[f"part-{i}"] for i in range(sum(name.startswith("part-") for name in dirs))]
 
 
 def _device(cfg: PipelineConfig) -> str:
@@ -148,7 +188,14 @@ def build_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     return {"manifest": "manifest.parquet", **_plain(summary)}
 
 
-def build_features(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+def plan_features(cfg: PipelineConfig, dirs: Dirs, count: int) -> list[dict[str, Any]]:
+    from pipeline import tokenize
+
+    return tokenize.feature_sample_parts(dirs["manifest"] / "manifest.parquet", cfg.features.num_images,
+                                         cfg.features.seed, count)
+
+
+def build_features_part(cfg: PipelineConfig, dirs: Dirs, part: dict[str, Any], out: Path) -> dict[str, Any]:
     from pipeline import tokenize
 
     _, _, dino_path = _tokenizer_paths(cfg, dirs)
@@ -157,8 +204,20 @@ def build_features(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
                                        dinov2_kind=dino.kind, dinov2_path=dino_path, layer=dino.layer,
                                        num_images=f.num_images, patches_per_image=f.patches_per_image, seed=f.seed,
                                        batch_size=f.batch_size, num_workers=f.num_workers, dtype=f.dtype,
-                                       device=_device(cfg))
-    return {"features": "features.npy", **_plain(summary)}
+                                       device=_device(cfg), part=tuple(part["images"]))
+    return _plain(summary)
+
+
+def build_features(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    """The feature sample from its parts, concatenated in order: the same file for any number of parts."""
+    from pipeline import tokenize
+
+    parts = part_dirs(dirs)
+    tokenize.concatenate_feature_parts([part / "features.npy" for part in parts], out / "features.npy")
+    results = [_recorded_result(part) for part in parts]
+    return {"features": "features.npy", "num_images": sum(r["num_images"] for r in results),
+            "patches_per_image": results[0]["patches_per_image"], "dim": results[0]["dim"],
+            "dtype": results[0]["dtype"], "layer": results[0]["layer"], "partitions": len(parts)}
 
 
 def build_kmeans(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
@@ -172,7 +231,13 @@ def build_kmeans(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     return kmeans.write_kmeans_outputs(result, out, k.num_neighbours, k.iters, k.seed, device)
 
 
-def build_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+def plan_tokenize(cfg: PipelineConfig, dirs: Dirs, count: int) -> list[dict[str, Any]]:
+    from pipeline import tokenize
+
+    return tokenize.partition_shards(dirs["manifest"] / "manifest.parquet", cfg.tokenize.images_per_shard, count)
+
+
+def build_tokenize_part(cfg: PipelineConfig, dirs: Dirs, part: dict[str, Any], out: Path) -> dict[str, Any]:
     from pipeline import tokenize
 
     vq_ckpt, vq_config, dino_path = _tokenizer_paths(cfg, dirs)
@@ -182,8 +247,27 @@ def build_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
                                 dinov2_kind=tok.dinov2.kind, dinov2_path=dino_path, layer=tok.dinov2.layer,
                                 batch_size=t.batch_size, num_workers=t.num_workers,
                                 images_per_shard=t.images_per_shard, dtype=t.dtype, device=_device(cfg),
-                                gpu_decode=t.gpu_decode, compile=t.compile)
+                                gpu_decode=t.gpu_decode, compile=t.compile, shards=part["shards"])
     return _plain(summary)
+
+
+def release_tokenizers() -> None:
+    from pipeline import tokenize
+
+    tokenize.release_cached_tokenizer()
+
+
+def build_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    """The tokenize artifact from its parts' shards: the same files whatever the number of parts."""
+    from pipeline import tokenize
+
+    parts = part_dirs(dirs)
+    shards = tokenize.merge_partitions(parts, out)
+    results = [_recorded_result(part) for part in parts]
+    return {"num_images": results[0]["num_images"], "num_shards": results[0]["num_shards"], "shards": shards,
+            "vq_codes": results[0]["vq_codes"], "disc_codes": results[0]["disc_codes"], "partitions": len(parts),
+            "shards_written": sum(r["shards_written"] for r in results),
+            "first_batch_seconds": max(r["first_batch_seconds"] for r in results)}
 
 
 def _recorded_result(directory: Path) -> dict[str, Any]:
@@ -227,6 +311,7 @@ def _batch_for_data(batch_size: int, train_split: dict[str, Any]) -> int:
 
 def build_pretrain(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     from lease.configs import train_config
+    from lease.launch import run_torchrun, runs_distributed
     from lease.stopping import Interrupted
     from lease.train import train
 
@@ -234,7 +319,8 @@ def build_pretrain(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     requested = train_cfg["batch_size"]
     train_cfg["batch_size"] = _batch_for_data(requested, _recorded_result(dirs["pack"])["splits"].get("train", {}))
     # An interrupted run left its checkpoint in this (work) directory: continue it exactly.
-    result = train(train_config(train_cfg), out, resume=(out / "checkpoint.pt").is_file())
+    run_cfg, resume = train_config(train_cfg), (out / "checkpoint.pt").is_file()
+    result = run_torchrun(run_cfg, out, resume) if runs_distributed(run_cfg) else train(run_cfg, out, resume=resume)
     if not result.get("completed"):  # a stop signal: the trainer saved a checkpoint at that step
         raise Interrupted(f"stopped at step {result['steps']}; its checkpoint is kept, and the next run "
                           "continues from it")
@@ -323,15 +409,17 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           lambda c: {"features": _without(to_dict(c.features), "batch_size", "num_workers"),
                      "dinov2": _tokenizer_config(c)["dinov2"]}, build_features,
           inputs=lambda c: _external(dinov2=c.tokenizers.dinov2.path),
-          enabled=lambda c: not c.kmeans.codebook, on_device=True),
+          enabled=lambda c: not c.kmeans.codebook, on_device=True,
+          partitions=Partitions(plan_features, build_features_part)),
     Stage("kmeans", ("features",), lambda c: to_dict(c.kmeans), build_kmeans,
           inputs=lambda c: _external(codebook=c.kmeans.codebook), on_device=True),
     Stage("tokenize", ("manifest", "kmeans", "demo-assets"),
-          lambda c: {"tokenize": _without(to_dict(c.tokenize), "batch_size", "num_workers"),
-                     "tokenizers": _tokenizer_config(c)}, build_tokenize, inputs=_tokenizer_inputs, on_device=True),
+          lambda c: {"tokenize": _without(to_dict(c.tokenize), "batch_size", "num_workers", "partitions"),
+                     "tokenizers": _tokenizer_config(c)}, build_tokenize, inputs=_tokenizer_inputs, on_device=True,
+          partitions=Partitions(plan_tokenize, build_tokenize_part, release_tokenizers)),
     Stage("pack", ("tokenize",), lambda c: _without(to_dict(c.pack), "num_workers"), build_pack),
     Stage("pretrain", ("pack", "kmeans"),
-          lambda c: _without(_pretrain_config(c), "data.num_workers", "log_every", "ckpt_every"),
+          lambda c: _without(_pretrain_config(c), "data.num_workers", "log_every", "ckpt_every", "rdzv_endpoint"),
           build_pretrain, on_device=True),
     Stage("evaluate", ("pretrain", "pack", "manifest", "demo-assets"),
           lambda c: {"evaluate": _without(to_dict(c.evaluate), "batch_size", "augment.batch_size",
@@ -345,14 +433,21 @@ TRAIN_STAGES = ("pretrain", "evaluate")
 
 def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = False) -> Iterator[StageOutcome]:
     """Run the enabled stages among `names` in order straight through the artifact store, without
-    Prefect (benchmarks and tests); yields each stage's outcome as it finishes."""
+    Prefect (benchmarks and tests), a partitioned stage's parts one after another; yields each stage's
+    outcome as it finishes."""
     store, keys, dirs = ArtifactStore(cfg.artifacts), {}, {}
     for stage in (STAGES[name] for name in names):
         if not stage.enabled(cfg):
             continue
         spec = stage.spec(cfg, keys)
         upstream = {n: dirs[n] for n in stage.after if n in dirs}
-        outcome = store.run(spec, lambda out: stage.build(cfg, upstream, out), force=force)
+        if stage.partitions and (force or not store.is_complete(spec)):
+            for i, (part_spec, part) in enumerate(part_specs(stage, cfg, upstream, spec, cfg.tokenize.partitions or 1)):
+                built = store.run(part_spec, functools.partial(stage.partitions.build, cfg, upstream, part),
+                                  force=force)
+                upstream[f"part-{i}"] = Path(built.path)
+            stage.partitions.release()
+        outcome = store.run(spec, functools.partial(stage.build, cfg, upstream), force=force)
         keys[stage.name], dirs[stage.name] = outcome.key, Path(outcome.path)
         yield outcome
 

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lease import stopping
@@ -238,7 +237,7 @@ def test_ctrl_c_during_tokenize_stops_it_and_its_command_continues_the_shards(ru
     assert "--force" not in first["text"].rsplit("to continue: ", 1)[1]  # nothing to force: nothing was forced
     assert "Traceback" not in first["text"] and "ConnectError" not in first["text"]
     second = runs["pretrain"]["text"]
-    assert "tokenize: resuming from the partial work of an earlier run" in second
+    assert re.search(r"tokenize(-part)?: resuming from the partial work of an earlier run", second)
     resumed = re.search(r"tokenized .* shards \((\d+) written, (\d+) already done\)", second)
     assert resumed and int(resumed.group(2)) >= 3, second[-3000:]
 

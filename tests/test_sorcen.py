@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import fixture_dir
 from lease.checkpoints import CheckpointError, authors_key, import_reference, read_state_dict
