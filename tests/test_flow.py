@@ -24,9 +24,7 @@ from prefect.deployments import run_deployment  # noqa: E402
 from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from prefect.exceptions import FailedRun  # noqa: E402
-
-from flows.lease_flow import lease_flow, tokenize_flow  # noqa: E402
+from flows.lease_flow import StageFailed, lease_flow, tokenize_flow  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack", "pretrain",
@@ -132,7 +130,7 @@ def test_prefect_cache_and_artifact_records_agree(deployed_run):
 
     # A failing stage is reported as failed in the table, and the run fails: 1000 images x 16 patches
     # would allow 1000 centroids, but only 24 train images exist, so k-means gets 384 vectors.
-    with pytest.raises(FailedRun, match="kmeans"):
+    with pytest.raises(StageFailed, match="kmeans"):
         tokenize_flow(config="demo", overrides=[*TINY, f"artifacts={artifacts}", "features.num_images=1000",
                                                 "kmeans.k=1000"])
     assert statuses(artifacts)["kmeans"] == "failed"
