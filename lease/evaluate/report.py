@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 
 from lease.configs import METHOD_DESCRIPTIONS, Method
 from lease.evaluate import paper
-from lease.io import atomic_path, atomic_write_bytes, atomic_write_json
+from lease.io import atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -635,7 +635,8 @@ def write_report(out_dir: str | Path, inputs: ReportInputs, facts: RunFacts | No
     report = out_dir / "report.md"
     atomic_write_bytes(report, render_report(tables, facts, figures, stats, notes, title).encode())
     metrics = out_dir / "metrics.json"
-    atomic_write_json(metrics, [row.record(t.number) for t in tables for row in t.rows])
+    records = [row.record(t.number) for t in tables for row in t.rows]  # in column order (not sorted): a table
+    atomic_write_bytes(metrics, (json.dumps(records, indent=1, ensure_ascii=False) + "\n").encode())
     log.info("wrote %s: tables %s, %d figures", report, ", ".join(t.number for t in tables), len(figures))
     return {"report": report, "metrics": metrics}
 
