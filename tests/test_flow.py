@@ -117,7 +117,11 @@ def test_the_run_posts_its_report_metrics_and_stage_table_as_prefect_artifacts(d
             "sort": "CREATED_DESC"})
     by_key = {artifact.key: artifact for artifact in Artifact.model_validate_list(response.json())}
     assert {"demo-report", "demo-metrics", "demo-stages"} <= set(by_key), sorted(by_key)
-    table = lambda key: by_key[key].data if isinstance(by_key[key].data, list) else json.loads(by_key[key].data)  # noqa: E731
+
+    def table(key: str) -> list[dict]:  # a table artifact's rows (the API returns them as JSON text)
+        data = by_key[key].data
+        return data if isinstance(data, list) else json.loads(data)
+
     report = by_key["demo-report"]
     assert report.type == "markdown" and report.data.startswith("Report file: ") and "## Table 1:" in report.data
     assert by_key["demo-stages"].type == "table" and [row["name"] for row in table("demo-stages")] == ALL_STAGES

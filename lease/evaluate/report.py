@@ -254,9 +254,7 @@ def table_1(eval_dir: Path | None, facts: RunFacts) -> Table:
         samples = fid.get("samples", fid.get("num_generated"))
         extractor = str(fid.get("extractor", "not given"))
         protocol = f"{fid.get('protocol', 'not given')}, {samples} samples, Inception: {extractor}"
-        differs = ([] if fid.get("protocol") == "mage" else ["generation preset is not mage (the authors')"]) + \
-                  ([] if samples == paper.FID_SAMPLES else [f"{samples} samples, the paper's {paper.FID_SAMPLES:,}"]) + \
-                  (["demo Inception extractor (random weights)"] if extractor.startswith("demo") else [])
+        differs = _generation_differences(fid.get("protocol"), samples, extractor)
         isc, isc_std = fid.get("isc", fid.get("isc_mean")), fid.get("isc_std")
         rows.append(Row("FID (unconditional)", _fmt(fid["fid"]), protocol, ref["fid"], source, _reason(run, differs)))
         rows.append(Row("Inception Score", _fmt(isc) + (f" ± {isc_std:.2f}" if isinstance(isc_std, float) else ""),
@@ -264,12 +262,21 @@ def table_1(eval_dir: Path | None, facts: RunFacts) -> Table:
     return Table("1", "Linear probe, FID and IS (ImageNet-1K in the paper)", rows)
 
 
+def _generation_differences(preset: str | None, samples: Any, extractor: str) -> list[str]:
+    """How an unconditional FID / IS measurement differs from the paper's (MAGE's preset, 50K samples, the
+    real Inception weights)."""
+    return ([] if preset == "mage" else [f"generation preset {preset}, the paper's: mage (the authors')"]) + \
+           ([] if samples == paper.FID_SAMPLES else [f"{samples} samples, the paper's {paper.FID_SAMPLES:,}"]) + \
+           (["demo Inception extractor (random weights)"] if extractor.startswith("demo") else [])
+
+
 def table_2(eval_dir: Path | None, facts: RunFacts) -> Table:
     run, row = run_mismatch(facts), paper_row_name(facts)
     ref, source = paper.TABLES["2"]["rows"][row], f"table 2 ({row})"
     fs, why = read_result(eval_dir / "fewshot.json" if eval_dir else None, "few-shot")
     if fs is None or not fs.get("shots"):
-        return Table("2", "Few-shot linear probe", [Row("few-shot top-1", _missing(why or "fewshot.json has no shots"))])
+        reason = why or "fewshot.json has no shots"
+        return Table("2", "Few-shot linear probe", [Row("few-shot top-1", _missing(reason))])
     protocol = protocol_of(fs)
     differs = _probe_protocol_mismatch(protocol)
     rows = []
@@ -398,7 +405,6 @@ def table_5(inputs: ReportInputs, facts: RunFacts) -> Table:
 
 def table_7(condgen_dir: Path | None, facts: RunFacts) -> Table:
     run = run_mismatch(facts)
-    ref_row = "LEASE" if facts.method == "lease" else None
     result, why = read_result(condgen_dir / "condgen.json" if condgen_dir else None, "class-conditional generation")
     if result is None or result.get("missing") or result.get("fid") is None:
         reason = why if result is None else (result.get("missing") or "condgen.json holds no FID")
@@ -408,12 +414,14 @@ def table_7(condgen_dir: Path | None, facts: RunFacts) -> Table:
     extractor = str(result.get("extractor", "not given"))
     protocol = (f"{classes} classes × {per_class} samples, guidance {result.get('guidance')}, tail "
                 f"{result.get('tail')}, Inception: {extractor}")
-    differs = ([] if (classes, per_class) == (paper.PAPER_SETTING["classes"], paper.CONDITIONAL_SAMPLES_PER_CLASS)
-               else [f"{classes} × {per_class} samples, the paper's 1000 × {paper.CONDITIONAL_SAMPLES_PER_CLASS}"]) + \
+    wanted = (paper.PAPER_SETTING["classes"], paper.CONDITIONAL_SAMPLES_PER_CLASS)
+    differs = ([] if (classes, per_class) == wanted else
+               [f"{classes} × {per_class} samples, the paper's {wanted[0]} × {wanted[1]}"]) + \
               ([] if result.get("tail") == "centroids" else ["no centroid tail (the paper's: all centroids)"]) + \
               (["demo Inception extractor (random weights)"] if extractor.startswith("demo") else [])
-    ref = paper.TABLES["7"]["rows"]["LEASE"]
-    reason = _reason(run, differs) if ref_row else f"this run trained `{facts.method}`; the number is LEASE's"
+    ref = paper.TABLES["7"]["rows"]["LEASE"]  # the paper fine-tuned LEASE's decoder only
+    reason = _reason(run, differs) if facts.method == "lease" else \
+        f"this run trained `{facts.method}`; the number is LEASE's"
     return Table("7", "Class-conditional generation", [
         Row("FID (class-conditional)", _fmt(result["fid"]), protocol, ref["fid"], "table 7 (LEASE)", reason),
         Row("Inception Score", _fmt(result.get("isc")), protocol, ref["isc"], "table 7 (LEASE)", reason)])
