@@ -316,9 +316,10 @@ def post_artifacts(cfg: PipelineConfig, outcomes: list[StageOutcome], record: Pa
     except (OSError, KeyError, json.JSONDecodeError) as err:  # the run's result stands; the UI lacks the report
         get_run_logger().warning("report artifacts not posted: %s", err)
         return
-    create_markdown_artifact(markdown=f"Report file: `{directory / report.result['report']}` (its figures lie "
-                                      f"beside it)\n\n{text}", key=artifact_key(cfg, "report"),
-                             description=f"evaluation report of run {cfg.name}")
+    # The UI cannot load the report's relative image links: each figure becomes its file's path.
+    text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: f"*figure: `{directory / m[2]}`*", text)
+    create_markdown_artifact(markdown=f"Report file: `{directory / report.result['report']}`\n\n{text}",
+                             key=artifact_key(cfg, "report"), description=f"evaluation report of run {cfg.name}")
     create_table_artifact(table=metrics, key=artifact_key(cfg, "metrics"),
                           description=f"every number of the report of run {cfg.name}, beside the paper's")
 

@@ -3,6 +3,7 @@ through the API on a tiny demo config, then cache behaviour of the in-process fl
 import atexit
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,8 @@ def test_the_run_posts_its_report_metrics_and_stage_table_as_prefect_artifacts(d
 
     report = by_key["demo-report"]
     assert report.type == "markdown" and report.data.startswith("Report file: ") and "## Table 1:" in report.data
+    figure = re.search(r"\*figure: `([^`]+)`\*", report.data)  # figures by path: the UI cannot load relative links
+    assert figure and Path(figure[1]).is_file() and "![" not in report.data
     assert by_key["demo-stages"].type == "table" and [row["name"] for row in table("demo-stages")] == ALL_STAGES
     metrics = table("demo-metrics")
     assert by_key["demo-metrics"].type == "table"
