@@ -18,7 +18,7 @@ import yaml
 from lease.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from lease.configs import MaskConfig, TrainConfig, model_config, train_config
 from lease.data import read_token_set
-from lease.ddp_check import train_command
+from benchmarks.ddp import train_command
 from lease.io import file_digest
 from lease.masking import random_plan
 from lease.model import LeaseModel
