@@ -266,8 +266,9 @@ def preset_path(name_or_path: str | Path) -> Path:
     return path
 
 
-def pipeline_config(data: dict[str, Any]) -> PipelineConfig:
-    """Validate plain data into a PipelineConfig; `pretrain` goes through the trainer's own loader."""
+def pipeline_config(data: dict[str, Any], machine_checks: bool = True) -> PipelineConfig:
+    """Validate plain data into a PipelineConfig; `pretrain` goes through the trainer's own loader.
+    `machine_checks` (on for a run) also checks that paths exist and the device is there."""
     data = dict(data)
     pretrain = data.pop("pretrain", None) or {}
     if not isinstance(pretrain, dict):
@@ -278,8 +279,9 @@ def pipeline_config(data: dict[str, Any]) -> PipelineConfig:
     except ConfigError as err:
         raise ConfigError(_under("pretrain", str(err))) from None
     _check_consistency(cfg)
-    _check_paths(cfg)
-    _check_device(cfg.device)
+    if machine_checks:
+        _check_paths(cfg)
+        _check_device(cfg.device)
     return cfg
 
 
@@ -332,9 +334,11 @@ def _check_paths(cfg: PipelineConfig) -> None:
         require(Path(value).exists(), key, f"{value} does not exist")
 
 
-def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a preset or YAML file, apply `a.b=c` overrides, validate everything."""
-    return pipeline_config(apply_overrides(load_yaml(preset_path(path)), list(overrides or [])))
+def load_pipeline_config(path: str | Path, overrides: list[str] | None = None,
+                         machine_checks: bool = True) -> PipelineConfig:
+    """Read a preset or YAML file, apply `a.b=c` overrides, validate everything (`machine_checks`: see
+    `pipeline_config`)."""
+    return pipeline_config(apply_overrides(load_yaml(preset_path(path)), list(overrides or [])), machine_checks)
 
 
 __all__ = ["PipelineConfig", "ConfigError", "load_pipeline_config", "pipeline_config",
