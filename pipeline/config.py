@@ -76,7 +76,9 @@ class DinoConfig:
     """The DINOv2 feature extractor and the layer whose patch features are clustered."""
 
     kind: Literal["hf", "timm"] = "hf"
-    path: str = DEMO  # HF model directory, or a timm/Meta weights file (.pth/.safetensors), or `demo`
+    # HF model directory or id (facebook/dinov2-base), a timm/Meta weights file (.pth/.safetensors) or timm name
+    # (timm:vit_base_patch14_dinov2.lvd142m), or `demo`; names come from this machine's caches, never the network
+    path: str = DEMO
     layer: int = -3  # third from last, as DiGIT's l3
 
 
@@ -280,6 +282,7 @@ def pipeline_config(data: dict[str, Any], machine_checks: bool = True) -> Pipeli
         raise ConfigError(_under("pretrain", str(err))) from None
     _check_consistency(cfg)
     if machine_checks:
+        _resolve_checkpoint_names(cfg)
         _check_paths(cfg)
         _check_device(cfg.device)
     return cfg
@@ -318,6 +321,24 @@ def _under(section: str, message: str) -> str:
         tail = tail.replace("<top>'", f"{section}'", 1) if tail.startswith("<top>'") else f"{section}.{tail}"
         return head + sep + tail
     return f"{section}.{message}"
+
+
+def _resolve_checkpoint_names(cfg: PipelineConfig) -> None:
+    """`tokenizers.dinov2.path` may name a checkpoint (an HF id, or `timm:NAME`): it becomes the local copy
+    in this machine's caches (`lease.tokenizers.hub_cache`); an uncached name fails here, saying how to
+    bring it."""
+    from lease.tokenizers.hub_cache import TIMM_PREFIX, NotCachedError, is_checkpoint_name, resolve_checkpoint
+
+    dino = cfg.tokenizers.dinov2
+    if dino.path == DEMO or not is_checkpoint_name(dino.path):
+        return
+    wanted = "timm" if dino.path.startswith(TIMM_PREFIX) else "hf"
+    require(dino.kind == wanted, "tokenizers.dinov2.kind",
+            f"{dino.path} is a{' timm' if wanted == 'timm' else 'n HF'} checkpoint name: use kind {wanted}")
+    try:
+        dino.path = str(resolve_checkpoint(dino.path))
+    except NotCachedError as err:
+        raise ConfigError(f"tokenizers.dinov2.path: {err}") from None
 
 
 def _check_paths(cfg: PipelineConfig) -> None:
