@@ -38,9 +38,12 @@ class DataConfig:
     seed: int = 0
     check: Literal["full", "quick"] = "full"  # quick: headers + JPEG end markers (pipeline/manifest.py)
     num_workers: int = 2  # performance only: not part of the manifest's key
+    manifest_name: str = ""  # set: the manifest is also written to data_manifests/<name>.parquet (to commit)
 
     def __post_init__(self) -> None:
         require(bool(self.source), "source", "give `demo` or a path to your images")
+        require(re.fullmatch(r"[\w.-]*", self.manifest_name) is not None and not self.manifest_name.startswith("."),
+                "manifest_name", "letters, digits, '_', '-' and '.' only (a file name under data_manifests/)")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         require(self.num_workers >= 0, "num_workers", "must be >= 0 (0: read in the main process)")
 
