@@ -285,8 +285,8 @@ def pipeline_config(data: dict[str, Any], machine_checks: bool = True) -> Pipeli
         raise ConfigError(_under("pretrain", str(err))) from None
     _check_consistency(cfg)
     if machine_checks:
-        _resolve_checkpoint_names(cfg)
         _check_paths(cfg)
+        _resolve_checkpoint_names(cfg)
         _check_device(cfg.device)
     return cfg
 
@@ -352,8 +352,12 @@ def _check_paths(cfg: PipelineConfig) -> None:
         checks.append(("tokenizers.vqgan.config", cfg.tokenizers.vqgan.config))
     if cfg.kmeans.codebook:
         checks.append(("kmeans.codebook", cfg.kmeans.codebook))
+    from lease.tokenizers.hub_cache import is_checkpoint_name
+
     for key, value in checks:
         if value == DEMO or any(ch in value for ch in "*?["):  # a glob of tar shards is checked by the stage
+            continue
+        if key == "tokenizers.dinov2.path" and is_checkpoint_name(value):  # `_resolve_checkpoint_names`'
             continue
         require(Path(value).exists(), key, f"{value} does not exist")
 

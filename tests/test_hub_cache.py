@@ -46,8 +46,8 @@ def test_a_timm_name_resolves_to_its_cached_weights_file(hf_cache):
 
 
 def test_an_uncached_name_fails_the_config_saying_how_to_bring_it(hf_cache):
-    with pytest.raises(ConfigError, match=r"tokenizers\.dinov2\.path: facebook/dinov2-large is not in the local "
-                                          r"Hugging Face cache.*huggingface-cli download facebook/dinov2-large"):
+    with pytest.raises(ConfigError, match=r"tokenizers\.dinov2\.path: facebook/dinov2-large is neither a directory "
+                                          r"here nor in the local Hugging Face cache.*huggingface-cli download facebook/dinov2-large"):
         load_pipeline_config("demo", ["tokenizers.dinov2.path=facebook/dinov2-large"])
     with pytest.raises(NotCachedError, match="not cached here"):
         resolve_checkpoint("timm:vit_base_patch14_dinov2.lvd142m")

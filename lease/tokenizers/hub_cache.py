@@ -44,9 +44,10 @@ def _hf_snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except LocalEntryNotFoundError:
         raise NotCachedError(
-            f"{repo_id} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); nothing is downloaded at "
-            f"run time: fetch it where there is network (`huggingface-cli download {repo_id}`) and copy the cache "
-            "here (or set HF_HUB_CACHE to it), or give the model directory's path") from None
+            f"{repo_id} is neither a directory here nor in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"nothing is downloaded at run time: fetch it where there is network (`huggingface-cli download "
+            f"{repo_id}`) and copy the cache here (or set HF_HUB_CACHE to it), or give the model directory's path"
+            ) from None
 
 
 def _timm_weights(name: str) -> Path:
