@@ -350,3 +350,15 @@ def test_the_report_stage_waits_for_every_configured_evaluation_set_and_condgen(
 def test_paper_dataset_names():
     assert [paper.paper_dataset(n) for n in ("CIFAR-10", "imagenet_r", "ImageNet-C-5", "Flowers")] == \
         ["cifar10", "imagenet-r", "imagenet-c-s5", "flowers"]
+
+
+def test_an_unlabelled_source_says_why_its_label_metrics_are_missing(tmp_path):
+    (tmp_path / "eval").mkdir()
+    reason = "the source is unlabelled (images without class folders)"
+    facts = replace(DEMO_RUN, unlabelled=reason, caveat=None)
+    text = report.write_report(tmp_path / "r", ReportInputs(eval_dir=tmp_path / "eval"), facts)["report"].read_text()
+    assert text.splitlines()[0].endswith(f" — no label metrics: {reason}")
+    rows = table_rows(text)
+    for metric in ("linear probe top-1", "few-shot top-1", "this run's val split: k-NN top-1"):
+        assert rows[metric][1] == f"not measured: skipped: {reason}"
+    assert rows["FID (unconditional)"][1] == f"not measured: no fid.json in {tmp_path / 'eval'}"
