@@ -74,6 +74,7 @@ class RunFacts:
     max_steps: int = 0
     contrast_on: str | None = None
     caveat: str | None = None  # e.g. random-weight demo tokenizers on real images
+    unlabelled: str | None = None  # why the evaluate stage measured no label metrics (an unlabelled source)
 
     def data_line(self) -> str:
         what = "demo data (generated)" if self.source == "demo" else f"`{self.source}`"
@@ -111,6 +112,15 @@ def read_result(path: Path | None, what: str) -> tuple[dict | None, str | None]:
     if not isinstance(data, dict):
         return None, f"{path} holds no JSON object"
     return data, None
+
+
+def label_result(eval_dir: Path | None, file: str, what: str, facts: RunFacts) -> tuple[dict | None, str | None]:
+    """A label metric's result (k-NN, probes, fine-tuning), or the reason it is missing: for an unlabelled
+    source, that reason."""
+    result, why = read_result(eval_dir / file if eval_dir else None, what)
+    if result is None and facts.unlabelled:
+        return None, f"skipped: {facts.unlabelled}"
+    return result, why
 
 
 def load_results(eval_dir: str | Path) -> dict[str, dict]:
@@ -238,7 +248,7 @@ def table_1(eval_dir: Path | None, facts: RunFacts) -> Table:
     run, row = run_mismatch(facts), paper_row_name(facts)
     ref, source = paper.TABLES["1"]["rows"][row], f"table 1 ({row})"
     rows = []
-    lp, why = read_result(eval_dir / "linear_probe.json" if eval_dir else None, "linear probe")
+    lp, why = label_result(eval_dir, "linear_probe.json", "linear probe", facts)
     if lp is None:
         rows.append(Row("linear probe top-1", _missing(why)))
     else:
@@ -273,7 +283,7 @@ def _generation_differences(preset: str | None, samples: Any, extractor: str) ->
 def table_2(eval_dir: Path | None, facts: RunFacts) -> Table:
     run, row = run_mismatch(facts), paper_row_name(facts)
     ref, source = paper.TABLES["2"]["rows"][row], f"table 2 ({row})"
-    fs, why = read_result(eval_dir / "fewshot.json" if eval_dir else None, "few-shot")
+    fs, why = label_result(eval_dir, "fewshot.json", "few-shot", facts)
     if fs is None or not fs.get("shots"):
         reason = why or "fewshot.json has no shots"
         return Table("2", "Few-shot linear probe", [Row("few-shot top-1", _missing(reason))])
@@ -309,7 +319,7 @@ def table_2(eval_dir: Path | None, facts: RunFacts) -> Table:
 def table_3(eval_dir: Path | None, facts: RunFacts) -> Table:
     run, row = run_mismatch(facts), paper_row_name(facts)
     ref, source = paper.TABLES["3"]["rows"][row], f"table 3 ({row})"
-    ft, why = read_result(eval_dir / "finetune.json" if eval_dir else None, "fine-tuning")
+    ft, why = label_result(eval_dir, "finetune.json", "fine-tuning", facts)
     if ft is None:
         reason = f"fine-tuning did not run ({why}; `lease eval finetune` runs table A.3's recipe)"
         return Table("3", "Full fine-tuning", [Row("fine-tuned top-1", _missing(reason))])
@@ -374,7 +384,7 @@ def table_5(inputs: ReportInputs, facts: RunFacts) -> Table:
     run, row = run_mismatch(facts), paper_row_name(facts)
     ref, source = paper.TABLES["5"]["rows"][row], f"table 5 ({row})"
     rows = []
-    knn, why = read_result(inputs.eval_dir / "knn.json" if inputs.eval_dir else None, "k-NN")
+    knn, why = label_result(inputs.eval_dir, "knn.json", "k-NN", facts)
     if knn is None:
         rows.append(Row("this run's val split: k-NN top-1", _missing(why)))
     else:
@@ -441,7 +451,7 @@ def table_8(eval_dir: Path | None, facts: RunFacts) -> Table | None:
     run = run_mismatch(facts, schedule=False)
     source = f"table 8 ({label})"
     rows = []
-    lp, why = read_result(eval_dir / "linear_probe.json" if eval_dir else None, "linear probe")
+    lp, why = label_result(eval_dir, "linear_probe.json", "linear probe", facts)
     rows.append(Row("linear probe top-1", _missing(why)) if lp is None else
                 Row("linear probe top-1", _fmt(lp.get("top1")), _protocol_label(protocol_of(lp)),
                     ref["linear_probe_top1"], source, _reason(run, _probe_protocol_mismatch(protocol_of(lp)))))
@@ -543,8 +553,8 @@ def build_tables(inputs: ReportInputs, facts: RunFacts) -> list[Table]:
 
 
 def title_of(facts: RunFacts, title: str) -> str:
-    text = f"{title}: run `{facts.name}` on {facts.data_line()}"
-    return f"{text} — {facts.caveat}" if facts.caveat else text
+    caveats = [note for note in (facts.caveat, facts.unlabelled and f"no label metrics: {facts.unlabelled}") if note]
+    return " — ".join([f"{title}: run `{facts.name}` on {facts.data_line()}", *caveats])
 
 
 def comparability_lines(facts: RunFacts) -> list[str]:
