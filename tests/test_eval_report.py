@@ -362,3 +362,43 @@ def test_an_unlabelled_source_says_why_its_label_metrics_are_missing(tmp_path):
     for metric in ("linear probe top-1", "few-shot top-1", "this run's val split: k-NN top-1"):
         assert rows[metric][1] == f"not measured: skipped: {reason}"
     assert rows["FID (unconditional)"][1] == f"not measured: no fid.json in {tmp_path / 'eval'}"
+
+
+def test_task_grids_put_the_input_image_beside_its_tokens_and_completion(tmp_path):
+    from lease.configs import model_config
+    from lease.evaluate import generate
+    from lease.model import LeaseModel
+    from lease.synthetic import planted_tokens
+    from lease.tokenizers import load_vqgan
+    from lease.tokenizers.tiny import save_tiny_maskgit_vqgan
+    from planted import write_shards
+
+    grid, size, count = 4, 16, 2  # a 4x4 code grid of an f4 VQGAN at 16 px
+    vq, disc, labels = planted_tokens(4, 2, grid * grid, concepts=4, synonyms=4, seed=0)
+    write_shards(tmp_path / "val", vq, disc, labels, per_shard=4, prefix="val")
+    torch.manual_seed(0)
+    model = LeaseModel(model_config("tiny", grid_size=grid, vocab_gen=64, embed_dim=32, num_heads=2, depth=1,
+                                    decoder_embed_dim=32, decoder_num_heads=2, decoder_depth=1, contrast_on="none"))
+    vqgan = load_vqgan("maskgit", save_tiny_maskgit_vqgan(tmp_path / "vq.ckpt", ch=32, ch_mult=(1, 1, 2),
+                                                          z_channels=32, resolution=size))
+    sampler = generate.MaskGitSampler(model.eval(), generate.GenerateConfig(num_images=count, batch_size=count,
+                                                                            num_steps=2), "cpu")
+    inputs = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    asked = []
+
+    def load_inputs(keys):
+        asked.append(list(keys))
+        return inputs
+
+    written = generate._task_grids(sampler, vqgan, str(tmp_path / "val"), count, tmp_path, load_inputs)
+    assert set(written) == {"reconstruction", "inpainting", "outpainting"} and [len(k) for k in asked] == [count]
+    height, _ = header_layout(generate.TASK_COLUMNS, LABEL_CELL, 2)
+    with Image.open(written["reconstruction"]) as img:
+        pixels = np.asarray(img)
+    assert pixels.shape[:2] == (height + count * LABEL_CELL + (count + 1) * 2, 4 * LABEL_CELL + 5 * 2)
+    scale = LABEL_CELL // size
+    for row in range(count):  # the first column is the input image itself (upscaled by whole pixels)
+        top = height + 2 + row * (LABEL_CELL + 2)
+        cell = pixels[top:top + LABEL_CELL, 2:2 + LABEL_CELL]
+        expected = inputs[row].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
+        assert np.array_equal(cell, expected)

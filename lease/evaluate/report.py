@@ -80,7 +80,7 @@ class RunFacts:
         what = "demo data (generated)" if self.source == "demo" else f"`{self.source}`"
         counts = " / ".join(f"{n:,} {split}" for split, n in sorted(self.images.items(), key=_split_order))
         parts = [what] + ([f"{counts} images"] if counts else []) + \
-                ([f"{self.classes} classes"] if self.classes is not None else [])
+                ([f"{self.classes} classes" if self.classes else "unlabelled"] if self.classes is not None else [])
         return ", ".join(parts)
 
 
