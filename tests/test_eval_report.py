@@ -402,3 +402,32 @@ def test_task_grids_put_the_input_image_beside_its_tokens_and_completion(tmp_pat
         cell = pixels[top:top + LABEL_CELL, 2:2 + LABEL_CELL]
         expected = inputs[row].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
         assert np.array_equal(cell, expected)
+
+
+def test_the_report_stage_reads_every_upstream_directory_it_is_given(run_dir):
+    """build_report on hand-written stage directories: the evaluation sets the config names (by the
+    `eval-<name>` convention), the manifest's counts and evaluate's record."""
+    from types import SimpleNamespace
+
+    from pipeline.artifacts import RECORD_NAME
+    from pipeline.config import load_pipeline_config
+    from pipeline.stages import STAGES
+
+    root, inputs = run_dir
+    cfg = load_pipeline_config("demo")
+    cfg.evaluate.datasets = [SimpleNamespace(name="cifar10"), SimpleNamespace(name="objectnet")]  # evalsets' section
+    write_json(root / "manifest" / RECORD_NAME, {"result": {"split_counts": {"train": 240, "val": 80},
+                                                            "class_names": [f"c{i}" for i in range(10)]}})
+    write_json(root / "eval" / RECORD_NAME, {"result": {"skipped": None}})
+    (root / "pretrain").mkdir()
+    (root / "metrics.jsonl").rename(root / "pretrain" / "metrics.jsonl")
+    dirs = {"manifest": root / "manifest", "evaluate": root / "eval", "pretrain": root / "pretrain",
+            "pack": root / "pack", "eval-cifar10": root / "eval-cifar10"}  # objectnet's stage did not run
+    result = STAGES["report"].build(cfg, dirs, root / "out")
+    assert result == {"report": "report.md", "metrics": "metrics.json"}
+    text = (root / "out" / "report.md").read_text()
+    assert text.splitlines()[0] == "# LEASE evaluation: run `demo` on demo data (generated), 240 train / 80 val " \
+                                   "images, 10 classes"
+    rows = table_rows(text)
+    assert rows["cifar10: 8-shot top-1"][1] == "40.00" and "Training loss curves" in text
+    assert rows["objectnet"][1] == "not measured: evaluation set objectnet: no directory for it in this run"
