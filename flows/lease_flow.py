@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+import httpx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
@@ -286,7 +287,10 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
         path = f"run record not written: {err.strerror or err}"
         get_run_logger().warning("cannot write the run record under %s: %s", cfg.artifacts, err)
     get_run_logger().info("stage table (%s):\n%s", path, stage_table(outcomes))
-    post_artifacts(cfg, outcomes, path)
+    try:
+        post_artifacts(cfg, outcomes, path)
+    except httpx.HTTPError as err:  # the UI's copy is lost; the run's result and files stand
+        get_run_logger().warning("Prefect artifacts not posted: %s", err)
     note = left_out_note(outcomes)
     if note:
         get_run_logger().warning("%s", note)
