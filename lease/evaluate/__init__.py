@@ -74,7 +74,7 @@ def _add_protocols(group: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m lease.evaluate")
+    parser = argparse.ArgumentParser(prog="lease eval")
     _add_protocols(parser.add_subparsers(dest="protocol", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
