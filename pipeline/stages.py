@@ -422,12 +422,15 @@ def _input_crops(manifest_dir: Path, size: int, keys: list[str]):
     return torch.stack([both_crops(pil_to_tensor(decode_location(location[key])), [size])[0] for key in keys])
 
 
+# `evaluate.datasets` and `condgen` are the evaluation-set and conditional-generation sections; read by
+# name so that the report stage's dependencies follow them whichever of the sections a checkout has.
 def _eval_set_names(cfg: PipelineConfig) -> list[str]:
     """The configured evaluation sets (`evaluate.datasets`, each its own `eval-<name>` stage)."""
     return [d.name for d in getattr(cfg.evaluate, "datasets", ())]
 
 
 def _condgen_enabled(cfg: PipelineConfig) -> bool:
+    """Whether class-conditional generation (`condgen.enabled`, its `condgen-eval` stage) is part of the run."""
     return bool(getattr(getattr(cfg, "condgen", None), "enabled", False))
 
 
