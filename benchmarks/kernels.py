@@ -16,8 +16,10 @@ rate. One record, `kernels-<preset>-b<batch>.json`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -32,9 +34,9 @@ from lease.model import SDPA_KERNELS
 log = logging.getLogger(__name__)
 
 ATTENTION_SWEEP = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass of lease.kernels_attention
-    "fwd": [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 128, 8, 2)],
-    "dkdv": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (128, 64, 8, 2)],
-    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2)],
+    "fwd": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+    "dkdv": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
+    "dq": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
 }
 
 
@@ -134,9 +136,11 @@ def bench_attention(preset: str, batch: int, ceil: dict[str, float]) -> dict[str
                 best[pass_name] = tuple(int(x) for x in min(times, key=times.get).strip("()").split(","))
         fns = _triton_passes(batch, h, n, d, p, best)
         fwd_ms, bwd_ms = median_ms(fns["fwd"]), median_ms(fns["bwd"])
+        no_drop = _triton_passes(batch, h, n, d, 0.0, best)  # what the in-kernel masks cost
         row.update({"triton_sweep_ms": sweep, "triton_best_blocks": {k: list(v) for k, v in best.items()},
                     "triton_fwd_ms": round(fwd_ms, 3), "triton_bwd_ms": round(bwd_ms, 3),
-                    "triton_fwd_bwd_ms": round(fwd_ms + bwd_ms, 3)})
+                    "triton_fwd_bwd_ms": round(fwd_ms + bwd_ms, 3),
+                    "triton_fwd_bwd_ms_dropout0": round(median_ms(no_drop["fwd"]) + median_ms(no_drop["bwd"]), 3)})
         log.info("%s attention %s: triton %.3f ms (fwd %.3f, bwd %.3f), sdpa %s, floors %s / %s ms", part,
                  (batch, h, n, d), fwd_ms + bwd_ms, fwd_ms, bwd_ms, row["sdpa_fwd_bwd_ms"], row["flop_floor_ms"],
                  row["byte_floor_ms"])
@@ -183,6 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--parts", nargs="+", default=["attention", "linears"], choices=["attention", "linears"])
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--blocks-to", default=None,
+                        help="write the sweep's best tiles (the slower attention part's) as LEASE_ATTENTION_BLOCKS JSON")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -193,6 +199,10 @@ def run_cli(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {"ceilings": ceil}
     for part in args.parts:
         record[part] = (bench_attention if part == "attention" else bench_linears)(args.preset, args.batch_size, ceil)
-        write_record(f"kernels-{args.preset}-b{args.batch_size}", {"results": record}, args.out_dir)
+        path = write_record(f"kernels-{args.preset}-b{args.batch_size}", {"results": record}, args.out_dir)
+    if args.blocks_to and "attention" in record:  # the slower part's best tiles, for the runs that follow
+        slowest = max(record["attention"].values(), key=lambda row: row["triton_fwd_bwd_ms"])
+        Path(args.blocks_to).write_text(json.dumps(slowest["triton_best_blocks"]))
+    log.info("record: %s", path)
     return 0
 

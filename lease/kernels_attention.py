@@ -30,11 +30,12 @@ transpose or stack is copied around them. `model.attention_backend=triton` takes
 """
 from __future__ import annotations
 
-import math
+import json
+import os
 
 import torch
 
-from lease.dropout import SEED_BOUND, drop_threshold, keep_scale
+from lease.dropout import SEED_BOUND, drop_threshold
 
 try:  # Triton ships with the CUDA builds of torch
     import triton
@@ -43,9 +44,11 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 LOG2E = 1.4426950408889634
-CLS_TILE = 16  # rows / columns of the tile that holds the [CLS] query / key (the smallest tl.dot tile)
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass; chosen by the sweep in benchmarks/kernels.py
-DEFAULT_BLOCKS = {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+CLS_ROWS = 16  # rows / columns of the tile that holds the [CLS] query / key (the smallest tl.dot tile)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, from the sweep of `lease bench kernels`;
+# LEASE_ATTENTION_BLOCKS (JSON of the same form) overrides them, for that sweep's follow-up runs
+DEFAULT_BLOCKS = {"fwd": (64, 64, 8, 2), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)}
+DEFAULT_BLOCKS.update({k: tuple(v) for k, v in json.loads(os.environ.get("LEASE_ATTENTION_BLOCKS", "{}")).items()})
 
 
 def attention_supported(q: torch.Tensor, num_keys: int, head_dim: int, block_n: int | None = None) -> bool:
@@ -57,6 +60,8 @@ def attention_supported(q: torch.Tensor, num_keys: int, head_dim: int, block_n: 
 
 
 if triton is not None:
+    CLS_TILE = tl.constexpr(CLS_ROWS)  # what the kernels see of CLS_ROWS
+
     @triton.jit
     def _keep(seed, rows, group0, G, threshold, BN: tl.constexpr):
         """bool [R, BN]: keep decisions of the mask rows `rows` [R] at slots 8·group0 .. 8·group0 + BN − 1."""
@@ -443,7 +448,7 @@ def keep_mask(seed: torch.Tensor, batch_heads: int, num_queries: int, num_keys: 
               dropout_p: float) -> torch.Tensor:
     """bool [B·H, M, N]: which attention probabilities the kernels keep for this Philox key (column 0:
     the [CLS] key), from the kernels' own mask function (the tests' fp64 references use it)."""
-    slots = num_keys - 1 + CLS_TILE
+    slots = num_keys - 1 + CLS_ROWS
     out = torch.empty(batch_heads * num_queries, slots, dtype=torch.uint8, device=seed.device)
     _keep_slots_kernel[(batch_heads * num_queries,)](seed, out, num_queries, num_keys, drop_threshold(dropout_p),
                                                      BN=16)
