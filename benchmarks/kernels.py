@@ -95,7 +95,8 @@ def _triton_passes(b: int, h: int, n: int, d: int, p: float, blocks: dict) -> di
                                           True, thr, blocks)}
 
 
-def bench_attention(preset: str, batch: int, ceil: dict[str, float]) -> dict[str, Any]:
+def bench_attention(preset: str, batch: int, ceil: dict[str, float], parts: tuple[str, ...] = ("encoder", "decoder"),
+                    sweep_tiles: bool = True) -> dict[str, Any]:
     from lease import kernels_attention as ka
 
     cfg = model_config(preset)
@@ -104,7 +105,7 @@ def bench_attention(preset: str, batch: int, ceil: dict[str, float]) -> dict[str
               "decoder": (cfg.decoder_num_heads, cfg.seq_len + 1, cfg.decoder_embed_dim // cfg.decoder_num_heads)}
     p = cfg.attn_dropout
     result: dict[str, Any] = {}
-    for part, (h, n, d) in shapes.items():
+    for part, (h, n, d) in ((part, shapes[part]) for part in parts):
         row: dict[str, Any] = {"batch": batch, "heads": h, "tokens": n, "head_dim": d, "dropout": p,
                                **attention_floor_ms(batch, h, n, n, d, ceil), "sdpa_fwd_bwd_ms": {}}
         for name in ("cudnn", "flash", "efficient"):
@@ -114,7 +115,7 @@ def bench_attention(preset: str, batch: int, ceil: dict[str, float]) -> dict[str
                 row["sdpa_fwd_bwd_ms"][name] = f"unsupported: {str(err).splitlines()[0]}"
         sweep: dict[str, dict[str, float]] = {"fwd": {}, "bwd_dkdv": {}, "bwd_dq": {}}
         best = dict(ka.DEFAULT_BLOCKS)
-        for pass_name in ("fwd", "dkdv", "dq"):
+        for pass_name in ("fwd", "dkdv", "dq") if sweep_tiles else ():
             times = {}
             for config in ATTENTION_SWEEP[pass_name]:
                 if (n - 1) % config[1]:
@@ -141,9 +142,10 @@ def bench_attention(preset: str, batch: int, ceil: dict[str, float]) -> dict[str
                     "triton_fwd_ms": round(fwd_ms, 3), "triton_bwd_ms": round(bwd_ms, 3),
                     "triton_fwd_bwd_ms": round(fwd_ms + bwd_ms, 3),
                     "triton_fwd_bwd_ms_dropout0": round(median_ms(no_drop["fwd"]) + median_ms(no_drop["bwd"]), 3)})
-        log.info("%s attention %s: triton %.3f ms (fwd %.3f, bwd %.3f), sdpa %s, floors %s / %s ms", part,
-                 (batch, h, n, d), fwd_ms + bwd_ms, fwd_ms, bwd_ms, row["sdpa_fwd_bwd_ms"], row["flop_floor_ms"],
-                 row["byte_floor_ms"])
+        log.info("%s attention %s: triton %.3f ms (fwd %.3f, bwd %.3f; dropout 0: %.3f), sdpa %s, floors %s / %s "
+                 "ms, tiles %s", part, (batch, h, n, d), fwd_ms + bwd_ms, fwd_ms, bwd_ms,
+                 row["triton_fwd_bwd_ms_dropout0"], row["sdpa_fwd_bwd_ms"], row["flop_floor_ms"],
+                 row["byte_floor_ms"], sweep)
         result[part] = row
     return result
 
@@ -187,6 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--parts", nargs="+", default=["attention", "linears"], choices=["attention", "linears"])
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--attention-parts", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder"])
+    parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     parser.add_argument("--blocks-to", default=None,
                         help="write the sweep's best tiles (the slower attention part's) as LEASE_ATTENTION_BLOCKS JSON")
 
@@ -198,7 +202,11 @@ def run_cli(args: argparse.Namespace) -> int:
     log.info("ceilings: %s", ceil)
     record: dict[str, Any] = {"ceilings": ceil}
     for part in args.parts:
-        record[part] = (bench_attention if part == "attention" else bench_linears)(args.preset, args.batch_size, ceil)
+        if part == "attention":
+            record[part] = bench_attention(args.preset, args.batch_size, ceil, tuple(args.attention_parts),
+                                           not args.no_sweep)
+        else:
+            record[part] = bench_linears(args.preset, args.batch_size, ceil)
         path = write_record(f"kernels-{args.preset}-b{args.batch_size}", {"results": record}, args.out_dir)
     if args.blocks_to and "attention" in record:  # the slower part's best tiles, for the runs that follow
         slowest = max(record["attention"].values(), key=lambda row: row["triton_fwd_bwd_ms"])
