@@ -147,7 +147,7 @@ def test_cuda_triton_attention_masks_drop_at_rate_p_independently():
     lanes = keep[:, :, 1:].reshape(-1, 8)  # the eight slots of one Philox counter
     centred = lanes - lanes.mean(0)
     corr = (centred.T @ centred) / len(lanes) / centred.var(0).outer(centred.var(0)).sqrt()
-    assert float((corr - torch.eye(8, device="cuda")).abs().max()) < 0.01
+    assert float((corr - torch.eye(8, device="cuda")).abs().max()) < 0.02  # σ ≈ 0.003
     rows = keep - keep.mean()
     assert abs(float((rows[:, 1:] * rows[:, :-1]).mean() / rows.var())) < 0.01
     other = ka.keep_mask(torch.tensor([987654322], device="cuda"), 48, 129, 129, p)
