@@ -542,6 +542,15 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
                  f"{r['steps']} steps on planted tokens", f"loss Δ {r['gap_torchrun_vs_one_process']:.4f}",
                  f"next seed Δ {r['gap_next_seed_vs_one_process']:.4f}; every rank logged every step, weights "
                  f"identical across ranks ({r['backend']}, `lease bench ddp`)")]
+    if name.startswith("kernels-") and isinstance(r, dict):
+        rows = []
+        for part, x in r.get("attention", {}).items():
+            shape = f"[{x['batch']}, {x['heads']}, {x['tokens']}, {x['head_dim']}]"
+            cudnn = x["sdpa_fwd_bwd_ms"].get("cudnn")
+            rows.append((f"attention fwd+bwd {part} {shape} lease.kernels_attention (Triton)",
+                         f"{x['triton_fwd_bwd_ms']:.2f} ms", f"dropout {x['dropout']:g}; cuDNN {cudnn} ms; floors "
+                         f"{x['flop_floor_ms']} ms (FLOPs) / {x['byte_floor_ms']} ms (bytes) (`lease bench kernels`)"))
+        return rows
     if name.startswith("attention") and isinstance(r, list):
         return [(f"attention fwd+bwd {x['part']} [{x['batch']}, {x['heads']}, {x['tokens']}, {x['head_dim']}] "
                  f"{x['kernel']}", f"{x['fwd_bwd_ms']:.2f} ms", f"dropout {x['dropout']:g}")
