@@ -264,7 +264,8 @@ def executed_tflop(trainer: Trainer, batch: Batch, count_images: int = 16) -> di
     totals = {"matmul": 0.0, "attention": 0.0}
     scale = batch.vq.shape[0] / n / 1e12
     for op, flops in counter.get_flop_counts()["Global"].items():
-        totals["attention" if "scaled_dot_product" in str(op) else "matmul"] += flops * scale
+        attention = "scaled_dot_product" in str(op) or "attention_" in str(op)  # SDPA, lease.kernels_attention
+        totals["attention" if attention else "matmul"] += flops * scale
     return totals
 
 

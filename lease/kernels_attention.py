@@ -424,6 +424,26 @@ if triton is not None:
     self_attention_fwd.register_autograd(_self_backward, setup_context=_self_setup)
     rows_attention_fwd.register_autograd(_rows_backward, setup_context=_rows_setup)
 
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.lease.self_attention_fwd)
+    def _self_fwd_flops(qkv_shape, *args, out_shape=None, **kwargs) -> int:
+        """S = q kᵀ and O = P V: 4·B·N·N·C (what `lease bench train` counts as executed attention FLOPs)."""
+        return 4 * qkv_shape[0] * qkv_shape[1] * qkv_shape[1] * out_shape[0][2]
+
+    @register_flop_formula(torch.ops.lease.rows_attention_fwd)
+    def _rows_fwd_flops(q_shape, kv_shape, *args, out_shape=None, **kwargs) -> int:
+        return 4 * q_shape[0] * q_shape[1] * kv_shape[1] * q_shape[2]
+
+    @register_flop_formula(torch.ops.lease.self_attention_bwd)
+    def _self_bwd_flops(grad_shape, qkv_shape, *args, out_shape=None, **kwargs) -> int:
+        """dK/dV pass: S, dP, dV, dK; dQ pass: S, dP, dQ again: 14·B·M·N·C executed."""
+        return 14 * grad_shape[0] * grad_shape[1] * qkv_shape[1] * grad_shape[2]
+
+    @register_flop_formula(torch.ops.lease.rows_attention_bwd)
+    def _rows_bwd_flops(grad_shape, q_shape, kv_shape, *args, out_shape=None, **kwargs) -> int:
+        return 14 * grad_shape[0] * grad_shape[1] * kv_shape[1] * grad_shape[2]
+
 
 def philox_seed(device: torch.device) -> torch.Tensor:
     """A fresh 62-bit Philox key from torch's generator on `device` (int64 [1])."""

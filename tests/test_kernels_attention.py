@@ -211,3 +211,23 @@ def test_cuda_compiled_model_with_triton_attention_gives_sdpa_losses_and_gradien
     assert grads["triton"].keys() == grads["sdpa"].keys()
     for name, g in grads["sdpa"].items():
         assert float((grads["triton"][name] - g).norm() / g.norm().clamp_min(1e-12)) < 0.03, name
+
+
+def test_flop_counter_counts_the_kernels_executed_matmuls():
+    """torch's FLOP counter (what `lease bench train --profile` divides by kernel time) sees the custom
+    ops: forward 4·B·M·N·C, backward 14·B·M·N·C (dQ's pass recomputes S and dP), on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import lease.kernels_attention  # noqa: F401  (registers the ops)
+    ops = torch.ops.lease
+    with FakeTensorMode(), FlopCounterMode(display=False) as counter:
+        qkv, seed = torch.empty(2, 129, 3 * 64, dtype=torch.bfloat16), torch.empty(1, dtype=torch.int64)
+        out, lse = ops.self_attention_fwd(qkv, seed, 4, 6554)
+        ops.self_attention_bwd(out, qkv, out, lse, seed, 4, 6554)
+        q, kv = torch.empty(2, 48, 64, dtype=torch.bfloat16), torch.empty(2, 129, 128, dtype=torch.bfloat16)
+        out, lse = ops.rows_attention_fwd(q, kv, seed, 4, 6554)
+        ops.rows_attention_bwd(out, q, kv, out, lse, seed, 4, 6554)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts == {"lease.self_attention_fwd": 4 * 2 * 129 * 129 * 64, "lease.self_attention_bwd": 14 * 2 * 129 * 129 * 64,
+                      "lease.rows_attention_fwd": 4 * 2 * 48 * 129 * 64, "lease.rows_attention_bwd": 14 * 2 * 48 * 129 * 64}
