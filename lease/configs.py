@@ -76,7 +76,8 @@ class ModelConfig:
     # installed, else SDPA.
     # "triton": lease/kernels_attention.py, attention dropout inside one Triton kernel per pass with the
     # [CLS] query and key in 16-wide tiles, reading the packed projection (CUDA, 16 bits, [CLS] + a multiple
-    # of 64 tokens; SDPA elsewhere).
+    # of 64 tokens; SDPA elsewhere). Correct, but slower than SDPA's cuDNN at ViT-B's shapes on an H200
+    # (1.52 vs 1.14 ms encoder, 5.54 vs 2.96 ms decoder per layer; benchmarks/README.md, issue 28).
     attention_backend: Literal["sdpa", "flash_attn", "split_cls", "triton", "auto"] = "auto"
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
     # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).

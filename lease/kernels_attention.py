@@ -27,6 +27,11 @@ masks follow `torch.manual_seed` and the generator state a checkpoint saves.
 The kernels read q, k and v straight out of the projection's [B, N, 3·C] output (head h at columns
 h·d of each part) and write O as [B, M, C] and the gradient as one [B, N, 3·C] tensor, so no
 transpose or stack is copied around them. `model.attention_backend=triton` takes this path.
+
+Measured on an H200 at batch 256 with dropout 0.1 (`lease bench kernels`), forward + backward per
+layer: 1.52 ms for the encoder and 5.54 ms for the decoder, against cuDNN's 1.14 and 2.96 ms. The
+in-kernel masks take 39 % of the decoder's time, and the three interleaves that put a Philox call's
+eight uniforms into the score tile's layout cost shared-memory round trips (benchmarks/README.md).
 """
 from __future__ import annotations
 
