@@ -199,7 +199,7 @@ def test_cuda_compiled_model_with_triton_attention_gives_sdpa_losses_and_gradien
     """ViT-B's attention shapes, two blocks each side, dropout off, bf16: the compiled model with the
     Triton kernels against eager SDPA (the decoder's last block takes the query-rows kernel)."""
     from lease.configs import model_config
-    from tests.test_attention import one_training_step
+    from test_attention import one_training_step
 
     losses, grads = {}, {}
     for backend in ("sdpa", "triton"):
