@@ -41,7 +41,7 @@ So a bad file never takes the key from a readable one, and different images are 
 occurs only in qualified keys, so no qualified key equals a plain one (`manifest_key`, inverse
 `split_key`). The held-out split is drawn from the unescaped name, so files of one name share a split.
 
-Columns: key, location (a path or `tar_path::member`), label, class_name, split, bytes, status, width,
+Columns: key, location (a path or `tar_path::member`, relative when the source was given relative), label, class_name, split, bytes, status, width,
 height. Class names sorted → label ids (integer labels from list files or tars are kept as given).
 Rows are sorted by (split, key, location), so the file is identical for identical inputs.
 """
@@ -331,7 +331,7 @@ def imagefolder_candidates(root: Path, val_fraction: float, seed: int) -> list[C
             for path in _visible_files(folder):
                 name = path.relative_to(root).with_suffix("").as_posix()
                 use_split = _hash_split(name, seed, val_fraction) if hold_out else split
-                candidates.append(Candidate(name, path.suffix[1:], str(path.absolute()), class_name, use_split))
+                candidates.append(Candidate(name, path.suffix[1:], str(path), class_name, use_split))
     return candidates
 
 
@@ -350,7 +350,7 @@ def list_candidates(list_file: Path, val_fraction: float, seed: int) -> list[Can
         if not class_name:
             raise ValueError(f"{list_file}:{number}: no label and no parent folder to name the class: {raw!r}")
         name = Path(path_text).with_suffix("").as_posix().lstrip("/")
-        candidates.append(Candidate(name, Path(path_text).suffix[1:], str(path.absolute()), class_name,
+        candidates.append(Candidate(name, Path(path_text).suffix[1:], str(path), class_name,
                                     _hash_split(name, seed, val_fraction), label))
     labelled = {c.label is not None for c in candidates}
     if len(labelled) > 1:
@@ -422,7 +422,7 @@ def _checked_tar_rows(source: str, val_fraction: float, seed: int, num_workers: 
                             "manifest (tars)", sizes, unit="MiB")
     for (tar_path, split), tar_name, samples in zip(tars, tar_names, scanned):
         for s in samples:
-            location = f"{tar_path.absolute()}{TAR_SEPARATOR}{s.member}" if s.member else str(tar_path.absolute())
+            location = f"{tar_path}{TAR_SEPARATOR}{s.member}" if s.member else str(tar_path)
             class_name = str(s.label) if s.label is not None else ""
             rows.append((Candidate(s.key, tar_name, location, class_name,
                                    split or _hash_split(s.key, seed, val_fraction), s.label), s.check))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -190,7 +191,8 @@ def build_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     from pipeline import manifest
 
     source = dirs["demo-data"] / "images" if cfg.uses_demo_data else cfg.data.source
-    summary = manifest.build_manifest(source, out / "manifest.parquet", kind=cfg.data.kind,
+    # absolute: the later stages read these locations from other working directories (and machines)
+    summary = manifest.build_manifest(os.path.abspath(source), out / "manifest.parquet", kind=cfg.data.kind,
                                       val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
                                       num_workers=cfg.data.num_workers, check=cfg.data.check)
     return {"manifest": "manifest.parquet", **_plain(summary)}
