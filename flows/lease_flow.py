@@ -277,6 +277,8 @@ class Runner:
         # The completion record on disk is the truth, whatever Prefect stored (an older code version's value,
         # or a run on another artifacts root under the same key): read the summary and path from it.
         self.outcomes[stage.name] = self._outcome(stage.name, spec, state, seconds)
+        if stage.publish:
+            stage.publish(self.cfg, Path(self.outcomes[stage.name].path))
         return self.outcomes[stage.name]
 
     def run_parts(self, stage: Stage, job: StageJob, t0: float) -> dict[str, str]:

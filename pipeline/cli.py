@@ -2,6 +2,7 @@
 
     lease run --config configs/demo.yaml [key=value ...] [--force STAGE ...]   the whole flow (cached stages)
     lease run --flow tokenize --config demo data.source=/path/to/images          tokenization alone
+    lease config show [PRESET] [key=value ...]                                   the resolved config
     lease manifest | demo-data | tokenize | kmeans | pack ... ARGS               one stage, no Prefect
     lease train | import-reference | export | eval ...                          core commands
     lease bench train | numerics | ddp | tokenize | precompute | kmeans ...       benchmarks/ harnesses
@@ -201,12 +202,31 @@ def _exit_at_once(command: str, sig: signal.Signals) -> NoReturn:
     os._exit(128 + sig)
 
 
+def show_config(args: argparse.Namespace) -> int:
+    """Print the resolved pipeline config (preset + overrides, validated) as YAML: what `lease run` with the
+    same arguments would use. Paths and the device are not checked, so another machine's config shows."""
+    import yaml
+
+    from lease.typed_config import to_dict
+    from pipeline.config import load_pipeline_config
+
+    cfg = load_pipeline_config(args.preset, args.overrides, machine_checks=False)
+    sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lease", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the Prefect flow over cached stages")
     add_run_arguments(p)
     p.set_defaults(func=run_flow)
+    config = sub.add_parser("config", help="the resolved pipeline config: lease config show [PRESET] [key=value ...]")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("show", help="print the preset with the overrides applied and validated, as YAML")
+    p.add_argument("preset", nargs="?", default="demo", help="preset name under configs/ or a YAML path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as lease run takes them")
+    p.set_defaults(func=show_config)
     for name, (_, help_text) in STAGE_COMMANDS.items():
         sub.add_parser(name, help=f"{help_text} (`lease {name} --help`)", add_help=False)
     from benchmarks import cli as bench_cli

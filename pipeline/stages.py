@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lease.io import atomic_write_json, json_digest
+from lease.io import atomic_write_bytes, atomic_write_json, json_digest
 from lease.typed_config import ConfigError, to_dict
 from pipeline.artifacts import KEY_LENGTH, RECORD_NAME, ArtifactStore, StageOutcome, StageSpec, input_digest
 from pipeline.code_version import combined_identity
@@ -68,6 +68,8 @@ class Stage:
     on_device: bool = False  # its numbers depend on the device it runs on (cpu or cuda): part of the key
     partitions: Partitions | None = None
     dataset: str = ""  # a stage of an evaluation dataset's branch: the dataset's name, passed to its build
+    # After the stage completes, built or cached: copies its output somewhere the user named (not its key)
+    publish: Callable[[PipelineConfig, Path], None] | None = None
 
     def upstream(self, cfg: PipelineConfig) -> tuple[str, ...]:
         """Its upstream stage names, `BRANCHES` standing for every evaluation dataset's final stage."""
@@ -206,6 +208,21 @@ def build_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
                                       val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
                                       num_workers=cfg.data.num_workers, check=cfg.data.check)
     return {"manifest": "manifest.parquet", **_plain(summary)}
+
+
+MANIFESTS_DIR = Path(__file__).resolve().parents[1] / "data_manifests"
+
+
+def publish_manifest(cfg: PipelineConfig, out: Path) -> None:
+    """`data.manifest_name` set: the manifest also lies at `data_manifests/<name>.parquet`, to commit
+    (rewritten only when its content changed, so a cached run leaves the file alone)."""
+    if not cfg.data.manifest_name:
+        return
+    target = MANIFESTS_DIR / f"{cfg.data.manifest_name}.parquet"
+    data = (out / "manifest.parquet").read_bytes()
+    if not target.is_file() or target.read_bytes() != data:
+        atomic_write_bytes(target, data)
+        log.info("manifest published as %s", target)
 
 
 def plan_features(cfg: PipelineConfig, dirs: Dirs, count: int) -> list[dict[str, Any]]:
@@ -363,11 +380,15 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     model = model_from_checkpoint(dirs["pretrain"] / "checkpoint.pt", device)
     train, val = (extract_token_set(model, read_token_set(dirs["pack"] / split), e.batch_size, device=device,
                                     dtype=e.dtype) for split in ("train", "val"))
-    results = {"knn": knn.knn_classify(*train, *val, e.knn, device)}
-    if e.protocol == "fast":
-        results.update(linear_probe=linear_probe.linear_probe(*train, *val, e.linear_probe, device),
+    results = {}
+    if unlabelled_reason := _unlabelled(train[1], val[1]):
+        log.warning("evaluate: k-NN, linear probe and few-shot skipped: %s", unlabelled_reason)
+    elif e.protocol == "fast":
+        results.update(knn=knn.knn_classify(*train, *val, e.knn, device),
+                       linear_probe=linear_probe.linear_probe(*train, *val, e.linear_probe, device),
                        fewshot=fewshot.few_shot(*train, *val, e.fewshot, device))
     else:
+        results["knn"] = knn.knn_classify(*train, *val, e.knn, device)
         results.update(protocols.online_probes(e.protocol, model, _online_views(cfg, dirs, device), e.linear_probe,
                                                e.fewshot, e.augment, e.dtype))
     results = protocols.labelled(results, e.protocol)
@@ -385,11 +406,25 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     images = generate.decode_images(vqgan, shown, sampler.grid_size, e.generate.dtype)
     pictures = {"samples": grids.save_image_grid(images, out / "samples.png", nrow=e.grid_rows)}
     pictures.update(generate._task_grids(sampler, vqgan, str(dirs["pack"] / "val"), e.grid_rows, out))
+    caveats = [note for note in (random_tokenizers_note(cfg), unlabelled_reason and
+                                 f"no label metrics: {unlabelled_reason}") if note]
     report.write_report(out / "report", results, dirs["pretrain"] / "metrics.jsonl", dirs["pack"] / "stats.json",
                         pictures, title=f"LEASE evaluation ({cfg.name})",
-                        caveat=random_tokenizers_note(cfg), method=cfg.pretrain.method)
-    return {"knn_top1": results["knn"]["top1"], "linear_probe_top1": results["linear_probe"]["top1"],
-            "report": "report/report.md", "grids": sorted(pictures)}
+                        caveat="; ".join(caveats) or None, method=cfg.pretrain.method)
+    return {"knn_top1": results.get("knn", {}).get("top1"),
+            "linear_probe_top1": results.get("linear_probe", {}).get("top1"),
+            "skipped": unlabelled_reason, "report": "report/report.md", "grids": sorted(pictures)}
+
+
+def _unlabelled(train_labels, val_labels) -> str | None:
+    """Why the label-needing metrics cannot run (an unlabelled source, the self-supervised case), or None."""
+    if not train_labels.numel() or not val_labels.numel():
+        return "the train or val split is empty"
+    if int(train_labels.min()) < 0 or int(val_labels.min()) < 0:
+        return "the source is unlabelled (images without class folders)"
+    if int(train_labels.max()) < 1:
+        return "the source has a single class"
+    return None
 
 
 FID_RESULT = "fid.json"
@@ -701,8 +736,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("demo-data", (), lambda c: to_dict(c.demo_data), build_demo_data, enabled=lambda c: c.uses_demo_data),
     Stage("demo-assets", (), lambda c: to_dict(c.tokenizers.demo), build_demo_assets,
           enabled=lambda c: c.uses_demo_assets),
-    Stage("manifest", ("demo-data",), lambda c: _without(to_dict(c.data), "num_workers"), build_manifest,
-          inputs=lambda c: {} if c.uses_demo_data else {"source": ExternalInput(c.data.source, tree=True)}),
+    Stage("manifest", ("demo-data",), lambda c: _without(to_dict(c.data), "num_workers", "manifest_name"),
+          build_manifest, inputs=lambda c: {} if c.uses_demo_data else {"source": ExternalInput(c.data.source, tree=True)},
+          publish=publish_manifest),
     Stage("features", ("manifest", "demo-assets"),
           lambda c: {"features": _without(to_dict(c.features), "batch_size", "num_workers"),
                      "dinov2": _tokenizer_config(c)["dinov2"]}, build_features,

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.train import results_table
 from benchmarks.cli import main as bench_main
+from benchmarks.train import results_table
 from lease.data import ResidentBatches, TokenSet
 from lease.typed_config import ConfigError
 

@@ -4,10 +4,18 @@ import json
 import pytest
 import torch
 
-from benchmarks.train import results_table
 from benchmarks.cli import main as bench_main
+from benchmarks.numerics import (
+    NumericsRun,
+    compare,
+    late_gap,
+    plot_curves,
+    smoothed,
+    train_and_evaluate,
+    train_config_for,
+)
+from benchmarks.train import results_table
 from lease.configs import model_config
-from benchmarks.numerics import NumericsRun, compare, late_gap, plot_curves, smoothed, train_and_evaluate, train_config_for
 from lease.synthetic import planted_codebook, planted_token_set
 from lease.typed_config import ConfigError
 
