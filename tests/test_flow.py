@@ -135,18 +135,19 @@ def test_adding_a_dataset_runs_only_its_branch_and_removing_one_reruns_nothing(d
 def test_evaluation_results_have_the_shared_shapes(deployed_run):
     """fid.json and each branch's result.json as INTERFACES.md fixes them; FID / IS through the demo's
     random-weight Inception (torch-fidelity's real extractor and loader)."""
-    record = json.loads((deployed_run["artifacts"] / "runs" / "latest.json").read_text())
-    fid = json.loads((Path(record["artifacts"]["evaluate"]) / "fid.json").read_text())
+    artifacts = deployed_run["artifacts"]
+    result = lambda stage, name: json.loads(next((artifacts / stage).glob(f"*/{name}")).read_text())  # noqa: E731
+    fid = result("evaluate", "fid.json")
     assert fid["extractor"] == "demo (random weights)" and fid["missing"] is None and fid["protocol"] == "mage"
     assert fid["samples"] == 4 and fid["reference_images"] == 4 and fid["isc"] >= 1.0
     assert all(isinstance(fid[k], float) and fid[k] == fid[k] for k in ("fid", "isc", "isc_std"))  # numbers, no NaN
     shared = {"name", "role", "protocol", "images", "knn_top1", "linear_probe_top1", "fewshot", "note"}
-    robust = json.loads((Path(record["artifacts"]["eval-c"]) / "result.json").read_text())
+    robust = result("eval-c", "result.json")
     assert shared <= set(robust) and robust["role"] == "robustness" and robust["images"] == 8
     assert 0 <= robust["knn_top1"] <= 100 and robust["linear_probe_top1"] is None and robust["fewshot"] is None
     assert robust["knn"]["num_train"] == 24 and set(robust["groups"]) == {"noise/1", "noise/2"}
     assert all(row["images"] == 4 for row in robust["groups"].values()) and set(robust["by_severity"]) == {"1", "2"}
-    transfer = json.loads((Path(record["artifacts"]["eval-t"]) / "result.json").read_text())
+    transfer = result("eval-t", "result.json")
     assert shared <= set(transfer) and transfer["role"] == "transfer" and transfer["protocol"] == "fast"
     assert transfer["images"] == 12 and transfer["knn"]["num_train"] == 8 and transfer["knn"]["num_classes"] == 2
     assert set(transfer["fewshot"]) == {"1", "2"} and all(0 <= v <= 100 for v in transfer["fewshot"].values())
