@@ -118,7 +118,7 @@ def bench_knn(model, args, device: torch.device) -> dict:
     from lease.evaluate.knn import knn_classify
 
     gen = torch.Generator(device=device).manual_seed(0)
-    tokens = torch.randint(0, 1024, (args.knn_query, model.cfg.seq_len), generator=gen, device=device)
+    tokens = torch.randint(0, model.cfg.vocab_gen, (args.knn_query, model.cfg.seq_len), generator=gen, device=device)
     extract_features(model, tokens[:1024], 1024, device=device, dtype="bf16")  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -170,13 +170,19 @@ def run(args: argparse.Namespace) -> int:
         if "probe" not in args.skip:
             results["probe"] = bench_probe(model, tokenizer, locations, args, aug)
             log.info("online probe: %.0f img/s", results["probe"]["images_per_s"])
+            _record(results, args)  # each part as it ends: a run stopped later keeps what it measured
         if "finetune" not in args.skip:
             results["finetune"] = bench_finetune(model, tokenizer, locations, args, aug, Path(tmp) / "finetune")
             log.info("fine-tuning: %.0f img/s", results["finetune"]["images_per_s"])
+            _record(results, args)
     if "knn" not in args.skip:
         results["knn"] = bench_knn(vit_base_encoder(device), args, device)
         log.info("k-NN of %d against %d: %.1f s", args.knn_query, args.knn_train, results["knn"]["total_seconds"])
+    _record(results, args)
+    return 0
+
+
+def _record(results: dict, args: argparse.Namespace) -> None:
     results["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     write_record("eval-vit_base", {"results": results}, args.out_dir)
-    return 0
 
