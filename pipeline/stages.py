@@ -13,9 +13,11 @@ nothing of Prefect. `flows/lease_flow.py` runs these stages as cached Prefect ta
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -576,17 +578,26 @@ def _eval_manifest_config(cfg: PipelineConfig, name: str) -> dict[str, Any]:
 
 def build_eval_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str) -> dict[str, Any]:
     """The set's tokens, by the pretraining run's tokenizers and codebook (the tokenize stage's settings)."""
+    vq_ckpt, vq_config, dino_path = _tokenizer_paths(cfg, dirs)
+    compiled = _device(cfg).startswith("cuda") and cfg.tokenize.compile != "off"
+    # branches build in threads of one process and share its kept tokenizers: compiled ones run one at a time
+    with _COMPILED_TOKENIZERS if compiled else contextlib.nullcontext():
+        return _plain(_tokenize_branch(cfg, dirs, out, dataset, vq_ckpt, vq_config, dino_path))
+
+
+_COMPILED_TOKENIZERS = threading.Lock()
+
+
+def _tokenize_branch(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str, vq_ckpt, vq_config, dino_path):
     from pipeline import tokenize
 
-    vq_ckpt, vq_config, dino_path = _tokenizer_paths(cfg, dirs)
     t, tok = cfg.tokenize, cfg.tokenizers
-    summary = tokenize.tokenize(dirs[branch_stage("manifest", dataset)] / "manifest.parquet",
-                                dirs["kmeans"] / "centroids.npy", out, vqgan_kind=tok.vqgan.kind,
-                                vqgan_checkpoint=vq_ckpt, vqgan_config=vq_config, dinov2_kind=tok.dinov2.kind,
-                                dinov2_path=dino_path, layer=tok.dinov2.layer, batch_size=t.batch_size,
-                                num_workers=t.num_workers, images_per_shard=t.images_per_shard, dtype=t.dtype,
-                                device=_device(cfg), gpu_decode=t.gpu_decode, compile=t.compile)
-    return _plain(summary)
+    return tokenize.tokenize(dirs[branch_stage("manifest", dataset)] / "manifest.parquet",
+                             dirs["kmeans"] / "centroids.npy", out, vqgan_kind=tok.vqgan.kind,
+                             vqgan_checkpoint=vq_ckpt, vqgan_config=vq_config, dinov2_kind=tok.dinov2.kind,
+                             dinov2_path=dino_path, layer=tok.dinov2.layer, batch_size=t.batch_size,
+                             num_workers=t.num_workers, images_per_shard=t.images_per_shard, dtype=t.dtype,
+                             device=_device(cfg), gpu_decode=t.gpu_decode, compile=t.compile)
 
 
 def _token_splits(directory: Path) -> list[str]:

@@ -178,8 +178,9 @@ def finetune(encoder: nn.Module, tokenizer: OnlineTokenizer, train: AugmentedIma
                  top5, rate)
         save_checkpoint(out_dir / CHECKPOINT, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                "epoch": epoch + 1, "history": history})
-    result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "epochs_done": len(history),
-              "completed": len(history) == cfg.epochs, "history": history, "lr": cfg.lr,
+    # finetune.json (INTERFACES.md): top1, top5, epochs (done), protocol; then the details
+    result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "epochs": len(history),
+              "epochs_done": len(history), "completed": len(history) == cfg.epochs, "history": history, "lr": cfg.lr,
               "num_train": len(train), "num_val": len(val), "num_classes": num_classes}
     atomic_write_json(out_dir / RESULT, {"protocol": "finetune", **result})
     return result
