@@ -600,7 +600,7 @@ def manifest_classes(path: str | Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease manifest", description=__doc__.split("\n")[0])
     parser.add_argument("source", help="ImageFolder root, list file, .tar / folder of tars / glob of tars")
     parser.add_argument("--out", type=Path, required=True, help="parquet file to write")
     parser.add_argument("--kind", default="auto", choices=["auto", "imagefolder", "list", "webdataset"])

@@ -2,7 +2,8 @@
 
     demo-data (demo source only) ──> manifest ──> features ──> kmeans ──> tokenize ──> pack
     demo-assets (tiny checkpoints) ─────────────────┴──────────────────────────┘
-    then:  pack + kmeans ──> pretrain ──> evaluate
+    then:  pack + kmeans ──> pretrain ──> evaluate ──> report
+                                  (eval-<name> per evaluate.datasets, condgen-eval) ──┘
 
 `features` is skipped when `kmeans.codebook` names an existing codebook; `demo-data` and `demo-assets`
 run only when the config says `demo` for the images or the tokenizer checkpoints.
@@ -70,13 +71,13 @@ class Stage:
     on_device: bool = False  # its numbers depend on the device it runs on (cpu or cuda): part of the key
     partitions: Partitions | None = None
     dataset: str = ""  # a stage of an evaluation dataset's branch: the dataset's name, passed to its build
+    after_config: Callable[[PipelineConfig], tuple[str, ...]] = lambda cfg: ()  # upstream stages the config names
     # After the stage completes, built or cached: copies its output somewhere the user named (not its key)
     publish: Callable[[PipelineConfig, Path], None] | None = None
 
     def upstream(self, cfg: PipelineConfig) -> tuple[str, ...]:
-        """Its upstream stage names, `BRANCHES` standing for every evaluation dataset's final stage."""
-        return tuple(n for name in self.after
-                     for n in (branch_finals(cfg) if name == BRANCHES else (name,)))
+        """Every upstream stage name for `cfg`: the fixed ones and those the config names."""
+        return self.after + self.after_config(cfg)
 
     def builder(self, cfg: PipelineConfig, dirs: Dirs, part: dict[str, Any] | None = None
                 ) -> Callable[[Path], dict[str, Any]]:
@@ -371,10 +372,11 @@ def build_pretrain(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
 def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     """k-NN on mean-pooled encoder features of the cached tokens (train → val); linear probe and few-shot
     by `evaluate.protocol` (cached tokens, or online-tokenized views of the manifest's images); MaskGIT
-    sample and reconstruction/inpainting/outpainting grids through the VQGAN, and the Markdown report."""
+    sample and reconstruction/inpainting/outpainting grids (beside the input images) through the VQGAN.
+    The report is the `report` stage's."""
     from lease.checkpoints import model_from_checkpoint
     from lease.data import read_token_set
-    from lease.evaluate import fewshot, generate, grids, knn, linear_probe, protocols, report
+    from lease.evaluate import fewshot, generate, grids, knn, linear_probe, protocols
     from lease.evaluate.features import extract_token_set
     from lease.tokenizers import load_vqgan
 
@@ -395,7 +397,7 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
                                                e.fewshot, e.augment, e.dtype))
     results = protocols.labelled(results, e.protocol)
     for name, result in results.items():
-        atomic_write_json(out / report.RESULT_FILES[name], result)
+        atomic_write_json(out / f"{name}.json", result)
 
     vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
     vqgan = load_vqgan(cfg.tokenizers.vqgan.kind, vq_ckpt, config=vq_config, device=device)
@@ -407,15 +409,11 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     shown = tokens[: e.grid_rows * e.grid_rows].to(device)
     images = generate.decode_images(vqgan, shown, sampler.grid_size, e.generate.dtype)
     pictures = {"samples": grids.save_image_grid(images, out / "samples.png", nrow=e.grid_rows)}
-    pictures.update(generate._task_grids(sampler, vqgan, str(dirs["pack"] / "val"), e.grid_rows, out))
-    caveats = [note for note in (random_tokenizers_note(cfg), unlabelled_reason and
-                                 f"no label metrics: {unlabelled_reason}") if note]
-    report.write_report(out / "report", results, dirs["pretrain"] / "metrics.jsonl", dirs["pack"] / "stats.json",
-                        pictures, title=f"LEASE evaluation ({cfg.name})",
-                        caveat="; ".join(caveats) or None, method=cfg.pretrain.method)
+    pictures.update(generate._task_grids(sampler, vqgan, str(dirs["pack"] / "val"), e.grid_rows, out,
+                                         functools.partial(_input_crops, dirs["manifest"], vqgan.image_size)))
     return {"knn_top1": results.get("knn", {}).get("top1"),
             "linear_probe_top1": results.get("linear_probe", {}).get("top1"),
-            "skipped": unlabelled_reason, "report": "report/report.md", "grids": sorted(pictures)}
+            "skipped": unlabelled_reason, "grids": sorted(pictures)}
 
 
 def _unlabelled(train_labels, val_labels) -> str | None:
@@ -481,6 +479,69 @@ def _fid_result(cfg: PipelineConfig, dirs: Dirs, tokens, decode, device: str) ->
 def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str, manifest: Path | None = None):
     """A manifest's (default: the pretraining one's) train (augmented) and val views, decoded by the
     pipeline's image loader, and the run's VQGAN (compiled on CUDA) to tokenize them online."""
+def _input_crops(manifest_dir: Path, size: int, keys: list[str]):
+    """uint8 [n, 3, size, size]: the centre crops the tokenize stage encoded for the val samples `keys`,
+    decoded again from the manifest's locations by the pipeline's image loader."""
+    import torch
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from pipeline.images import both_crops, decode_location
+    from pipeline.manifest import read_manifest
+
+    rows = read_manifest(manifest_dir / "manifest.parquet", split="val")
+    location = dict(zip(rows["key"].to_pylist(), rows["location"].to_pylist()))
+    return torch.stack([both_crops(pil_to_tensor(decode_location(location[key])), [size])[0] for key in keys])
+
+
+# `evaluate.datasets` and `condgen` are the evaluation-set and conditional-generation sections; read by
+# name so that the report stage's dependencies follow them whichever of the sections a checkout has.
+def _eval_set_names(cfg: PipelineConfig) -> list[str]:
+    """The configured evaluation sets (`evaluate.datasets`, each its own `eval-<name>` stage)."""
+    return [d.name for d in getattr(cfg.evaluate, "datasets", ())]
+
+
+def _condgen_enabled(cfg: PipelineConfig) -> bool:
+    """Whether class-conditional generation (`condgen.enabled`, its `condgen-eval` stage) is part of the run."""
+    return bool(getattr(getattr(cfg, "condgen", None), "enabled", False))
+
+
+def _report_after(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The report's config-named upstream stages: one per evaluation set, and conditional generation's."""
+    return tuple(f"eval-{name}" for name in _eval_set_names(cfg)) + (("condgen-eval",) if _condgen_enabled(cfg) else ())
+
+
+def _report_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """What the report shows beyond its upstream artifacts: the run's name and data in the title, the
+    evaluation sets it expects, and the facts that decide whether the paper's numbers are comparable."""
+    p = cfg.pretrain
+    return {"name": cfg.name, "source": cfg.data.source, "eval_sets": _eval_set_names(cfg),
+            "condgen": _condgen_enabled(cfg), "caveat": random_tokenizers_note(cfg),
+            "run": {"preset": p.preset, "embed_dim": p.model.embed_dim, "depth": p.model.depth, "method": p.method,
+                    "epochs": p.epochs, "max_steps": p.max_steps, "contrast_on": p.model.contrast_on}}
+
+
+def build_report(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    """The run's report (`lease.evaluate.report`): the paper's tables from the evaluate, evaluation-set and
+    conditional-generation results, the codebook statistics and the figures."""
+    from lease.evaluate.report import ReportInputs, RunFacts, write_report
+
+    c = _report_config(cfg)
+    manifest = _recorded_result(dirs["manifest"])
+    facts = RunFacts(name=c["name"], source=c["source"], images=dict(manifest["split_counts"]),
+                     classes=len(manifest["class_names"]), model=c["run"]["preset"],
+                     **{k: c["run"][k] for k in ("embed_dim", "depth", "method", "epochs", "max_steps", "contrast_on")},
+                     caveat=c["caveat"], unlabelled=_recorded_result(dirs["evaluate"]).get("skipped"))
+    inputs = ReportInputs(eval_dir=dirs["evaluate"], eval_sets={n: dirs.get(f"eval-{n}") for n in c["eval_sets"]},
+                          condgen=c["condgen"], condgen_dir=dirs.get("condgen-eval"),
+                          metrics_jsonl=dirs["pretrain"] / "metrics.jsonl", stats_json=dirs["pack"] / "stats.json",
+                          token_usage_png=dirs["pack"] / "token_usage.png")
+    written = write_report(out, inputs, facts)
+    return {"report": written["report"].name, "metrics": written["metrics"].name}
+
+
+def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str):
+    """The manifest's train (augmented) and val views, decoded by the pipeline's image loader, and the
+    run's VQGAN (compiled on CUDA) to tokenize them online."""
     from lease.evaluate.online import AugmentedImages, OnlineTokenizer, view_transform
     from lease.evaluate.protocols import OnlineViews
     from lease.tokenizers import load_vqgan
@@ -506,16 +567,12 @@ def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str, manifest: Path |
 # Each has its own keys, so adding a dataset runs only its branch and removing one reruns nothing.
 
 BANK = "eval-bank"
-BRANCHES = "eval-*"  # in a stage's `after`: every evaluation dataset's final stage
+BRANCHES = "eval-*"  # in a stage list (TRAIN_STAGES): where the branches start
 
 
 def branch_stage(part: str, dataset: str) -> str:
     """The name of a branch's stage: eval-<part>-<dataset>, the final one (`metrics`) eval-<dataset>."""
     return f"eval-{dataset}" if part == "metrics" else f"eval-{part}-{dataset}"
-
-
-def branch_finals(cfg: PipelineConfig) -> list[str]:
-    return [branch_stage("metrics", d.name) for d in cfg.evaluate.datasets]
 
 
 def _dataset(cfg: PipelineConfig, name: str):
@@ -720,10 +777,11 @@ def dataset_stages(cfg: PipelineConfig) -> list[Stage]:
 
 def all_stages(cfg: PipelineConfig) -> dict[str, Stage]:
     """Every stage of a config's DAG by name: the fixed ones and its evaluation datasets' branches, in an
-    order where each stage follows its upstream ones (a stage after `BRANCHES` after every branch)."""
-    fixed = list(STAGES.values())
-    cut = next((i for i, s in enumerate(fixed) if BRANCHES in s.after), len(fixed))
-    return {s.name: s for s in fixed[:cut] + dataset_stages(cfg) + fixed[cut:]}
+    order where each stage follows its upstream ones (the report, which reads every branch, after them)."""
+    fixed, branches = list(STAGES.values()), dataset_stages(cfg)
+    names = {s.name for s in branches}
+    cut = next((i for i, s in enumerate(fixed) if names & set(s.upstream(cfg))), len(fixed))
+    return {s.name: s for s in fixed[:cut] + branches + fixed[cut:]}
 
 
 def _plain(summary: Any) -> dict[str, Any]:
@@ -771,10 +829,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                                           "augment.num_workers", "fid.batch_size", "datasets"),
                      "vqgan": _tokenizer_config(c)["vqgan"]},
           build_evaluate, inputs=_evaluate_inputs, on_device=True),
+    Stage("report", ("evaluate", "pretrain", "pack", "manifest"), _report_config, build_report,
+          after_config=_report_after),
 ]}
 TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack")
 # `BRANCHES` marks where the evaluation datasets' branches start: concurrently with the stages after it
-TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate")
+TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate", "report")
 
 
 def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = False) -> Iterator[StageOutcome]:

@@ -41,8 +41,11 @@ def test_adding_a_dataset_adds_its_branch_and_changes_no_other_key():
     new = {name: key for name, key in added.items() if name not in base}
     assert set(new) == {f"eval-{part}-{name}" for part in ("data", "manifest", "tokenize", "features")
                         for name in ("t", "c2")} | {"eval-t", "eval-c2"}
-    assert {name: added[name] for name in base} == base  # evaluate, eval-bank and branch c: the same keys
-    assert keys(config()) == {name: key for name, key in base.items() if name in STAGES}  # removing: no key moves
+    # evaluate, eval-bank and branch c keep their keys; only the report, which lists the sets, moves
+    assert {name for name in base if added[name] != base[name]} == {"report"}
+    removed = keys(config())
+    assert {name for name in removed if removed[name] != base[name]} == {"report"}
+    assert set(removed) == {name for name in base if name in STAGES}
 
 
 def test_a_dataset_change_moves_only_its_branch_and_pretrain_reaches_every_branch():
@@ -50,7 +53,7 @@ def test_a_dataset_change_moves_only_its_branch_and_pretrain_reaches_every_branc
     before = keys(cfg)
     after = keys(config(ROBUST, {**TRANSFER, "val_fraction": 0.5}))
     assert {name for name in before if before[name] != after[name]} == {"eval-manifest-t", "eval-tokenize-t",
-                                                                         "eval-features-t", "eval-t"}
+                                                                         "eval-features-t", "eval-t", "report"}
     forced = with_dependents(cfg, ["pretrain"])
     assert {"eval-bank", "eval-features-c", "eval-features-t", "eval-c", "eval-t"} <= forced
     assert not forced & {"eval-tokenize-c", "eval-manifest-t"}

@@ -3,6 +3,7 @@ through the API on a tiny demo config, then cache behaviour of the in-process fl
 import atexit
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from flows.lease_flow import StageFailed, lease_flow, tokenize_flow  # noqa: E40
 REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack", "pretrain",
               "evaluate", "eval-bank", *[f"eval-{part}-{name}" for name in ("c", "t") for part in
-                                         ("data", "manifest", "tokenize", "features")], "eval-c", "eval-t"]
+                                         ("data", "manifest", "tokenize", "features")], "eval-c", "eval-t", "report"]
 # One robustness set in ImageNet-C's layout (4 classes x 1 image x 2 severities) and one transfer set
 # (2 new classes, 4 train + 2 val each): the demo's branches at test sizes.
 ROBUSTNESS = "{name: c, role: robustness, root: demo, layout: corruption, demo: {per_class: 1, corruptions: [noise], severities: [1, 2]}}"
@@ -103,13 +104,14 @@ def test_deployment_runs_every_stage_through_the_api(deployed_run):
     assert deployed_run["first"] == {name: "ran" for name in ALL_STAGES}
     record = json.loads((deployed_run["artifacts"] / "runs" / "latest.json").read_text())
     assert record["flow"] == "lease" and all(row["key"] and row["seconds"] >= 0 for row in record["stages"])
-    evaluation = Path(record["artifacts"]["evaluate"])
-    assert (evaluation / "report" / "report.md").is_file() and (evaluation / "knn.json").is_file()
+    assert (Path(record["artifacts"]["evaluate"]) / "knn.json").is_file()
+    assert (Path(record["artifacts"]["report"]) / "report.md").is_file()
 
 
 def test_forcing_pretrain_reruns_it_and_its_dependents_only(deployed_run):
     assert deployed_run["forced"].state.is_completed()
-    downstream = ["pretrain", "evaluate", "eval-bank", "eval-features-c", "eval-features-t", "eval-c", "eval-t"]
+    downstream = ["pretrain", "evaluate", "eval-bank", "eval-features-c", "eval-features-t", "eval-c", "eval-t",
+                  "report"]
     expected = {name: "cached" for name in ALL_STAGES} | {name: "ran" for name in downstream}
     assert deployed_run["after_force"] == expected
 
@@ -124,11 +126,12 @@ def test_adding_a_dataset_runs_only_its_branch_and_removing_one_reruns_nothing(d
     extra = "{name: t2, role: transfer, root: demo, fewshot_shots: [1], demo: {num_classes: 2, per_class: 2, val_per_class: 1, seed: 5}}"
     added = run_lease(artifacts, f"evaluate.datasets=[{ROBUSTNESS}, {TRANSFER}, {extra}]")
     branch = {f"eval-{part}-t2" for part in ("data", "manifest", "tokenize", "features")} | {"eval-t2"}
-    assert {name for name, status in added.items() if status == "ran"} == branch
+    # the report lists the evaluation sets: it is written again, reading the others' cached results
+    assert {name for name, status in added.items() if status == "ran"} == branch | {"report"}
     assert set(added) == set(ALL_STAGES) | branch
 
     removed = run_lease(artifacts, f"evaluate.datasets=[{TRANSFER}]")
-    assert set(removed.values()) == {"cached"}
+    assert {name for name, status in removed.items() if status == "ran"} == {"report"}
     assert set(removed) == set(ALL_STAGES) - {"eval-bank"} - {s for s in ALL_STAGES if s.endswith("-c")}
 
 
@@ -152,6 +155,32 @@ def test_evaluation_results_have_the_shared_shapes(deployed_run):
     assert transfer["images"] == 12 and transfer["knn"]["num_train"] == 8 and transfer["knn"]["num_classes"] == 2
     assert set(transfer["fewshot"]) == {"1", "2"} and all(0 <= v <= 100 for v in transfer["fewshot"].values())
     assert 0 <= transfer["linear_probe_top1"] <= 100
+
+
+def test_the_run_posts_its_report_metrics_and_stage_table_as_prefect_artifacts(deployed_run):
+    from prefect.client.schemas.objects import Artifact
+
+    # The API's artifact filter of this flow run. (The client's read_artifacts sends null for the filters it is
+    # not given, which this server version rejects with 422, and empty run filters join away the flow-level ones.)
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [str(deployed_run["run"].id)]}}, "limit": 50, "offset": 0,
+            "sort": "CREATED_DESC"})
+    by_key = {artifact.key: artifact for artifact in Artifact.model_validate_list(response.json())}
+    assert {"demo-report", "demo-metrics", "demo-stages"} <= set(by_key), sorted(by_key)
+
+    def table(key: str) -> list[dict]:  # a table artifact's rows (the API returns them as JSON text)
+        data = by_key[key].data
+        return data if isinstance(data, list) else json.loads(data)
+
+    report = by_key["demo-report"]
+    assert report.type == "markdown" and report.data.startswith("Report file: ") and "## Table 1:" in report.data
+    figure = re.search(r"\*figure: `([^`]+)`\*", report.data)  # figures by path: the UI cannot load relative links
+    assert figure and Path(figure[1]).is_file() and "![" not in report.data
+    assert by_key["demo-stages"].type == "table" and [row["name"] for row in table("demo-stages")] == ALL_STAGES
+    metrics = table("demo-metrics")
+    assert by_key["demo-metrics"].type == "table"
+    assert {"table": "1", "metric": "linear probe top-1"}.items() <= metrics[0].items()
 
 
 def test_prefect_cache_and_artifact_records_agree(deployed_run):
