@@ -29,8 +29,9 @@ from flows.lease_flow import StageFailed, lease_flow, tokenize_flow  # noqa: E40
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack", "pretrain",
-              "evaluate", "eval-bank", *[f"eval-{part}-{name}" for name in ("c", "t") for part in
-                                         ("data", "manifest", "tokenize", "features")], "eval-c", "eval-t", "report"]
+              "evaluate", "eval-bank", *[stage for name in ("c", "t") for stage in
+                                         [f"eval-{part}-{name}" for part in ("data", "manifest", "tokenize", "features")]
+                                         + [f"eval-{name}"]], "report"]
 # One robustness set in ImageNet-C's layout (4 classes x 1 image x 2 severities) and one transfer set
 # (2 new classes, 4 train + 2 val each): the demo's branches at test sizes.
 ROBUSTNESS = "{name: c, role: robustness, root: demo, layout: corruption, demo: {per_class: 1, corruptions: [noise], severities: [1, 2]}}"
