@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "Markdown table of the recorded results (as in the README)"),
     "generate": ("benchmarks.generate", "add_arguments", "run", "MaskGIT generation + VQGAN decoding images/s"),
     "knn": ("benchmarks.knn", "add_arguments", "run", "k-NN over ImageNet-sized random features"),
+    "eval": ("benchmarks.evaluation", "add_arguments", "run",
+             "online linear probe and fine-tuning images/s, a robustness set's k-NN (ViT-B, synthetic JPEGs)"),
     "kmeans": ("benchmarks.codebook", "add_kmeans_arguments", "run_kmeans", "k-means K x D on synthetic vectors"),
     "assign": ("benchmarks.codebook", "add_assign_arguments", "run_assign",
                "nearest-centroid assignment on synthetic vectors"),

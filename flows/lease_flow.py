@@ -2,8 +2,11 @@
 
 Wiring only: the DAG (keys and build functions of each stage) is `pipeline.stages`; each task here is
 `pipeline.artifacts.ArtifactStore.run` around a stage's build. The tokenize sub-flow runs the stages up to
-`pack`, the `lease` flow then `pretrain`, `evaluate` and `report`. The flow posts the report (markdown),
-its metrics and the stage table (tables) as Prefect artifacts, so the UI shows them. A stage's Prefect task cache key is exactly its
+`pack`, the `lease` flow then `pretrain`, `evaluate` and `report`, and the branches of `evaluate.datasets`
+(one set of stages per dataset), submitted to the flow's task runner once `pretrain` is done, so that they
+run concurrently with each other and with `evaluate`; the report waits for them. The flow posts the report
+(markdown), its metrics and the stage table (tables) as Prefect artifacts, so the UI shows them. A stage's
+Prefect task cache key is exactly its
 artifact key, and the cache policy only offers the key when the artifact on disk is intact: a deleted or
 damaged artifact makes Prefect run the task, which rebuilds it (the task itself checks the record too, so
 running it outside Prefect is just as safe).
@@ -19,6 +22,7 @@ import functools
 import json
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,8 +43,8 @@ from lease.typed_config import ConfigError
 from pipeline.artifacts import (RECORD_NAME, ArtifactLocked, ArtifactStorageError, ArtifactStore, StageOutcome,
                                 StageSpec)
 from pipeline.config import PipelineConfig, load_pipeline_config
-from pipeline.stages import (PART_SUFFIX, STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Stage, part_specs,
-                             random_tokenizers_note, with_dependents)
+from pipeline.stages import (BRANCHES, PART_SUFFIX, STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Stage, all_stages,
+                             dataset_stages, part_specs, random_tokenizers_note, with_dependents)
 
 
 # ------------------------------------------------------------------------------- Prefect plumbing
@@ -83,10 +87,9 @@ EXPLAINED_FAILURES = (ArtifactStorageError, ArtifactLocked, CheckpointFileError,
 
 def _run_stage(job: StageJob, cfg: PipelineConfig) -> str | State:
     """The task body: reuse or build the artifact; returns "ran" or "cached" (the record holds the rest)."""
-    stage = STAGES[job.stage]
+    stage = all_stages(cfg)[job.stage]
     dirs = {name: Path(path) for name, path in job.upstream_dirs.items()}
-    build = functools.partial(stage.build, cfg, dirs) if job.part is None else \
-        functools.partial(stage.partitions.build, cfg, dirs, job.part)
+    build = stage.builder(cfg, dirs, job.part)
     store = ArtifactStore(job.artifacts)
     build = _naming_final_paths(build, store.path(job.spec.stage, job.spec.key))
     try:
@@ -100,27 +103,41 @@ def _run_stage(job: StageJob, cfg: PipelineConfig) -> str | State:
                                           "continues from it")
 
 
+_FINAL_PATHS: dict[str, str] = {}  # work directory -> the directory it is published as, of stages building now
+_FINAL_PATHS_LOCK = threading.Lock()
+_PLAIN_RECORDS: list[Callable[..., logging.LogRecord]] = []  # the record factory before the first was installed
+
+
+def _record_naming_final(*args, **kwargs) -> logging.LogRecord:
+    record = _PLAIN_RECORDS[0](*args, **kwargs)
+    try:
+        message = record.getMessage()
+    except (TypeError, ValueError):  # a malformed call: logging reports it as usual
+        return record
+    for work, final in list(_FINAL_PATHS.items()):
+        if work in message:
+            message = message.replace(work, final)
+            record.msg, record.args = message, ()
+    return record
+
+
 @contextlib.contextmanager
 def _logs_name_final_paths(work: Path, final: Path):
     """While a stage builds in its work directory (`<key>.partial-...`), the lines it logs name the
-    directory the work is published as, which is where the user will find it."""
-    make_record = logging.getLogRecordFactory()
-
-    def record_naming_final(*args, **kwargs) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):  # a malformed call: logging reports it as usual
-            return record
-        if str(work) in message:
-            record.msg, record.args = message.replace(str(work), str(final)), ()
-        return record
-
-    logging.setLogRecordFactory(record_naming_final)
+    directory the work is published as, which is where the user will find it. One factory serves every
+    stage building at once (branch stages run in threads of their own)."""
+    with _FINAL_PATHS_LOCK:
+        if not _FINAL_PATHS:
+            _PLAIN_RECORDS[:] = [logging.getLogRecordFactory()]
+            logging.setLogRecordFactory(_record_naming_final)
+        _FINAL_PATHS[str(work)] = str(final)
     try:
         yield
     finally:
-        logging.setLogRecordFactory(make_record)
+        with _FINAL_PATHS_LOCK:
+            _FINAL_PATHS.pop(str(work), None)
+            if not _FINAL_PATHS:
+                logging.setLogRecordFactory(_PLAIN_RECORDS[0])
 
 
 def _naming_final_paths(build: Callable[[Path], dict[str, Any]], final: Path) -> Callable[[Path], dict[str, Any]]:
@@ -133,6 +150,13 @@ def _naming_final_paths(build: Callable[[Path], dict[str, Any]], final: Path) ->
 
 STAGE_TASKS = {name: task(_run_stage, name=name, cache_policy=ArtifactCachePolicy(), persist_result=True)
                for name in STAGES}
+
+
+def stage_task(name: str):
+    """The Prefect task of a stage; a branch stage's is made the first time its name is seen."""
+    if name not in STAGE_TASKS:
+        STAGE_TASKS[name] = task(_run_stage, name=name, cache_policy=ArtifactCachePolicy(), persist_result=True)
+    return STAGE_TASKS[name]
 PART_TASKS = {name: task(_run_stage, name=name + PART_SUFFIX, cache_policy=ArtifactCachePolicy(), persist_result=True)
               for name, stage in STAGES.items() if stage.partitions}
 
@@ -157,17 +181,86 @@ class Runner:
     wait: bool = True
     restart: bool = False
 
+    branches: dict[str, "BranchRun"] = field(default_factory=dict)  # submitted branch stages by name
+
     def spec(self, stage: Stage) -> StageSpec:
-        return stage.spec(self.cfg, {name: outcome.key for name, outcome in self.outcomes.items()})
+        keys = {name: outcome.key for name, outcome in self.outcomes.items()}
+        keys.update({name: run.job.spec.key for name, run in self.branches.items()})
+        return stage.spec(self.cfg, keys)
 
     def run(self, names: tuple[str, ...]) -> None:
-        for name in names:
-            stage = STAGES[name]
+        """The stages `names` in order; at `BRANCHES` the evaluation datasets' branches are submitted, and
+        they are waited for before a stage that needs them, or at the end."""
+        try:
+            for name in names:
+                if name == BRANCHES:
+                    self.start_branches()
+                    continue
+                stage = STAGES[name]
+                if not stage.enabled(self.cfg):
+                    continue
+                if stopping.requested() is not None:  # a stop signal whose interrupt some code swallowed
+                    self._fail(name, "", time.perf_counter(), "not started: the run was asked to stop")
+                if set(stage.upstream(self.cfg)) & set(self.branches):  # it reads branches' results
+                    self.finish_branches()
+                self.run_one(stage)
+        except BaseException:  # the branches still finish (their work is kept); the first failure is reported
+            with contextlib.suppress(StageFailed):
+                self.finish_branches()
+            raise
+        self.finish_branches()
+
+    def start_branches(self) -> None:
+        """Submit every enabled branch stage to the flow's task runner at once, each waiting for the
+        futures of its upstream branch stages: branches run concurrently, each in its own order."""
+        store, t0 = ArtifactStore(self.artifacts), time.perf_counter()
+        for stage in dataset_stages(self.cfg):
             if not stage.enabled(self.cfg):
                 continue
-            if stopping.requested() is not None:  # a stop signal whose interrupt some code swallowed
-                self._fail(name, "", time.perf_counter(), "not started: the run was asked to stop")
-            self.run_one(stage)
+            try:
+                spec = self.spec(stage)
+            except (OSError, ValueError, ImportError) as err:
+                self._fail(stage.name, "", t0, f"cannot compute its key: {err}")
+            upstream = {name: self.outcomes[name].path for name in stage.after if name in self.outcomes}
+            upstream.update({name: str(store.path(name, run.job.spec.key)) for name, run in self.branches.items()
+                             if name in stage.after})
+            job = StageJob(stage.name, spec, str(self.artifacts), stage.name in self.force, self.verify, upstream,
+                           self.wait, restart=self.restart)
+            after = [self.branches[name] for name in stage.after if name in self.branches]
+            run = BranchRun(job, time.perf_counter(), after)
+            run.future = stage_task(stage.name).submit(job, self.cfg, wait_for=[b.future for b in after])
+            run.future.add_done_callback(run.finished)
+            self.branches[stage.name] = run
+
+    def finish_branches(self) -> None:
+        """Wait for the submitted branch stages; their outcomes join the table in submission order. A
+        failed one fails the run (after the others finished); its downstream stages did not start."""
+        pending = [(name, run) for name, run in self.branches.items() if name not in self.outcomes]
+        failures = []
+        for name, run in pending:
+            run.future.wait()
+            state = run.future.state
+            if state.is_completed():
+                self.outcomes[name] = self._outcome(name, run.job.spec, state, run.seconds)
+                continue
+            status = "skipped" if state.name == "NotReady" else "interrupted" if stopping.requested() else "failed"
+            self.outcomes[name] = StageOutcome(name, status, run.job.spec.key, run.seconds, "", {})
+            if status != "skipped":
+                failures.append((name, f"stage {name} {status}: {state.message}"))
+        if failures:
+            (first, message), more = failures[0], len(failures) - 1
+            raise StageFailed(message + (f" (and {more} more failed)" if more else ""), list(self.outcomes.values()),
+                              first, stopping.requested() is not None, first in self.force)
+
+    def _outcome(self, name: str, spec: StageSpec, state: State, seconds: float) -> StageOutcome:
+        """The outcome from the completion record on disk (the truth, whatever Prefect stored)."""
+        store = ArtifactStore(self.artifacts)
+        record, reason = store.check(spec)
+        if record is None:
+            self._fail(name, spec.key, time.perf_counter() - seconds,
+                       f"its artifact is not complete after the run: {reason}")
+        status = "cached" if state.name == "Cached" else state.result()
+        return StageOutcome(name, status, spec.key, seconds, str(store.path(name, spec.key)), record.result)
 
     def run_one(self, stage: Stage) -> StageOutcome:
         t0 = time.perf_counter()
@@ -186,15 +279,9 @@ class Runner:
             self._fail(stage.name, spec.key, t0, state.message)
         # The completion record on disk is the truth, whatever Prefect stored (an older code version's value,
         # or a run on another artifacts root under the same key): read the summary and path from it.
-        store = ArtifactStore(self.artifacts)
-        record, reason = store.check(spec)
-        if record is None:
-            self._fail(stage.name, spec.key, t0, f"its artifact is not complete after the run: {reason}")
-        status = "cached" if state.name == "Cached" else state.result()
-        path = str(store.path(stage.name, spec.key))
+        self.outcomes[stage.name] = self._outcome(stage.name, spec, state, seconds)
         if stage.publish:
-            stage.publish(self.cfg, Path(path))
-        self.outcomes[stage.name] = StageOutcome(stage.name, status, spec.key, seconds, path, record.result)
+            stage.publish(self.cfg, Path(self.outcomes[stage.name].path))
         return self.outcomes[stage.name]
 
     def run_parts(self, stage: Stage, job: StageJob, t0: float) -> dict[str, str]:
@@ -228,6 +315,26 @@ class Runner:
     @property
     def artifacts(self) -> Path:
         return Path(self.cfg.artifacts).resolve()
+
+
+@dataclass
+class BranchRun:
+    """A branch stage submitted to the task runner: its job, future, and when it could start and ended."""
+
+    job: StageJob
+    submitted: float
+    after: list["BranchRun"]
+    future: Any = None
+    ended: float | None = None
+
+    def finished(self, _future: Any) -> None:
+        self.ended = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """From when its upstream branch stages were done (or it was submitted) to its end."""
+        start = max([self.submitted] + [b.ended or b.submitted for b in self.after])
+        return max((self.ended or time.perf_counter()) - start, 0.0)
 
 
 def stage_table(outcomes: list[StageOutcome]) -> str:

@@ -211,8 +211,92 @@ class PackConfig:
 
 
 @dataclass
+class FidStageConfig:
+    """FID / IS of the evaluate stage's samples against the manifest's val images (torch-fidelity).
+
+    `inception` is torch-fidelity's Inception weights file (weights-inception-2015-12-05-6726825d.pth, the
+    state dict its FeatureExtractorInceptionV3 loads), or `demo`: a random-weight extractor in that format
+    from the demo-assets stage. Empty or missing on disk: fid.json says which file to provide. Nothing is
+    ever downloaded."""
+
+    inception: str = ""
+    reference_images: int = 0  # val images the generated ones are compared with; 0: all of them
+    image_size: int = 256  # reference images: centre square resized to this (the tokenizer input)
+    batch_size: int = 64  # performance only
+    isc_splits: int = 10
+    # Inception's layer the FID compares: 2048 as every paper; the CPU demo uses 64, since the 2048-d
+    # covariances' eigendecomposition alone takes ~30 s on 2 cores
+    feature_layer: Literal["64", "192", "768", "2048"] = "2048"
+
+    def __post_init__(self) -> None:
+        require(self.reference_images >= 0, "reference_images", "must be >= 0 (0: every val image)")
+        require(self.image_size > 0, "image_size", "must be > 0")
+        require(self.batch_size > 0, "batch_size", "must be > 0")
+        require(self.isc_splits > 0, "isc_splits", "must be > 0")
+
+
+@dataclass
+class DemoEvalSetConfig:
+    """A generated evaluation set (`root: demo`, pipeline.demo_data): robustness sets draw the pretraining
+    demo's classes in a corruption/severity layout, transfer sets new classes with train and val splits."""
+
+    per_class: int = 2  # robustness: images per class, corruption and severity; transfer: train images per class
+    val_per_class: int = 2  # transfer only
+    num_classes: int = 4  # transfer only (robustness uses the pretraining demo's classes)
+    corruptions: list[Literal["noise", "blur", "contrast"]] = field(default_factory=lambda: ["noise", "blur"])
+    severities: list[int] = field(default_factory=lambda: [1, 3])  # robustness only
+    image_size: int = 64
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        require(self.per_class > 0 and self.val_per_class > 0, "per_class", "per_class and val_per_class must be > 0")
+        require(self.num_classes >= 2, "num_classes", "must be >= 2")
+        require(len(self.corruptions) > 0 and len(self.severities) > 0, "corruptions",
+                "need at least one corruption and one severity")
+        require(self.image_size >= 16, "image_size", "must be >= 16")
+
+
+DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
+RESERVED_DATASET_NAMES = ("bank",)  # `eval-bank` is the robustness sets' shared train bank
+
+
+@dataclass
+class EvalDatasetConfig:
+    """One evaluation dataset, a branch of the DAG (pipeline.stages, `eval-<name>`).
+
+    robustness (paper table 5 / A.6): k-NN of its images against the pretraining train bank; its class
+    folders are pretraining class names, or mapped to them by `class_map`. Layout `imagefolder` is
+    root/<class>/<image> (ImageNet-V2, -Sketch, -R, -A, ObjectNet); `corruption` is
+    root/<corruption>/<severity>/<class>/<image> (ImageNet-C), scored per corruption and severity too.
+    transfer (table 4, C.8/C.9): its own classes, root/{train,val}/<class>/<image> or root/<class>/<image>
+    with a seeded `val_fraction` held out; k-NN, linear probe and few-shot (`fewshot_shots`)."""
+
+    name: str = ""
+    role: Literal["robustness", "transfer"] = "robustness"
+    root: str = ""  # an ImageFolder root, or `demo`
+    layout: Literal["imagefolder", "corruption"] = "imagefolder"
+    class_map: dict[str, str] = field(default_factory=dict)  # robustness: folder name -> pretraining class
+    val_fraction: float = 0.2  # transfer without a val/ folder
+    fewshot_shots: list[int] = field(default_factory=lambda: [4, 8])  # transfer
+    seed: int = 0
+    check: Literal["full", "quick"] = "full"
+    demo: DemoEvalSetConfig = field(default_factory=DemoEvalSetConfig)
+
+    def __post_init__(self) -> None:
+        require(DATASET_NAME.fullmatch(self.name) is not None and self.name not in RESERVED_DATASET_NAMES, "name",
+                f"{self.name!r}: give a name of lower-case letters, digits and _ (not {', '.join(RESERVED_DATASET_NAMES)})")
+        require(bool(self.root), "root", "give an ImageFolder root or `demo`")
+        require(self.role == "robustness" or self.layout == "imagefolder", "layout",
+                "a transfer set is an ImageFolder (the corruption layout is for robustness sets)")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        require(len(self.fewshot_shots) > 0 and min(self.fewshot_shots) > 0, "fewshot_shots",
+                "need at least one positive shot count")
+
+
+@dataclass
 class EvaluateConfig:
-    """Protocols run on the pretrained encoder (configs of `lease.evaluate`); FID needs `lease eval fid`.
+    """Protocols run on the pretrained encoder (configs of `lease.evaluate`), FID / IS (`fid`), and the
+    evaluation datasets (`datasets`: each its own branch of stages).
 
     `protocol` (lease.evaluate.protocols): authors | paper probe online-tokenized augmented views (`augment`),
     fast probes the cached centre-crop tokens; k-NN always uses the cached tokens."""
@@ -223,6 +307,8 @@ class EvaluateConfig:
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(num_images=64))
+    fid: FidStageConfig = field(default_factory=FidStageConfig)
+    datasets: list[EvalDatasetConfig] = field(default_factory=list)
     grid_rows: int = 8  # rows of the sample and reconstruction/inpainting/outpainting grids
     batch_size: int = 256  # feature extraction; performance only
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -230,6 +316,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         require(self.grid_rows > 0, "grid_rows", "must be > 0")
         require(self.batch_size > 0, "batch_size", "must be > 0")
+        names = [d.name for d in self.datasets]
+        require(len(set(names)) == len(names), "datasets", f"names must differ: {names}")
 
 
 @dataclass
@@ -260,7 +348,8 @@ class PipelineConfig:
 
     @property
     def uses_demo_assets(self) -> bool:
-        return self.tokenizers.vqgan.checkpoint == DEMO or self.tokenizers.dinov2.path == DEMO
+        return (self.tokenizers.vqgan.checkpoint == DEMO or self.tokenizers.dinov2.path == DEMO
+                or self.evaluate.fid.inception == DEMO)
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -352,6 +441,7 @@ def _check_paths(cfg: PipelineConfig) -> None:
         checks.append(("tokenizers.vqgan.config", cfg.tokenizers.vqgan.config))
     if cfg.kmeans.codebook:
         checks.append(("kmeans.codebook", cfg.kmeans.codebook))
+    checks += [(f"evaluate.datasets[{i}].root", d.root) for i, d in enumerate(cfg.evaluate.datasets)]
     from lease.tokenizers.hub_cache import is_checkpoint_name
 
     for key, value in checks:

@@ -8,6 +8,11 @@ numbers on the demo are meaningful smoke tests, not chance.
 
 Deterministic: image (split, class, i) is drawn from its own generator seeded by (seed, split, class, i),
 so any subset can be regenerated and two runs with one seed write identical files.
+
+Two evaluation sets are drawn the same way (`evaluate.datasets` with `root: demo`): a robustness set of the
+pretraining classes under corruptions at several severities, in ImageNet-C's
+<corruption>/<severity>/<class>/ layout (`make_demo_corruptions`), and a transfer set of new classes
+(further hues and stripe angles of the same family) with train and val splits (`make_demo_transfer`).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from lease.io import atomic_path
 
@@ -107,6 +112,72 @@ def render_image(style: ClassStyle, image_size: int, rng: np.random.Generator) -
 
 def image_rng(seed: int, split: str, label: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), label, index])
+
+
+def _class_name(label: int, style: ClassStyle, prefix: str = "c") -> str:
+    return f"{prefix}{label:03d}_{style.name}"
+
+
+def _save_jpeg(pixels: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels, "RGB").save(tmp, format="JPEG", quality=JPEG_QUALITY)
+
+
+def corrupt(pixels: np.ndarray, corruption: str, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """ImageNet-C's idea at demo scale: Gaussian noise, Gaussian blur or lowered contrast, stronger with
+    `severity` (1 = mild)."""
+    image = pixels.astype(np.float32) / 255.0
+    if corruption == "noise":
+        image = image + rng.normal(0.0, 0.04 * severity, size=image.shape).astype(np.float32)
+    elif corruption == "contrast":
+        image = image.mean() + (image - image.mean()) * (1.0 - 0.15 * severity)
+    elif corruption == "blur":
+        radius = severity * max(pixels.shape[:2]) / 128
+        return np.asarray(Image.fromarray(pixels, "RGB").filter(ImageFilter.GaussianBlur(radius)), dtype=np.uint8)
+    else:
+        raise ValueError(f"unknown corruption {corruption!r}: noise, blur or contrast")
+    return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+
+
+EVAL_STREAM = 7  # the evaluation sets' images come from generator streams of their own
+
+
+def make_demo_corruptions(root: str | Path, num_classes: int, per_class: int, corruptions: list[str],
+                          severities: list[int], image_size: int = 64, seed: int = 1) -> Path:
+    """`root/<corruption>/<severity>/<class>/<i>.jpg`: `per_class` new images of each pretraining demo class
+    (same folder names as `make_demo_dataset`), each corrupted at every severity."""
+    root = Path(root)
+    for label, style in enumerate(class_styles(num_classes)):
+        name = _class_name(label, style)
+        for i in range(per_class):
+            clean = render_image(style, image_size, np.random.default_rng([seed, EVAL_STREAM, label, i]))
+            for c, corruption in enumerate(corruptions):
+                for severity in severities:
+                    rng = np.random.default_rng([seed, EVAL_STREAM, label, i, c, severity])
+                    _save_jpeg(corrupt(clean, corruption, severity, rng),
+                               root / corruption / str(severity) / name / f"{name}_{i:05d}.jpg")
+    log.info("demo robustness set: %d classes x %d images x %d corruptions x %d severities in %s", num_classes,
+             per_class, len(corruptions), len(severities), root)
+    return root
+
+
+def make_demo_transfer(root: str | Path, num_classes: int, train_per_class: int, val_per_class: int,
+                       image_size: int = 64, seed: int = 1, first_class: int = 10) -> Path:
+    """`root/{train,val}/<class>/<i>.jpg` of `num_classes` classes the pretraining demo does not have
+    (styles `first_class`, `first_class + 1`, ... of the same family)."""
+    root = Path(root)
+    styles = class_styles(first_class + num_classes)[first_class:]
+    counts = {"train": train_per_class, "val": val_per_class}
+    for label, style in enumerate(styles):
+        name = _class_name(label, style, prefix="t")
+        for split in SPLITS:
+            for i in range(counts[split]):
+                rng = np.random.default_rng([seed, EVAL_STREAM + 1, SPLITS.index(split), label, i])
+                _save_jpeg(render_image(style, image_size, rng), root / split / name / f"{name}_{i:05d}.jpg")
+    log.info("demo transfer set: %d new classes, %d train + %d val per class in %s", num_classes, train_per_class,
+             val_per_class, root)
+    return root
 
 
 def make_demo_dataset(root: str | Path, num_classes: int = 10, train_per_class: int = 24,

@@ -14,10 +14,12 @@ nothing of Prefect. `flows/lease_flow.py` runs these stages as cached Prefect ta
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -69,6 +71,7 @@ class Stage:
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
     on_device: bool = False  # its numbers depend on the device it runs on (cpu or cuda): part of the key
     partitions: Partitions | None = None
+    dataset: str = ""  # a stage of an evaluation dataset's branch: the dataset's name, passed to its build
     after_config: Callable[[PipelineConfig], tuple[str, ...]] = lambda cfg: ()  # upstream stages the config names
     # After the stage completes, built or cached: copies its output somewhere the user named (not its key)
     publish: Callable[[PipelineConfig, Path], None] | None = None
@@ -76,6 +79,15 @@ class Stage:
     def upstream(self, cfg: PipelineConfig) -> tuple[str, ...]:
         """Every upstream stage name for `cfg`: the fixed ones and those the config names."""
         return self.after + self.after_config(cfg)
+
+    def builder(self, cfg: PipelineConfig, dirs: Dirs, part: dict[str, Any] | None = None
+                ) -> Callable[[Path], dict[str, Any]]:
+        """`build(out)` for this stage (or one part of it) on the given upstream directories."""
+        extra = {"dataset": self.dataset} if self.dataset else {}
+        if part is not None:
+            assert self.partitions is not None
+            return functools.partial(self.partitions.build, cfg, dirs, part, **extra)
+        return functools.partial(self.build, cfg, dirs, **extra)
 
     @property
     def functions(self) -> tuple[Callable, ...]:
@@ -153,6 +165,8 @@ def _tokenizer_paths(cfg: PipelineConfig, dirs: Dirs) -> tuple[Path, Path | None
 
 DEMO_VQGAN = "vqgan_maskgit_tiny.ckpt"
 DEMO_DINOV2 = "dinov2_tiny_hf"
+DEMO_INCEPTION = "inception_random.pth"
+DEMO_EXTRACTOR = "demo (random weights)"  # fid.json's `extractor` for the demo's Inception
 
 
 RANDOM_TOKENIZERS = "demo tokenizers: random weights — codes carry no meaning"
@@ -165,7 +179,7 @@ def random_tokenizers_note(cfg: PipelineConfig) -> str | None:
         return None
     which = [name for name, demo in (("VQGAN", cfg.tokenizers.vqgan.checkpoint == DEMO),
                                      ("DINOv2", cfg.tokenizers.dinov2.path == DEMO)) if demo]
-    return f"{RANDOM_TOKENIZERS} ({' and '.join(which)})"
+    return f"{RANDOM_TOKENIZERS} ({' and '.join(which)})" if which else None
 
 
 def build_demo_data(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
@@ -177,6 +191,7 @@ def build_demo_data(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any
 
 
 def build_demo_assets(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    from lease.evaluate.fid import save_random_inception
     from lease.tokenizers import tiny
 
     a = cfg.tokenizers.demo
@@ -184,7 +199,9 @@ def build_demo_assets(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, A
                                  num_res_blocks=a.vqgan_res_blocks, z_channels=a.vqgan_z_channels)
     tiny.save_tiny_hf_dinov2(out / DEMO_DINOV2, a.seed, hidden_size=a.dino_hidden, depth=a.dino_depth,
                              num_heads=a.dino_heads, registers=a.dino_registers)
-    return {"vqgan": DEMO_VQGAN, "dinov2": DEMO_DINOV2}
+    # torch-fidelity's InceptionV3 at random weights in its weights file's format (evaluate.fid.inception: demo)
+    save_random_inception(out / DEMO_INCEPTION, a.seed)
+    return {"vqgan": DEMO_VQGAN, "dinov2": DEMO_DINOV2, "inception": DEMO_INCEPTION}
 
 
 def build_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
@@ -389,6 +406,8 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     generate.check_compatible(model, vqgan)
     sampler = generate.MaskGitSampler(model, e.generate, device)
     tokens = sampler.generate()
+    decode = functools.partial(_decode_tokens, vqgan, sampler.grid_size, e.generate.dtype, device)
+    atomic_write_json(out / FID_RESULT, _fid_result(cfg, dirs, tokens, decode, device))
     shown = tokens[: e.grid_rows * e.grid_rows].to(device)
     images = generate.decode_images(vqgan, shown, sampler.grid_size, e.generate.dtype)
     pictures = {"samples": grids.save_image_grid(images, out / "samples.png", nrow=e.grid_rows)}
@@ -410,6 +429,58 @@ def _unlabelled(train_labels, val_labels) -> str | None:
     return None
 
 
+FID_RESULT = "fid.json"
+
+
+def _decode_tokens(vqgan, grid_size: int, dtype: str, device: str, tokens):
+    from lease.evaluate.generate import decode_images
+
+    return decode_images(vqgan, tokens.to(device), grid_size, dtype)
+
+
+def _inception_path(cfg: PipelineConfig, dirs: Dirs) -> Path | None:
+    f = cfg.evaluate.fid
+    if f.inception == DEMO:
+        return dirs["demo-assets"] / DEMO_INCEPTION
+    return Path(f.inception) if f.inception else None
+
+
+def _fid_result(cfg: PipelineConfig, dirs: Dirs, tokens, decode, device: str) -> dict[str, Any]:
+    """fid.json (INTERFACES.md): FID / IS of the generated `tokens` (decoded by `decode`) against the
+    manifest's val images through torch-fidelity, or with `missing` saying which file to provide."""
+    import numpy as np
+
+    from lease.evaluate.fid import DecodedImages, FidConfig, TokenImages, fid_is, weights_needed
+    from pipeline.images import decode_location
+    from pipeline.manifest import read_manifest
+
+    f, g = cfg.evaluate.fid, cfg.evaluate.generate
+    weights = _inception_path(cfg, dirs)
+    result = {"fid": None, "isc": None, "isc_std": None, "samples": int(tokens.shape[0]),
+              "extractor": DEMO_EXTRACTOR if f.inception == DEMO else str(weights or ""), "protocol": g.preset,
+              "missing": None}
+    if weights is None or not weights.is_file():
+        where = f" ({weights} does not exist)" if weights else ""
+        result["missing"] = (f"FID/IS not computed: provide {weights_needed()} and set evaluate.fid.inception to "
+                             f"its path{where}")
+        log.warning("%s", result["missing"])
+        return result
+    locations = read_manifest(dirs["manifest"] / "manifest.parquet", split="val")["location"].to_pylist()
+    count = min(f.reference_images or len(locations), len(locations))
+    # evenly spaced over the key-sorted split, so a capped reference set still spans the classes
+    picked = [locations[i] for i in np.linspace(0, len(locations) - 1, count).round().astype(int)] if count else []
+    metrics = fid_is(TokenImages(tokens, decode, uint8=g.uint8), DecodedImages(picked, decode_location, f.image_size),
+                     FidConfig(weights=str(weights), image_size=f.image_size, batch_size=f.batch_size,
+                               isc_splits=min(f.isc_splits, int(tokens.shape[0])), loader_workers=False,
+                               feature_layer=f.feature_layer), device)
+    result.update(fid=metrics["fid"], isc=metrics["isc_mean"], isc_std=metrics["isc_std"],
+                  reference_images=metrics["num_reference"], feature_layer=f.feature_layer)
+    return result
+
+
+def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str, manifest: Path | None = None):
+    """A manifest's (default: the pretraining one's) train (augmented) and val views, decoded by the
+    pipeline's image loader, and the run's VQGAN (compiled on CUDA) to tokenize them online."""
 def _input_crops(manifest_dir: Path, size: int, keys: list[str]):
     """uint8 [n, 3, size, size]: the centre crops the tokenize stage encoded for the val samples `keys`,
     decoded again from the manifest's locations by the pipeline's image loader."""
@@ -482,7 +553,7 @@ def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str):
     a = cfg.evaluate.augment
     views = {}
     for split in ("train", "val"):
-        rows = read_manifest(dirs["manifest"] / "manifest.parquet", split=split)
+        rows = read_manifest(manifest or dirs["manifest"] / "manifest.parquet", split=split)
         views[split] = AugmentedImages(rows["location"].to_pylist(), rows["label"].to_pylist(),
                                        view_transform(a, split), decode_location, seed=a.seed)
     vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
@@ -491,12 +562,245 @@ def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str):
     return OnlineViews(views["train"], views["val"], OnlineTokenizer(vqgan, a.batch_size))
 
 
+# ------------------------------------------------------------------- evaluation datasets (branches)
+# One parametrised set of stages per entry of `evaluate.datasets` (pipeline.evalsets):
+#   eval-data-<name> (root: demo) -> eval-manifest-<name> -> eval-tokenize-<name> -> eval-features-<name>
+#   -> eval-<name> (result.json); robustness sets share `eval-bank`, the pretraining train features.
+# Each has its own keys, so adding a dataset runs only its branch and removing one reruns nothing.
+
+BANK = "eval-bank"
+BRANCHES = "eval-*"  # in a stage list (TRAIN_STAGES): where the branches start
+
+
+def branch_stage(part: str, dataset: str) -> str:
+    """The name of a branch's stage: eval-<part>-<dataset>, the final one (`metrics`) eval-<dataset>."""
+    return f"eval-{dataset}" if part == "metrics" else f"eval-{part}-{dataset}"
+
+
+def _dataset(cfg: PipelineConfig, name: str):
+    return next(d for d in cfg.evaluate.datasets if d.name == name)
+
+
+def _dataset_key(cfg: PipelineConfig, name: str) -> str:
+    return f"evaluate.datasets[{[d.name for d in cfg.evaluate.datasets].index(name)}]"
+
+
+def build_eval_data(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str) -> dict[str, Any]:
+    """A generated evaluation set (root: demo): corrupted pretraining classes, or new classes."""
+    from pipeline import demo_data
+
+    d = _dataset(cfg, dataset)
+    g = d.demo
+    if d.role == "robustness":
+        demo_data.make_demo_corruptions(out / "images", cfg.demo_data.num_classes, g.per_class, g.corruptions,
+                                        g.severities, g.image_size, g.seed)
+    else:
+        demo_data.make_demo_transfer(out / "images", g.num_classes, g.per_class, g.val_per_class, g.image_size,
+                                     g.seed, first_class=cfg.demo_data.num_classes)
+    return {"images": "images"}
+
+
+def _eval_data_config(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+    d = _dataset(cfg, name)
+    if d.role == "robustness":
+        return {"role": d.role, "classes": cfg.demo_data.num_classes,
+                "demo": _without(to_dict(d.demo), "num_classes", "val_per_class")}
+    return {"role": d.role, "first_class": cfg.demo_data.num_classes,
+            "demo": _without(to_dict(d.demo), "corruptions", "severities")}
+
+
+def build_eval_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str) -> dict[str, Any]:
+    """The set's manifest: a transfer set's ImageFolder as it is; a robustness set's images as a list
+    labelled with pretraining class indices (pipeline.evalsets)."""
+    from pipeline import evalsets, manifest
+
+    d = _dataset(cfg, dataset)
+    root = dirs[branch_stage("data", dataset)] / "images" if d.root == DEMO else Path(d.root)
+    common = dict(seed=d.seed, num_workers=cfg.data.num_workers, check=d.check)
+    if d.role == "transfer":
+        summary = manifest.build_manifest(root, out / "manifest.parquet", kind="imagefolder",
+                                          val_fraction=d.val_fraction, **common)
+    else:
+        classes = manifest.manifest_classes(dirs["manifest"] / "manifest.parquet")
+        lines = evalsets.robustness_listing(d, root, classes, _dataset_key(cfg, dataset))
+        (out / evalsets.LISTING).write_text("\n".join(lines) + "\n")
+        summary = manifest.build_manifest(out / evalsets.LISTING, out / "manifest.parquet", kind="list",
+                                          val_fraction=0.0, **common)
+    return {"manifest": "manifest.parquet", "root": str(root), **_plain(summary)}
+
+
+def _eval_manifest_config(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+    d = _dataset(cfg, name)
+    keep = {"role": d.role, "root": d.root, "layout": d.layout, "seed": d.seed, "check": d.check}
+    return keep | ({"class_map": d.class_map} if d.role == "robustness" else {"val_fraction": d.val_fraction})
+
+
+def build_eval_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str) -> dict[str, Any]:
+    """The set's tokens, by the pretraining run's tokenizers and codebook (the tokenize stage's settings)."""
+    vq_ckpt, vq_config, dino_path = _tokenizer_paths(cfg, dirs)
+    compiled = _device(cfg).startswith("cuda") and cfg.tokenize.compile != "off"
+    # branches build in threads of one process and share its kept tokenizers: compiled ones run one at a time
+    with _COMPILED_TOKENIZERS if compiled else contextlib.nullcontext():
+        return _plain(_tokenize_branch(cfg, dirs, out, dataset, vq_ckpt, vq_config, dino_path))
+
+
+_COMPILED_TOKENIZERS = threading.Lock()
+
+
+def _tokenize_branch(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str, vq_ckpt, vq_config, dino_path):
+    from pipeline import tokenize
+
+    t, tok = cfg.tokenize, cfg.tokenizers
+    return tokenize.tokenize(dirs[branch_stage("manifest", dataset)] / "manifest.parquet",
+                             dirs["kmeans"] / "centroids.npy", out, vqgan_kind=tok.vqgan.kind,
+                             vqgan_checkpoint=vq_ckpt, vqgan_config=vq_config, dinov2_kind=tok.dinov2.kind,
+                             dinov2_path=dino_path, layer=tok.dinov2.layer, batch_size=t.batch_size,
+                             num_workers=t.num_workers, images_per_shard=t.images_per_shard, dtype=t.dtype,
+                             device=_device(cfg), gpu_decode=t.gpu_decode, compile=t.compile)
+
+
+def _token_splits(directory: Path) -> list[str]:
+    return [split for split in ("train", "val") if any((directory / split).glob("shard-*.npz"))]
+
+
+def build_eval_features(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str) -> dict[str, Any]:
+    """Mean-pooled encoder features of each split's cached tokens (as the evaluate stage's k-NN)."""
+    import torch
+
+    from lease.checkpoints import model_from_checkpoint
+    from lease.evaluate.features import extract_features, save_features
+    from pipeline.tokenize import read_shards
+
+    e, device = cfg.evaluate, _device(cfg)
+    model = model_from_checkpoint(dirs["pretrain"] / "checkpoint.pt", device)
+    tokens, counts = dirs[branch_stage("tokenize", dataset)], {}
+    for split in _token_splits(tokens):
+        shards = read_shards(tokens / split)
+        feats = extract_features(model, torch.from_numpy(shards["vq"].astype("int64")), e.batch_size, device=device,
+                                 dtype=e.dtype)
+        save_features(out / split, feats, torch.from_numpy(shards["labels"]), {"split": split, "pool": "mean"})
+        counts[split] = int(feats.shape[0])
+    return {"splits": counts}
+
+
+def build_eval_bank(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    """The robustness sets' k-NN bank: features of the pretraining train split (packed tokens)."""
+    from lease.checkpoints import model_from_checkpoint
+    from lease.data import read_token_set
+    from lease.evaluate.features import extract_token_set, save_features
+
+    e, device = cfg.evaluate, _device(cfg)
+    model = model_from_checkpoint(dirs["pretrain"] / "checkpoint.pt", device)
+    feats, labels = extract_token_set(model, read_token_set(dirs["pack"] / "train"), e.batch_size, device=device,
+                                      dtype=e.dtype)
+    save_features(out / "train", feats, labels, {"split": "train", "pool": "mean"})
+    return {"num_train": int(feats.shape[0])}
+
+
+def build_eval_metrics(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str) -> dict[str, Any]:
+    """result.json (INTERFACES.md): a robustness set's k-NN against the pretraining bank (per corruption
+    and severity too), or a transfer set's k-NN, linear probe and few-shot by `evaluate.protocol`."""
+    import dataclasses
+
+    from lease.evaluate import fewshot, knn, linear_probe, protocols
+    from lease.evaluate.features import load_features
+    from pipeline import evalsets
+    from pipeline.manifest import read_manifest
+    from pipeline.tokenize import read_shards
+
+    d, e, device = _dataset(cfg, dataset), cfg.evaluate, _device(cfg)
+    features, manifest = dirs[branch_stage("features", dataset)], dirs[branch_stage("manifest", dataset)]
+    if d.role == "robustness":
+        queries = load_features(features / "train", device)
+        rows = read_manifest(manifest / "manifest.parquet", split="train")
+        location = dict(zip(rows["key"].to_pylist(), rows["location"].to_pylist()))
+        root = Path(_recorded_result(manifest)["root"])
+        keys = read_shards(dirs[branch_stage("tokenize", dataset)] / "train")["keys"].tolist()
+        groups = [evalsets.group_of(location[key], root, d.layout) for key in keys]
+        result = evalsets.robustness_result(d.name, load_features(dirs[BANK] / "train", device), queries, groups,
+                                            e.knn, device)
+    else:
+        train, val = (load_features(features / split, device) for split in ("train", "val"))
+        shots = dataclasses.replace(e.fewshot, shots=list(d.fewshot_shots))
+        if e.protocol == "fast":
+            probe, few = linear_probe.linear_probe(*train, *val, e.linear_probe, device), \
+                fewshot.few_shot(*train, *val, shots, device)
+        else:
+            from lease.checkpoints import model_from_checkpoint
+
+            model = model_from_checkpoint(dirs["pretrain"] / "checkpoint.pt", device)
+            views = _online_views(cfg, dirs, device, manifest / "manifest.parquet")
+            online = protocols.online_probes(e.protocol, model, views, e.linear_probe, shots, e.augment, e.dtype)
+            probe, few = online["linear_probe"], online["fewshot"]
+        result = evalsets.transfer_result(d.name, e.protocol, int(train[1].numel() + val[1].numel()),
+                                          knn.knn_classify(*train, *val, e.knn, device), probe, few)
+    atomic_write_json(out / evalsets.RESULT, result)
+    return {"result": evalsets.RESULT, "knn_top1": result["knn_top1"], "linear_probe_top1": result["linear_probe_top1"]}
+
+
+def _eval_metrics_config(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+    d, e = _dataset(cfg, name), cfg.evaluate
+    if d.role == "robustness":
+        return {"role": d.role, "layout": d.layout, "knn": to_dict(e.knn)}
+    return {"role": d.role, "knn": to_dict(e.knn), "protocol": e.protocol, "linear_probe": to_dict(e.linear_probe),
+            "fewshot": to_dict(e.fewshot) | {"shots": list(d.fewshot_shots)},
+            **({} if e.protocol == "fast" else {"augment": _without(to_dict(e.augment), "batch_size", "num_workers"),
+                                                "vqgan": _tokenizer_config(cfg)["vqgan"]})}
+
+
+def _features_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"pool": "mean", "dtype": cfg.evaluate.dtype}
+
+
+def dataset_stages(cfg: PipelineConfig) -> list[Stage]:
+    """The branch stages of `evaluate.datasets`, in an order where every stage follows its upstream ones."""
+    stages = [Stage(BANK, ("pretrain", "pack"), _features_config, build_eval_bank, on_device=True)] \
+        if any(d.role == "robustness" for d in cfg.evaluate.datasets) else []
+    for d in cfg.evaluate.datasets:
+        name, at = d.name, functools.partial(branch_stage, dataset=d.name)
+        bank = (BANK,) if d.role == "robustness" else ()
+        stages += [
+            Stage(at("data"), (), functools.partial(_eval_data_config, name=name), build_eval_data,
+                  enabled=lambda c, demo=d.root == DEMO: demo, dataset=name),
+            Stage(at("manifest"), (at("data"), *(("manifest",) if bank else ())),
+                  functools.partial(_eval_manifest_config, name=name),
+                  build_eval_manifest, inputs=lambda c, root=d.root: {} if root == DEMO else
+                  {"root": ExternalInput(root, tree=True)}, dataset=name),
+            Stage(at("tokenize"), (at("manifest"), "kmeans", "demo-assets"), STAGES["tokenize"].config,
+                  build_eval_tokenize, inputs=_tokenizer_inputs, on_device=True, dataset=name),
+            Stage(at("features"), (at("tokenize"), "pretrain"), _features_config, build_eval_features,
+                  on_device=True, dataset=name),
+            Stage(at("metrics"), (at("features"), at("manifest"), at("tokenize"), "pretrain", "demo-assets", *bank),
+                  functools.partial(_eval_metrics_config, name=name), build_eval_metrics, inputs=_tokenizer_inputs,
+                  on_device=True, dataset=name),
+        ]
+    return stages
+
+
+def all_stages(cfg: PipelineConfig) -> dict[str, Stage]:
+    """Every stage of a config's DAG by name: the fixed ones and its evaluation datasets' branches, in an
+    order where each stage follows its upstream ones (the report, which reads every branch, after them)."""
+    fixed, branches = list(STAGES.values()), dataset_stages(cfg)
+    names = {s.name for s in branches}
+    cut = next((i for i, s in enumerate(fixed) if names & set(s.upstream(cfg))), len(fixed))
+    return {s.name: s for s in fixed[:cut] + branches + fixed[cut:]}
+
+
 def _plain(summary: Any) -> dict[str, Any]:
     """A stage's return value as JSON-able data for the record."""
     if summary is None:
         return {}
     data = to_dict(summary)
     return data if isinstance(data, dict) else {"result": data}
+
+
+def _evaluate_inputs(cfg: PipelineConfig) -> dict[str, ExternalInput]:
+    """The VQGAN files, and the Inception weights when they exist (a missing file is fid.json's `missing`
+    line, not a failure; providing it later changes the key)."""
+    inception = cfg.evaluate.fid.inception
+    present = inception if inception and inception != DEMO and Path(inception).is_file() else ""
+    return _external(vqgan_checkpoint=cfg.tokenizers.vqgan.checkpoint, vqgan_config=cfg.tokenizers.vqgan.config,
+                     inception=present)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
@@ -524,35 +828,40 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           build_pretrain, on_device=True),
     Stage("evaluate", ("pretrain", "pack", "manifest", "demo-assets"),
           lambda c: {"evaluate": _without(to_dict(c.evaluate), "batch_size", "augment.batch_size",
-                                          "augment.num_workers"), "vqgan": _tokenizer_config(c)["vqgan"]},
-          build_evaluate, inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
-                                                     vqgan_config=c.tokenizers.vqgan.config), on_device=True),
+                                          "augment.num_workers", "fid.batch_size", "datasets"),
+                     "vqgan": _tokenizer_config(c)["vqgan"]},
+          build_evaluate, inputs=_evaluate_inputs, on_device=True),
     Stage("report", ("evaluate", "pretrain", "pack", "manifest"), _report_config, build_report,
           after_config=_report_after),
 ]}
 TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack")
-TRAIN_STAGES = ("pretrain", "evaluate", "report")
+# `BRANCHES` marks where the evaluation datasets' branches start: concurrently with the stages after it
+TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate", "report")
 
 
 def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = False) -> Iterator[StageOutcome]:
     """Run the enabled stages among `names` in order straight through the artifact store, without
     Prefect (benchmarks and tests), a partitioned stage's parts one after another; yields each stage's
     outcome as it finishes."""
-    store, keys, dirs = ArtifactStore(cfg.artifacts), {}, {}
-    for stage in (STAGES[name] for name in names):
+    store, keys, dirs, stages = ArtifactStore(cfg.artifacts), {}, {}, all_stages(cfg)
+    for stage in (stages[name] for name in expand_branches(cfg, names)):
         if not stage.enabled(cfg):
             continue
         spec = stage.spec(cfg, keys)
         upstream = {n: dirs[n] for n in stage.upstream(cfg) if n in dirs}
         if stage.partitions and (force or not store.is_complete(spec)):
             for i, (part_spec, part) in enumerate(part_specs(stage, cfg, upstream, spec, cfg.tokenize.partitions or 1)):
-                built = store.run(part_spec, functools.partial(stage.partitions.build, cfg, upstream, part),
-                                  force=force)
+                built = store.run(part_spec, stage.builder(cfg, upstream, part), force=force)
                 upstream[f"part-{i}"] = Path(built.path)
             stage.partitions.release()
-        outcome = store.run(spec, functools.partial(stage.build, cfg, upstream), force=force)
+        outcome = store.run(spec, stage.builder(cfg, upstream), force=force)
         keys[stage.name], dirs[stage.name] = outcome.key, Path(outcome.path)
         yield outcome
+
+
+def expand_branches(cfg: PipelineConfig, names: tuple[str, ...]) -> list[str]:
+    """`names` with `BRANCHES` replaced by every stage of the evaluation datasets' branches."""
+    return [n for name in names for n in ([s.name for s in dataset_stages(cfg)] if name == BRANCHES else [name])]
 
 
 def _without(data: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -568,11 +877,12 @@ def _without(data: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 def with_dependents(cfg: PipelineConfig, names: list[str] | set[str]) -> set[str]:
     """`names` plus every enabled stage downstream of them."""
-    unknown = sorted(set(names) - set(STAGES))
+    stages = all_stages(cfg)
+    unknown = sorted(set(names) - set(stages))
     if unknown:
-        raise ConfigError(f"force: unknown stage {unknown[0]!r}; stages are: {', '.join(STAGES)}")
+        raise ConfigError(f"force: unknown stage {unknown[0]!r}; stages are: {', '.join(stages)}")
     forced = set(names)
-    for stage in STAGES.values():  # STAGES is in topological order
+    for stage in stages.values():  # in topological order
         if stage.enabled(cfg) and forced & set(stage.upstream(cfg)):
             forced.add(stage.name)
     return forced

@@ -331,7 +331,8 @@ def test_a_report_only_edit_rekeys_the_report_stage_alone(monkeypatch):
     after = keys()
     code_version.clear_caches()
     assert {name for name in before if before[name] != after[name]} == {"report"}
-    assert STAGES["report"].upstream(cfg) == ("evaluate", "pretrain", "pack", "manifest")
+    assert STAGES["report"].upstream(cfg) == ("evaluate", "pretrain", "pack", "manifest",
+                                              *[f"eval-{d.name}" for d in cfg.evaluate.datasets])
 
 
 def test_the_report_stage_waits_for_every_configured_evaluation_set_and_condgen():

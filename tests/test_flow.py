@@ -29,7 +29,14 @@ from flows.lease_flow import StageFailed, lease_flow, tokenize_flow  # noqa: E40
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack", "pretrain",
-              "evaluate", "report"]
+              "evaluate", "eval-bank", *[stage for name in ("c", "t") for stage in
+                                         [f"eval-{part}-{name}" for part in ("data", "manifest", "tokenize", "features")]
+                                         + [f"eval-{name}"]], "report"]
+# One robustness set in ImageNet-C's layout (4 classes x 1 image x 2 severities) and one transfer set
+# (2 new classes, 4 train + 2 val each): the demo's branches at test sizes.
+ROBUSTNESS = "{name: c, role: robustness, root: demo, layout: corruption, demo: {per_class: 1, corruptions: [noise], severities: [1, 2]}}"
+TRANSFER = "{name: t, role: transfer, root: demo, fewshot_shots: [1, 2], demo: {num_classes: 2, per_class: 4, val_per_class: 2}}"
+DATASETS = f"evaluate.datasets=[{ROBUSTNESS}, {TRANSFER}]"
 TINY = [  # the demo preset at test sizes: 4 classes, 24 train + 8 val images, 4 training steps
     "demo_data.num_classes=4", "demo_data.train_per_class=6", "demo_data.val_per_class=2",
     "demo_data.image_size=32", "features.num_images=16", "features.patches_per_image=16",
@@ -38,6 +45,7 @@ TINY = [  # the demo preset at test sizes: 4 classes, 24 train + 8 val images, 4
     "pretrain.log_every=2", "evaluate.knn.k=3", "evaluate.linear_probe.epochs=2",
     "evaluate.linear_probe.batch_size=8", "evaluate.generate.num_images=4", "evaluate.generate.batch_size=4",
     "evaluate.generate.num_steps=2", "evaluate.grid_rows=2", "evaluate.batch_size=16",
+    "evaluate.fid.reference_images=4", "evaluate.fewshot.shots=[1]", DATASETS,
 ]
 
 
@@ -103,8 +111,51 @@ def test_deployment_runs_every_stage_through_the_api(deployed_run):
 
 def test_forcing_pretrain_reruns_it_and_its_dependents_only(deployed_run):
     assert deployed_run["forced"].state.is_completed()
-    expected = {name: "cached" for name in ALL_STAGES} | {"pretrain": "ran", "evaluate": "ran", "report": "ran"}
+    downstream = ["pretrain", "evaluate", "eval-bank", "eval-features-c", "eval-features-t", "eval-c", "eval-t",
+                  "report"]
+    expected = {name: "cached" for name in ALL_STAGES} | {name: "ran" for name in downstream}
     assert deployed_run["after_force"] == expected
+
+
+def run_lease(artifacts: Path, *extra: str) -> dict[str, str]:
+    lease_flow(config="demo", overrides=[*TINY, f"artifacts={artifacts}", *extra])
+    return statuses(artifacts)
+
+
+def test_adding_a_dataset_runs_only_its_branch_and_removing_one_reruns_nothing(deployed_run):
+    artifacts = deployed_run["artifacts"]  # in-process flows below talk to the fixture's server
+    extra = "{name: t2, role: transfer, root: demo, fewshot_shots: [1], demo: {num_classes: 2, per_class: 2, val_per_class: 1, seed: 5}}"
+    added = run_lease(artifacts, f"evaluate.datasets=[{ROBUSTNESS}, {TRANSFER}, {extra}]")
+    branch = {f"eval-{part}-t2" for part in ("data", "manifest", "tokenize", "features")} | {"eval-t2"}
+    # the report lists the evaluation sets: it is written again, reading the others' cached results
+    assert {name for name, status in added.items() if status == "ran"} == branch | {"report"}
+    assert set(added) == set(ALL_STAGES) | branch
+
+    removed = run_lease(artifacts, f"evaluate.datasets=[{TRANSFER}]")
+    assert {name for name, status in removed.items() if status == "ran"} == {"report"}
+    assert set(removed) == set(ALL_STAGES) - {"eval-bank"} - {s for s in ALL_STAGES if s.endswith("-c")}
+
+
+def test_evaluation_results_have_the_shared_shapes(deployed_run):
+    """fid.json and each branch's result.json as INTERFACES.md fixes them; FID / IS through the demo's
+    random-weight Inception (torch-fidelity's real extractor and loader)."""
+    artifacts = deployed_run["artifacts"]
+    result = lambda stage, name: json.loads(next((artifacts / stage).glob(f"*/{name}")).read_text())  # noqa: E731
+    fid = result("evaluate", "fid.json")
+    assert fid["extractor"] == "demo (random weights)" and fid["missing"] is None and fid["protocol"] == "mage"
+    assert fid["samples"] == 4 and fid["reference_images"] == 4 and fid["isc"] >= 1.0
+    assert all(isinstance(fid[k], float) and fid[k] == fid[k] for k in ("fid", "isc", "isc_std"))  # numbers, no NaN
+    shared = {"name", "role", "protocol", "images", "knn_top1", "linear_probe_top1", "fewshot", "note"}
+    robust = result("eval-c", "result.json")
+    assert shared <= set(robust) and robust["role"] == "robustness" and robust["images"] == 8
+    assert 0 <= robust["knn_top1"] <= 100 and robust["linear_probe_top1"] is None and robust["fewshot"] is None
+    assert robust["knn"]["num_train"] == 24 and set(robust["groups"]) == {"noise/1", "noise/2"}
+    assert all(row["images"] == 4 for row in robust["groups"].values()) and set(robust["by_severity"]) == {"1", "2"}
+    transfer = result("eval-t", "result.json")
+    assert shared <= set(transfer) and transfer["role"] == "transfer" and transfer["protocol"] == "fast"
+    assert transfer["images"] == 12 and transfer["knn"]["num_train"] == 8 and transfer["knn"]["num_classes"] == 2
+    assert set(transfer["fewshot"]) == {"1", "2"} and all(0 <= v <= 100 for v in transfer["fewshot"].values())
+    assert 0 <= transfer["linear_probe_top1"] <= 100
 
 
 def test_the_run_posts_its_report_metrics_and_stage_table_as_prefect_artifacts(deployed_run):

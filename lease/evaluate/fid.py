@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,12 +30,14 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.generative_model_base import GenerativeModelBase
 
 from lease.evaluate.features import resolve_device
-from lease.io import atomic_write_json, file_digest, json_digest
+from lease.io import atomic_write_json, file_digest, json_digest, load_torch_file, save_torch_file
 from lease.typed_config import require
 
 log = logging.getLogger(__name__)
 
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+HE_FROM_DEFAULT_INIT = 6 ** 0.5  # sqrt(2 / fan_in) over torch's default conv std 1 / sqrt(3 fan_in)
+LOGIT_SCALE = 0.2  # the random extractor's fc weight std: logits of std ~3 on its pooled features
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 
 
@@ -47,6 +50,9 @@ class FidConfig:
     isc_splits: int = 10
     cache_dir: str = ""  # torch-fidelity cache for the reference features/statistics ("" = none)
     loader_workers: bool = True  # let torch-fidelity decode reference images in worker processes
+    # the extractor's layer the FID compares ("" = its default, Inception's 2048-d pool, as every paper);
+    # a smaller one ("64") only where the 2048² eigendecomposition would dominate (the CPU demo)
+    feature_layer: str = ""
 
     def __post_init__(self) -> None:
         require(self.image_size > 0, "image_size", "must be > 0")
@@ -54,17 +60,53 @@ class FidConfig:
         require(self.isc_splits > 0, "isc_splits", "must be > 0")
 
 
-def check_weights(cfg: FidConfig) -> Path:
-    """The extractor's weights file, or a clear error saying which file to provide."""
-    what = (f"torch-fidelity's Inception weights '{INCEPTION_WEIGHTS_FILE}' (from {URL_INCEPTION_V3}, "
-            "copied onto this machine)" if cfg.feature_extractor == "inception-v3-compat"
-            else f"the weights of feature extractor '{cfg.feature_extractor}'")
+def weights_needed(feature_extractor: str = "inception-v3-compat") -> str:
+    """Which file FID / IS need, in words."""
+    if feature_extractor == "inception-v3-compat":
+        return (f"torch-fidelity's Inception weights '{INCEPTION_WEIGHTS_FILE}' (from {URL_INCEPTION_V3}, "
+                "copied onto this machine)")
+    return f"the weights of feature extractor '{feature_extractor}'"
+
+
+def check_weights(cfg: FidConfig, key: str = "fid.weights") -> Path:
+    """The extractor's weights file, or a clear error saying which file to provide (`key`: the setting
+    that names it). The file must hold only tensors: it is read weights-only first, because torch-fidelity
+    itself unpickles it in full."""
+    what = weights_needed(cfg.feature_extractor)
     if not cfg.weights:
-        raise FileNotFoundError(f"FID/IS need {what}: set fid.weights to its local path (nothing is downloaded)")
+        raise FileNotFoundError(f"FID/IS need {what}: set {key} to its local path (nothing is downloaded)")
     path = Path(cfg.weights)
     if not path.is_file():
-        raise FileNotFoundError(f"fid.weights={path} does not exist: provide {what} at that path")
+        raise FileNotFoundError(f"{key}={path} does not exist: provide {what} at that path")
+    load_torch_file(path)  # refuses a file that pickles code, before torch-fidelity's weights_only=False load
     return path
+
+
+def save_random_inception(path: str | Path, seed: int = 0) -> Path:
+    """torch-fidelity's `FeatureExtractorInceptionV3` with random weights, saved as the plain state dict
+    its `feature_extractor_weights_path` loads (the demo's stand-in for the real file: its FID and IS say
+    nothing about images, but every step of the real path runs). Convolutions get He's scale and the logits
+    layer a larger one, so activations neither vanish through the 94 layers nor give uniform class
+    probabilities (an Inception Score of exactly 1)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the fresh initialisation
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)  # a path must be given, or torch-fidelity would download its weights
+        torch.manual_seed(seed)
+        model = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):  # torch's default draw has std 1/sqrt(3 fan_in): make it He's
+                module.weight.mul_(HE_FROM_DEFAULT_INIT)
+        model.fc.weight.mul_(LOGIT_SCALE / model.fc.weight.std())
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return save_torch_file(state, path)
 
 
 def center_square_resize(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -96,6 +138,23 @@ class ReferenceImages(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         with Image.open(self.files[i]) as img:
             array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return center_square_resize(torch.from_numpy(array.copy()).permute(2, 0, 1), self.image_size)
+
+
+class DecodedImages(Dataset):
+    """Images at `locations`, decoded by `decode(location) -> RGB PIL image` (e.g. the pipeline's image
+    loader), as uint8 [3, S, S] reference images for torch-fidelity (tokenizer geometry)."""
+
+    def __init__(self, locations: list[str], decode: Callable[[str], Image.Image], image_size: int):
+        if not locations:
+            raise ValueError("no reference images: the FID needs at least one")
+        self.locations, self.decode, self.image_size = list(locations), decode, image_size
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        array = np.asarray(self.decode(self.locations[i]).convert("RGB"), dtype=np.uint8)
         return center_square_resize(torch.from_numpy(array.copy()).permute(2, 0, 1), self.image_size)
 
 
@@ -176,7 +235,8 @@ def fid_is(generated, reference, cfg: FidConfig, device: str | torch.device | No
     device = resolve_device(device)
     kwargs = dict(fid=True, isc=isc, feature_extractor=cfg.feature_extractor,
                   feature_extractor_weights_path=str(weights), cuda=device.type == "cuda",
-                  batch_size=cfg.batch_size, isc_splits=cfg.isc_splits, verbose=False, cache=False)
+                  batch_size=cfg.batch_size, isc_splits=cfg.isc_splits, verbose=False, cache=False,
+                  **({"feature_layer_fid": cfg.feature_layer} if cfg.feature_layer else {}))
     if isinstance(reference, (str, Path)):
         if cfg.cache_dir:  # the reference statistics are the same for every run: cache them by content key
             key = json_digest({"root": str(Path(reference).resolve()), "size": cfg.image_size,

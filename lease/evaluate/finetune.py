@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -177,8 +178,9 @@ def finetune(encoder: nn.Module, tokenizer: OnlineTokenizer, train: AugmentedIma
                  top5, rate)
         save_checkpoint(out_dir / CHECKPOINT, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                "epoch": epoch + 1, "history": history})
-    result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "epochs_done": len(history),
-              "completed": len(history) == cfg.epochs, "history": history, "lr": cfg.lr,
+    # finetune.json (INTERFACES.md): top1, top5, epochs (done), protocol; then the details
+    result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "epochs": len(history),
+              "epochs_done": len(history), "completed": len(history) == cfg.epochs, "history": history, "lr": cfg.lr,
               "num_train": len(train), "num_val": len(val), "num_classes": num_classes}
     atomic_write_json(out_dir / RESULT, {"protocol": "finetune", **result})
     return result
@@ -197,31 +199,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    """`lease eval finetune`: table A.3 on a manifest's train/val images (resumes an interrupted run)."""
+Views = tuple[AugmentedImages, AugmentedImages]  # (train randaug views, val views)
+ViewsLoader = Callable[[Path, AugmentConfig, int], Views]  # (manifest, augment settings, seed) -> views
+
+
+def run(args: argparse.Namespace, load_views: ViewsLoader | None = None) -> int:
+    """`lease eval finetune`: table A.3 on a manifest's train/val images (resumes an interrupted run).
+
+    The manifest is the pipeline's, so its reader and image loader come from the caller (`load_views`,
+    given by the `lease` command: pipeline.finetune.manifest_views); the core package does not import the
+    pipeline."""
     from lease.checkpoints import model_from_checkpoint
     from lease.evaluate import config_from_args
     from lease.evaluate.features import resolve_device
     from lease.evaluate.generate import load_vqgan_from_args
     from lease.evaluate.knn import num_classes_of
-    from lease.evaluate.online import view_transform
-    # the command line reads the pipeline's manifest and decodes with its loader; the library functions
-    # above take any `decode`, so `lease` itself stays independent of `pipeline`
-    from pipeline.images import decode_location
-    from pipeline.manifest import read_manifest
 
+    if load_views is None:
+        raise SystemExit("fine-tuning reads a pipeline manifest: run it as `lease eval finetune ...`")
     cfg = config_from_args(FinetuneConfig, args)
     device = resolve_device(args.device)
     aug = AugmentConfig(num_workers=args.num_workers, seed=cfg.seed)
-    views = {}
-    for split, view in (("train", "randaug"), ("val", "val")):
-        rows = read_manifest(args.manifest, split=split)
-        views[split] = AugmentedImages(rows["location"].to_pylist(), rows["label"].to_pylist(),
-                                       view_transform(aug, view), decode_location, seed=cfg.seed)
+    train, val = load_views(args.manifest, aug, cfg.seed)
     vqgan = load_vqgan_from_args(args, device, compile=device.type == "cuda")
     encoder = model_from_checkpoint(args.checkpoint, device)
-    finetune(encoder, OnlineTokenizer(vqgan, aug.batch_size), views["train"], views["val"],
-             num_classes_of(views["train"].labels, views["val"].labels), cfg, aug, args.out)
+    finetune(encoder, OnlineTokenizer(vqgan, aug.batch_size), train, val, num_classes_of(train.labels, val.labels),
+             cfg, aug, args.out)
     return 0
 
 
