@@ -478,9 +478,6 @@ def _fid_result(cfg: PipelineConfig, dirs: Dirs, tokens, decode, device: str) ->
     return result
 
 
-def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str, manifest: Path | None = None):
-    """A manifest's (default: the pretraining one's) train (augmented) and val views, decoded by the
-    pipeline's image loader, and the run's VQGAN (compiled on CUDA) to tokenize them online."""
 def _input_crops(manifest_dir: Path, size: int, keys: list[str]):
     """uint8 [n, 3, size, size]: the centre crops the tokenize stage encoded for the val samples `keys`,
     decoded again from the manifest's locations by the pipeline's image loader."""
@@ -541,9 +538,9 @@ def build_report(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     return {"report": written["report"].name, "metrics": written["metrics"].name}
 
 
-def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str):
-    """The manifest's train (augmented) and val views, decoded by the pipeline's image loader, and the
-    run's VQGAN (compiled on CUDA) to tokenize them online."""
+def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str, manifest: Path | None = None):
+    """A manifest's (default: the pretraining one's) train (augmented) and val views, decoded by the
+    pipeline's image loader, and the run's VQGAN (compiled on CUDA) to tokenize them online."""
     from lease.evaluate.online import AugmentedImages, OnlineTokenizer, view_transform
     from lease.evaluate.protocols import OnlineViews
     from lease.tokenizers import load_vqgan
