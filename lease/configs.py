@@ -93,6 +93,16 @@ class ModelConfig:
     # Sorcen's echo branch: an EMA teacher (own blocks, momentum projector), projector and predictor
     # (each Linear → BatchNorm1d → ReLU → Linear). The authors' widths: [E, 4096, 512], [512, 2048, 512].
     echo_contrast: bool = False
+    # Class-conditional decoder (paper §4.4, `lease.condgen`): cond_classes > 0 appends to the decoder's
+    # canvas a class token, a linear map of the class's CLIP text feature (cond_text_dim wide), or a learned
+    # null token with probability cond_null_prob in training (classifier-free guidance); cond_tail
+    # "centroids" also appends each patch's discriminative centroid, mapped linearly, at the decoder's own
+    # learned grid positions ("shared") or a table of its own ("own").
+    cond_classes: int = 0
+    cond_text_dim: int = 512
+    cond_tail: Literal["none", "centroids"] = "none"
+    cond_tail_positions: Literal["shared", "own"] = "shared"
+    cond_null_prob: float = 0.1
     projector_hidden: int = 4096
     projector_dim: int = 512
     predictor_hidden: int = 2048
@@ -121,6 +131,10 @@ class ModelConfig:
         require(self.decoder_pos_rows >= self.seq_len + 1, "decoder_pos_rows", "must be >= seq_len + 1")
         require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         require(self.classifier_hidden >= 0, "classifier_hidden", "must be >= 0 (0: a linear classifier)")
+        require(self.cond_classes >= 0, "cond_classes", "must be >= 0 (0: unconditional)")
+        require(self.cond_text_dim >= 1, "cond_text_dim", "must be >= 1")
+        require(0.0 <= self.cond_null_prob < 1.0, "cond_null_prob", "must be in [0, 1)")
+        require(self.cond_tail == "none" or self.cond_classes > 0, "cond_tail", "needs cond_classes > 0")
         for name in ("projector_hidden", "projector_dim", "predictor_hidden"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
 
