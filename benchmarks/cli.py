@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "table": ("benchmarks.train", "add_table_arguments", "run_table_cli",
               "Markdown table of the recorded results (as in the README)"),
     "generate": ("benchmarks.generate", "add_arguments", "run", "MaskGIT generation + VQGAN decoding images/s"),
+    "condgen": ("benchmarks.condgen", "add_arguments", "run",
+                "class-conditional decoder fine-tuning and generation images/s against pretraining / unconditional"),
     "knn": ("benchmarks.knn", "add_arguments", "run", "k-NN over ImageNet-sized random features"),
     "kmeans": ("benchmarks.codebook", "add_kmeans_arguments", "run_kmeans", "k-means K x D on synthetic vectors"),
     "assign": ("benchmarks.codebook", "add_assign_arguments", "run_assign",

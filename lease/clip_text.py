@@ -12,6 +12,7 @@ cache directory returns the stored array for the same triple without loading CLI
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -185,3 +186,24 @@ def _char_vocab() -> dict[str, int]:
     chars = sorted(ByteLevel.alphabet())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clip", required=True, help="a local Hugging Face CLIPModel directory")
+    names = parser.add_mutually_exclusive_group(required=True)
+    names.add_argument("--names", type=Path, help="class names file, one per line in label order (or `wnid name`)")
+    names.add_argument("--classes", help="comma-separated class names in label order")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt with {} for the class name")
+    parser.add_argument("--out", type=Path, required=True, help=".npy to write ([num_classes, D]; a .json beside it)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="reuse features cached by (checkpoint, names, "
+                        "template)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    names = read_names_file(args.names) if args.names else [n.strip() for n in args.classes.split(",") if n.strip()]
+    emb = class_embeddings(args.clip, names, args.template, args.cache_dir)
+    save_class_embeddings(args.out, emb.features, names, args.template, emb.key)
+    log.info("wrote %s: %d classes x %d (key %s%s)", args.out, *emb.features.shape, emb.key,
+             ", from the cache" if emb.cached else "")
+    return 0
