@@ -281,10 +281,11 @@ class CondGenEval:
 
 
 def evaluate_classes(model: LeaseModel, sampler, vqgan, train_tokens: TokenSet | None, reference, fid_cfg,
-                     opts: CondGenEval, out: Path, device: torch.device) -> dict:
+                     opts: CondGenEval, out: Path, device: torch.device, weights_key: str = "fid.weights") -> dict:
     """Per class `samples_per_class` MaskGIT samples with its class token (and tail) fixed, grids
     `class-<id>.png` for the first `grid_classes`, then FID / IS of all samples against `reference` through
-    `lease.evaluate.fid` (null, with the file to provide, when the extractor's weights are missing).
+    `lease.evaluate.fid` (null, with the file to provide at `weights_key`, when the extractor's weights are
+    missing).
     Writes samples_tokens.npy [C·n, L] (row order: class by class) and condgen.json (INTERFACES.md)."""
     from lease.evaluate.fid import TokenImages, check_weights, fid_is
     from lease.evaluate.generate import decode_images
@@ -309,7 +310,7 @@ def evaluate_classes(model: LeaseModel, sampler, vqgan, train_tokens: TokenSet |
     try:
         result["extractor"] = str(check_weights(fid_cfg))
     except FileNotFoundError as err:
-        result["missing"] = str(err)
+        result["missing"] = str(err).replace("fid.weights", weights_key)  # the key of the caller's config
         log.warning("class-conditional FID/IS skipped: %s", err)
     if result["missing"] is None:
         decode = lambda t: decode_images(vqgan, t.to(device), sampler.grid_size, sampler.cfg.dtype)  # noqa: E731

@@ -694,6 +694,8 @@ def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
 def describe(model: LeaseModel) -> str:
     cfg = model.cfg
     name = "Sorcen" if cfg.echo_contrast else "LEASE" if cfg.contrast_on != "none" else "MAGE-style"
+    if cfg.cond_classes:
+        name = f"class-conditional decoder ({cfg.cond_classes} classes, tail {cfg.cond_tail})"
     return (f"{name} d={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} | decoder d={cfg.decoder_embed_dim} "
             f"depth={cfg.decoder_depth} heads={cfg.decoder_num_heads} | V_gen={cfg.vocab_gen} "
             f"vocab={cfg.vocab_size} | contrast={cfg.contrast_on} | attention={model.attention_backend} | "

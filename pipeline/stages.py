@@ -489,7 +489,7 @@ def build_condgen_eval(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, 
     val = read_manifest(dirs["manifest"] / "manifest.parquet", split="val")["location"].to_pylist()
     opts = CondGenEval(c.samples_per_class, c.classes, c.sample_tail, c.grid_classes, c.grid_rows)
     result = evaluate_classes(model, sampler, vqgan, train_tokens, LocatedImages(val, decode_location, c.fid.image_size),
-                              c.fid, opts, out, torch.device(device))
+                              c.fid, opts, out, torch.device(device), weights_key="condgen.fid.weights")
     return {"condgen": "condgen.json", "fid": result["fid"], "isc": result["isc"], "classes": result["classes"],
             "grids": sorted(p.name for p in out.glob("class-*.png"))}
 
