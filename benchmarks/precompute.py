@@ -215,7 +215,7 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
     log.info("wrote %s JPEGs (mean %.0f KiB) in %.1f s", counts, kib, time.perf_counter() - start)
     overrides = [f"data.source={work / 'images'}", f"artifacts={work / 'artifacts'}", f"device={args.device}",
                  f"tokenizers.vqgan.checkpoint={assets['vqgan']}", f"tokenizers.dinov2.path={assets['dinov2']}",
-                 f"kmeans.k={args.codebook_size}", *args.override]
+                 f"kmeans.k={args.codebook_size}", *args.overrides]
     cfg = load_pipeline_config(args.preset, overrides)
     parts = {}
     if args.time_parts:
@@ -231,7 +231,7 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
     fixed = {"tokenize": round(results["tokenize"]["first_batch_seconds"], 2)}
     estimate = imagenet_estimate(seconds, fixed, total, min(cfg.features.num_images, counts["train"]),
                                  cfg.features.num_images)
-    return {"preset": args.preset, "overrides": list(args.override), "tokenizers": args.tokenizers,
+    return {"preset": args.preset, "overrides": list(args.overrides), "tokenizers": args.tokenizers,
             "device": args.device, "num_images": counts,
             "mean_jpeg_kib": round(kib, 1), "sides": [args.min_side, args.max_side],
             "stage_seconds": seconds, "fixed_seconds": fixed, "total_seconds": round(sum(seconds.values()), 1),
@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--preset", default="in1k_vitb", help="precompute: the pipeline preset whose settings run")
     parser.add_argument("--num-classes", type=int, default=1000, help="precompute: class folders")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="precompute: a pipeline config override, e.g. tokenize.gpu_decode=true (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="precompute: pipeline config overrides, e.g. tokenize.gpu_decode=true")
     parser.add_argument("--tokenizers", choices=["full", "tiny"], default="full",
                         help="precompute: released sizes (the measurement) or the demo's tiny ones (a harness check)")
     parser.add_argument("--device", default="cuda", help="precompute: cuda, or cpu with --tokenizers tiny")

@@ -47,7 +47,7 @@ def serve(config: str, overrides: list[str], name: str = DEPLOYMENT) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease deploy", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="demo", help="default preset or YAML of the deployment's runs")
     parser.add_argument("--name", default=DEPLOYMENT)
     parser.add_argument("overrides", nargs="*", help="default key=value overrides of the deployment's runs")

@@ -379,11 +379,15 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     model = model_from_checkpoint(dirs["pretrain"] / "checkpoint.pt", device)
     train, val = (extract_token_set(model, read_token_set(dirs["pack"] / split), e.batch_size, device=device,
                                     dtype=e.dtype) for split in ("train", "val"))
-    results = {"knn": knn.knn_classify(*train, *val, e.knn, device)}
-    if e.protocol == "fast":
-        results.update(linear_probe=linear_probe.linear_probe(*train, *val, e.linear_probe, device),
+    results = {}
+    if unlabelled_reason := _unlabelled(train[1], val[1]):
+        log.warning("evaluate: k-NN, linear probe and few-shot skipped: %s", unlabelled_reason)
+    elif e.protocol == "fast":
+        results.update(knn=knn.knn_classify(*train, *val, e.knn, device),
+                       linear_probe=linear_probe.linear_probe(*train, *val, e.linear_probe, device),
                        fewshot=fewshot.few_shot(*train, *val, e.fewshot, device))
     else:
+        results["knn"] = knn.knn_classify(*train, *val, e.knn, device)
         results.update(protocols.online_probes(e.protocol, model, _online_views(cfg, dirs, device), e.linear_probe,
                                                e.fewshot, e.augment, e.dtype))
     results = protocols.labelled(results, e.protocol)
@@ -399,11 +403,25 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     images = generate.decode_images(vqgan, shown, sampler.grid_size, e.generate.dtype)
     pictures = {"samples": grids.save_image_grid(images, out / "samples.png", nrow=e.grid_rows)}
     pictures.update(generate._task_grids(sampler, vqgan, str(dirs["pack"] / "val"), e.grid_rows, out))
+    caveats = [note for note in (random_tokenizers_note(cfg), unlabelled_reason and
+                                 f"no label metrics: {unlabelled_reason}") if note]
     report.write_report(out / "report", results, dirs["pretrain"] / "metrics.jsonl", dirs["pack"] / "stats.json",
                         pictures, title=f"LEASE evaluation ({cfg.name})",
-                        caveat=random_tokenizers_note(cfg), method=cfg.pretrain.method)
-    return {"knn_top1": results["knn"]["top1"], "linear_probe_top1": results["linear_probe"]["top1"],
-            "report": "report/report.md", "grids": sorted(pictures)}
+                        caveat="; ".join(caveats) or None, method=cfg.pretrain.method)
+    return {"knn_top1": results.get("knn", {}).get("top1"),
+            "linear_probe_top1": results.get("linear_probe", {}).get("top1"),
+            "skipped": unlabelled_reason, "report": "report/report.md", "grids": sorted(pictures)}
+
+
+def _unlabelled(train_labels, val_labels) -> str | None:
+    """Why the label-needing metrics cannot run (an unlabelled source, the self-supervised case), or None."""
+    if not train_labels.numel() or not val_labels.numel():
+        return "the train or val split is empty"
+    if int(train_labels.min()) < 0 or int(val_labels.min()) < 0:
+        return "the source is unlabelled (images without class folders)"
+    if int(train_labels.max()) < 1:
+        return "the source has a single class"
+    return None
 
 
 # --------------------------------------------------------------- class-conditional generation (§4.4)
