@@ -56,12 +56,12 @@ def _images_per_s(ms: list[float], batch: int) -> float:
 
 
 def _setup(root: Path, preset: str, batch: int, classes: int, text_dim: int, codebook_size: int, codebook_dim: int,
-           dtype: str, compile: bool) -> dict[str, Any]:
+           dtype: str, compile: bool, device: torch.device) -> dict[str, Any]:
     """A random pretraining checkpoint, codebook, class embeddings and resident labelled tokens."""
     common = {"preset": preset, "batch_size": batch, "dtype": dtype, "compile": compile, "max_steps": 10**9}
     pretrain = train_config(common)
     centroids = torch.randn(codebook_size, codebook_dim)
-    model = build_model(pretrain, centroids)
+    model = build_model(pretrain, centroids.to(device))  # the neighbour table on the device: K² similarities
     save_checkpoint(root / "pretrain.pt", {"model": model.state_dict(), "model_config": to_dict(model.cfg),
                                            "loss_config": to_dict(model.loss_cfg), "step": 0})
     np.save(root / "centroids.npy", centroids.numpy())
@@ -91,7 +91,7 @@ def bench_condgen(preset: str = "vit_base", batch_size: int = 256, gen_batch: in
     dev = torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     root = Path(tempfile.mkdtemp(prefix="bench-condgen-"))
-    setup = _setup(root, preset, batch_size, classes, text_dim, codebook_size, codebook_dim, dtype, compile)
+    setup = _setup(root, preset, batch_size, classes, text_dim, codebook_size, codebook_dim, dtype, compile, dev)
     result: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "generation_batch": gen_batch,
                               "dtype": dtype, "compile": compile, "classes": classes, "codebook_size": codebook_size}
     result["pretrain_images_per_s"] = _train_rate(setup["pretrain"], setup["model"].to(dev), setup["tokens"], dev,
