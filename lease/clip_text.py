@@ -8,14 +8,12 @@ directory fails naming what to provide.
 
 The features are cached by (digest of the checkpoint's files, names, template): `class_embeddings` in a
 cache directory returns the stored array for the same triple without loading CLIP, and any change re-keys.
-`save_tiny_hf_clip` writes a random-weight CLIP in the same layout (tests and the demo).
+`lease.tokenizers.tiny.save_tiny_hf_clip` writes a random-weight CLIP in the same layout (tests, demo).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lease.configs import CONDGEN_TEMPLATE as DEFAULT_TEMPLATE
 from lease.io import atomic_path, atomic_write_json, file_digest, json_digest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "An image of a {}"  # the Sorcen supplement's prompt (section I)
 CLIP_FILES_HINT = ("a Hugging Face CLIPModel directory as `save_pretrained` writes it (config.json, "
                    "model.safetensors or pytorch_model.bin, and the tokenizer: tokenizer.json or vocab.json + "
                    "merges.txt), e.g. a local copy of openai/clip-vit-base-patch32")
@@ -146,46 +144,6 @@ def read_names_file(path: str | Path) -> list[str]:
     if not names:
         raise ValueError(f"names file {path} holds no class names")
     return names
-
-
-# ------------------------------------------------------------------------------- tiny random CLIP
-def save_tiny_hf_clip(directory: str | Path, seed: int = 0, *, hidden_size: int = 32, layers: int = 2,
-                      heads: int = 2, projection_dim: int = 32) -> Path:
-    """A random-weight `CLIPModel` with a character-level CLIP tokenizer (CLIP's byte alphabet, no merges),
-    written by `save_pretrained` in the real layout."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from lease.tokenizers.dinov2 import hf_progress_bars_only_on_terminals
-
-    hf_progress_bars_only_on_terminals()
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = CLIPTokenizer(vocab=_char_vocab(), merges=[])
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=1,
-                  num_attention_heads=heads, image_size=32, patch_size=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    return directory
-
-
-def _char_vocab() -> dict[str, int]:
-    """CLIP's 256 byte characters, each also word-final, and the special tokens: with no merges the
-    tokenizer splits words into characters."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    chars = sorted(ByteLevel.alphabet())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -19,7 +19,6 @@ takes the codebook ids of a random training image of the class (the tails the de
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
@@ -34,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from lease.checkpoints import ENCODER_KEYS, CheckpointError, load_checkpoint
 from lease.codebook import load_codebook
-from lease.configs import ModelConfig, TrainConfig, train_config
+from lease.configs import TABLE_A5, ModelConfig, TrainConfig, condgen_train_config  # noqa: F401 (TABLE_A5: re-exported)
 from lease.data import TokenSet
 from lease.io import atomic_path, atomic_write_json
 from lease.model import Condition, LeaseModel
@@ -42,13 +41,6 @@ from lease.typed_config import ConfigError, apply_overrides, from_dict, load_yam
 
 log = logging.getLogger(__name__)
 
-# Table A.5 (conditional generation setup); the mask law is pretraining's, the loss eq. 1 alone
-TABLE_A5: dict[str, Any] = {
-    "epochs": 300.0, "batch_size": 4096,
-    "optim": {"base_lr": 1.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_epochs": 5.0, "grad_clip": 3.0},
-    "loss": {"label_smoothing": 0.1},
-    "model": {"dropout": 0.5, "contrast_on": "none"},
-}
 # Trained in condgen: the decoder and the conditioning inputs; every other parameter stays as pretrained
 DECODER_PREFIXES = ("decoder_embed.", "decoder_pos_embed_learned", "decoder_blocks.", "decoder_norm.", "mlm_layer.",
                     "class_proj.", "null_class", "tail_proj.", "tail_pos_embed")
@@ -75,19 +67,6 @@ class CondGenConfig:
         require(0.0 <= self.null_prob < 1.0, "null_prob", "must be in [0, 1)")
         require(self.tail == "none" or bool(self.train.data.codebook) or not self.pretrained, "train.data.codebook",
                 "the centroid tail needs the codebook file (tail=none trains without it)")
-
-
-def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """`top` over `base`, nested mappings merged key by key."""
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def condgen_train_config(data: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig with table A.5's values where `data` does not set them."""
-    return train_config(_merged(TABLE_A5, data or {}))
 
 
 def condgen_config(data: dict[str, Any]) -> CondGenConfig:

@@ -6,9 +6,10 @@ the other is one switch away (`model.dropout=0.5`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lease.typed_config import ConfigError, from_dict, require
 
@@ -354,3 +355,26 @@ def train_config(data: dict) -> TrainConfig:
 def with_model(cfg: ModelConfig, **changes) -> ModelConfig:
     """A copy of `cfg` with fields changed and derived defaults re-derived where not set explicitly."""
     return dataclasses.replace(cfg, **changes)
+
+
+CONDGEN_TEMPLATE = "An image of a {}"  # the class prompt of the Sorcen supplement (section I)
+# Table A.5 (conditional generation setup); the mask law is pretraining's, the loss eq. 1 alone
+TABLE_A5: dict[str, Any] = {
+    "epochs": 300.0, "batch_size": 4096,
+    "optim": {"base_lr": 1.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_epochs": 5.0, "grad_clip": 3.0},
+    "loss": {"label_smoothing": 0.1},
+    "model": {"dropout": 0.5, "contrast_on": "none"},
+}
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, nested mappings merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def condgen_train_config(data: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig with table A.5's values where `data` does not set them."""
+    return train_config(_merged(TABLE_A5, data or {}))

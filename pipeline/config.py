@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lease.clip_text import DEFAULT_TEMPLATE
-from lease.condgen import condgen_train_config
-from lease.configs import TrainConfig, train_config
+from lease.configs import CONDGEN_TEMPLATE, TrainConfig, condgen_train_config, train_config
 from lease.evaluate.fid import FidConfig
 from lease.evaluate.fewshot import FewShotConfig
 from lease.evaluate.generate import GenerateConfig
@@ -258,7 +256,7 @@ class CondGenSection:
 
     enabled: bool = False
     clip: str = ""  # a Hugging Face CLIPModel directory (read offline), or `demo`: the tiny random one
-    template: str = DEFAULT_TEMPLATE  # the prompt per class name ("An image of a {}", Sorcen)
+    template: str = CONDGEN_TEMPLATE  # the prompt per class name ("An image of a {}", Sorcen)
     names: str = ""  # class names file (one per line by label, or `wnid name` lines); "": the manifest's classes
     tail: Literal["centroids", "none"] = "centroids"  # the disc-centroid tail (LEASE) or the class token alone
     tail_positions: Literal["shared", "own"] = "shared"  # see README "Class-conditional generation"

@@ -183,10 +183,8 @@ def build_demo_assets(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, A
                              num_heads=a.dino_heads, registers=a.dino_registers)
     written = {"vqgan": DEMO_VQGAN, "dinov2": DEMO_DINOV2}
     if cfg.uses_demo_clip:
-        from lease.clip_text import save_tiny_hf_clip
-
         c = cfg.condgen.demo
-        save_tiny_hf_clip(out / DEMO_CLIP, c.seed, hidden_size=c.hidden_size, layers=c.layers, heads=c.heads,
+        tiny.save_tiny_hf_clip(out / DEMO_CLIP, c.seed, hidden_size=c.hidden_size, layers=c.layers, heads=c.heads,
                           projection_dim=c.projection_dim)
         written["clip"] = DEMO_CLIP
     return written

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lease.checkpoints import load_checkpoint, model_from_checkpoint
-from lease.clip_text import ClipNotFound, class_embeddings, save_class_embeddings, save_tiny_hf_clip
+from lease.clip_text import ClipNotFound, class_embeddings, save_class_embeddings
 from lease.condgen import (DECODER_PREFIXES, class_condition, condgen_config, conditional_model, generate_class,
                            load_conditional_export, train_condgen)
 from lease.configs import train_config
@@ -13,6 +13,7 @@ from lease.data import read_token_set
 from lease.evaluate.generate import GenerateConfig, MaskGitSampler
 from lease.masking import random_plan
 from lease.synthetic import planted_codebook, planted_tokens
+from lease.tokenizers.tiny import save_tiny_hf_clip
 from lease.train import train
 from planted import write_shards
 
