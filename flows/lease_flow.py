@@ -2,7 +2,8 @@
 
 Wiring only: the DAG (keys and build functions of each stage) is `pipeline.stages`; each task here is
 `pipeline.artifacts.ArtifactStore.run` around a stage's build. The tokenize sub-flow runs the stages up to
-`pack`, the `lease` flow then `pretrain` and `evaluate`. A stage's Prefect task cache key is exactly its
+`pack`, the `lease` flow then `pretrain` and `evaluate` (with `condgen.enabled` also `class-embeddings`,
+`condgen` and `condgen-eval`: `TRAIN_STAGES`). A stage's Prefect task cache key is exactly its
 artifact key, and the cache policy only offers the key when the artifact on disk is intact: a deleted or
 damaged artifact makes Prefect run the task, which rebuilds it (the task itself checks the record too, so
 running it outside Prefect is just as safe).
@@ -330,7 +331,8 @@ def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, forc
 @flow(name="lease", log_prints=False)
 def lease_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
                verify: bool = False, wait: bool = True, restart: bool = False) -> dict[str, Any] | State:
-    """The whole pipeline: the `tokenize` sub-flow, then pretraining and evaluation."""
+    """The whole pipeline: the `tokenize` sub-flow, then pretraining and evaluation (and, with
+    `condgen.enabled`, the class-conditional decoder and its evaluation)."""
     overrides, force, t0 = list(overrides or []), list(force or []), time.perf_counter()
     warn_of_random_tokenizers(load_pipeline_config(config, overrides))  # a bad key fails here, before any stage
 
