@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "table": ("benchmarks.train", "add_table_arguments", "run_table_cli",
               "Markdown table of the recorded results (as in the README)"),
     "generate": ("benchmarks.generate", "add_arguments", "run", "MaskGIT generation + VQGAN decoding images/s"),
+    "condgen": ("benchmarks.condgen", "add_arguments", "run",
+                "class-conditional decoder fine-tuning and generation images/s against pretraining / unconditional"),
     "knn": ("benchmarks.knn", "add_arguments", "run", "k-NN over ImageNet-sized random features"),
     "eval": ("benchmarks.evaluation", "add_arguments", "run",
              "online linear probe and fine-tuning images/s, a robustness set's k-NN (ViT-B, synthetic JPEGs)"),

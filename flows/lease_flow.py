@@ -2,7 +2,8 @@
 
 Wiring only: the DAG (keys and build functions of each stage) is `pipeline.stages`; each task here is
 `pipeline.artifacts.ArtifactStore.run` around a stage's build. The tokenize sub-flow runs the stages up to
-`pack`, the `lease` flow then `pretrain`, `evaluate` and `report`, and the branches of `evaluate.datasets`
+`pack`, the `lease` flow then `pretrain`, `evaluate` and `report` (with `condgen.enabled` also
+`class-embeddings`, `condgen` and `condgen-eval`: `TRAIN_STAGES`), and the branches of `evaluate.datasets`
 (one set of stages per dataset), submitted to the flow's task runner once `pretrain` is done, so that they
 run concurrently with each other and with `evaluate`; the report waits for them. The flow posts the report
 (markdown), its metrics and the stage table (tables) as Prefect artifacts, so the UI shows them. A stage's
@@ -475,7 +476,8 @@ def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, forc
 @flow(name="lease", log_prints=False)
 def lease_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
                verify: bool = False, wait: bool = True, restart: bool = False) -> dict[str, Any] | State:
-    """The whole pipeline: the `tokenize` sub-flow, then pretraining, evaluation and the report."""
+    """The whole pipeline: the `tokenize` sub-flow, then pretraining, evaluation (with `condgen.enabled`
+    also the class-conditional decoder and its evaluation) and the report."""
     overrides, force, t0 = list(overrides or []), list(force or []), time.perf_counter()
     warn_of_random_tokenizers(load_pipeline_config(config, overrides))  # a bad key fails here, before any stage
 

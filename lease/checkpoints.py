@@ -243,7 +243,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
     loss_cfg = from_dict(LossConfig, state.get("loss_config", {}), prefix="loss.")
     model = LeaseModel(cfg, loss_cfg)
     sd = state["model"]
-    for name in ("codebook_unit", "neighbour_index", "neighbour_weight"):
+    for name in ("codebook_unit", "neighbour_index", "neighbour_weight", "tail_centroids"):
         if name in sd:  # buffers sized by the codebook: resize before loading
             setattr(model, name, torch.empty_like(sd[name]))
     model.load_state_dict(sd)

@@ -1,4 +1,4 @@
-"""Core `lease` commands: train, import-reference, export, convert-checkpoint.
+"""Core `lease` commands: train, train-condgen, class-embeddings, import-reference, export, convert-checkpoint.
 
 `register(subparsers)` adds them to a parser; the `lease` console entry (pipeline/cli.py) composes these
 with the pipeline stages. `python -m lease.cli ...` runs the core commands alone.
@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import get_args
 
-from lease import train
+from lease import clip_text, condgen, train
 from lease.configs import ContrastPlacement
 
 
@@ -49,6 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="pretrain LEASE on packed token shards")
     train.add_arguments(p)
     p.set_defaults(func=train.run_cli)
+
+    p = subparsers.add_parser("train-condgen", help="fine-tune the class-conditional decoder on the frozen encoder "
+                              "(paper §4.4; torchrun -m lease.condgen for several GPUs)")
+    condgen.add_arguments(p)
+    p.set_defaults(func=condgen.run_cli)
+
+    p = subparsers.add_parser("class-embeddings", help="CLIP text features of one prompt per class name (.npy)")
+    clip_text.add_arguments(p)
+    p.set_defaults(func=clip_text.run_cli)
 
     p = subparsers.add_parser("import-reference", help="convert an authors' LEASE, Sorcen or MAGE checkpoint to ours")
     p.add_argument("checkpoint", type=Path, help="reference state dict (raw, {'model': ...}, module. prefixes ok)")

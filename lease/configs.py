@@ -6,9 +6,10 @@ the other is one switch away (`model.dropout=0.5`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lease.typed_config import ConfigError, from_dict, require
 
@@ -100,6 +101,16 @@ class ModelConfig:
     # Sorcen's echo branch: an EMA teacher (own blocks, momentum projector), projector and predictor
     # (each Linear → BatchNorm1d → ReLU → Linear). The authors' widths: [E, 4096, 512], [512, 2048, 512].
     echo_contrast: bool = False
+    # Class-conditional decoder (paper §4.4, `lease.condgen`): cond_classes > 0 appends to the decoder's
+    # canvas a class token, a linear map of the class's CLIP text feature (cond_text_dim wide), or a learned
+    # null token with probability cond_null_prob in training (classifier-free guidance); cond_tail
+    # "centroids" also appends each patch's discriminative centroid, mapped linearly, at the decoder's own
+    # learned grid positions ("shared") or a table of its own ("own").
+    cond_classes: int = 0
+    cond_text_dim: int = 512
+    cond_tail: Literal["none", "centroids"] = "none"
+    cond_tail_positions: Literal["shared", "own"] = "shared"
+    cond_null_prob: float = 0.1
     projector_hidden: int = 4096
     projector_dim: int = 512
     predictor_hidden: int = 2048
@@ -128,6 +139,10 @@ class ModelConfig:
         require(self.decoder_pos_rows >= self.seq_len + 1, "decoder_pos_rows", "must be >= seq_len + 1")
         require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         require(self.classifier_hidden >= 0, "classifier_hidden", "must be >= 0 (0: a linear classifier)")
+        require(self.cond_classes >= 0, "cond_classes", "must be >= 0 (0: unconditional)")
+        require(self.cond_text_dim >= 1, "cond_text_dim", "must be >= 1")
+        require(0.0 <= self.cond_null_prob < 1.0, "cond_null_prob", "must be in [0, 1)")
+        require(self.cond_tail == "none" or self.cond_classes > 0, "cond_tail", "needs cond_classes > 0")
         for name in ("projector_hidden", "projector_dim", "predictor_hidden"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
 
@@ -347,3 +362,26 @@ def train_config(data: dict) -> TrainConfig:
 def with_model(cfg: ModelConfig, **changes) -> ModelConfig:
     """A copy of `cfg` with fields changed and derived defaults re-derived where not set explicitly."""
     return dataclasses.replace(cfg, **changes)
+
+
+CONDGEN_TEMPLATE = "An image of a {}"  # the class prompt of the Sorcen supplement (section I)
+# Table A.5 (conditional generation setup); the mask law is pretraining's, the loss eq. 1 alone
+TABLE_A5: dict[str, Any] = {
+    "epochs": 300.0, "batch_size": 4096,
+    "optim": {"base_lr": 1.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_epochs": 5.0, "grad_clip": 3.0},
+    "loss": {"label_smoothing": 0.1},
+    "model": {"dropout": 0.5, "contrast_on": "none"},
+}
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, nested mappings merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def condgen_train_config(data: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig with table A.5's values where `data` does not set them."""
+    return train_config(_merged(TABLE_A5, data or {}))

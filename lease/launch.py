@@ -28,16 +28,17 @@ STOP_GRACE_SECONDS = 120  # how long the job may take to checkpoint after a stop
 
 
 def train_command(config: Path, out: Path, torchrun_nproc: int | None = None, nnodes: int = 1,
-                  rdzv_endpoint: str = "") -> list[str]:
-    """The `lease train` command line: this Python alone, or under torchrun with `torchrun_nproc`
-    processes per node (one machine standalone, or `nnodes` meeting at `rdzv_endpoint`)."""
+                  rdzv_endpoint: str = "", module: str = "lease.train") -> list[str]:
+    """The `lease train` command line (`module`: the trainer's module, e.g. lease.condgen): this Python
+    alone, or under torchrun with `torchrun_nproc` processes per node (one machine standalone, or `nnodes`
+    meeting at `rdzv_endpoint`)."""
     if torchrun_nproc is None:
         launcher = [sys.executable]
     else:
         where = ["--standalone"] if nnodes == 1 and not rdzv_endpoint else \
             [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
         launcher = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={torchrun_nproc}"]
-    return [*launcher, "-m", "lease.train", "--config", str(config), "--out", str(out)]
+    return [*launcher, "-m", module, "--config", str(config), "--out", str(out)]
 
 
 def processes_per_node(cfg: TrainConfig) -> int:
@@ -49,12 +50,14 @@ def runs_distributed(cfg: TrainConfig) -> bool:
     return cfg.nnodes > 1 or processes_per_node(cfg) > 1
 
 
-def run_torchrun(cfg: TrainConfig, out: Path, resume: bool) -> dict:
-    """Train `cfg` under torchrun in `out` (its config saved there as YAML); returns rank 0's result."""
+def run_torchrun(cfg: TrainConfig, out: Path, resume: bool, module: str = "lease.train",
+                 config_data: dict | None = None) -> dict:
+    """Train `cfg` under torchrun in `out` (its config saved there as YAML); returns rank 0's result.
+    `module` and `config_data` (default `cfg` itself) name another trainer and the config it reads."""
     out.mkdir(parents=True, exist_ok=True)
     config = out / "train_config.yaml"
-    config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    cmd = train_command(config, out, processes_per_node(cfg), cfg.nnodes, cfg.rdzv_endpoint) + \
+    config.write_text(yaml.safe_dump(to_dict(cfg) if config_data is None else config_data, sort_keys=False))
+    cmd = train_command(config, out, processes_per_node(cfg), cfg.nnodes, cfg.rdzv_endpoint, module) + \
         (["--resume"] if resume else [])
     log.info("launching %s", " ".join(cmd))
     # In the caller's process group: a terminal's Ctrl-C reaches torchrun, which relays it to the ranks.

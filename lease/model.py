@@ -233,6 +233,21 @@ def projection_mlp(dim: int, hidden: int, out: int) -> nn.Sequential:
 
 
 @dataclass
+class Condition:
+    """What a class-conditional decoder is given besides the canvas (`ModelConfig.cond_classes`, paper §4.4):
+    class ids [B] (−1: the learned null class token of classifier-free guidance) and, with
+    `cond_tail="centroids"`, codebook ids [B, L] whose centroids form the tail."""
+
+    classes: torch.Tensor
+    tail: torch.Tensor | None = None
+
+    def with_null_copy(self) -> "Condition":
+        """[self; the same with the null class] stacked on the batch axis (the guided and unguided halves)."""
+        classes = torch.cat([self.classes, torch.full_like(self.classes, -1)])
+        return Condition(classes, None if self.tail is None else torch.cat([self.tail, self.tail]))
+
+
+@dataclass
 class LeaseOutput:
     """One batch's losses. `contrast_loss` is the method's contrast, already weighted for Sorcen (its
     echo InfoNCE) and unweighted for LEASE (eq. 4, weighted by λ in `loss`)."""
@@ -278,6 +293,9 @@ class LeaseModel(nn.Module):
             Block(dd, cfg.decoder_num_heads, cfg, self.attention_backend) for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dd, eps=cfg.ln_eps)
         self.mlm_layer = MlmLayer(cfg)
+        self.class_proj = self.tail_proj = self.null_class = self.tail_pos_embed = None
+        if cfg.cond_classes:
+            self._add_condition_inputs(cfg)
 
         contrast = cfg.contrast_on
         if contrast != "none" and cfg.codebook_dim is None:
@@ -306,6 +324,36 @@ class LeaseModel(nn.Module):
             float8_training(self)
 
     # ----------------------------------------------------------------------------------- setup
+    def _add_condition_inputs(self, cfg: ModelConfig) -> None:
+        """The class token's map from CLIP's width, the null class token, and the centroid tail's map
+        (the class texts and centroids are buffers, installed by `set_condition`)."""
+        dd = cfg.decoder_embed_dim
+        self.register_buffer("class_text", torch.zeros(cfg.cond_classes, cfg.cond_text_dim))
+        self.class_proj = nn.Linear(cfg.cond_text_dim, dd)
+        self.null_class = nn.Parameter(torch.zeros(1, dd))
+        if cfg.cond_tail == "centroids":
+            if cfg.codebook_dim is None:
+                raise ValueError("model.cond_tail=centroids needs model.codebook_dim (set from the codebook)")
+            self.register_buffer("tail_centroids", torch.zeros(1, cfg.codebook_dim))
+            self.tail_proj = nn.Linear(cfg.codebook_dim, dd)
+            if cfg.cond_tail_positions == "own":
+                self.tail_pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, dd))
+
+    @torch.no_grad()
+    def set_condition(self, class_text: torch.Tensor, centroids: torch.Tensor | None = None) -> None:
+        """Install the class texts' CLIP features [cond_classes, cond_text_dim] and, for the tail, the
+        codebook's centroids [K, codebook_dim] (row-normalised: the codebook's geometry is cosine)."""
+        cfg = self.cfg
+        if tuple(class_text.shape) != (cfg.cond_classes, cfg.cond_text_dim):
+            raise ValueError(f"class embeddings have shape {tuple(class_text.shape)}, the model expects "
+                             f"[{cfg.cond_classes}, {cfg.cond_text_dim}] (model.cond_classes, model.cond_text_dim)")
+        device = self.decoder_pos_embed_learned.device
+        self.class_text = class_text.float().to(device)
+        if self.tail_proj is not None:
+            if centroids is None or centroids.ndim != 2 or centroids.shape[1] != cfg.codebook_dim:
+                raise ValueError(f"the centroid tail needs the codebook [K, {cfg.codebook_dim}]")
+            self.tail_centroids = F.normalize(centroids.float(), dim=-1).to(device)
+
     @staticmethod
     def _classifier(cfg: ModelConfig) -> nn.Module:
         if cfg.classifier_hidden == 0:
@@ -319,8 +367,9 @@ class LeaseModel(nn.Module):
         (The reference fixture's random-weight reconstruction loss, ≈ ln V_gen, shows the small init.)
         """
         for table in (self.decoder_pos_embed_learned, self.token_emb.word_embeddings.weight,
-                      self.token_emb.position_embeddings.weight):
-            nn.init.normal_(table, std=0.02)
+                      self.token_emb.position_embeddings.weight, self.null_class, self.tail_pos_embed):
+            if table is not None:
+                nn.init.normal_(table, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -350,6 +399,11 @@ class LeaseModel(nn.Module):
         """Whether training decodes only the masked positions: no loss reads the others' decoder output
         (the decoder contrast reads every position, Sorcen's echo every position of its square)."""
         return self.cfg.decode_masked_only and self.dec_to_dino is None and not self.cfg.echo_contrast
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether training needs the batch's labels: the class-conditional decoder's class token."""
+        return self.cfg.cond_classes > 0
 
     @property
     def codebook_size(self) -> int:
@@ -393,7 +447,8 @@ class LeaseModel(nn.Module):
 
     # --------------------------------------------------------------------------------- decoder
     def forward_decoder(self, latent: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor,
-                        out_positions: torch.Tensor | None = None) -> torch.Tensor:
+                        out_positions: torch.Tensor | None = None, condition: torch.Tensor | None = None
+                        ) -> torch.Tensor:
         """Decoder hidden states [B, 1 + L, Dd] from the canvas (paper §3.1, reconstruction step).
 
         `latent` [B, 1 + n, D] are encoder outputs with [CLS] first, `slots` [B, n] their grid positions
@@ -403,6 +458,8 @@ class LeaseModel(nn.Module):
 
         With `out_positions` [B, M] (grid positions) only those rows come out, [B, M, Dd]: the last
         block then computes queries, MLP and norm for them alone, which gives the same numbers.
+        `condition` [B, n_c, Dd] (`condition_rows`) is concatenated after the canvas (the supplement's
+        "concatenated to the main reconstruction canvas"); its rows are attended to, never returned.
         """
         x = self.decoder_embed(latent)
         b, _, dd = x.shape
@@ -412,9 +469,36 @@ class LeaseModel(nn.Module):
         canvas = cls.expand(b, self.cfg.seq_len + 1, dd).clone()
         canvas.scatter_(1, (slots + 1).unsqueeze(-1).expand(-1, -1, dd), fill)
         x = canvas + self.decoder_pos_embed_learned[:, : self.cfg.seq_len + 1]
+        if condition is not None:
+            x = torch.cat([x, condition.to(x.dtype)], dim=1)
         for block in self.decoder_blocks[:-1]:
             x = block(x)
-        return self.decoder_norm(self.decoder_blocks[-1](x, None if out_positions is None else out_positions + 1))
+        last = self.decoder_blocks[-1](x, None if out_positions is None else out_positions + 1)
+        if out_positions is None and condition is not None:
+            last = last[:, : self.cfg.seq_len + 1]
+        return self.decoder_norm(last)
+
+    def condition_rows(self, condition: Condition) -> torch.Tensor:
+        """The decoder's extra input rows [B, 1 (+ L), Dd]: the class token (W·CLIP(class) + b, or the null
+        token for class −1), then the tail W'·ĉ_i + p_i of each patch's unit centroid ĉ_i."""
+        token = self.class_proj(self.class_text[condition.classes.clamp_min(0)])
+        token = torch.where((condition.classes < 0).unsqueeze(-1), self.null_class.to(token.dtype), token)
+        if self.tail_proj is None:
+            return token.unsqueeze(1)
+        if condition.tail is None:
+            raise ValueError("model.cond_tail=centroids needs the codebook ids of the tail (Condition.tail)")
+        positions = (self.tail_pos_embed if self.tail_pos_embed is not None
+                     else self.decoder_pos_embed_learned[:, 1 : self.cfg.seq_len + 1])
+        tail = self.tail_proj(self.tail_centroids[condition.tail.long()])
+        return torch.cat([token.unsqueeze(1), tail + positions.to(tail.dtype)], dim=1)
+
+    def training_condition(self, labels: torch.Tensor | None, disc: torch.Tensor | None) -> Condition:
+        """The batch's own classes (each replaced by the null class with probability cond_null_prob, from
+        the dropout stream) and its own codebook ids as the tail."""
+        if labels is None:
+            raise ValueError("a class-conditional decoder (model.cond_classes) trains on the batch's labels")
+        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.cond_null_prob
+        return Condition(torch.where(drop, -1, labels.long()), disc if self.tail_proj is not None else None)
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlm_layer(hidden, self.token_emb.word_embeddings.weight, self.cfg.vocab_gen)
@@ -426,13 +510,14 @@ class LeaseModel(nn.Module):
         (LEASE: eq. 5; MAGE: eq. 1; Sorcen: eq. 1 + echo losses, `plan.echo` holding its draws)."""
         latent = self.forward_encoder(tokens, plan)
         visible = ~plan.keep_masked
+        cond = self.condition_rows(self.training_condition(labels, disc)) if self.cfg.cond_classes else None
         if self.decodes_masked_only:
             rows = plan.decode_idx
-            hidden = self.forward_decoder(latent, plan.keep_idx, visible, rows)
+            hidden = self.forward_decoder(latent, plan.keep_idx, visible, rows, cond)
             rec = reconstruction_loss(self.mlm_logits(hidden), tokens.gather(1, rows), plan.masked.gather(1, rows),
                                       self.loss_cfg.label_smoothing)
         else:
-            hidden = self.forward_decoder(latent, plan.keep_idx, visible)
+            hidden = self.forward_decoder(latent, plan.keep_idx, visible, condition=cond)
             logits = self.mlm_logits(hidden[:, 1:])
             rec = reconstruction_loss(logits, tokens, plan.masked, self.loss_cfg.label_smoothing)
         if self.cfg.echo_contrast:
@@ -542,11 +627,16 @@ class LeaseModel(nn.Module):
             return x[:, 0]
         raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
 
-    def code_logits(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """Code logits [B, L, V_gen] with `masked` positions hidden (MaskGIT decoding, inpainting)."""
+    def code_logits(self, tokens: torch.Tensor, masked: torch.Tensor, condition: Condition | None = None
+                    ) -> torch.Tensor:
+        """Code logits [B, L, V_gen] with `masked` positions hidden (MaskGIT decoding, inpainting); a
+        class-conditional decoder takes its `condition` (class ids, tail)."""
         latent = self.forward_encoder_full(tokens, masked)
         slots = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        hidden = self.forward_decoder(latent, slots, ~masked)
+        if self.cfg.cond_classes and condition is None:
+            raise ValueError("this decoder is class-conditional: give a Condition (class ids; -1 = none)")
+        rows = self.condition_rows(condition) if condition is not None else None
+        hidden = self.forward_decoder(latent, slots, ~masked, condition=rows)
         return self.mlm_logits(hidden[:, 1:])
 
     def check_tokens(self, tokens: torch.Tensor, disc: torch.Tensor | None = None) -> None:
@@ -613,6 +703,8 @@ def flops_per_image(cfg: ModelConfig, kept: int, codebook_size: int) -> float:
 def describe(model: LeaseModel) -> str:
     cfg = model.cfg
     name = "Sorcen" if cfg.echo_contrast else "LEASE" if cfg.contrast_on != "none" else "MAGE-style"
+    if cfg.cond_classes:
+        name = f"class-conditional decoder ({cfg.cond_classes} classes, tail {cfg.cond_tail})"
     return (f"{name} d={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} | decoder d={cfg.decoder_embed_dim} "
             f"depth={cfg.decoder_depth} heads={cfg.decoder_num_heads} | V_gen={cfg.vocab_gen} "
             f"vocab={cfg.vocab_size} | contrast={cfg.contrast_on} | attention={model.attention_backend} | "

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -209,7 +209,8 @@ class Trainer:
                 plan.echo = self.echo_plan(micro.vq.shape[0], self.mask_gen)
             if self.cfg.compile:
                 mark_row_counts_dynamic(plan)
-            labels = micro.labels if self.model.online_classifier is not None else None
+            reads_labels = self.model.online_classifier is not None or self.model.reads_labels
+            labels = micro.labels if reads_labels else None
             sync = contextlib.nullcontext() if (i == self.cfg.grad_accum - 1 or not self.ddp.distributed) \
                 else self.forward.no_sync()
             with sync, self.autocast():
@@ -419,11 +420,16 @@ def _step_until_done(trainer: Trainer, data: Iterator[Batch], metrics: MetricsLo
     return last_row
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_after: int | None = None) -> dict:
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_after: int | None = None,
+          build: Callable[[TrainConfig, torch.Tensor | None, int], LeaseModel] | None = None,
+          export: Callable[[LeaseModel, Path], Path] | None = None) -> dict:
     """Pretrain LEASE per `cfg`, writing checkpoints, metrics and the exported encoder into `out_dir`.
 
     `resume=True` continues from `out_dir/checkpoint.pt` exactly (weights, optimizer, step, RNG, data
     position). `stop_after` ends the run (with a checkpoint) after that many steps, as an interrupt would.
+    `build(cfg, centroids, num_classes)` makes the model (default `build_model`) and `export(model, dir)`
+    writes the completed run's export (default the encoder's): the class-conditional decoder
+    (`lease.condgen`) trains through this same loop.
     """
     out_dir = Path(out_dir)
     ddp = setup_distributed()
@@ -437,7 +443,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     centroids = load_codebook(cfg.data.codebook) if cfg.model.contrast_on != "none" else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every rerun
     num_classes = int(tokens.labels.max()) + 1 if tokens is not None and cfg.model.num_classes == -1 else 0
-    model = build_model(cfg, centroids, num_classes)
+    model = (build or build_model)(cfg, centroids, num_classes)
     if tokens is not None:
         model.check_tokens(tokens.vq[:4096].long().to(device), tokens.disc[:4096].long().to(device))
     trainer = Trainer(cfg, model, device, ddp, batches.steps_per_epoch, online)
@@ -458,7 +464,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     if ddp.distributed:
         result.update(backend=dist.get_backend(), ranks_in_sync=ranks_in_sync(model))
     if ddp.is_main and result["completed"]:
-        result["encoder"] = str(export_encoder(model, out_dir / "export"))
+        result["encoder" if export is None else "export"] = str((export or export_encoder)(model, out_dir / "export"))
     if ddp.distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -4,7 +4,7 @@
     lease run --flow tokenize --config demo data.source=/path/to/images          tokenization alone
     lease config show [PRESET] [key=value ...]                                   the resolved config
     lease manifest | demo-data | tokenize | kmeans | pack ... ARGS               one stage, no Prefect
-    lease train | import-reference | export | eval ...                          core commands
+    lease train | train-condgen | class-embeddings | import-reference | export | eval ...   core commands
     lease bench train | numerics | ddp | tokenize | precompute | kmeans ...       benchmarks/ harnesses
     lease deploy [--config ...]                                                   serve lease/full-pipeline
 """

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lease.configs import TrainConfig, train_config
+from lease.configs import CONDGEN_TEMPLATE, TrainConfig, condgen_train_config, train_config
+from lease.evaluate.fid import FidConfig
 from lease.evaluate.fewshot import FewShotConfig
 from lease.evaluate.generate import GenerateConfig
 from lease.evaluate.knn import KnnConfig
@@ -321,6 +322,53 @@ class EvaluateConfig:
 
 
 @dataclass
+class DemoClipConfig:
+    """Sizes of the tiny random-weight CLIP that `condgen.clip: demo` reads (written by demo-assets)."""
+
+    hidden_size: int = 32
+    layers: int = 2
+    heads: int = 2
+    projection_dim: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "layers", "heads", "projection_dim"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.hidden_size % self.heads == 0, "hidden_size", "must be divisible by heads")
+
+
+@dataclass
+class CondGenSection:
+    """Class-conditional generation from the frozen encoder (paper §4.4, `lease.condgen`): the stages
+    class-embeddings → condgen (decoder fine-tuning, `train`: table A.5 where not set) → condgen-eval."""
+
+    enabled: bool = False
+    clip: str = ""  # a Hugging Face CLIPModel directory (read offline), or `demo`: the tiny random one
+    template: str = CONDGEN_TEMPLATE  # the prompt per class name ("An image of a {}", Sorcen)
+    names: str = ""  # class names file (one per line by label, or `wnid name` lines); "": the manifest's classes
+    tail: Literal["centroids", "none"] = "centroids"  # the disc-centroid tail (LEASE) or the class token alone
+    tail_positions: Literal["shared", "own"] = "shared"  # see README "Class-conditional generation"
+    null_prob: float = 0.1  # training share of the null class token (classifier-free guidance)
+    train: TrainConfig = field(default_factory=lambda: condgen_train_config({}))
+    sample_tail: Literal["exemplar", "class_mode"] = "exemplar"  # the tail of a sample (lease.condgen)
+    samples_per_class: int = 50
+    classes: int = 0  # how many classes (the first by label) condgen-eval samples; 0: all
+    grid_classes: int = 8  # classes with a grid PNG class-<id>.png
+    grid_rows: int = 4
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(num_images=50))  # guidance here
+    fid: FidConfig = field(default_factory=FidConfig)  # weights "": FID/IS are null with the file to provide
+    demo: DemoClipConfig = field(default_factory=DemoClipConfig)
+
+    def __post_init__(self) -> None:
+        require(not self.enabled or bool(self.clip), "clip", "condgen needs a CLIP checkpoint: a Hugging Face "
+                "CLIPModel directory, or `demo`")
+        require(0.0 <= self.null_prob < 1.0, "null_prob", "must be in [0, 1)")
+        require(self.samples_per_class > 0, "samples_per_class", "must be > 0")
+        require(self.classes >= 0, "classes", "must be >= 0 (0: all)")
+        require(self.grid_classes >= 0 and self.grid_rows > 0, "grid_rows", "grid_rows > 0, grid_classes >= 0")
+
+
+@dataclass
 class PipelineConfig:
     name: str = "lease"
     artifacts: str = "artifacts"  # root of artifacts/<stage>/<key>/ (relative to the working directory)
@@ -335,6 +383,7 @@ class PipelineConfig:
     pack: PackConfig = field(default_factory=PackConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    condgen: CondGenSection = field(default_factory=CondGenSection)
 
     def __post_init__(self) -> None:
         require(bool(self.name), "name", "must not be empty")
@@ -349,7 +398,11 @@ class PipelineConfig:
     @property
     def uses_demo_assets(self) -> bool:
         return (self.tokenizers.vqgan.checkpoint == DEMO or self.tokenizers.dinov2.path == DEMO
-                or self.evaluate.fid.inception == DEMO)
+                or self.evaluate.fid.inception == DEMO or self.uses_demo_clip)
+
+    @property
+    def uses_demo_clip(self) -> bool:
+        return self.condgen.enabled and self.condgen.clip == DEMO
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -367,7 +420,9 @@ def pipeline_config(data: dict[str, Any], machine_checks: bool = True) -> Pipeli
     pretrain = data.pop("pretrain", None) or {}
     if not isinstance(pretrain, dict):
         raise ConfigError(f"pretrain: expected a mapping, got {pretrain!r}")
+    condgen_train = _pop_condgen_train(data)
     cfg = from_dict(PipelineConfig, data)
+    cfg.condgen.train = condgen_train
     try:
         cfg.pretrain = train_config(pretrain)
     except ConfigError as err:
@@ -378,6 +433,24 @@ def pipeline_config(data: dict[str, Any], machine_checks: bool = True) -> Pipeli
         _resolve_checkpoint_names(cfg)
         _check_device(cfg.device)
     return cfg
+
+
+def _pop_condgen_train(data: dict[str, Any]) -> TrainConfig:
+    """`condgen.train` through `lease.condgen.condgen_train_config` (table A.5 where not set)."""
+    section = data.get("condgen")
+    if section is None:
+        return condgen_train_config({})
+    if not isinstance(section, dict):
+        raise ConfigError(f"condgen: expected a mapping, got {section!r}")
+    section = dict(section)
+    train = section.pop("train", None) or {}
+    data["condgen"] = section
+    if not isinstance(train, dict):
+        raise ConfigError(f"condgen.train: expected a mapping, got {train!r}")
+    try:
+        return condgen_train_config(train)
+    except ConfigError as err:
+        raise ConfigError(_under("condgen.train", str(err))) from None
 
 
 def _check_device(device: str) -> None:
@@ -442,6 +515,9 @@ def _check_paths(cfg: PipelineConfig) -> None:
     if cfg.kmeans.codebook:
         checks.append(("kmeans.codebook", cfg.kmeans.codebook))
     checks += [(f"evaluate.datasets[{i}].root", d.root) for i, d in enumerate(cfg.evaluate.datasets)]
+    if cfg.condgen.enabled:
+        checks += [("condgen.clip", cfg.condgen.clip)] + ([("condgen.names", cfg.condgen.names)]
+                                                          if cfg.condgen.names else [])
     from lease.tokenizers.hub_cache import is_checkpoint_name
 
     for key, value in checks:

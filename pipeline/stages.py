@@ -3,7 +3,8 @@
     demo-data (demo source only) ──> manifest ──> features ──> kmeans ──> tokenize ──> pack
     demo-assets (tiny checkpoints) ─────────────────┴──────────────────────────┘
     then:  pack + kmeans ──> pretrain ──> evaluate ──> report
-                                  (eval-<name> per evaluate.datasets, condgen-eval) ──┘
+                                   (eval-<name> per evaluate.datasets, condgen-eval) ──┘
+    with condgen.enabled:  manifest ──> class-embeddings;  pretrain + class-embeddings ──> condgen ──> condgen-eval
 
 `features` is skipped when `kmeans.codebook` names an existing codebook; `demo-data` and `demo-assets`
 run only when the config says `demo` for the images or the tokenizer checkpoints.
@@ -167,6 +168,7 @@ DEMO_VQGAN = "vqgan_maskgit_tiny.ckpt"
 DEMO_DINOV2 = "dinov2_tiny_hf"
 DEMO_INCEPTION = "inception_random.pth"
 DEMO_EXTRACTOR = "demo (random weights)"  # fid.json's `extractor` for the demo's Inception
+DEMO_CLIP = "clip_tiny_hf"
 
 
 RANDOM_TOKENIZERS = "demo tokenizers: random weights — codes carry no meaning"
@@ -201,7 +203,20 @@ def build_demo_assets(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, A
                              num_heads=a.dino_heads, registers=a.dino_registers)
     # torch-fidelity's InceptionV3 at random weights in its weights file's format (evaluate.fid.inception: demo)
     save_random_inception(out / DEMO_INCEPTION, a.seed)
-    return {"vqgan": DEMO_VQGAN, "dinov2": DEMO_DINOV2, "inception": DEMO_INCEPTION}
+    written = {"vqgan": DEMO_VQGAN, "dinov2": DEMO_DINOV2, "inception": DEMO_INCEPTION}
+    if cfg.uses_demo_clip:
+        c = cfg.condgen.demo
+        tiny.save_tiny_hf_clip(out / DEMO_CLIP, c.seed, hidden_size=c.hidden_size, layers=c.layers, heads=c.heads,
+                          projection_dim=c.projection_dim)
+        written["clip"] = DEMO_CLIP
+    return written
+
+
+def _demo_assets_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The demo tokenizers' sizes, and the demo CLIP's when condgen reads it (absent otherwise, so that
+    the key of a run without condgen stays as it was)."""
+    data = to_dict(cfg.tokenizers.demo)
+    return {**data, "clip": to_dict(cfg.condgen.demo)} if cfg.uses_demo_clip else data
 
 
 def build_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
@@ -476,6 +491,94 @@ def _fid_result(cfg: PipelineConfig, dirs: Dirs, tokens, decode, device: str) ->
     result.update(fid=metrics["fid"], isc=metrics["isc_mean"], isc_std=metrics["isc_std"],
                   reference_images=metrics["num_reference"], feature_layer=f.feature_layer)
     return result
+
+
+# --------------------------------------------------------------- class-conditional generation (§4.4)
+def _class_names(cfg: PipelineConfig, dirs: Dirs) -> list[str]:
+    """condgen.names (a names file), else the manifest's class folder names by label."""
+    from lease.clip_text import read_names_file
+    from pipeline.manifest import manifest_classes
+
+    if cfg.condgen.names:
+        return read_names_file(cfg.condgen.names)
+    names = manifest_classes(dirs["manifest"] / "manifest.parquet")
+    if not names:
+        raise ConfigError("condgen: the manifest has no class names (a source without class folders): give "
+                          "condgen.names, a file of class names one per line in label order")
+    return names
+
+
+def build_class_embeddings(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    from lease.clip_text import class_embeddings, save_class_embeddings
+
+    c = cfg.condgen
+    clip = dirs["demo-assets"] / DEMO_CLIP if c.clip == DEMO else Path(c.clip)
+    names = _class_names(cfg, dirs)
+    emb = class_embeddings(clip, names, c.template)
+    save_class_embeddings(out / "class_embeddings.npy", emb.features, names, c.template, emb.key)
+    return {"embeddings": "class_embeddings.npy", "classes": len(names), "dim": int(emb.features.shape[1]),
+            "key": emb.key}
+
+
+def _condgen_run(cfg: PipelineConfig, dirs: Dirs | None = None) -> dict[str, Any]:
+    """The conditional run's config (`lease.condgen.CondGenConfig` as data), this run's paths filled in
+    (blank for the key)."""
+    c = cfg.condgen
+    train_cfg = to_dict(c.train)
+    train_cfg["data"]["shards"] = str(dirs["pack"] / "train") if dirs else ""
+    train_cfg["data"]["codebook"] = str(dirs["kmeans"] / "centroids.npy") if dirs else ""
+    return {"pretrained": str(dirs["pretrain"] / "checkpoint.pt") if dirs else "",
+            "class_embeddings": str(dirs["class-embeddings"] / "class_embeddings.npy") if dirs else "",
+            "tail": c.tail, "tail_positions": c.tail_positions, "null_prob": c.null_prob, "train": train_cfg}
+
+
+def build_condgen(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    from lease.condgen import condgen_config, train_condgen
+    from lease.launch import run_torchrun, runs_distributed
+    from lease.stopping import Interrupted
+
+    data = _condgen_run(cfg, dirs)
+    train_split = _recorded_result(dirs["pack"])["splits"].get("train", {})
+    data["train"]["batch_size"] = _batch_for_data(data["train"]["batch_size"], train_split)
+    run, resume = condgen_config(data), (out / "checkpoint.pt").is_file()
+    classes = _recorded_result(dirs["class-embeddings"])["classes"]
+    result = (run_torchrun(run.train, out, resume, module="lease.condgen", config_data=to_dict(run))
+              if runs_distributed(run.train) else train_condgen(run, out, resume=resume))
+    if not result.get("completed"):
+        raise Interrupted(f"stopped at step {result['steps']}; its checkpoint is kept, and the next run "
+                          "continues from it")
+    return {"steps": result["steps"], "checkpoint": "checkpoint.pt", "export": "export", "final": result["final"],
+            "classes": classes, "batch_size": data["train"]["batch_size"]}
+
+
+def build_condgen_eval(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    """Class-conditional samples, grids and FID/IS (table 7) into condgen.json (INTERFACES.md)."""
+    import dataclasses
+
+    import torch
+
+    from lease.checkpoints import model_from_checkpoint
+    from lease.condgen import CondGenEval, LocatedImages, evaluate_classes
+    from lease.data import read_token_set
+    from lease.evaluate import generate
+    from lease.tokenizers import load_vqgan
+    from pipeline.images import decode_location
+    from pipeline.manifest import read_manifest
+
+    c, device = cfg.condgen, _device(cfg)
+    model = model_from_checkpoint(dirs["condgen"] / "checkpoint.pt", device)
+    vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
+    vqgan = load_vqgan(cfg.tokenizers.vqgan.kind, vq_ckpt, config=vq_config, device=device)
+    generate.check_compatible(model, vqgan)
+    gen_cfg = dataclasses.replace(c.generate, batch_size=min(c.generate.batch_size, c.samples_per_class))
+    sampler = generate.MaskGitSampler(model, gen_cfg, device)
+    train_tokens = read_token_set(dirs["pack"] / "train") if model.tail_proj is not None else None
+    val = read_manifest(dirs["manifest"] / "manifest.parquet", split="val")["location"].to_pylist()
+    opts = CondGenEval(c.samples_per_class, c.classes, c.sample_tail, c.grid_classes, c.grid_rows)
+    result = evaluate_classes(model, sampler, vqgan, train_tokens, LocatedImages(val, decode_location, c.fid.image_size),
+                              c.fid, opts, out, torch.device(device), weights_key="condgen.fid.weights")
+    return {"condgen": "condgen.json", "fid": result["fid"], "isc": result["isc"], "classes": result["classes"],
+            "grids": sorted(p.name for p in out.glob("class-*.png"))}
 
 
 def _input_crops(manifest_dir: Path, size: int, keys: list[str]):
@@ -783,6 +886,9 @@ def all_stages(cfg: PipelineConfig) -> dict[str, Stage]:
     return {s.name: s for s in fixed[:cut] + branches + fixed[cut:]}
 
 
+CONDGEN_EVAL_KEYS = ("samples_per_class", "classes", "sample_tail", "grid_classes", "grid_rows", "generate")
+
+
 def _plain(summary: Any) -> dict[str, Any]:
     """A stage's return value as JSON-able data for the record."""
     if summary is None:
@@ -802,7 +908,7 @@ def _evaluate_inputs(cfg: PipelineConfig) -> dict[str, ExternalInput]:
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("demo-data", (), lambda c: to_dict(c.demo_data), build_demo_data, enabled=lambda c: c.uses_demo_data),
-    Stage("demo-assets", (), lambda c: to_dict(c.tokenizers.demo), build_demo_assets,
+    Stage("demo-assets", (), _demo_assets_config, build_demo_assets,
           enabled=lambda c: c.uses_demo_assets),
     Stage("manifest", ("demo-data",), lambda c: _without(to_dict(c.data), "num_workers", "manifest_name"),
           build_manifest, inputs=lambda c: {} if c.uses_demo_data else {"source": ExternalInput(c.data.source, tree=True)},
@@ -828,12 +934,28 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                                           "augment.num_workers", "fid.batch_size", "datasets"),
                      "vqgan": _tokenizer_config(c)["vqgan"]},
           build_evaluate, inputs=_evaluate_inputs, on_device=True),
+    Stage("class-embeddings", ("manifest", "demo-assets"),
+          lambda c: {"template": c.condgen.template, "names": "file" if c.condgen.names else "manifest",
+                     "clip": "demo" if c.condgen.clip == DEMO else "file"}, build_class_embeddings,
+          inputs=lambda c: _external(clip=c.condgen.clip, names=c.condgen.names), enabled=lambda c: c.condgen.enabled),
+    Stage("condgen", ("pretrain", "pack", "kmeans", "class-embeddings"),
+          lambda c: _without(_condgen_run(c), "train.data.num_workers", "train.log_every", "train.ckpt_every",
+                             "train.rdzv_endpoint"),
+          build_condgen, enabled=lambda c: c.condgen.enabled, on_device=True),
+    Stage("condgen-eval", ("condgen", "pack", "manifest", "demo-assets"),
+          lambda c: {"condgen": {k: to_dict(getattr(c.condgen, k)) for k in CONDGEN_EVAL_KEYS},
+                     "fid": _without(to_dict(c.condgen.fid), "batch_size", "loader_workers", "cache_dir"),
+                     "vqgan": _tokenizer_config(c)["vqgan"]},
+          build_condgen_eval, inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
+                                                         vqgan_config=c.tokenizers.vqgan.config,
+                                                         fid_weights=c.condgen.fid.weights),
+          enabled=lambda c: c.condgen.enabled, on_device=True),
     Stage("report", ("evaluate", "pretrain", "pack", "manifest"), _report_config, build_report,
           after_config=_report_after),
 ]}
 TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack")
 # `BRANCHES` marks where the evaluation datasets' branches start: concurrently with the stages after it
-TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate", "report")
+TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate", "class-embeddings", "condgen", "condgen-eval", "report")
 
 
 def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = False) -> Iterator[StageOutcome]:

@@ -17,13 +17,18 @@ Two presets (`GenerateConfig.preset`):
   is still masked with the arg-max code (`greedy_fill`). Images reach uint8 by truncation, as their PNGs.
 - `maskgit`: T = 12, τ = 4.5, the last step commits every sampled code; images are rounded to uint8.
 
-Any field set explicitly overrides its preset value (bf16 is a switch on either). All of it is batched tensor code with no
+Any field set explicitly overrides its preset value (bf16 is a switch on either).
+
+A class-conditional decoder (`lease.condgen`) samples with its conditioning fixed for the whole decode
+(a `lease.model.Condition`: class ids and the centroid tail); with `guidance` w > 0 each step's logits
+are (1 + w)·ℓ(class) − w·ℓ(null class), classifier-free guidance, from one doubled batch. All of it is batched tensor code with no
 per-sample Python and no host synchronisation; the random numbers come from an explicit generator and
 are passed into `maskgit_step`, which traces into one graph under `torch.compile`.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import time
@@ -63,6 +68,7 @@ class GenerateConfig:
     num_images: int = 50000
     seed: int = 0
     compile: bool = False
+    guidance: float = 0.0  # classifier-free guidance weight w of a class-conditional decoder (0: none)
 
     def __post_init__(self) -> None:
         require(self.preset in GENERATE_PRESETS, "preset", f"must be one of {list(GENERATE_PRESETS)}")
@@ -74,6 +80,7 @@ class GenerateConfig:
         require(self.uint8 in ("round", "truncate"), "uint8", "must be round or truncate")
         require(self.batch_size > 0, "batch_size", "must be > 0")
         require(self.num_images > 0, "num_images", "must be > 0")
+        require(self.guidance >= 0, "guidance", "must be >= 0")
 
 
 def mask_schedule(num_steps: int, choice_temperature: float, device: torch.device
@@ -197,24 +204,33 @@ class MaskGitSampler:
             self.step_fn = torch.compile(maskgit_step, dynamic=False)
         self._logits_fn = logits_fn
 
-    def logits(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, masked: torch.Tensor, condition=None) -> torch.Tensor:
+        """Code logits; with a `condition` (class-conditional decoder) guided by `cfg.guidance`."""
         with autocast_for(self.device, self.cfg.dtype):
-            return self._logits_fn(tokens, masked)
+            if condition is None:
+                return self._logits_fn(tokens, masked)
+            if self.cfg.guidance == 0:
+                return self._logits_fn(tokens, masked, condition)
+            both = self._logits_fn(tokens.repeat(2, 1), masked.repeat(2, 1), condition.with_null_copy())
+            guided, unguided = both.float().chunk(2)
+            return guided + self.cfg.guidance * (guided - unguided)
 
     @torch.inference_mode()
     def complete(self, tokens: torch.Tensor, regenerate: torch.Tensor,
-                 history: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Regenerate the `regenerate` positions of real `tokens` [B, L]; the others are kept exactly."""
+                 history: list[torch.Tensor] | None = None, condition=None) -> torch.Tensor:
+        """Regenerate the `regenerate` positions of real `tokens` [B, L]; the others are kept exactly.
+        `condition` (a `lease.model.Condition`) is given unchanged to every step."""
         tokens = as_ids(tokens.to(self.device))
+        logits_fn = self.logits if condition is None else functools.partial(self.logits, condition=condition)
         with eval_mode(self.model):
-            return maskgit_decode(self.logits, tokens, ~regenerate.to(self.device), self.cfg.num_steps,
+            return maskgit_decode(logits_fn, tokens, ~regenerate.to(self.device), self.cfg.num_steps,
                                   self.cfg.choice_temperature, self.generator, self.step_fn, history,
                                   greedy_last=self.cfg.greedy_fill)
 
-    def sample(self, batch: int) -> torch.Tensor:
-        """Unconditional samples int64 [batch, L] from an all-[MASK] canvas."""
+    def sample(self, batch: int, condition=None) -> torch.Tensor:
+        """Samples int64 [batch, L] from an all-[MASK] canvas (unconditional, or under `condition`)."""
         empty = torch.zeros(batch, self.seq_len, dtype=torch.long, device=self.device)
-        return self.complete(empty, torch.ones_like(empty, dtype=torch.bool))
+        return self.complete(empty, torch.ones_like(empty, dtype=torch.bool), condition=condition)
 
     def generate(self, num_images: int | None = None) -> torch.Tensor:
         """`num_images` unconditional token grids, uint16 [N, L] on the CPU (always full batches)."""
@@ -276,8 +292,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation image folder: also compute FID / IS of the samples against it")
     parser.add_argument("--inception-weights", type=Path, default=None,
                         help="torch-fidelity inception-v3-compat weights file (needed with --reference)")
+    parser.add_argument("--class", dest="class_ids", type=int, action="append", default=[], metavar="ID",
+                        help="class-conditional decoder (lease train-condgen): samples and a grid class-ID.png of "
+                             "class ID instead of unconditional ones (repeatable; guidance: --set guidance=W)")
+    parser.add_argument("--train-shards", default=None,
+                        help="packed train split whose codebook ids give the centroid tails (--class, tail=centroids)")
+    parser.add_argument("--sample-tail", default="exemplar", choices=["exemplar", "class_mode"],
+                        help="tail of a sample: a random training image's ids, or each position's most frequent id")
     parser.add_argument("--device", default=None)
     add_config_arguments(parser)
+
+
+def _class_samples(args: argparse.Namespace, sampler: MaskGitSampler, vqgan, record: dict) -> torch.Tensor:
+    """`--class` samples: per class its tokens (class-ID_tokens.npy) and a grid (class-ID.png)."""
+    from lease.condgen import generate_class
+    from lease.data import read_token_set
+    from lease.evaluate.grids import save_image_grid
+    from lease.io import atomic_path
+
+    model = sampler.model
+    if not model.cfg.cond_classes:
+        raise SystemExit(f"--class needs a class-conditional checkpoint (lease train-condgen); {args.checkpoint} "
+                         "is unconditional")
+    if model.tail_proj is not None and not args.train_shards:
+        raise SystemExit("this decoder reads a centroid tail: give --train-shards (the packed train split)")
+    tokens = read_token_set(args.train_shards) if model.tail_proj is not None else None
+    count = args.num_images or args.grid_images * args.grid_images
+    every, record["grids"] = [], {}
+    for class_id in args.class_ids:
+        drawn = generate_class(sampler, class_id, count, tokens, args.sample_tail)
+        with atomic_path(args.out / f"class-{class_id}_tokens.npy") as tmp, tmp.open("wb") as fh:
+            np.save(fh, drawn.numpy())
+        shown = drawn[: args.grid_images * args.grid_images].to(sampler.device)
+        grid = save_image_grid(decode_images(vqgan, shown, sampler.grid_size, sampler.cfg.dtype),
+                               args.out / f"class-{class_id}.png", nrow=args.grid_images)
+        record["grids"][f"class-{class_id}"] = str(grid)
+        every.append(drawn)
+    record.update(classes=list(args.class_ids), samples_per_class=count, sample_tail=args.sample_tail)
+    return torch.cat(every)
 
 
 TASK_COLUMNS = ["input image", "VQGAN tokens decoded", "masked (grey: regenerated)", "completion"]
@@ -332,15 +384,19 @@ def run(args: argparse.Namespace) -> int:
     record = {"config": to_dict(cfg), "checkpoint": str(args.checkpoint), "vqgan": str(args.vqgan_checkpoint)}
 
     start = time.perf_counter()
-    tokens = sampler.generate()
-    record["generation_seconds"] = round(time.perf_counter() - start, 2)
-    with atomic_path(args.out / "samples_tokens.npy") as tmp, tmp.open("wb") as fh:
-        np.save(fh, tokens.numpy())
-    preview = decode_images(vqgan, tokens[: args.grid_images * args.grid_images].to(device), sampler.grid_size,
-                            cfg.dtype)
-    save_image_grid(preview, args.out / "samples.png", nrow=args.grid_images)
-    record["grids"] = {"samples": str(args.out / "samples.png")}
-    if args.val_shards:
+    if args.class_ids:
+        tokens = _class_samples(args, sampler, vqgan, record)
+        record["generation_seconds"] = round(time.perf_counter() - start, 2)
+    else:
+        tokens = sampler.generate()
+        record["generation_seconds"] = round(time.perf_counter() - start, 2)
+        with atomic_path(args.out / "samples_tokens.npy") as tmp, tmp.open("wb") as fh:
+            np.save(fh, tokens.numpy())
+        preview = decode_images(vqgan, tokens[: args.grid_images * args.grid_images].to(device), sampler.grid_size,
+                                cfg.dtype)
+        save_image_grid(preview, args.out / "samples.png", nrow=args.grid_images)
+        record["grids"] = {"samples": str(args.out / "samples.png")}
+    if args.val_shards and not model.cfg.cond_classes:
         record["grids"].update(_task_grids(sampler, vqgan, args.val_shards, args.grid_images, args.out))
     if args.reference is not None:
         from lease.evaluate.fid import FidConfig, TokenImages, fid_is

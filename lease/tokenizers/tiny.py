@@ -7,6 +7,7 @@ as the released checkpoints are stored, so the real loading code is what reads t
 * `save_tiny_taming_vqgan`: a Lightning `.ckpt` (with `loss.*` tensors, as trained ones have) and the
   YAML config in the layout of `vqgan_imagenet_f16_1024` (`configs/model.yaml`, `checkpoints/last.ckpt`);
 * `save_tiny_hf_dinov2`: an HF `save_pretrained` directory (patch 14 at 224 px: 16x16 patches);
+* `save_tiny_hf_clip`: an HF `CLIPModel` directory with a character-level CLIP tokenizer (`lease.clip_text`);
 * `save_tiny_timm_dinov2`: the same network as `save_tiny_hf_dinov2` with the same seed and sizes, written
   in Meta's original `.pth` layout (or timm's own layout), so HF and timm loaders can be compared.
 
@@ -186,6 +187,43 @@ def save_tiny_timm_dinov2(path: str | Path, seed: int = 0, *, layout: str = "met
             save_file(sd, str(tmp))
         return path
     return save_torch_file(sd, path)
+
+
+# ------------------------------------------------------------------------------------------ CLIP
+def save_tiny_hf_clip(directory: str | Path, seed: int = 0, *, hidden_size: int = 32, layers: int = 2,
+                      heads: int = 2, projection_dim: int = 32) -> Path:
+    """A random-weight `CLIPModel` with a character-level CLIP tokenizer (CLIP's byte alphabet, no merges),
+    written by `save_pretrained` in the real layout."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    hf_progress_bars_only_on_terminals()
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = CLIPTokenizer(vocab=_char_vocab(), merges=[])
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=1,
+                  num_attention_heads=heads, image_size=32, patch_size=16)
+    with _seeded(seed):
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def _char_vocab() -> dict[str, int]:
+    """CLIP's 256 byte characters, each also word-final, and the special tokens: with no merges the
+    tokenizer splits words into characters."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}
 
 
 def main(argv: list[str] | None = None) -> int:
