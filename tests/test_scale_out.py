@@ -1,5 +1,6 @@
 """The partitioned tokenize stage on a real Dask cluster (2 worker processes, prefect-dask): the same pack
-outputs as one process, and a worker killed mid-run costs only the parts that had not finished."""
+outputs as one process, and a worker killed mid-run costs only the parts that had not finished. A codebook
+sweep reuses the VQGAN codes: only DINOv2 + assignment run again, and the pack is a fresh run's."""
 import os
 import signal
 from pathlib import Path
@@ -23,6 +24,24 @@ def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     cfg = load_pipeline_config("demo", [*TINY, f"artifacts={root}", "tokenize.partitions=1"])
     return {o.name: (o.key, output_digests(Path(o.path), root)) for o in run_in_process(cfg, TOKENIZE_STAGES)}
+
+
+def in_process(root: Path, *extra: str) -> dict:
+    cfg = load_pipeline_config("demo", [*TINY, f"artifacts={root}", *extra])
+    return {o.name: o for o in run_in_process(cfg, TOKENIZE_STAGES)}
+
+
+def test_a_new_codebook_reruns_only_the_assignment_and_packs_a_fresh_runs_bytes(tmp_path, single):
+    first = in_process(tmp_path, "kmeans.k=6", "tokenize.partitions=1")  # fresh: one fused pass
+    assert first["vq-codes"].status == "ran" and first["vq-codes"].result["fused_parts"] == 1
+    assert first["tokenize"].result["vqgan_runs"] == 1
+    swept = in_process(tmp_path, "tokenize.partitions=2")  # the fixture's codebook size, in two parts
+    assert {name: o.status for name, o in swept.items()} == {
+        "demo-data": "cached", "demo-assets": "cached", "manifest": "cached", "features": "cached", "kmeans": "ran",
+        "vq-codes": "cached", "tokenize": "ran", "pack": "ran"}
+    assert swept["tokenize"].result["vqgan_runs"] == 0 and swept["tokenize"].result["partitions"] == 2
+    for name in ("vq-codes", "tokenize", "pack"):  # the same bytes as the fixture's fresh run with this k
+        assert output_digests(Path(swept[name].path), tmp_path) == single[name][1], f"{name} differs"
 
 
 def part_records(artifacts: Path) -> dict[str, Record]:
