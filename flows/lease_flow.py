@@ -351,7 +351,7 @@ def run_summary(outcomes: list[StageOutcome], record: Path | str) -> str:
 def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
                   verify: bool = False, write_record: bool = True, wait: bool = True,
                   restart: bool = False) -> dict[str, Any] | State:
-    """Tokenization alone: (demo data/assets) → manifest → features → k-means → VQGAN codes → + assignment → pack.
+    """Tokenization alone: (demo data/assets) → manifest → features → k-means → vq-codes → tokenize → pack.
 
     As a sub-flow of `lease` (`write_record=False`) it returns its outcomes for the parent's table.
     `restart`: stages that run discard what an interrupted run of them left (default: continue it).

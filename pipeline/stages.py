@@ -1,7 +1,7 @@
 """The DAG's stage table: what each stage's cache key depends on and how it builds its artifact.
 
     demo-data (demo source only) ──> manifest ──> features ──> kmeans ──> tokenize ──> pack
-                                            └──────> vq-codes ──────────────┘
+                                 └─────────────────> vq-codes ─────────┘
     demo-assets (tiny checkpoints) ──> features, vq-codes, tokenize
     then:  pack + kmeans ──> pretrain ──> evaluate
 

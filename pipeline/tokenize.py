@@ -418,7 +418,8 @@ def encode_manifest(manifest: str | Path, outputs: Mapping[str | Path, Sequence[
                                  dtype=dtype, device=device, compile=compile, batch_size=batch_size, kept=True)
     log.info("tokenize on %s: %s", device, _describe(model, vqgan_kind, dinov2_kind, layer, given))
     start = time.perf_counter()
-    results = {split: tokenize_split(model, manifest, split, {folder / split: fields for folder, fields in outputs.items()},
+    results = {split: tokenize_split(model, manifest, split,
+                                     {folder / split: fields for folder, fields in outputs.items()},
                                      batch_size=batch_size, num_workers=num_workers,
                                      images_per_shard=images_per_shard, gpu_decode=gpu_decode, max_shards=max_shards,
                                      only=None if shards is None else shards.get(split, []),

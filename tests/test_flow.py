@@ -27,7 +27,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows.lease_flow import StageFailed, lease_flow, tokenize_flow  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack", "pretrain",
+ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "vq-codes", "tokenize", "pack", "pretrain",
               "evaluate"]
 TINY = [  # the demo preset at test sizes: 4 classes, 24 train + 8 val images, 4 training steps
     "demo_data.num_classes=4", "demo_data.train_per_class=6", "demo_data.val_per_class=2",
