@@ -51,6 +51,7 @@ rerun: $(STAMP)  ## recompute one stage and its dependents, the rest from cache:
 
 server: $(STAMP)  ## local Prefect server in the background (SQLite in .prefect/); stop with make server-stop
 	$(PY) -m prefect server start --background --host $(PREFECT_HOST) --port $(PREFECT_PORT)
+	PREFECT_API_URL=$(LOCAL_API) $(PY) -m prefect server status --wait --timeout 120  # returns once it answers
 	@echo "Prefect server at $(LOCAL_API) (UI http://127.0.0.1:$(PREFECT_PORT)); export PREFECT_API_URL=$(LOCAL_API)"
 
 server-stop: $(STAMP)

@@ -216,6 +216,8 @@ class Runner:
             self._fail(stage.name, spec.key, t0, f"its artifact is not complete after the run: {reason}")
         status = "cached" if state.name == "Cached" else state.result()
         path = str(store.path(stage.name, spec.key))
+        if stage.publish:
+            stage.publish(self.cfg, Path(path))
         self.outcomes[stage.name] = StageOutcome(stage.name, status, spec.key, seconds, path, record.result)
         return self.outcomes[stage.name]
 

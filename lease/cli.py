@@ -1,5 +1,4 @@
-"""Core `lease` commands: train, import-reference, export, convert-checkpoint, bench train / numerics / ddp /
-generate / knn.
+"""Core `lease` commands: train, import-reference, export, convert-checkpoint.
 
 `register(subparsers)` adds them to a parser; the `lease` console entry (pipeline/cli.py) composes these
 with the pipeline stages. `python -m lease.cli ...` runs the core commands alone.
@@ -11,9 +10,8 @@ import logging
 from pathlib import Path
 from typing import get_args
 
-from lease import bench, ddp_check, numerics, train
+from lease import train
 from lease.configs import ContrastPlacement
-from lease.evaluate import generate, knn
 
 
 def _import_reference(args: argparse.Namespace) -> int:
@@ -46,8 +44,8 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add the core commands; returns the `bench` sub-command group so callers can add to it."""
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the core commands to a parser's sub-commands."""
     p = subparsers.add_parser("train", help="pretrain LEASE on packed token shards")
     train.add_arguments(p)
     p.set_defaults(func=train.run_cli)
@@ -81,27 +79,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
                    help="required: reading CHECKPOINT runs any code it names, so only for files you trust")
     p.set_defaults(func=_convert_checkpoint)
 
-    bench_parser = subparsers.add_parser("bench", help="GPU benchmarks written to benchmarks/results/")
-    bench_group = bench_parser.add_subparsers(dest="bench", required=True)
-    p = bench_group.add_parser("train", help="training steps/s, memory and MFU")
-    bench.add_train_arguments(p)
-    p.set_defaults(func=bench.run_train_cli)
-    p = bench_group.add_parser("numerics", help="loss curves with and without a model switch, against a seed change")
-    numerics.add_arguments(p)
-    p.set_defaults(func=numerics.run_cli)
-    p = bench_group.add_parser("ddp", help="torchrun with N processes against one process at the same global batch")
-    ddp_check.add_arguments(p)
-    p.set_defaults(func=ddp_check.run_cli)
-    p = bench_group.add_parser("table", help="Markdown table of the recorded results (as in the README)")
-    p.add_argument("--dir", default=str(bench.RESULTS_DIR))
-    p.set_defaults(func=bench.run_table_cli)
-    p = bench_group.add_parser("generate", help="MaskGIT generation + VQGAN decoding images/s")
-    generate.add_bench_arguments(p)
-    p.set_defaults(func=generate.run_bench_cli)
-    p = bench_group.add_parser("knn", help="k-NN over ImageNet-sized random features")
-    knn.add_bench_arguments(p)
-    p.set_defaults(func=knn.run_bench_cli)
-    return bench_group
 
 
 def main(argv: list[str] | None = None) -> int:

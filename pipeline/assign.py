@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -193,50 +190,6 @@ def nearest_centroid(features: torch.Tensor | np.ndarray, centroids: torch.Tenso
     return assigner.assign(features)
 
 
-# ------------------------------------------------------------------------------------------- bench
-
-
-def _exact_reference(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """float64 brute force (no TF32, no bf16): the ground truth the fast path is checked against."""
-    x, c = features.double(), centroids.double()
-    return (c.square().sum(1)[None, :] - 2.0 * x @ c.T).argmin(dim=1)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_assign(n: int, d: int, k: int, device: str | torch.device = "auto", matmul_dtype: str = "auto",
-                shortlist: int | None = None, repeats: int = 5, check_rows: int = 16384, seed: int = 0
-                ) -> dict[str, Any]:
-    """Median seconds of a nearest-centroid pass over n synthetic vectors against k centroids.
-
-    Also reports the agreement of the fast path with a float64 brute force on `check_rows` rows.
-    """
-    device = resolve_device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    centroids = torch.randn(k, d, generator=gen, device=device)
-    # Features near centroids (with noise comparable to the gaps) look like real k-means data.
-    owners = torch.randint(0, k, (n,), generator=gen, device=device)
-    features = centroids[owners] + 0.5 * torch.randn(n, d, generator=gen, device=device)
-    assigner = Assigner(centroids, device=device, matmul_dtype=matmul_dtype, shortlist=shortlist)
-    assigner.assign(features[: min(n, assigner.chunk)])  # warm-up: kernels, workspace
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        t0 = time.perf_counter()
-        ids = assigner.assign(features)
-        _synchronize(device)
-        times.append(time.perf_counter() - t0)
-    rows = min(n, check_rows)
-    agreement = (ids[:rows] == _exact_reference(features[:rows], centroids)).double().mean().item()
-    seconds = statistics.median(times)
-    return {"n": n, "d": d, "k": k, "device": str(device), "matmul_dtype": str(assigner.dtype).replace("torch.", ""),
-            "shortlist": assigner.shortlist, "chunk": assigner.chunk, "seconds_median": seconds,
-            "seconds_all": times, "vectors_per_second": n / seconds, "agreement_with_fp64": agreement}
-
-
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -259,17 +212,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from lease.records import write_record
-
-    result = time_assign(args.n, args.d, args.k, args.device, args.matmul_dtype, args.shortlist, args.repeats)
-    log.info("assign n=%d d=%d k=%d: %.3f s median (%.0f vectors/s), agreement with fp64 %.5f",
-             args.n, args.d, args.k, result["seconds_median"], result["vectors_per_second"],
-             result["agreement_with_fp64"])
-    write_record(args.record, result)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.assign", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,24 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--codebook", required=True, help="centroids .npy float32 [K, D]")
     run.add_argument("--out", required=True, type=Path, help="output .npy of ids (uint16 when K <= 65536)")
     run.add_argument("--rows-per-read", type=int, default=1 << 20)
-    bench = sub.add_parser("bench", help="time a pass over synthetic vectors (GPU) and record it as JSON")
-    bench.add_argument("--n", type=int, default=2_000_000)
-    bench.add_argument("--d", type=int, default=768)
-    bench.add_argument("--k", type=int, default=16384)
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--shortlist", type=int, default=None,
-                       help=f"candidates re-ranked in fp32 (default {DEFAULT_SHORTLIST} for bf16, 1 for fp32)")
-    bench.add_argument("--record", default="assign", help="record name under benchmarks/results/")
-    for p in (run, bench):
-        p.add_argument("--device", default="auto")
-        p.add_argument("--matmul-dtype", default="auto", choices=["auto", *MATMUL_DTYPES])
+    run.add_argument("--device", default="auto")
+    run.add_argument("--matmul-dtype", default="auto", choices=["auto", *MATMUL_DTYPES])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    return _run(args) if args.command == "run" else _bench(args)
+    return _run(args)
 
 
 if __name__ == "__main__":

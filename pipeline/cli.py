@@ -2,9 +2,10 @@
 
     lease run --config configs/demo.yaml [key=value ...] [--force STAGE ...]   the whole flow (cached stages)
     lease run --flow tokenize --config demo data.source=/path/to/images          tokenization alone
+    lease config show [PRESET] [key=value ...]                                   the resolved config
     lease manifest | demo-data | tokenize | kmeans | pack ... ARGS               one stage, no Prefect
-    lease train | import-reference | export | eval ... | bench ...                core commands
-    lease bench kmeans | assign | tokenize ...                                    pipeline benchmarks
+    lease train | import-reference | export | eval ...                          core commands
+    lease bench train | numerics | ddp | tokenize | precompute | kmeans ...       benchmarks/ harnesses
     lease deploy [--config ...]                                                   serve lease/full-pipeline
 """
 from __future__ import annotations
@@ -38,16 +39,6 @@ STAGE_COMMANDS = {
     "pack": ("pipeline.pack", "WebDataset shards + index parquet + stats.json"),
     "deploy": ("flows.deploy", "serve the lease/full-pipeline deployment (needs `make server`)"),
 }
-
-# `lease bench <name> ARGS` for the pipeline's benchmarks: (module, its sub-command that runs it, help).
-BENCH_COMMANDS = {
-    "kmeans": ("pipeline.kmeans", "bench", "k-means K x D on synthetic vectors"),
-    "assign": ("pipeline.assign", "bench", "nearest-centroid assignment on synthetic vectors"),
-    "tokenize": ("pipeline.bench", "bench", "VQGAN, DINOv2 and JPEG-to-shards tokenize throughput"),
-    "precompute": ("pipeline.bench", "precompute",
-                   "the whole tokenization sub-flow on synthetic JPEGs, ImageNet-1K estimate"),
-}
-
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -211,20 +202,39 @@ def _exit_at_once(command: str, sig: signal.Signals) -> NoReturn:
     os._exit(128 + sig)
 
 
+def show_config(args: argparse.Namespace) -> int:
+    """Print the resolved pipeline config (preset + overrides, validated) as YAML: what `lease run` with the
+    same arguments would use. Paths and the device are not checked, so another machine's config shows."""
+    import yaml
+
+    from lease.typed_config import to_dict
+    from pipeline.config import load_pipeline_config
+
+    cfg = load_pipeline_config(args.preset, args.overrides, machine_checks=False)
+    sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lease", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the Prefect flow over cached stages")
     add_run_arguments(p)
     p.set_defaults(func=run_flow)
+    config = sub.add_parser("config", help="the resolved pipeline config: lease config show [PRESET] [key=value ...]")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("show", help="print the preset with the overrides applied and validated, as YAML")
+    p.add_argument("preset", nargs="?", default="demo", help="preset name under configs/ or a YAML path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as lease run takes them")
+    p.set_defaults(func=show_config)
     for name, (_, help_text) in STAGE_COMMANDS.items():
         sub.add_parser(name, help=f"{help_text} (`lease {name} --help`)", add_help=False)
+    from benchmarks import cli as bench_cli
     from lease import cli as core_cli
     from lease import evaluate
 
-    bench_group = core_cli.register(sub)
-    for name, (_, _, help_text) in BENCH_COMMANDS.items():
-        bench_group.add_parser(name, help=f"{help_text} (`lease bench {name} --help`)", add_help=False)
+    core_cli.register(sub)
+    bench_cli.add_placeholders(sub)
     evaluate.register(sub)
     return parser
 
@@ -233,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in STAGE_COMMANDS:
         return importlib.import_module(STAGE_COMMANDS[argv[0]][0]).main(argv[1:])
-    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCH_COMMANDS:
-        module, sub_command, _ = BENCH_COMMANDS[argv[1]]
-        return importlib.import_module(module).main([sub_command, *argv[2:]])
+    if argv[:1] == ["bench"]:
+        from benchmarks import cli as bench_cli
+
+        return bench_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging()  # before Prefect is imported: Prefect then keeps this root handler
     try:

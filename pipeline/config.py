@@ -38,9 +38,12 @@ class DataConfig:
     seed: int = 0
     check: Literal["full", "quick"] = "full"  # quick: headers + JPEG end markers (pipeline/manifest.py)
     num_workers: int = 2  # performance only: not part of the manifest's key
+    manifest_name: str = ""  # set: the manifest is also written to data_manifests/<name>.parquet (to commit)
 
     def __post_init__(self) -> None:
         require(bool(self.source), "source", "give `demo` or a path to your images")
+        require(re.fullmatch(r"[\w.-]*", self.manifest_name) is not None and not self.manifest_name.startswith("."),
+                "manifest_name", "letters, digits, '_', '-' and '.' only (a file name under data_manifests/)")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         require(self.num_workers >= 0, "num_workers", "must be >= 0 (0: read in the main process)")
 
@@ -76,7 +79,9 @@ class DinoConfig:
     """The DINOv2 feature extractor and the layer whose patch features are clustered."""
 
     kind: Literal["hf", "timm"] = "hf"
-    path: str = DEMO  # HF model directory, or a timm/Meta weights file (.pth/.safetensors), or `demo`
+    # HF model directory or id (facebook/dinov2-base), a timm/Meta weights file (.pth/.safetensors) or timm name
+    # (timm:vit_base_patch14_dinov2.lvd142m), or `demo`; names come from this machine's caches, never the network
+    path: str = DEMO
     layer: int = -3  # third from last, as DiGIT's l3
 
 
@@ -266,8 +271,9 @@ def preset_path(name_or_path: str | Path) -> Path:
     return path
 
 
-def pipeline_config(data: dict[str, Any]) -> PipelineConfig:
-    """Validate plain data into a PipelineConfig; `pretrain` goes through the trainer's own loader."""
+def pipeline_config(data: dict[str, Any], machine_checks: bool = True) -> PipelineConfig:
+    """Validate plain data into a PipelineConfig; `pretrain` goes through the trainer's own loader.
+    `machine_checks` (on for a run) also checks that paths exist and the device is there."""
     data = dict(data)
     pretrain = data.pop("pretrain", None) or {}
     if not isinstance(pretrain, dict):
@@ -278,8 +284,10 @@ def pipeline_config(data: dict[str, Any]) -> PipelineConfig:
     except ConfigError as err:
         raise ConfigError(_under("pretrain", str(err))) from None
     _check_consistency(cfg)
-    _check_paths(cfg)
-    _check_device(cfg.device)
+    if machine_checks:
+        _check_paths(cfg)
+        _resolve_checkpoint_names(cfg)
+        _check_device(cfg.device)
     return cfg
 
 
@@ -318,6 +326,24 @@ def _under(section: str, message: str) -> str:
     return f"{section}.{message}"
 
 
+def _resolve_checkpoint_names(cfg: PipelineConfig) -> None:
+    """`tokenizers.dinov2.path` may name a checkpoint (an HF id, or `timm:NAME`): it becomes the local copy
+    in this machine's caches (`lease.tokenizers.hub_cache`); an uncached name fails here, saying how to
+    bring it."""
+    from lease.tokenizers.hub_cache import TIMM_PREFIX, NotCachedError, is_checkpoint_name, resolve_checkpoint
+
+    dino = cfg.tokenizers.dinov2
+    if dino.path == DEMO or not is_checkpoint_name(dino.path):
+        return
+    wanted = "timm" if dino.path.startswith(TIMM_PREFIX) else "hf"
+    require(dino.kind == wanted, "tokenizers.dinov2.kind",
+            f"{dino.path} is a{' timm' if wanted == 'timm' else 'n HF'} checkpoint name: use kind {wanted}")
+    try:
+        dino.path = str(resolve_checkpoint(dino.path))
+    except NotCachedError as err:
+        raise ConfigError(f"tokenizers.dinov2.path: {err}") from None
+
+
 def _check_paths(cfg: PipelineConfig) -> None:
     """External files must exist before any work starts (`demo` stands for generated ones)."""
     checks = [("data.source", cfg.data.source), ("tokenizers.vqgan.checkpoint", cfg.tokenizers.vqgan.checkpoint),
@@ -326,15 +352,21 @@ def _check_paths(cfg: PipelineConfig) -> None:
         checks.append(("tokenizers.vqgan.config", cfg.tokenizers.vqgan.config))
     if cfg.kmeans.codebook:
         checks.append(("kmeans.codebook", cfg.kmeans.codebook))
+    from lease.tokenizers.hub_cache import is_checkpoint_name
+
     for key, value in checks:
         if value == DEMO or any(ch in value for ch in "*?["):  # a glob of tar shards is checked by the stage
+            continue
+        if key == "tokenizers.dinov2.path" and is_checkpoint_name(value):  # `_resolve_checkpoint_names`'
             continue
         require(Path(value).exists(), key, f"{value} does not exist")
 
 
-def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a preset or YAML file, apply `a.b=c` overrides, validate everything."""
-    return pipeline_config(apply_overrides(load_yaml(preset_path(path)), list(overrides or [])))
+def load_pipeline_config(path: str | Path, overrides: list[str] | None = None,
+                         machine_checks: bool = True) -> PipelineConfig:
+    """Read a preset or YAML file, apply `a.b=c` overrides, validate everything (`machine_checks`: see
+    `pipeline_config`)."""
+    return pipeline_config(apply_overrides(load_yaml(preset_path(path)), list(overrides or [])), machine_checks)
 
 
 __all__ = ["PipelineConfig", "ConfigError", "load_pipeline_config", "pipeline_config",

@@ -276,22 +276,6 @@ def load_feature_sample(path: str | Path, sample_size: int | None, seed: int) ->
 # ------------------------------------------------------------------------------------------- bench
 
 
-def time_kmeans(n: int, d: int, k: int, iters: int, device: str | torch.device = "auto", backend: str = "auto",
-                seed: int = 0) -> dict[str, Any]:
-    """Train k-means on n synthetic vectors (a Gaussian mixture made on the device) and time it."""
-    device = resolve_device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    modes = torch.randn(k, d, generator=gen, device=device)
-    owners = torch.randint(0, k, (n,), generator=gen, device=device)
-    features = modes[owners].add_(torch.randn(n, d, generator=gen, device=device))
-    del modes, owners
-    result = train_kmeans(features, k, iters, seed, backend=backend, device=device, progress=False)
-    return {"n": n, "d": d, "k": k, "iters": iters, "device": str(device), "backend": result.backend,
-            "seconds": result.seconds, "seconds_per_iteration": result.seconds / (iters + 1),
-            "inertia_first": result.inertia[0], "inertia_last": result.inertia[-1],
-            "final_inertia": result.final_inertia, "empty_reseeded": result.empty_reseeded}
-
-
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -323,16 +307,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from lease.records import write_record
-
-    result = time_kmeans(args.n, args.d, args.k, args.iters, args.device, args.backend)
-    log.info("k-means N=%d D=%d K=%d x%d iterations: %.1f s (%s)", args.n, args.d, args.k, args.iters,
-             result["seconds"], result["backend"])
-    write_record(args.record, result)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.kmeans", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -344,22 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-neighbours", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--matmul-dtype", default="auto", choices=["auto", *MATMUL_DTYPES])
-    bench = sub.add_parser("bench", help="time k-means on synthetic vectors and record it as JSON")
-    bench.add_argument("--n", type=int, default=4_000_000)
-    bench.add_argument("--d", type=int, default=768)
-    bench.add_argument("--record", default="kmeans", help="record name under benchmarks/results/")
-    for p in (train, bench):
-        p.add_argument("--k", type=int, default=16384)
-        p.add_argument("--iters", type=int, default=20)
-        p.add_argument("--backend", default="auto", choices=BACKENDS)
-        p.add_argument("--device", default="auto")
+    train.add_argument("--k", type=int, default=16384)
+    train.add_argument("--iters", type=int, default=20)
+    train.add_argument("--backend", default="auto", choices=BACKENDS)
+    train.add_argument("--device", default="auto")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    return _train(args) if args.command == "train" else _bench(args)
+    return _train(args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lease.io import atomic_write_json, json_digest
+from lease.io import atomic_write_bytes, atomic_write_json, json_digest
 from lease.typed_config import ConfigError, to_dict
 from pipeline.artifacts import KEY_LENGTH, RECORD_NAME, ArtifactStore, StageOutcome, StageSpec, input_digest
 from pipeline.code_version import combined_identity
@@ -79,6 +79,8 @@ class Stage:
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
     on_device: bool = False  # its numbers depend on the device it runs on (cpu or cuda): part of the key
     partitions: Partitions | None = None
+    # After the stage completes, built or cached: copies its output somewhere the user named (not its key)
+    publish: Callable[[PipelineConfig, Path], None] | None = None
 
     @property
     def functions(self) -> tuple[Callable, ...]:
@@ -275,6 +277,21 @@ def build_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
                                       val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
                                       num_workers=cfg.data.num_workers, check=cfg.data.check)
     return {"manifest": "manifest.parquet", **_plain(summary)}
+
+
+MANIFESTS_DIR = Path(__file__).resolve().parents[1] / "data_manifests"
+
+
+def publish_manifest(cfg: PipelineConfig, out: Path) -> None:
+    """`data.manifest_name` set: the manifest also lies at `data_manifests/<name>.parquet`, to commit
+    (rewritten only when its content changed, so a cached run leaves the file alone)."""
+    if not cfg.data.manifest_name:
+        return
+    target = MANIFESTS_DIR / f"{cfg.data.manifest_name}.parquet"
+    data = (out / "manifest.parquet").read_bytes()
+    if not target.is_file() or target.read_bytes() != data:
+        atomic_write_bytes(target, data)
+        log.info("manifest published as %s", target)
 
 
 def plan_features(cfg: PipelineConfig, dirs: Dirs, count: int) -> list[dict[str, Any]]:
@@ -545,8 +562,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("demo-data", (), lambda c: to_dict(c.demo_data), build_demo_data, enabled=lambda c: c.uses_demo_data),
     Stage("demo-assets", (), lambda c: to_dict(c.tokenizers.demo), build_demo_assets,
           enabled=lambda c: c.uses_demo_assets),
-    Stage("manifest", ("demo-data",), lambda c: _without(to_dict(c.data), "num_workers"), build_manifest,
-          inputs=lambda c: {} if c.uses_demo_data else {"source": ExternalInput(c.data.source, tree=True)}),
+    Stage("manifest", ("demo-data",), lambda c: _without(to_dict(c.data), "num_workers", "manifest_name"),
+          build_manifest, inputs=lambda c: {} if c.uses_demo_data else {"source": ExternalInput(c.data.source, tree=True)},
+          publish=publish_manifest),
     Stage("features", ("manifest", "demo-assets"),
           lambda c: {"features": _without(to_dict(c.features), "batch_size", "num_workers"),
                      "dinov2": _tokenizer_config(c)["dinov2"]}, build_features,

@@ -4,9 +4,9 @@ compile inside the timed steps)."""
 import pytest
 import torch
 
-from lease.bench import finite_metrics, no_compilation, results_table
-from lease.records import machine_info
-from pipeline.bench import IMAGENET_1K_IMAGES, imagenet_estimate
+from benchmarks.train import finite_metrics, no_compilation, results_table
+from benchmarks.records import machine_info
+from benchmarks.precompute import IMAGENET_1K_IMAGES, imagenet_estimate
 
 IMAGENET = sum(IMAGENET_1K_IMAGES.values())
 
@@ -41,7 +41,7 @@ def test_precompute_records_reach_the_table(tmp_path):
 
 
 def test_train_record_names_carry_every_non_default_setting():
-    from lease.bench import train_record_name
+    from benchmarks.train import train_record_name
     assert train_record_name("vit_base", 256, "bf16", "default", {"sdpa_kernel": "default", "dropout_impl": "triton"}
                              ) == "train-vit_base-b256-bf16-compile"
     name = train_record_name("vit_base", 128, "bf16", None, {"sdpa_kernel": "flash", "dropout_impl": "torch",
@@ -50,7 +50,7 @@ def test_train_record_names_carry_every_non_default_setting():
 
 
 def test_profiled_kernels_fall_into_their_categories():
-    from lease.bench import kernel_category
+    from benchmarks.train import kernel_category
     names = {"cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": "attention",
              "void cudnn::fusion::convert_dq_to_16bits<true>": "attention",
              "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN": "matmul",
@@ -67,7 +67,7 @@ def test_useful_flops_equal_what_an_eager_step_executes(contrast_on):
     same count but for the contrast rows the plan skips, so the MFU of a bench record neither flatters
     nor undersells (counted on 2 of the 4 images and scaled). Decoding the masked rows alone then
     executes fewer."""
-    from lease.bench import executed_tflop
+    from benchmarks.train import executed_tflop
     from lease.configs import TrainConfig, model_config
     from lease.data import Batch
     from lease.model import flops_per_image
@@ -106,7 +106,7 @@ def test_gpu_sampler_summarises_what_its_command_prints_and_survives_without_one
     import sys
     import time
 
-    from lease.bench import GpuSampler
+    from benchmarks.train import GpuSampler
 
     done = tmp_path / "printed"
     printer = ("import pathlib, time\n"
@@ -164,7 +164,7 @@ def test_sorcen_useful_flops_count_teacher_projector_and_predictor():
     the teacher's forward on [CLS] + echo and both projectors and the predictor; all that differs are
     the batch's B × B logits (InfoNCE: forward and the student side's gradient; uniformity: forward and
     both sides' gradients), which the count leaves out."""
-    from lease.bench import executed_tflop
+    from benchmarks.train import executed_tflop
     from lease.configs import train_config
     from lease.data import Batch
     from lease.model import flops_per_image
@@ -188,8 +188,8 @@ def test_methods_record_holds_each_rate_and_lease_over_the_others(tmp_path):
     with every method's images/s and peak memory, and the ratios computed from those rates."""
     import json
 
-    from lease.bench import bench_methods, methods_record_name
-    from lease.records import write_record
+    from benchmarks.train import bench_methods, methods_record_name
+    from benchmarks.records import write_record
     from lease.tokenizers.vqgan_maskgit import MaskGITVQGANConfig
 
     methods = ["lease", "sorcen", "mage", "mage_online"]

@@ -12,7 +12,7 @@ import torch
 
 from lease.configs import model_config
 from lease.model import LeaseModel
-from lease.tokenizers.bench import DINOV2_B14_SIZES, full_width_maskgit_config, random_maskgit_tokenizer
+from benchmarks.tokenizers import DINOV2_B14_SIZES, full_width_maskgit_config, random_maskgit_tokenizer
 from lease.tokenizers.dinov2 import load_hf_dinov2
 from lease.tokenizers.tiny import save_tiny_hf_dinov2
 

@@ -97,3 +97,15 @@ def test_pretrain_caps_the_batch_at_a_small_folder_and_says_so(samples, fits, ca
     assert _batch_for_data(fits, {"samples": samples}) == fits  # that one fits as it is
     with pytest.raises(ValueError, match="no train samples"):
         _batch_for_data(32, {})
+
+
+def test_config_show_prints_the_resolved_config_and_names_a_bad_key(capsys, caplog):
+    import yaml
+
+    # in1k_vitb's data.source is not on this machine: show still prints it (no path or device checks)
+    assert lease_main(["config", "show", "in1k_vitb", "kmeans.k=512", "pretrain.epochs=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["kmeans"]["k"] == 512 and shown["pretrain"]["epochs"] == 3
+    assert shown["pretrain"]["model"]["embed_dim"] == 768  # the trainer preset is resolved, not just echoed
+    assert lease_main(["config", "show", "demo", "kmeans.nosuch=1"]) == 2
+    assert "kmeans.nosuch" in caplog.text

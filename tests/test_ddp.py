@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from lease.bench import results_table
-from lease.cli import main as lease_main
+from benchmarks.cli import main as bench_main
+from benchmarks.train import results_table
 from lease.data import ResidentBatches, TokenSet
 from lease.typed_config import ConfigError
 
@@ -31,7 +31,7 @@ def test_ranks_share_out_the_single_process_batches():
 
 
 def test_bench_ddp_two_processes_track_one(tmp_path):
-    assert lease_main(["bench", "ddp", "--nproc", "2", "--out-dir", str(tmp_path), "--work", str(tmp_path / "work"),
+    assert bench_main(["ddp", "--nproc", "2", "--out-dir", str(tmp_path), "--work", str(tmp_path / "work"),
                        *TINY_RUN]) == 0
     name = "ddp-tiny-b32-fp32-x2"
     result = json.loads((tmp_path / f"{name}.json").read_text())["results"]
@@ -51,7 +51,7 @@ def test_bench_ddp_two_processes_track_one(tmp_path):
 def test_bench_ddp_one_process_under_torchrun_is_the_plain_process_exactly(tmp_path):
     """torchrun with one process wraps the model in DDP (gloo here); with the plain process's seeds,
     masks and data, the CPU gives the same losses bit for bit."""
-    assert lease_main(["bench", "ddp", "--nproc", "1", "--out-dir", str(tmp_path), *TINY_RUN]) == 0
+    assert bench_main(["ddp", "--nproc", "1", "--out-dir", str(tmp_path), *TINY_RUN]) == 0
     result = json.loads((tmp_path / "ddp-tiny-b32-fp32-x1.json").read_text())["results"]
     assert result["ranks_in_sync"] and result["ranks_by_step"] == {str(step): [0] for step in range(1, 21)}
     assert result["curves"]["torchrun, nproc 1"] == result["curves"]["one process"]
@@ -65,11 +65,11 @@ def test_bench_ddp_one_process_under_torchrun_is_the_plain_process_exactly(tmp_p
 ])
 def test_bench_ddp_refuses_bad_arguments_before_any_work(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
-        lease_main(["bench", "ddp", "--preset", "tiny", "--cpu", "--work", str(tmp_path / "work"), *args])
+        bench_main(["ddp", "--preset", "tiny", "--cpu", "--work", str(tmp_path / "work"), *args])
     assert not (tmp_path / "work").exists()
 
 
 def test_bench_ddp_names_a_bad_override_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="model.nosuch"):
-        lease_main(["bench", "ddp", "--preset", "tiny", "--cpu", "--work", str(tmp_path / "work"), "model.nosuch=1"])
+        bench_main(["ddp", "--preset", "tiny", "--cpu", "--work", str(tmp_path / "work"), "model.nosuch=1"])
     assert not (tmp_path / "work").exists()

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from lease.tokenizers.bench import time_dinov2_features
+from benchmarks.tokenizers import time_dinov2_features
 from lease.tokenizers.dinov2 import Dinov2LoadError, block_index, load_dinov2, load_hf_dinov2, load_timm_dinov2
 from lease.tokenizers.tiny import save_tiny_hf_dinov2, save_tiny_timm_dinov2, tiny_hf_dinov2
 

@@ -5,12 +5,22 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.generate import bench_generate
 from lease.configs import model_config
-from lease.evaluate.generate import (GENERATE_PRESETS, GenerateConfig, MaskGitSampler, bench_generate,
-                                     decode_images, mask_schedule, maskgit_decode, maskgit_step, task_mask, to_uint8)
-from lease.typed_config import ConfigError, from_dict
+from lease.evaluate.generate import (
+    GENERATE_PRESETS,
+    GenerateConfig,
+    MaskGitSampler,
+    decode_images,
+    mask_schedule,
+    maskgit_decode,
+    maskgit_step,
+    task_mask,
+    to_uint8,
+)
 from lease.evaluate.grids import masked_preview, save_comparison_grid, save_image_grid
 from lease.model import LeaseModel
+from lease.typed_config import ConfigError, from_dict
 
 V, GRID = 32, 4
 L = GRID * GRID

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.codebook import time_assign, time_kmeans
 from pipeline import kmeans as km
-from pipeline.assign import Assigner, nearest_centroid, time_assign
+from pipeline.assign import Assigner, nearest_centroid
 
 
 def brute_force(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,5 +205,5 @@ def test_feature_sample_is_seeded(tmp_path):
 
 
 def test_time_kmeans_on_synthetic_data():
-    out = km.time_kmeans(n=600, d=8, k=6, iters=2, device="cpu", backend="torch")
+    out = time_kmeans(n=600, d=8, k=6, iters=2, device="cpu", backend="torch")
     assert out["backend"] == "torch-cpu" and out["seconds"] > 0 and out["inertia_last"] <= out["inertia_first"]

@@ -367,3 +367,37 @@ def test_a_path_that_is_not_utf8_is_a_named_bad_row(tmp_path):
     assert summary.num_ok == 1
     assert [(pathlib.Path(loc).name, reason) for loc, reason in summary.bad] == [
         ("latin1 caf\\xe9.png", "unreadable: its path is not valid UTF-8 (rename the file)")]
+
+
+def test_the_committed_example_manifest_is_what_the_manifest_stage_writes(tmp_path, monkeypatch):
+    """data_manifests/example.parquet is the manifest of data_manifests/example/, built from the repo root
+    (relative locations), byte for byte: the committed example and its README's columns stay true."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    build_manifest("data_manifests/example", tmp_path / "m.parquet", num_workers=0)
+    assert (tmp_path / "m.parquet").read_bytes() == (repo / "data_manifests/example.parquet").read_bytes()
+    columns = pq.read_schema(repo / "data_manifests/example.parquet").names
+    readme = (repo / "data_manifests/README.md").read_text()
+    assert all(f"`{name}`" in readme for name in columns), columns
+
+
+def test_a_named_manifest_is_published_for_committing_and_left_alone_when_unchanged(tmp_path, monkeypatch):
+    from lease.typed_config import ConfigError
+    from pipeline import stages
+    from pipeline.config import load_pipeline_config
+
+    monkeypatch.setattr(stages, "MANIFESTS_DIR", tmp_path / "data_manifests")
+    out = tmp_path / "stage"
+    build_manifest(pathlib.Path(__file__).resolve().parents[1] / "data_manifests/example", out / "manifest.parquet",
+                   num_workers=0)
+    stages.publish_manifest(load_pipeline_config("demo"), out)  # no name: nothing written
+    assert not (tmp_path / "data_manifests").exists()
+    cfg = load_pipeline_config("demo", ["data.manifest_name=mine"])
+    stages.publish_manifest(cfg, out)
+    published = tmp_path / "data_manifests" / "mine.parquet"
+    assert published.read_bytes() == (out / "manifest.parquet").read_bytes()
+    mtime = published.stat().st_mtime_ns
+    stages.publish_manifest(cfg, out)
+    assert published.stat().st_mtime_ns == mtime  # unchanged content: not rewritten
+    with pytest.raises(ConfigError, match="data.manifest_name"):
+        load_pipeline_config("demo", ["data.manifest_name=../escape"])

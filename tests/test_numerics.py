@@ -4,10 +4,18 @@ import json
 import pytest
 import torch
 
-from lease.bench import results_table
-from lease.cli import main as lease_main
+from benchmarks.cli import main as bench_main
+from benchmarks.numerics import (
+    NumericsRun,
+    compare,
+    late_gap,
+    plot_curves,
+    smoothed,
+    train_and_evaluate,
+    train_config_for,
+)
+from benchmarks.train import results_table
 from lease.configs import model_config
-from lease.numerics import NumericsRun, compare, late_gap, plot_curves, smoothed, train_and_evaluate, train_config_for
 from lease.synthetic import planted_codebook, planted_token_set
 from lease.typed_config import ConfigError
 
@@ -47,7 +55,7 @@ def test_a_real_change_shows_and_a_seed_change_is_the_yardstick(tmp_path):
 
 def test_cli_writes_record_plot_and_table_row(tmp_path):
     """residual_dtype=autocast without autocast (fp32) is the same computation: zero gaps, bit for bit."""
-    assert lease_main(["bench", "numerics", "--preset", "tiny", "--batch-size", "8", "--steps", "40", "--dtype",
+    assert bench_main(["numerics", "--preset", "tiny", "--batch-size", "8", "--steps", "40", "--dtype",
                        "fp32", "--compile", "off", "--out-dir", str(tmp_path), "--model", "residual_dtype=autocast"]) == 0
     name = "numerics-tiny-b8-fp32-residual_dtype_autocast"
     result = json.loads((tmp_path / f"{name}.json").read_text())["results"]
@@ -60,7 +68,7 @@ def test_cli_writes_record_plot_and_table_row(tmp_path):
 
 def test_cli_rejects_a_bad_switch_before_training(tmp_path):
     with pytest.raises(ConfigError, match="residual_dtype"):
-        lease_main(["bench", "numerics", "--preset", "tiny", "--out-dir", str(tmp_path), "--model", "residual_dtype=fp8"])
+        bench_main(["numerics", "--preset", "tiny", "--out-dir", str(tmp_path), "--model", "residual_dtype=fp8"])
     with pytest.raises(SystemExit, match="--steps"):
-        lease_main(["bench", "numerics", "--preset", "tiny", "--steps", "10", "--model", "residual_dtype=autocast"])
+        bench_main(["numerics", "--preset", "tiny", "--steps", "10", "--model", "residual_dtype=autocast"])
     assert not list(tmp_path.iterdir())

@@ -1,8 +1,8 @@
 """The README's promises: the two set-up commands first, and a benchmark table that is the records'."""
 from pathlib import Path
 
-from lease.bench import results_table
-from lease.records import RESULTS_DIR
+from benchmarks.train import results_table
+from benchmarks.records import RESULTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import fixture_dir
 from lease.tokenizers import codes_to_uint16, load_vqgan
-from lease.tokenizers.bench import time_vqgan_encode
+from benchmarks.tokenizers import time_vqgan_encode
 from lease.tokenizers.tiny import save_tiny_maskgit_vqgan, save_tiny_taming_vqgan
 from lease.tokenizers.vqgan_maskgit import (MaskGITTokenizer, VQGANCheckpointError, infer_config, load_maskgit_vqgan,
                                             nearest_code, read_vqgan_state_dict)

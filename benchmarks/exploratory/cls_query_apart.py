@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from lease.attention import _single_query
-from lease.bench import _fwd_bwd, _packed_qkv, _pinned_sdpa, time_cuda
+from benchmarks.train import _fwd_bwd, _packed_qkv, _pinned_sdpa, time_cuda
 from lease.train import compile_for_training
 
 SHAPES = {"encoder": (12, 129, 64), "decoder": (16, 257, 48)}  # heads, tokens, head dim (ViT-B)

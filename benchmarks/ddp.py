@@ -41,8 +41,8 @@ import yaml
 from lease.configs import DataConfig, ModelConfig, TrainConfig, train_config
 from lease.data import write_token_set
 from lease.launch import train_command
-from lease.numerics import NumericsRun, late_gap, plot_curves, smoothed, train_config_for
-from lease.records import results_dir, write_record
+from benchmarks.numerics import NumericsRun, late_gap, plot_curves, smoothed, train_config_for
+from benchmarks.records import results_dir, write_record
 from lease.synthetic import planted_codebook, planted_token_set
 from lease.typed_config import apply_overrides, to_dict
 

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lease.bench import profile_table, time_cuda
-from lease.records import results_dir, write_record
-from lease.tokenizers.bench import (DINOV2_B14_SIZES, DTYPES, full_width_maskgit_config, random_maskgit_tokenizer,
+from benchmarks.train import profile_table, time_cuda
+from benchmarks.records import results_dir, write_record
+from benchmarks.tokenizers import (DINOV2_B14_SIZES, DTYPES, full_width_maskgit_config, random_maskgit_tokenizer,
                                     time_dinov2_features, time_vqgan_encode)
 
 log = logging.getLogger(__name__)

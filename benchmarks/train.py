@@ -32,8 +32,8 @@ from lease.data import Batch, ResidentBatches
 from lease.model import SDPA_KERNELS, flops_per_image
 from lease.online import ImageBatch, OnlineTokenizer
 from lease.synthetic import uniform_tokens
-from lease.records import RESULTS_DIR, results_dir, write_record
-from lease.tokenizers.bench import _time_calls, full_width_maskgit_config, random_maskgit_tokenizer
+from benchmarks.records import RESULTS_DIR, results_dir, write_record
+from benchmarks.tokenizers import _time_calls, full_width_maskgit_config, random_maskgit_tokenizer
 from lease.tokenizers.vqgan_maskgit import MaskGITVQGANConfig
 from lease.typed_config import apply_overrides
 from lease.train import Dist, Trainer, build_model, compile_for_training
@@ -489,6 +489,10 @@ def results_table(directory: str | Path = RESULTS_DIR) -> str:
         for what, value, details in _result_rows(record.get("name", path.stem), results):
             lines.append(f"| {what} | {value} | {details} | {where} |")
     return "\n".join(lines) + "\n"
+
+
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", default=str(RESULTS_DIR))
 
 
 def run_table_cli(args: argparse.Namespace) -> int:

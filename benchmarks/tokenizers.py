@@ -47,7 +47,7 @@ def random_maskgit_tokenizer(cfg: MaskGITVQGANConfig, device: str | torch.device
 def _time_calls(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> list[float]:
     """Milliseconds per call: CUDA events on CUDA (one host sync at the end), wall clock otherwise."""
     if device.type == "cuda":
-        from lease.bench import time_cuda
+        from benchmarks.train import time_cuda
 
         return time_cuda(fn, warmup, steps)
     for _ in range(warmup):
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     """Time the full-width random-weight MaskGIT VQGAN encoder (logs JSON lines; no records written)."""
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m lease.tokenizers.bench", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tokenizers", description=main.__doc__)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both")

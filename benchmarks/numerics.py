@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lease.records import results_dir, write_record
+from benchmarks.records import results_dir, write_record
 from lease.configs import OptimConfig, TrainConfig, model_config
 from lease.data import ResidentBatches, TokenSet
 from lease.synthetic import planted_codebook, planted_token_set

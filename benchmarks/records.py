@@ -1,7 +1,7 @@
 """Benchmark records: JSON files under `benchmarks/results/` with the machine, versions and command line.
 
-Kept apart from `lease.bench` (which builds models and trainers) so that the stage modules' own
-benchmark commands can write records without importing the trainer.
+Kept apart from `benchmarks.train` (which builds models and trainers) so that a harness that times a
+pipeline part writes its record without importing the trainer.
 """
 from __future__ import annotations
 
