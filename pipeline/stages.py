@@ -597,12 +597,23 @@ TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans",
 TRAIN_STAGES = ("pretrain", "evaluate")
 
 
-def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = False) -> Iterator[StageOutcome]:
+PartCall = Callable[[], StageOutcome]  # builds (or finds) one part's artifact
+
+
+def run_one_by_one(calls: list[PartCall]) -> list[StageOutcome]:
+    return [call() for call in calls]
+
+
+def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = False,
+                   run_parts: Callable[[list[PartCall]], list[StageOutcome]] = run_one_by_one,
+                   workers: int = 1) -> Iterator[StageOutcome]:
     """Run the enabled stages among `names` in order straight through the artifact store, without
-    Prefect (benchmarks and tests), a partitioned stage's parts one after another (a fused pair's parts
-    one pass each); yields each stage's outcome as it finishes, its seconds including its parts'."""
+    Prefect (benchmarks and tests); yields each stage's outcome as it finishes, its seconds including its
+    parts'. A partitioned stage's parts (a fused pair's parts, one pass each) go to `run_parts`: one after
+    another by default, or e.g. to a Dask cluster of `workers` workers (the partition count when
+    `tokenize.partitions` is 0), the parts' builds being the flow's."""
     store, keys, dirs = ArtifactStore(cfg.artifacts), {}, {}
-    count = cfg.tokenize.partitions or 1
+    count = cfg.tokenize.partitions or workers
 
     def merge(stage: Stage, spec: StageSpec, upstream: Dirs, since: float) -> StageOutcome:
         outcome = store.run(spec, functools.partial(stage.build, cfg, upstream), force=force)
@@ -619,16 +630,18 @@ def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = Fa
         if stage.partitions and (force or not store.is_complete(spec)):
             fusion = fusion_for(stage, cfg, spec, keys, dirs, store, set(names) if force else set())
             if fusion is None:
-                for i, (part_spec, part) in enumerate(part_specs(stage, cfg, upstream, spec, count)):
-                    built = store.run(part_spec, functools.partial(stage.partitions.build, cfg, upstream, part),
-                                      force=force)
-                    upstream[f"part-{i}"] = Path(built.path)
+                calls = [functools.partial(store.run, part_spec,
+                                           functools.partial(stage.partitions.build, cfg, upstream, part), force=force)
+                         for part_spec, part in part_specs(stage, cfg, upstream, spec, count)]
+                upstream.update({f"part-{i}": Path(built.path) for i, built in enumerate(run_parts(calls))})
             else:  # the pass runs as the fused stage's parts, and its time counts there
-                own = {}
-                for i, ((part_spec, part), theirs) in enumerate(fused_part_specs(fusion, cfg, upstream, count)):
-                    built = run_fused_part(store, cfg, fusion.stage, fusion.dirs, part, part_spec, theirs, upstream,
-                                           force=force, upstream_force=force)
-                    own[f"part-{i}"], upstream[f"part-{i}"] = Path(built.path), store.path(theirs.stage, theirs.key)
+                pairs = fused_part_specs(fusion, cfg, upstream, count)
+                calls = [functools.partial(run_fused_part, store, cfg, fusion.stage, fusion.dirs, part, part_spec,
+                                           theirs, upstream, force=force, upstream_force=force)
+                         for (part_spec, part), theirs in pairs]
+                own = {f"part-{i}": Path(built.path) for i, built in enumerate(run_parts(calls))}
+                upstream.update({f"part-{i}": store.path(theirs.stage, theirs.key)
+                                 for i, (_, theirs) in enumerate(pairs)})
                 fused_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
             stage.partitions.release()
         yield merge(stage, spec, upstream, t0)
