@@ -220,8 +220,10 @@ def dask_cluster(workers: int, device: str) -> Iterator[tuple[Any, str, float]]:
     import dask
     from distributed import Client, LocalCluster
 
+    from flows.runners import worker_thread_settings  # the flow's: each worker its share of the cores
+
     start = time.perf_counter()
-    with dask.config.set({"distributed.worker.daemon": False}):
+    with dask.config.set({"distributed.worker.daemon": False, **worker_thread_settings(workers)}):
         cluster = None
         if device == "cuda":
             try:
