@@ -46,7 +46,7 @@ tokenize: $(STAMP)  ## the tokenization sub-flow (manifest → features → k-me
 	$(LEASE) run --flow tokenize --config $(CONFIG) $(if $(DATA),data.source=$(abspath $(DATA))) $(ARGS)
 
 rerun: $(STAMP)  ## recompute one stage and its dependents, the rest from cache: make rerun STAGE=pretrain
-	@test -n "$(STAGE)" || { echo "usage: make rerun STAGE=<stage> [RESTART=1] (demo-data demo-assets manifest features kmeans vq-codes tokenize pack pretrain evaluate)"; exit 2; }
+	@test -n "$(STAGE)" || { echo "usage: make rerun STAGE=<stage> [RESTART=1] (demo-data demo-assets manifest features kmeans vq-codes tokenize pack pretrain evaluate report)"; exit 2; }
 	$(LEASE) run --config $(CONFIG) --force $(STAGE) $(if $(RESTART),--restart) $(if $(DATA),data.source=$(abspath $(DATA))) $(ARGS)
 
 server: $(STAMP)  ## local Prefect server in the background (SQLite in .prefect/); stop with make server-stop

@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "loss curves with and without a model switch, against a seed change"),
     "ddp": ("benchmarks.ddp", "add_arguments", "run_cli",
             "torchrun with N processes against one process at the same global batch"),
+    "kernels": ("benchmarks.kernels", "add_arguments", "run_cli",
+                "attention and linear kernels alone (SDPA, lease.kernels_attention, torchao fp8) against floors"),
     "table": ("benchmarks.train", "add_table_arguments", "run_table_cli",
               "Markdown table of the recorded results (as in the README)"),
     "generate": ("benchmarks.generate", "add_arguments", "run", "MaskGIT generation + VQGAN decoding images/s"),

@@ -296,7 +296,7 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
         return load_pipeline_config(args.preset, [
             f"data.source={work / 'images'}", f"artifacts={work / f'artifacts-{workers}'}", f"device={args.device}",
             f"tokenizers.vqgan.checkpoint={assets['vqgan']}", f"tokenizers.dinov2.path={assets['dinov2']}",
-            f"kmeans.k={args.codebook_size}", *args.override])
+            f"kmeans.k={args.codebook_size}", *args.overrides])
 
     cfg = config(args.workers[0])
     parts = {}
@@ -309,13 +309,24 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
     first = runs[0]
     estimate = imagenet_estimate(first["stage_seconds"], first["fixed_seconds"], sum(counts.values()),
                                  min(cfg.features.num_images, counts["train"]), cfg.features.num_images)
-    return {"preset": args.preset, "overrides": list(args.override), "tokenizers": args.tokenizers,
+    return {"preset": args.preset, "overrides": list(args.overrides), "tokenizers": args.tokenizers,
             "device": args.device, "num_images": counts,
             "mean_jpeg_kib": round(kib, 1), "sides": [args.min_side, args.max_side],
             **{key: first[key] for key in ("workers", "stage_seconds", "fixed_seconds", "total_seconds")},
             "runs": runs, "speedup_over_1_worker": speedups(runs),
             "imagenet_1k_stage_seconds": estimate,
             "imagenet_1k_minutes": round(sum(estimate.values()) / 60, 2), **parts}
+
+
+def worker_counts(text: str) -> list[int]:
+    """`--workers 1` or `--workers 1,2,4`: one sub-flow per count."""
+    try:
+        counts = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of worker counts") from None
+    if any(count < 0 for count in counts):
+        raise argparse.ArgumentTypeError(f"worker counts must be >= 0, got {text!r}")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--cpu-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                         help="processes writing the synthetic JPEGs (and decoding, for lease bench tokenize)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0],
+    parser.add_argument("--workers", type=worker_counts, default=[0], metavar="N[,M...]",
                         help="precompute: Dask GPU workers for the partitioned stages, one sub-flow per count "
                              "(0: in this process, no Dask); with 1 among them, the speed-up over 1 worker")
     parser.add_argument("--images-per-shard", type=int, default=5000)
@@ -345,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--preset", default="in1k_vitb", help="precompute: the pipeline preset whose settings run")
     parser.add_argument("--num-classes", type=int, default=1000, help="precompute: class folders")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="precompute: a pipeline config override, e.g. tokenize.gpu_decode=true (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="precompute: pipeline config overrides, e.g. tokenize.gpu_decode=true")
     parser.add_argument("--tokenizers", choices=["full", "tiny"], default="full",
                         help="precompute: released sizes (the measurement) or the demo's tiny ones (a harness check)")
     parser.add_argument("--device", default="cuda", help="precompute: cuda, or cpu with --tokenizers tiny")

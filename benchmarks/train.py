@@ -136,7 +136,7 @@ def matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
 
 
 KERNEL_CATEGORIES = (  # first match wins: cuDNN's attention kernels also carry "gemm"-like names
-    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion", "compute_dot_do_o")),
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion", "compute_dot_do_o", "_attn_")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma")),
     ("optimizer", ("multi_tensor_apply", "adam")),
     ("dropout mask (lease/dropout.py)", ("keep_mask",)),
@@ -150,6 +150,68 @@ def kernel_category(name: str) -> str:
         if any(needle in lowered for needle in needles):
             return category
     return "other"
+
+
+def fp8_matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
+    """Measured dense e4m3 matmul throughput (torch._scaled_mm, bf16 out): the fp8 runs' matmul ceiling."""
+    a = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as cuBLAS wants
+    one = torch.ones((), device="cuda")
+    ms = statistics.median(time_cuda(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16),
+                                     warmup=5, steps=reps))
+    return 2 * size**3 / (ms / 1e3) / 1e12
+
+
+def copy_bandwidth_gbps(numel: int = 2**28) -> float:
+    """Measured device-to-device copy rate, bytes read + written per second (GB/s): the byte ceiling."""
+    src = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_cuda(lambda: dst.copy_(src), warmup=5, steps=20))
+    return 2 * 2 * numel / (ms / 1e3) / 1e9
+
+
+def elementwise_bytes_per_step(cfg, batch: int, kept: int, decode_rows: int, contrast_rows: int,
+                               codebook_size: int) -> float:
+    """The fewest bytes the step's elementwise passes move with today's fusion (each pass between two
+    matmuls reads its inputs once and writes its outputs once; LayerNorm fused with the residual add
+    before it, GELU and dropout with each other), counted per row and feature of a block of width C:
+
+    forward  LN + residual + dropout twice (2r + 4⅛ each) and GELU + dropout on 4C (16½): 4r + 24¾
+    backward the same passes' gradients (3r + 4⅛ twice, 24½):                        6r + 32¾
+
+    with r the residual stream's bytes (4 in fp32, 2 with residual_dtype=autocast), 2 for 16-bit
+    activations and ⅛ per bit-packed dropout mask; plus the contrast and MLM logits read twice and
+    their gradient written once (6 bytes per logit). Optimizer and embedding passes are left out."""
+    r = 2 if cfg.residual_dtype == "autocast" else 4
+    per_element = 10 * r + 57.5
+    enc = batch * (kept + 1) * cfg.embed_dim * cfg.depth
+    dec_rows = batch * (cfg.seq_len + 1)
+    dec = dec_rows * cfg.decoder_embed_dim * (cfg.decoder_depth - 1) + batch * decode_rows * cfg.decoder_embed_dim
+    logits = batch * (contrast_rows * codebook_size + decode_rows * cfg.vocab_gen)
+    return per_element * (enc + dec) + 6 * logits
+
+
+def attention_bytes_per_step(cfg, batch: int, kept: int) -> float:
+    """q, k, v, O, dO, dq, dk and dv once each per layer, in 16 bits."""
+    return 16 * batch * ((kept + 1) * cfg.embed_dim * cfg.depth + (cfg.seq_len + 1) * cfg.decoder_embed_dim
+                         * cfg.decoder_depth)
+
+
+def kernel_floors_ms(cfg, batch: int, kept: int, decode_rows: int, contrast_rows: int, codebook_size: int,
+                     executed: dict[str, float], peak_tflops: float, copy_gbps: float) -> dict[str, dict[str, float]]:
+    """Each kernel class's floor per step: FLOPs over the measured matmul rate and bytes over the measured
+    copy rate, the larger of the two ("floor_ms"). FLOPs are what torch's counter saw in an eager step
+    (`executed_tflop`); bytes are the counts above."""
+    def floor(tflop: float, gbytes: float) -> dict[str, float]:
+        flop_ms, byte_ms = tflop / peak_tflops * 1e3, gbytes / copy_gbps * 1e3
+        return {"tflop": round(tflop, 3), "gbytes": round(gbytes, 2), "flop_floor_ms": round(flop_ms, 2),
+                "byte_floor_ms": round(byte_ms, 2), "floor_ms": round(max(flop_ms, byte_ms), 2),
+                "measured_peak_tflops": round(peak_tflops, 1), "measured_copy_gbps": round(copy_gbps, 1)}
+
+    elementwise = elementwise_bytes_per_step(cfg, batch, kept, decode_rows, contrast_rows, codebook_size) / 1e9
+    return {"matmul": floor(executed.get("matmul", 0.0), 0.0),
+            "attention": floor(executed.get("attention", 0.0), attention_bytes_per_step(cfg, batch, kept) / 1e9),
+            "fused elementwise (Triton)": floor(0.0, elementwise)}
 
 
 def _profiled(fn: Callable[[], Any], steps: int):
@@ -202,7 +264,8 @@ def executed_tflop(trainer: Trainer, batch: Batch, count_images: int = 16) -> di
     totals = {"matmul": 0.0, "attention": 0.0}
     scale = batch.vq.shape[0] / n / 1e12
     for op, flops in counter.get_flop_counts()["Global"].items():
-        totals["attention" if "scaled_dot_product" in str(op) else "matmul"] += flops * scale
+        attention = "scaled_dot_product" in str(op) or "attention_" in str(op)  # SDPA, lease.kernels_attention
+        totals["attention" if attention else "matmul"] += flops * scale
     return totals
 
 
@@ -280,9 +343,16 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
         profile_to.write_text(table)
         tokens = next(data)
         executed = executed_tflop(trainer, trainer.online.tokenize(tokens) if trainer.online else tokens)
+        plan = trainer.plan_at_mean_ratio(batch_size)
+        floors = kernel_floors_ms(model.cfg, batch_size, model.cfg.seq_len - trainer.num_dropped,
+                                  plan.decode_idx.shape[1], plan.contrast_idx.shape[1], codebook_size, executed,
+                                  fp8_matmul_peak_tflops() if model.cfg.matmul_dtype == "fp8" else matmul_peak_tflops(),
+                                  copy_bandwidth_gbps())
         profiled = {"profile_ms_per_step": kernel_ms,
                     "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
-                    "profile_kernel_tflops": kernel_tflops(executed, kernel_ms)}
+                    "profile_kernel_tflops": kernel_tflops(executed, kernel_ms), "kernel_floors": floors,
+                    "distance_to_floor": {k: round(kernel_ms[k] / v["floor_ms"], 2) for k, v in floors.items()
+                                          if kernel_ms.get(k) and v["floor_ms"]}}
     kept = model.cfg.seq_len - trainer.num_dropped
     flops = flops_per_image(model.cfg, kept, codebook_size)
     images_per_s = batch_size / (median_ms / 1e3)
@@ -293,6 +363,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "sdpa_kernel": model.cfg.sdpa_kernel, "dropout": model.cfg.dropout, "attn_dropout": model.cfg.attn_dropout,
             "dropout_impl": model.cfg.dropout_impl if compile else "torch",  # eager: always torch's kernel
             "decode_masked_only": model.decodes_masked_only, "residual_dtype": model.cfg.residual_dtype,
+            "matmul_dtype": model.cfg.matmul_dtype,
             "contrast_on": contrast_on, "codebook_size": codebook_size,
             "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
@@ -416,6 +487,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
         extra += f", {r.get('dropout_impl', 'torch')} dropout mask" if r.get("dropout", 0.1) else ""
         extra += ", decoder at every position" if r.get("decode_masked_only") is False else ""
         extra += ", bf16 residual stream" if r.get("residual_dtype") == "autocast" else ""
+        extra += ", fp8 matmuls (torchao)" if r.get("matmul_dtype") == "fp8" else ""
         extra += f", {r['compile_mode']}" if r.get("compile_mode") not in (None, "default") else ""
         return [(f"train {r['preset']} b{r['batch_size']} {r['dtype']} {mode}{extra}",
                  f"{r['images_per_s']:.0f} img/s", f"{r['median_ms_per_step']:.1f} ms/step, MFU {100 * r['mfu']:.1f} %, "
@@ -471,6 +543,15 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
                  f"{r['steps']} steps on planted tokens", f"loss Δ {r['gap_torchrun_vs_one_process']:.4f}",
                  f"next seed Δ {r['gap_next_seed_vs_one_process']:.4f}; every rank logged every step, weights "
                  f"identical across ranks ({r['backend']}, `lease bench ddp`)")]
+    if name.startswith("kernels-") and isinstance(r, dict):
+        rows = []
+        for part, x in r.get("attention", {}).items():
+            shape = f"[{x['batch']}, {x['heads']}, {x['tokens']}, {x['head_dim']}]"
+            cudnn = x["sdpa_fwd_bwd_ms"].get("cudnn")
+            rows.append((f"attention fwd+bwd {part} {shape} lease.kernels_attention (Triton)",
+                         f"{x['triton_fwd_bwd_ms']:.2f} ms", f"dropout {x['dropout']:g}; cuDNN {cudnn} ms; floors "
+                         f"{x['flop_floor_ms']} ms (FLOPs) / {x['byte_floor_ms']} ms (bytes) (`lease bench kernels`)"))
+        return rows
     if name.startswith("attention") and isinstance(r, list):
         return [(f"attention fwd+bwd {x['part']} [{x['batch']}, {x['heads']}, {x['tokens']}, {x['head_dim']}] "
                  f"{x['kernel']}", f"{x['fwd_bwd_ms']:.2f} ms", f"dropout {x['dropout']:g}")

@@ -93,7 +93,7 @@ async def register_on_pool(config: str, overrides: list[str], pool: str = POOL, 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease deploy", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="demo", help="default preset or YAML of the deployment's runs")
     parser.add_argument("--name", default=DEPLOYMENT)
     parser.add_argument("--pool", default="", help="register the deployment on this process work pool (created "

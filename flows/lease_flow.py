@@ -2,7 +2,8 @@
 
 Wiring only: the DAG (keys and build functions of each stage) is `pipeline.stages`; each task here is
 `pipeline.artifacts.ArtifactStore.run` around a stage's build. The tokenize sub-flow runs the stages up to
-`pack`, the `lease` flow then `pretrain` and `evaluate`. A stage's Prefect task cache key is exactly its
+`pack`, the `lease` flow then `pretrain`, `evaluate` and `report`. The flow posts the report (markdown),
+its metrics and the stage table (tables) as Prefect artifacts, so the UI shows them. A stage's Prefect task cache key is exactly its
 artifact key, and the cache policy only offers the key when the artifact on disk is intact: a deleted or
 damaged artifact makes Prefect run the task, which rebuilds it (the task itself checks the record too, so
 running it outside Prefect is just as safe).
@@ -15,14 +16,18 @@ import flows  # noqa: F401  (Prefect's environment defaults, before Prefect is i
 import dataclasses
 import contextlib
 import functools
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+import httpx
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
@@ -179,7 +184,7 @@ class Runner:
         except (OSError, ValueError, ImportError) as err:
             self._fail(stage.name, "", t0, f"cannot compute its key: {err}")
         job = StageJob(stage.name, spec, str(self.artifacts), stage.name in self.force, self.verify,
-                       {name: self.outcomes[name].path for name in stage.after if name in self.outcomes},
+                       {name: self.outcomes[name].path for name in stage.upstream(self.cfg) if name in self.outcomes},
                        self.wait, restart=self.restart)
         if stage.partitions and (job.force or not ArtifactStore(self.artifacts).is_complete(spec)):
             fusion = fusion_for(stage, self.cfg, spec, {name: o.key for name, o in self.outcomes.items()},
@@ -324,6 +329,10 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
         path = f"run record not written: {err.strerror or err}"
         get_run_logger().warning("cannot write the run record under %s: %s", cfg.artifacts, err)
     get_run_logger().info("stage table (%s):\n%s", path, stage_table(outcomes))
+    try:
+        post_artifacts(cfg, outcomes, path)
+    except httpx.HTTPError as err:  # the UI's copy is lost; the run's result and files stand
+        get_run_logger().warning("Prefect artifacts not posted: %s", err)
     note = left_out_note(outcomes)
     if note:
         get_run_logger().warning("%s", note)
@@ -332,6 +341,35 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
         return Failed(message=str(error), data=error)
     return {"stages": [o.row() for o in outcomes], "record": str(path), "outcomes": outcomes,
             "summary": run_summary(outcomes, path)}
+
+
+def artifact_key(cfg: PipelineConfig, what: str) -> str:
+    """A Prefect artifact key (lower-case letters, digits, dashes) for the run's `what`: one per config name, so
+    the UI lists each run's latest report, metrics and stage table under stable keys."""
+    return f"{re.sub(r'[^a-z0-9]+', '-', cfg.name.lower()).strip('-') or 'lease'}-{what}"
+
+
+def post_artifacts(cfg: PipelineConfig, outcomes: list[StageOutcome], record: Path | str) -> None:
+    """The stage table, and (when the report stage finished) the report and its metrics, as Prefect artifacts
+    of this flow run."""
+    create_table_artifact(table=[o.row() for o in outcomes], key=artifact_key(cfg, "stages"),
+                          description=f"stages of run {cfg.name} (record: {record})")
+    report = next((o for o in outcomes if o.name == "report" and o.path and o.status in ("ran", "cached")), None)
+    if report is None:
+        return
+    directory = Path(report.path)
+    try:
+        text = (directory / report.result["report"]).read_text()
+        metrics = json.loads((directory / report.result["metrics"]).read_text())
+    except (OSError, KeyError, json.JSONDecodeError) as err:  # the run's result stands; the UI lacks the report
+        get_run_logger().warning("report artifacts not posted: %s", err)
+        return
+    # The UI cannot load the report's relative image links: each figure becomes its file's path.
+    text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: f"*figure: `{directory / m[2]}`*", text)
+    create_markdown_artifact(markdown=f"Report file: `{directory / report.result['report']}`\n\n{text}",
+                             key=artifact_key(cfg, "report"), description=f"evaluation report of run {cfg.name}")
+    create_table_artifact(table=metrics, key=artifact_key(cfg, "metrics"),
+                          description=f"every number of the report of run {cfg.name}, beside the paper's")
 
 
 def warn_of_random_tokenizers(cfg: PipelineConfig) -> None:
@@ -344,8 +382,8 @@ def warn_of_random_tokenizers(cfg: PipelineConfig) -> None:
 def run_summary(outcomes: list[StageOutcome], record: Path | str) -> str:
     """The run's result in one line: where its report is, or (tokenization alone) its packed shards."""
     done = {o.name: o for o in outcomes}
-    if "evaluate" in done:
-        return f"report: {Path(done['evaluate'].path) / done['evaluate'].result['report']}"
+    if "report" in done:
+        return f"report: {Path(done['report'].path) / done['report'].result['report']}"
     return f"packed shards: {done['pack'].path} (every stage's artifact: {record})"
 
 
@@ -372,7 +410,7 @@ def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, forc
 @flow(name="lease", log_prints=False)
 def lease_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
                verify: bool = False, wait: bool = True, restart: bool = False) -> dict[str, Any] | State:
-    """The whole pipeline: the `tokenize` sub-flow, then pretraining and evaluation."""
+    """The whole pipeline: the `tokenize` sub-flow, then pretraining, evaluation and the report."""
     overrides, force, t0 = list(overrides or []), list(force or []), time.perf_counter()
     warn_of_random_tokenizers(load_pipeline_config(config, overrides))  # a bad key fails here, before any stage
 

@@ -74,7 +74,11 @@ class ModelConfig:
     # It applies to CUDA in 16 bits (sm80+), always through cuDNN (sdpa_kernel does not apply); elsewhere
     # plain SDPA runs. Slower than SDPA on an H100 (README, "Training speed"). "auto": flash-attn when
     # installed, else SDPA.
-    attention_backend: Literal["sdpa", "flash_attn", "split_cls", "auto"] = "auto"
+    # "triton": lease/kernels_attention.py, attention dropout inside one Triton kernel per pass with the
+    # [CLS] query and key in 16-wide tiles, reading the packed projection (CUDA, 16 bits, [CLS] + a multiple
+    # of 64 tokens; SDPA elsewhere). Correct, but slower than SDPA's cuDNN at ViT-B's shapes on an H200
+    # (1.52 vs 1.14 ms encoder, 5.54 vs 2.96 ms decoder per layer; benchmarks/README.md, issue 28).
+    attention_backend: Literal["sdpa", "flash_attn", "split_cls", "triton", "auto"] = "auto"
     # SDPA kernel: "default" lets PyTorch choose; the others pin one (`lease bench train --attention-only`
     # times them at the model's shapes: short sequences of 129/257 tokens favour some kernels over others).
     sdpa_kernel: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
@@ -83,6 +87,9 @@ class ModelConfig:
     # Megatron-LM does by default: half the bytes in every LayerNorm and residual add, other rounding.
     # Without autocast (CPU, fp32 runs) both are the same.
     residual_dtype: Literal["fp32", "autocast"] = "fp32"
+    # Matmul operands of the transformer blocks' linears: "fp8" runs them through torchao's float8
+    # training (e4m3, one dynamic scale per tensor; lease/kernels_fp8.py), CUDA sm89+ only.
+    matmul_dtype: Literal["bf16", "fp8"] = "bf16"
     # Layout switches between the methods (the authors' LEASE vs their MAGE/Sorcen code): LEASE adds a
     # fixed 2-D sin-cos table to the patch positions and fills each kept unmasked canvas slot with
     # [CLS] latent + its latent; MAGE and Sorcen add no table and put the latent alone.

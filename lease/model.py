@@ -27,10 +27,12 @@ import torch.nn.functional as F
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lease import kernels_attention
 from lease.attention import split_cls_attention, split_cls_supported
 from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import DECODER_CONTRAST, ENCODER_CONTRAST, LossConfig, ModelConfig
 from lease.dropout import Dropout
+from lease.kernels_fp8 import float8_training
 from lease.losses import codebook_contrast_loss, info_nce_loss, reconstruction_loss, uniformity_loss
 from lease.masking import EchoPlan, MaskPlan
 from lease.sorcen import echo_support, sample_support, square_mask
@@ -72,8 +74,9 @@ class Attention(nn.Module):
     and column apart (`lease.attention`: at [CLS] + a multiple of 64 tokens, the one token would
     otherwise cost a whole kernel tile).
 
-    `backend` is "sdpa", "flash_attn" or "split_cls"; the last two apply to CUDA tensors in half
-    precision and SDPA takes the rest. `kernel` pins one SDPA kernel ("default": PyTorch's choice);
+    `backend` is "sdpa", "flash_attn", "split_cls" or "triton" (`lease.kernels_attention`: dropout in
+    the kernel, the [CLS] row and column in 16-wide tiles); the last three apply to CUDA tensors in half
+    precision (triton: at [CLS] + a multiple of its key tile) and SDPA takes the rest. `kernel` pins one SDPA kernel ("default": PyTorch's choice);
     the math kernel stays allowed as a fallback for devices and dtypes the pinned one does not take
     (CPU, fp32).
     """
@@ -99,6 +102,8 @@ class Attention(nn.Module):
         # the projection's dtype: under autocast x stays fp32 while qkv comes out in 16 bits
         if self.backend == "flash_attn" and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
             out = flash_attn_qkvpacked_func(self._per_head(qkv), dropout_p=drop).reshape(b, n, c)
+        elif self.backend == "triton" and kernels_attention.attention_supported(qkv, n, self.head_dim):
+            out = kernels_attention.self_attention(qkv, self.num_heads, drop)  # reads the packed projection
         else:
             out = self._attend(*self._heads(qkv), drop, q_has_cls=True).transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
@@ -112,6 +117,8 @@ class Attention(nn.Module):
         m, drop = rows.shape[1], self.attn_dropout if self.training else 0.0
         q = F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c])
         kv = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])
+        if self.backend == "triton" and kernels_attention.attention_supported(q, n, self.head_dim):
+            return self.proj_drop(self.proj(kernels_attention.rows_attention(q, kv, self.num_heads, drop)))
         out = self._attend(*self._heads(q), *self._heads(kv), drop, q_has_cls=False)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, c)))
 
@@ -295,6 +302,8 @@ class LeaseModel(nn.Module):
                                                                 dtype=torch.long))
             self.register_buffer("neighbour_weight", torch.zeros(k, self.loss_cfg.num_neighbours + 1))
         self._init_weights()
+        if cfg.matmul_dtype == "fp8":
+            float8_training(self)
 
     # ----------------------------------------------------------------------------------- setup
     @staticmethod

@@ -141,7 +141,7 @@ def make_demo_dataset(root: str | Path, num_classes: int = 10, train_per_class: 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease demo-data", description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, help="output folder (ImageFolder tree with train/ and val/)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--train-per-class", type=int, default=24)

@@ -308,7 +308,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.kmeans", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease kmeans", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the codebook (or adopt --codebook) and write it to --out")
     train.add_argument("--features", help="DINOv2 patch features .npy [..., D] (float16/float32)")

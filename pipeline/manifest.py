@@ -317,21 +317,21 @@ def _visible_files(folder: Path) -> list[Path]:
 
 
 def imagefolder_candidates(root: Path, val_fraction: float, seed: int) -> list[Candidate]:
-    """`root/{train,val}/<class>/...` or `root/<class>/...` (then a seeded held-out val fraction)."""
+    """`root/{train,val}/<class>/...` or `root/<class>/...` (then a seeded held-out val fraction); a folder
+    with images and no class folders is unlabelled (label -1)."""
     split_dirs = {s: root / s for s in SPLIT_ORDER if (root / s).is_dir()}
     layout = [(d, s) for s, d in split_dirs.items()] or [(root, "train")]
     hold_out = "val" not in split_dirs  # no val/ folder: the val split is a seeded share of train
     candidates = []
     for base, split in layout:
         class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not class_dirs:
-            raise ValueError(f"{base} has no class folders: an ImageFolder source is <root>/<class>/<image> "
-                             f"(or <root>/train/<class>/<image> with an optional <root>/val/)")
-        for class_dir in class_dirs:
-            for path in _visible_files(class_dir):
+        # no class folders: an unlabelled folder (the self-supervised case), its images all of class ""
+        groups = [(d, d.name) for d in class_dirs] or [(base, "")]
+        for folder, class_name in groups:
+            for path in _visible_files(folder):
                 name = path.relative_to(root).with_suffix("").as_posix()
                 use_split = _hash_split(name, seed, val_fraction) if hold_out else split
-                candidates.append(Candidate(name, path.suffix[1:], str(path.absolute()), class_dir.name, use_split))
+                candidates.append(Candidate(name, path.suffix[1:], str(path.absolute()), class_name, use_split))
     return candidates
 
 
@@ -600,7 +600,7 @@ def manifest_classes(path: str | Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease manifest", description=__doc__.split("\n")[0])
     parser.add_argument("source", help="ImageFolder root, list file, .tar / folder of tars / glob of tars")
     parser.add_argument("--out", type=Path, required=True, help="parquet file to write")
     parser.add_argument("--kind", default="auto", choices=["auto", "imagefolder", "list", "webdataset"])

@@ -299,7 +299,7 @@ def _split_dir(text: str) -> tuple[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m pipeline.pack", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease pack", description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=_split_dir, action="append", required=True,
                         help="SPLIT=DIR of shard-*.npz token files; repeat per split")
     parser.add_argument("--out", required=True, type=Path, help="output directory")

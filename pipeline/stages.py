@@ -3,7 +3,8 @@
     demo-data (demo source only) ──> manifest ──> features ──> kmeans ──> tokenize ──> pack
                                  └─────────────────> vq-codes ─────────┘
     demo-assets (tiny checkpoints) ──> features, vq-codes, tokenize
-    then:  pack + kmeans ──> pretrain ──> evaluate
+    then:  pack + kmeans ──> pretrain ──> evaluate ──> report
+                                  (eval-<name> per evaluate.datasets, condgen-eval) ──┘
 
 `vq-codes` holds the VQGAN's codes, whose key leaves out the codebook; `tokenize` adds DINOv2's nearest
 centroids to them. A new codebook (`kmeans.k`, ...) reruns only `tokenize` (DINOv2 + assignment, no
@@ -79,8 +80,13 @@ class Stage:
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
     on_device: bool = False  # its numbers depend on the device it runs on (cpu or cuda): part of the key
     partitions: Partitions | None = None
+    after_config: Callable[[PipelineConfig], tuple[str, ...]] = lambda cfg: ()  # upstream stages the config names
     # After the stage completes, built or cached: copies its output somewhere the user named (not its key)
     publish: Callable[[PipelineConfig, Path], None] | None = None
+
+    def upstream(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        """Every upstream stage name for `cfg`: the fixed ones and those the config names."""
+        return self.after + self.after_config(cfg)
 
     @property
     def functions(self) -> tuple[Callable, ...]:
@@ -95,7 +101,7 @@ class Stage:
         """The stage's cache identity from the keys of the stages done so far (its own upstream ones are
         taken; a disabled upstream stage is simply absent). Digests its external inputs, so a missing
         checkpoint fails here. The code is what the build function imports (`pipeline.code_version`)."""
-        upstream = {name: done_keys[name] for name in self.after if name in done_keys}
+        upstream = {name: done_keys[name] for name in self.upstream(cfg) if name in done_keys}
         config = self.config(cfg)
         if self.on_device:
             config = {**config, "device": _device(cfg)}
@@ -139,7 +145,7 @@ def fusion_for(upstream: Stage, cfg: PipelineConfig, spec: StageSpec, keys: dict
     stage = next((s for s in STAGES.values() if s.partitions and s.partitions.fuses == upstream.name), None)
     if stage is None or not stage.enabled(cfg):
         return None
-    needed = [name for name in stage.after if name != upstream.name and STAGES[name].enabled(cfg)]
+    needed = [name for name in stage.upstream(cfg) if name != upstream.name and STAGES[name].enabled(cfg)]
     if any(name not in keys or name not in dirs for name in needed):
         return None
     try:
@@ -491,10 +497,11 @@ def build_pretrain(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
 def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     """k-NN on mean-pooled encoder features of the cached tokens (train → val); linear probe and few-shot
     by `evaluate.protocol` (cached tokens, or online-tokenized views of the manifest's images); MaskGIT
-    sample and reconstruction/inpainting/outpainting grids through the VQGAN, and the Markdown report."""
+    sample and reconstruction/inpainting/outpainting grids (beside the input images) through the VQGAN.
+    The report is the `report` stage's."""
     from lease.checkpoints import model_from_checkpoint
     from lease.data import read_token_set
-    from lease.evaluate import fewshot, generate, grids, knn, linear_probe, protocols, report
+    from lease.evaluate import fewshot, generate, grids, knn, linear_probe, protocols
     from lease.evaluate.features import extract_token_set
     from lease.tokenizers import load_vqgan
 
@@ -502,16 +509,20 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     model = model_from_checkpoint(dirs["pretrain"] / "checkpoint.pt", device)
     train, val = (extract_token_set(model, read_token_set(dirs["pack"] / split), e.batch_size, device=device,
                                     dtype=e.dtype) for split in ("train", "val"))
-    results = {"knn": knn.knn_classify(*train, *val, e.knn, device)}
-    if e.protocol == "fast":
-        results.update(linear_probe=linear_probe.linear_probe(*train, *val, e.linear_probe, device),
+    results = {}
+    if unlabelled_reason := _unlabelled(train[1], val[1]):
+        log.warning("evaluate: k-NN, linear probe and few-shot skipped: %s", unlabelled_reason)
+    elif e.protocol == "fast":
+        results.update(knn=knn.knn_classify(*train, *val, e.knn, device),
+                       linear_probe=linear_probe.linear_probe(*train, *val, e.linear_probe, device),
                        fewshot=fewshot.few_shot(*train, *val, e.fewshot, device))
     else:
+        results["knn"] = knn.knn_classify(*train, *val, e.knn, device)
         results.update(protocols.online_probes(e.protocol, model, _online_views(cfg, dirs, device), e.linear_probe,
                                                e.fewshot, e.augment, e.dtype))
     results = protocols.labelled(results, e.protocol)
     for name, result in results.items():
-        atomic_write_json(out / report.RESULT_FILES[name], result)
+        atomic_write_json(out / f"{name}.json", result)
 
     vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
     vqgan = load_vqgan(cfg.tokenizers.vqgan.kind, vq_ckpt, config=vq_config, device=device)
@@ -521,12 +532,82 @@ def build_evaluate(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     shown = tokens[: e.grid_rows * e.grid_rows].to(device)
     images = generate.decode_images(vqgan, shown, sampler.grid_size, e.generate.dtype)
     pictures = {"samples": grids.save_image_grid(images, out / "samples.png", nrow=e.grid_rows)}
-    pictures.update(generate._task_grids(sampler, vqgan, str(dirs["pack"] / "val"), e.grid_rows, out))
-    report.write_report(out / "report", results, dirs["pretrain"] / "metrics.jsonl", dirs["pack"] / "stats.json",
-                        pictures, title=f"LEASE evaluation ({cfg.name})",
-                        caveat=random_tokenizers_note(cfg), method=cfg.pretrain.method)
-    return {"knn_top1": results["knn"]["top1"], "linear_probe_top1": results["linear_probe"]["top1"],
-            "report": "report/report.md", "grids": sorted(pictures)}
+    pictures.update(generate._task_grids(sampler, vqgan, str(dirs["pack"] / "val"), e.grid_rows, out,
+                                         functools.partial(_input_crops, dirs["manifest"], vqgan.image_size)))
+    return {"knn_top1": results.get("knn", {}).get("top1"),
+            "linear_probe_top1": results.get("linear_probe", {}).get("top1"),
+            "skipped": unlabelled_reason, "grids": sorted(pictures)}
+
+
+def _unlabelled(train_labels, val_labels) -> str | None:
+    """Why the label-needing metrics cannot run (an unlabelled source, the self-supervised case), or None."""
+    if not train_labels.numel() or not val_labels.numel():
+        return "the train or val split is empty"
+    if int(train_labels.min()) < 0 or int(val_labels.min()) < 0:
+        return "the source is unlabelled (images without class folders)"
+    if int(train_labels.max()) < 1:
+        return "the source has a single class"
+    return None
+
+
+def _input_crops(manifest_dir: Path, size: int, keys: list[str]):
+    """uint8 [n, 3, size, size]: the centre crops the tokenize stage encoded for the val samples `keys`,
+    decoded again from the manifest's locations by the pipeline's image loader."""
+    import torch
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from pipeline.images import both_crops, decode_location
+    from pipeline.manifest import read_manifest
+
+    rows = read_manifest(manifest_dir / "manifest.parquet", split="val")
+    location = dict(zip(rows["key"].to_pylist(), rows["location"].to_pylist()))
+    return torch.stack([both_crops(pil_to_tensor(decode_location(location[key])), [size])[0] for key in keys])
+
+
+# `evaluate.datasets` and `condgen` are the evaluation-set and conditional-generation sections; read by
+# name so that the report stage's dependencies follow them whichever of the sections a checkout has.
+def _eval_set_names(cfg: PipelineConfig) -> list[str]:
+    """The configured evaluation sets (`evaluate.datasets`, each its own `eval-<name>` stage)."""
+    return [d.name for d in getattr(cfg.evaluate, "datasets", ())]
+
+
+def _condgen_enabled(cfg: PipelineConfig) -> bool:
+    """Whether class-conditional generation (`condgen.enabled`, its `condgen-eval` stage) is part of the run."""
+    return bool(getattr(getattr(cfg, "condgen", None), "enabled", False))
+
+
+def _report_after(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The report's config-named upstream stages: one per evaluation set, and conditional generation's."""
+    return tuple(f"eval-{name}" for name in _eval_set_names(cfg)) + (("condgen-eval",) if _condgen_enabled(cfg) else ())
+
+
+def _report_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """What the report shows beyond its upstream artifacts: the run's name and data in the title, the
+    evaluation sets it expects, and the facts that decide whether the paper's numbers are comparable."""
+    p = cfg.pretrain
+    return {"name": cfg.name, "source": cfg.data.source, "eval_sets": _eval_set_names(cfg),
+            "condgen": _condgen_enabled(cfg), "caveat": random_tokenizers_note(cfg),
+            "run": {"preset": p.preset, "embed_dim": p.model.embed_dim, "depth": p.model.depth, "method": p.method,
+                    "epochs": p.epochs, "max_steps": p.max_steps, "contrast_on": p.model.contrast_on}}
+
+
+def build_report(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    """The run's report (`lease.evaluate.report`): the paper's tables from the evaluate, evaluation-set and
+    conditional-generation results, the codebook statistics and the figures."""
+    from lease.evaluate.report import ReportInputs, RunFacts, write_report
+
+    c = _report_config(cfg)
+    manifest = _recorded_result(dirs["manifest"])
+    facts = RunFacts(name=c["name"], source=c["source"], images=dict(manifest["split_counts"]),
+                     classes=len(manifest["class_names"]), model=c["run"]["preset"],
+                     **{k: c["run"][k] for k in ("embed_dim", "depth", "method", "epochs", "max_steps", "contrast_on")},
+                     caveat=c["caveat"], unlabelled=_recorded_result(dirs["evaluate"]).get("skipped"))
+    inputs = ReportInputs(eval_dir=dirs["evaluate"], eval_sets={n: dirs.get(f"eval-{n}") for n in c["eval_sets"]},
+                          condgen=c["condgen"], condgen_dir=dirs.get("condgen-eval"),
+                          metrics_jsonl=dirs["pretrain"] / "metrics.jsonl", stats_json=dirs["pack"] / "stats.json",
+                          token_usage_png=dirs["pack"] / "token_usage.png")
+    written = write_report(out, inputs, facts)
+    return {"report": written["report"].name, "metrics": written["metrics"].name}
 
 
 def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str):
@@ -592,9 +673,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                                           "augment.num_workers"), "vqgan": _tokenizer_config(c)["vqgan"]},
           build_evaluate, inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
                                                      vqgan_config=c.tokenizers.vqgan.config), on_device=True),
+    Stage("report", ("evaluate", "pretrain", "pack", "manifest"), _report_config, build_report,
+          after_config=_report_after),
 ]}
 TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "vq-codes", "tokenize", "pack")
-TRAIN_STAGES = ("pretrain", "evaluate")
+TRAIN_STAGES = ("pretrain", "evaluate", "report")
 
 
 PartCall = Callable[[], StageOutcome]  # builds (or finds) one part's artifact
@@ -625,7 +708,7 @@ def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = Fa
             continue
         t0 = time.perf_counter()
         spec = stage.spec(cfg, keys)
-        upstream = {n: dirs[n] for n in stage.after if n in dirs}
+        upstream = {n: dirs[n] for n in stage.upstream(cfg) if n in dirs}
         fusion = None
         if stage.partitions and (force or not store.is_complete(spec)):
             fusion = fusion_for(stage, cfg, spec, keys, dirs, store, set(names) if force else set())
@@ -669,6 +752,6 @@ def with_dependents(cfg: PipelineConfig, names: list[str] | set[str]) -> set[str
         raise ConfigError(f"force: unknown stage {unknown[0]!r}; stages are: {', '.join(STAGES)}")
     forced = set(names)
     for stage in STAGES.values():  # STAGES is in topological order
-        if stage.enabled(cfg) and forced & set(stage.after):
+        if stage.enabled(cfg) and forced & set(stage.upstream(cfg)):
             forced.add(stage.name)
     return forced

@@ -612,7 +612,7 @@ def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease tokenize", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

@@ -63,9 +63,32 @@ def test_profiled_kernels_fall_into_their_categories():
              "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN": "matmul",
              "triton_poi_fused_gelu_gelu_backward_mul_view_15": "fused elementwise (Triton)",
              "_keep_mask_kernel": "dropout mask (lease/dropout.py)",
+             "_attn_dkdv_kernel": "attention",
              "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
              "Memcpy DtoD (Device -> Device)": "other"}
     assert {name: kernel_category(name) for name in names} == names
+
+
+def test_kernel_floors_take_the_larger_of_flops_and_bytes_over_the_measured_ceilings():
+    """The elementwise floor counts 10r + 57.5 bytes per block row and feature (r: residual bytes) plus
+    6 bytes per logit; attention takes the larger of its FLOP and byte floors."""
+    from benchmarks.train import elementwise_bytes_per_step, kernel_floors_ms
+    from lease.configs import model_config
+
+    cfg = model_config("vit_base")
+    by_residual = {}
+    for residual in ("fp32", "autocast"):
+        cfg.residual_dtype = residual
+        by_residual[residual] = elementwise_bytes_per_step(cfg, 2, 128, 0, 0, 16384)
+    enc, dec = 2 * 129 * 768 * 12, 2 * 257 * 768 * 7
+    assert by_residual["fp32"] == pytest.approx(97.5 * (enc + dec))
+    assert by_residual["autocast"] == pytest.approx(77.5 * (enc + dec))
+    floors = kernel_floors_ms(cfg, 256, 128, 176, 80, 16384, {"matmul": 40.0, "attention": 1.0}, 800.0, 4000.0)
+    assert floors["matmul"]["floor_ms"] == pytest.approx(50.0)
+    attention = floors["attention"]
+    assert attention["flop_floor_ms"] == pytest.approx(1.25)
+    assert attention["floor_ms"] == max(attention["flop_floor_ms"], attention["byte_floor_ms"]) > 1.25
+    assert floors["fused elementwise (Triton)"]["flop_floor_ms"] == 0.0
 
 
 @pytest.mark.parametrize("contrast_on", ["encoder", "decoder", "both", "none"])

@@ -42,8 +42,8 @@ def test_feature_and_discriminative_commands(run):
     assert knn.main(common + ["--out", str(run / "eval" / "knn.json")]) == 0
     assert linear_probe.main(common + ["--out", str(run / "eval" / "linear_probe.json"), "--epochs", "2",
                                        "--batch-size", "16"]) == 0
-    assert fewshot.main(common + ["--out", str(run / "eval" / "fewshot.json"), "--set", "shots=[2, 4]",
-                                  "--set", "seeds=[0]", "--set", "epochs=1"]) == 0
+    assert fewshot.main(common + ["--out", str(run / "eval" / "fewshot.json"), "shots=[2, 4]",
+                                  "seeds=[0]", "epochs=1"]) == 0
     assert json.loads((run / "eval" / "fewshot.json").read_text())["shots"]["4"]["num_train"] == 4 * CLASSES
     for name in ("knn", "linear_probe"):
         assert 0.0 <= json.loads((run / "eval" / f"{name}.json").read_text())["top1"] <= 100.0
@@ -56,8 +56,8 @@ def test_generate_command_writes_samples_and_task_grids(run):
                                     resolution=64, ch_mult=(1, 1, 2))
     assert generate.main(["--checkpoint", str(run / "model.pt"), "--vqgan-checkpoint", str(vqgan),
                           "--out", str(run / "eval"), "--num-images", "3", "--val-shards", str(run / "val"),
-                          "--grid-images", "2", "--device", "cpu", "--set", "num_steps=3",
-                          "--set", "batch_size=2"]) == 0
+                          "--grid-images", "2", "--device", "cpu", "num_steps=3",
+                          "batch_size=2"]) == 0
     tokens = np.load(run / "eval" / "samples_tokens.npy")
     assert tokens.shape == (3, GRID * GRID) and tokens.max() < CODES
     for name in ("samples", "reconstruction", "inpainting", "outpainting"):

@@ -162,6 +162,6 @@ def test_knn_cli_on_feature_artifacts(tmp_path, data):
     feat_mod.save_features(tmp_path / "train", train_x, train_y)
     feat_mod.save_features(tmp_path / "val", val_x, val_y)
     assert knn.main(["--train-features", str(tmp_path / "train"), "--val-features", str(tmp_path / "val"),
-                     "--out", str(tmp_path / "knn.json"), "--device", "cpu", "--set", "k=5"]) == 0
+                     "--out", str(tmp_path / "knn.json"), "--device", "cpu", "k=5"]) == 0
     result = json.loads((tmp_path / "knn.json").read_text())
     assert result["k"] == 5 and result["top1"] > 99.0

@@ -1,6 +1,8 @@
 """evaluate.protocol: online-tokenized probes (authors: warm-up, best epoch; paper: last epoch), labelled results."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -69,12 +71,15 @@ def test_embedding_dropout_is_on_only_in_the_token_embedding(setup):
         assert torch.equal(model.features(ids), model.features(ids))
 
 
-def test_every_result_and_the_report_name_their_protocol():
+def test_every_result_and_the_report_name_their_protocol(tmp_path):
     results = labelled({"knn": {"top1": 1.0, "top5": 2.0, "k": 20, "temperature": 0.07},
                         "linear_probe": {"top1": 3.0, "top5": 4.0},
                         "fewshot": {"shots": {"5": {"top1": 5.0, "std": 0.0}}, "average": 5.0}}, "authors")
     assert [r["eval_protocol"] for r in results.values()] == ["fast", "authors", "authors"]
-    rows = {m: ours for m, ours, *_ in report.metrics_rows(results)}
-    assert any("linear probe top-1 [authors" in m for m in rows)
-    assert any(m.startswith("k-NN top-1") and "[fast" in m for m in rows)
-    assert any(m.startswith("5-shot") and "[authors" in m for m in rows)
+    for name, result in results.items():
+        (tmp_path / report.RESULT_FILES[name]).write_text(json.dumps(result))
+    protocols = {row.metric: row.protocol for table in report.build_tables(report.ReportInputs(eval_dir=tmp_path),
+                                                                           report.RunFacts()) for row in table.rows}
+    assert protocols["linear probe top-1"].startswith("authors (")
+    assert "fast (cached centre-crop tokens)" in protocols["this run's val split: k-NN top-1"]
+    assert protocols["5-shot top-1 (mean ± std over seeds)"].startswith("authors (")

@@ -3,6 +3,7 @@ through the API on a tiny demo config, then cache behaviour of the in-process fl
 import atexit
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows.lease_flow import StageFailed, lease_flow, tokenize_flow  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "vq-codes", "tokenize", "pack", "pretrain",
-              "evaluate"]
+ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "vq-codes", "tokenize", "pack",
+              "pretrain", "evaluate", "report"]
 TINY = [  # the demo preset at test sizes: 4 classes, 24 train + 8 val images, 4 training steps
     "demo_data.num_classes=4", "demo_data.train_per_class=6", "demo_data.val_per_class=2",
     "demo_data.image_size=32", "features.num_images=16", "features.patches_per_image=16",
@@ -96,14 +97,40 @@ def test_deployment_runs_every_stage_through_the_api(deployed_run):
     assert deployed_run["first"] == {name: "ran" for name in ALL_STAGES}
     record = json.loads((deployed_run["artifacts"] / "runs" / "latest.json").read_text())
     assert record["flow"] == "lease" and all(row["key"] and row["seconds"] >= 0 for row in record["stages"])
-    evaluation = Path(record["artifacts"]["evaluate"])
-    assert (evaluation / "report" / "report.md").is_file() and (evaluation / "knn.json").is_file()
+    assert (Path(record["artifacts"]["evaluate"]) / "knn.json").is_file()
+    assert (Path(record["artifacts"]["report"]) / "report.md").is_file()
 
 
 def test_forcing_pretrain_reruns_it_and_its_dependents_only(deployed_run):
     assert deployed_run["forced"].state.is_completed()
-    expected = {name: "cached" for name in ALL_STAGES} | {"pretrain": "ran", "evaluate": "ran"}
+    expected = {name: "cached" for name in ALL_STAGES} | {"pretrain": "ran", "evaluate": "ran", "report": "ran"}
     assert deployed_run["after_force"] == expected
+
+
+def test_the_run_posts_its_report_metrics_and_stage_table_as_prefect_artifacts(deployed_run):
+    from prefect.client.schemas.objects import Artifact
+
+    # The API's artifact filter of this flow run. (The client's read_artifacts sends null for the filters it is
+    # not given, which this server version rejects with 422, and empty run filters join away the flow-level ones.)
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [str(deployed_run["run"].id)]}}, "limit": 50, "offset": 0,
+            "sort": "CREATED_DESC"})
+    by_key = {artifact.key: artifact for artifact in Artifact.model_validate_list(response.json())}
+    assert {"demo-report", "demo-metrics", "demo-stages"} <= set(by_key), sorted(by_key)
+
+    def table(key: str) -> list[dict]:  # a table artifact's rows (the API returns them as JSON text)
+        data = by_key[key].data
+        return data if isinstance(data, list) else json.loads(data)
+
+    report = by_key["demo-report"]
+    assert report.type == "markdown" and report.data.startswith("Report file: ") and "## Table 1:" in report.data
+    figure = re.search(r"\*figure: `([^`]+)`\*", report.data)  # figures by path: the UI cannot load relative links
+    assert figure and Path(figure[1]).is_file() and "![" not in report.data
+    assert by_key["demo-stages"].type == "table" and [row["name"] for row in table("demo-stages")] == ALL_STAGES
+    metrics = table("demo-metrics")
+    assert by_key["demo-metrics"].type == "table"
+    assert {"table": "1", "metric": "linear probe top-1"}.items() <= metrics[0].items()
 
 
 def test_prefect_cache_and_artifact_records_agree(deployed_run):

@@ -237,12 +237,11 @@ def test_webdataset_tars(tmp_path):
 def test_bad_sources_fail_with_a_clear_message(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         build_manifest(tmp_path / "nowhere", tmp_path / "m.parquet")
-    (tmp_path / "noclasses").mkdir()
-    (tmp_path / "noclasses" / "a.jpg").write_bytes(_jpeg())
-    with pytest.raises(ValueError, match="no class folders"):
-        build_manifest(tmp_path / "noclasses", tmp_path / "m.parquet", num_workers=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        build_manifest(tmp_path / "empty", tmp_path / "m.parquet", num_workers=0)
     with pytest.raises(ValueError, match="val_fraction"):
-        build_manifest(tmp_path / "noclasses", tmp_path / "m.parquet", val_fraction=1.5)
+        build_manifest(tmp_path / "empty", tmp_path / "m.parquet", val_fraction=1.5)
     with pytest.raises(FileNotFoundError, match="build it"):
         read_manifest(tmp_path / "absent.parquet")
     assert not (tmp_path / "m.parquet").exists()
@@ -401,3 +400,26 @@ def test_a_named_manifest_is_published_for_committing_and_left_alone_when_unchan
     assert published.stat().st_mtime_ns == mtime  # unchanged content: not rewritten
     with pytest.raises(ConfigError, match="data.manifest_name"):
         load_pipeline_config("demo", ["data.manifest_name=../escape"])
+
+
+def test_a_folder_without_class_folders_is_an_unlabelled_source(demo_root, tmp_path):
+    """The self-supervised case: images straight in the folder are all kept, unlabelled (label -1, no
+    classes), with the seeded val share."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted((demo_root / "train").rglob("*.jpg"))):
+        (flat / f"{i:03d}.jpg").write_bytes(path.read_bytes())
+    summary = build_manifest(flat, tmp_path / "m.parquet", val_fraction=0.25, num_workers=0)
+    rows = read_manifest(tmp_path / "m.parquet")
+    assert summary.num_ok == rows.num_rows == NUM_CLASSES * 6 and summary.class_names == []
+    assert set(rows["label"].to_pylist()) == {-1} and set(rows["class_name"].to_pylist()) == {""}
+    assert set(rows["split"].to_pylist()) == {"train", "val"}
+    # downstream, evaluate skips the label-needing metrics with this reason (pretraining needs no labels)
+    import torch
+
+    from pipeline.stages import _unlabelled
+
+    labels = torch.tensor(rows["label"].to_pylist())
+    assert "unlabelled" in _unlabelled(labels, labels)
+    assert "single class" in _unlabelled(torch.zeros(4, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    assert _unlabelled(torch.tensor([0, 1]), torch.tensor([1])) is None

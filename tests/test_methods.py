@@ -184,6 +184,8 @@ def test_the_exported_encoder_computes_the_trained_models_features(tmp_path, met
 def test_the_report_names_the_method():
     from lease.evaluate.report import render_report
 
-    text = render_report({}, {}, None, "LEASE evaluation (demo)", [], method="sorcen")
+    from lease.evaluate.report import RunFacts
+
+    text = render_report([], RunFacts(method="sorcen"), {}, None, [])
     assert "Pretraining method: `sorcen` (Sorcen: reconstruction + echo contrast" in text
-    assert "Pretraining method" not in render_report({}, {}, None, "report", [])
+    assert "Pretraining method" not in render_report([], RunFacts(), {}, None, [])

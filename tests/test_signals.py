@@ -5,6 +5,7 @@ handlers in process; a 24-image folder of the user's, with the demo's random tok
 One folder goes through four runs, each continuing the one before with the command it printed: stopped
 in tokenize, stopped in pretrain, stopped at once by a second Ctrl-C, then to the end.
 """
+import io
 import os
 import re
 import shlex
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from lease import stopping
 from lease.checkpoints import load_checkpoint
@@ -169,12 +171,26 @@ def last_logged_step(log: Path) -> int:
     return int(steps[-1]) if steps else 0
 
 
+# The 4 bad files put among the user's 24 images, and the reason each must be left out with.
+BAD_FILES = {"empty.jpg": "empty file", "notes.jpg": "not an image", "half.png": "truncated",
+             "garbage.jpg": "corrupt"}
+
+
 def user_folder(root: Path) -> Path:
-    """24 photographs' worth of a user's ImageFolder: root/<class>/<image>, no split of its own."""
+    """24 photographs' worth of a user's ImageFolder (root/<class>/<image>, no split of its own) and 4 bad
+    files among them: empty, text, a truncated PNG, garbage bytes behind a JPEG header."""
     generated = make_demo_dataset(root / "generated", num_classes=4, train_per_class=6, val_per_class=1,
                                   image_size=32, seed=5)
-    for class_dir in (generated / "train").iterdir():
+    class_dirs = sorted((generated / "train").iterdir())
+    for class_dir in class_dirs:
         shutil.copytree(class_dir, root / "photos" / class_dir.name)
+    bad = root / "photos" / class_dirs[0].name
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(png, "PNG")
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "notes.jpg").write_text("not a photograph\n")
+    (bad / "half.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    (bad / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
     return root / "photos"
 
 
@@ -278,6 +294,8 @@ def test_the_continued_run_ends_with_complete_weights_and_where_the_report_is(ru
 
 def test_a_small_folder_trains_with_a_capped_batch_and_says_its_tokenizers_are_random(runs):
     text = runs["tokenize"]["text"]
+    for name, reason in BAD_FILES.items():  # the 4 bad files are named with their reasons, and the run goes on
+        assert re.search(rf"{re.escape(name)}: {reason}", runs["end"]["text"]), (name, reason)
     assert RANDOM_TOKENIZERS.upper() in text  # the banner, at the start of the run
     assert RANDOM_TOKENIZERS.upper() in runs["end"]["text"].rsplit("stage table", 1)[1]  # and at its end
     assert re.search(r"pretrain.batch_size=32 is more than the \d+ train samples of this data: training with "

@@ -44,14 +44,15 @@ def _module_for(protocol: str):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE` (YAML mapping of the protocol's config fields) and `--set key=value` overrides."""
+    """`--config FILE` (YAML mapping of the protocol's config fields) and `key=value` overrides, the syntax
+    of `lease run` and `lease train`."""
     parser.add_argument("--config", type=Path, default=None, help="YAML file with this protocol's config fields")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set k=10 (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="override a config field, e.g. k=10 temperature=0.05")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, **fixed: Any) -> T:
-    """Build config dataclass `cls` from `--config`, then `fixed` values from flags, then `--set` overrides."""
+    """Build config dataclass `cls` from `--config`, then `fixed` values from flags, then `key=value` overrides."""
     data = load_yaml(args.config) if args.config else {}
     data.update({k: v for k, v in fixed.items() if v is not None})
     return from_dict(cls, apply_overrides(data, args.overrides))
@@ -73,7 +74,7 @@ def _add_protocols(group: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m lease.evaluate")
+    parser = argparse.ArgumentParser(prog="lease eval")
     _add_protocols(parser.add_subparsers(dest="protocol", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

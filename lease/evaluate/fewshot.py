@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from lease.evaluate import command_main
 
-    return command_main("python -m lease.evaluate.fewshot", add_arguments, run, argv)
+    return command_main("lease eval fewshot", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

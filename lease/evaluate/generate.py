@@ -280,20 +280,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def _task_grids(sampler: MaskGitSampler, vqgan, val_shards: str, count: int, out: Path) -> dict[str, str]:
+TASK_COLUMNS = ["input image", "VQGAN tokens decoded", "masked (grey: regenerated)", "completion"]
+
+
+def _task_grids(sampler: MaskGitSampler, vqgan, val_shards: str, count: int, out: Path,
+                load_inputs: Callable[[list[str]], torch.Tensor] | None = None) -> dict[str, str]:
+    """Reconstruction / inpainting / outpainting grids of the first `count` val samples, one row each:
+    the input image (when `load_inputs` maps sample keys to their tokenized crops), its tokens decoded,
+    the masked canvas, the completion; each column named in the grid's header."""
     from lease.data import read_token_set
     from lease.evaluate.grids import masked_preview, save_comparison_grid
 
-    tokens = as_ids(read_token_set(val_shards).vq[:count]).to(sampler.device)
+    val = read_token_set(val_shards)
+    tokens = as_ids(val.vq[:count]).to(sampler.device)
     original = decode_images(vqgan, tokens, sampler.grid_size, sampler.cfg.dtype)
+    inputs = [] if load_inputs is None else [_like(load_inputs(val.keys[:count]), original)]
+    labels = TASK_COLUMNS[len(TASK_COLUMNS) - 3 - len(inputs):]
     written = {}
     for task in ("reconstruction", "inpainting", "outpainting"):
         regenerate = task_mask(task, tokens.shape[0], sampler.grid_size, sampler.generator, sampler.device)
         result = decode_images(vqgan, sampler.complete(tokens, regenerate), sampler.grid_size, sampler.cfg.dtype)
         path = out / f"{task}.png"
-        save_comparison_grid([original, masked_preview(original, regenerate, sampler.grid_size), result], path)
+        save_comparison_grid([*inputs, original, masked_preview(original, regenerate, sampler.grid_size), result],
+                             path, labels=labels)
         written[task] = str(path)
     return written
+
+
+def _like(images: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    """Input crops as float [0, 1] at the decoded images' size and device (a VQGAN may decode at another size)."""
+    images = images.to(decoded.device)
+    images = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    if images.shape[-2:] != decoded.shape[-2:]:
+        images = torch.nn.functional.interpolate(images, size=decoded.shape[-2:], mode="bicubic", antialias=True)
+    return images.clamp(0.0, 1.0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -340,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from lease.evaluate import command_main
 
-    return command_main("python -m lease.evaluate.generate", add_arguments, run, argv)
+    return command_main("lease eval generate", add_arguments, run, argv)
 
 
 if __name__ == "__main__":
