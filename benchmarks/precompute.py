@@ -13,15 +13,24 @@ Records:
   shards (decode, both crops, VQGAN, DINOv2, nearest centroid, writing), after one untimed warm-up shard.
 
 `lease bench precompute` times the whole tokenization sub-flow instead: the stages of `pipeline.stages`
-(manifest → features → k-means → tokenize → pack) with a preset's settings (default `in1k_vitb`), through
-`ArtifactStore` exactly as the flow runs them, on a synthetic train/ + val/ ImageFolder; nothing is warm
-before it starts (compilation included). Record `precompute-<preset>-<N>`: seconds per stage, and the
-ImageNet-1K estimate, where stages that work per image (manifest, tokenize, pack) scale with the image
-count and the others (features on a fixed sample, k-means) are counted as measured.
+(manifest → features → k-means → vq-codes + tokenize (one fused pass) → pack) with a preset's settings
+(default `in1k_vitb`), through `ArtifactStore` exactly as the flow runs them, on a synthetic train/ + val/
+ImageFolder; nothing is warm before it starts (compilation included). Record `precompute-<preset>-<N>`:
+seconds per stage, and the ImageNet-1K estimate, where stages that work per image (manifest, vq-codes,
+tokenize, pack) scale with the image count and the others (features on a fixed sample, k-means) are
+counted as measured.
+
+`--workers N [M ...]` runs the partitioned stages' parts (the flow's own part builds) on a Dask cluster of
+N GPU workers started for the run (dask-cuda's LocalCUDACluster, one worker per GPU; distributed's
+LocalCluster on the CPU), one sub-flow per count on the same JPEGs: each count's stage seconds, the
+cluster's start, the tokenization rate after compilation and, when 1 is among the counts, each stage's
+speed-up over 1 worker. `--workers 0` (the default) runs the parts in this process, without Dask.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -30,6 +39,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -106,15 +116,15 @@ def bench_end_to_end(assets: dict[str, Path], work: Path, args: argparse.Namespa
     from pipeline.tokenize import tokenize
 
     start = time.perf_counter()
-    kib = synthetic_imagefolder(work / "images", args.num_images, 100, args.min_side, args.max_side, args.workers,
+    kib = synthetic_imagefolder(work / "images", args.num_images, 100, args.min_side, args.max_side, args.cpu_workers,
                                 noise=args.jpeg_noise)
     log.info("wrote %d JPEGs (mean %.0f KiB) in %.1f s", args.num_images, kib, time.perf_counter() - start)
     start = time.perf_counter()
-    manifest = build_manifest(work / "images", work / "manifest.parquet", num_workers=args.workers)
+    manifest = build_manifest(work / "images", work / "manifest.parquet", num_workers=args.cpu_workers)
     manifest_s = time.perf_counter() - start
     common = dict(vqgan_kind="maskgit", vqgan_checkpoint=assets["vqgan"], dinov2_kind="hf",
                   dinov2_path=assets["dinov2"], splits=["train"], batch_size=args.batch_size,
-                  num_workers=args.workers, images_per_shard=args.images_per_shard, dtype=args.dtype,
+                  num_workers=args.cpu_workers, images_per_shard=args.images_per_shard, dtype=args.dtype,
                   device="cuda", gpu_decode=args.gpu_decode, compile=args.compile)
     tokenize(work / "manifest.parquet", assets["codebook"], work / "warmup", max_shards=1, **common)
     summary = tokenize(work / "manifest.parquet", assets["codebook"], work / "tokens", **common)
@@ -122,13 +132,13 @@ def bench_end_to_end(assets: dict[str, Path], work: Path, args: argparse.Namespa
             "sides": [args.min_side, args.max_side], "manifest_seconds": round(manifest_s, 2),
             "manifest_images_per_s": round(manifest.num_images / manifest_s, 1),
             "tokenize_seconds": round(summary.seconds, 2), "images_per_s": round(summary.images_per_second, 1),
-            "batch_size": args.batch_size, "workers": args.workers, "gpu_decode": args.gpu_decode,
+            "batch_size": args.batch_size, "workers": args.cpu_workers, "gpu_decode": args.gpu_decode,
             "dtype": args.dtype, "compile": args.compile, "codebook_size": args.codebook_size,
             "images_per_shard": args.images_per_shard}
 
 
 IMAGENET_1K_IMAGES = {"train": 1_281_167, "val": 50_000}
-PER_IMAGE_STAGES = ("manifest", "tokenize", "pack")  # the rest cost the same for any dataset size
+PER_IMAGE_STAGES = ("manifest", "vq-codes", "tokenize", "pack")  # the rest cost the same for any dataset size
 
 
 def synthetic_split_imagefolder(root: Path, num_images: dict[str, int], num_classes: int, min_side: int,
@@ -201,9 +211,77 @@ def save_tiny_tokenizers(work: Path) -> dict[str, Path]:
             "dinov2": save_tiny_hf_dinov2(work / "dinov2_tiny")}
 
 
+@contextlib.contextmanager
+def dask_cluster(workers: int, device: str) -> Iterator[tuple[Any, str, float]]:
+    """A Dask cluster of `workers` worker processes on this machine, one thread each: dask-cuda's
+    LocalCUDACluster on CUDA (each worker sees its own GPU), else distributed's LocalCluster. Workers are
+    not daemonic, so a part can decode in DataLoader processes. Yields (client, cluster class, seconds it
+    took to start with every worker up)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from flows.runners import worker_thread_settings  # the flow's: each worker its share of the cores
+
+    start = time.perf_counter()
+    with dask.config.set({"distributed.worker.daemon": False, **worker_thread_settings(workers)}):
+        cluster = None
+        if device == "cuda":
+            try:
+                from dask_cuda import LocalCUDACluster
+
+                cluster = LocalCUDACluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+            except Exception as err:  # noqa: BLE001  (the record names the cluster that ran instead)
+                log.warning("no LocalCUDACluster (%r): a LocalCluster of %d workers seeing every GPU", err, workers)
+        if cluster is None:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        with cluster, Client(cluster) as client:
+            client.wait_for_workers(workers)
+            client.run(importlib.import_module, "pipeline.stages")  # the workers' imports count as start-up
+            client.run(importlib.import_module, "pipeline.tokenize")
+            yield client, type(cluster).__name__, time.perf_counter() - start
+
+
+def run_on(client: Any) -> Callable[[list], list]:
+    """`run_in_process`'s part runner: every part a task of the cluster, gathered in order."""
+    return lambda calls: client.gather([client.submit(call, pure=False) for call in calls])
+
+
+def time_subflow(cfg: Any, workers: int, device: str) -> dict:
+    """The tokenization sub-flow with its parts on `workers` Dask workers (0: in this process)."""
+    from pipeline.stages import TOKENIZE_STAGES, run_in_process
+
+    seconds, results, cluster = {}, {}, {"cluster": "none (this process)", "cluster_seconds": 0.0}
+    with contextlib.ExitStack() as stack:
+        options = {}
+        if workers:
+            client, name, started = stack.enter_context(dask_cluster(workers, device))
+            cluster = {"cluster": name, "cluster_seconds": round(started, 2)}
+            options = {"run_parts": run_on(client), "workers": workers}
+            log.info("%s with %d workers up in %.1f s", name, workers, started)
+        for outcome in run_in_process(cfg, TOKENIZE_STAGES, force=True, **options):
+            seconds[outcome.name], results[outcome.name] = round(outcome.seconds, 2), outcome.result
+            log.info("precompute stage %s (%d workers): %.1f s", outcome.name, workers, outcome.seconds)
+    images = sum(results["tokenize"]["num_images"].values())
+    first = results["tokenize"]["first_batch_seconds"]
+    passes = seconds["vq-codes"] + seconds["tokenize"]
+    return {"workers": workers, "stage_seconds": seconds, **cluster,
+            "partitions": results["tokenize"]["partitions"], "fixed_seconds": {"tokenize": round(first, 2)},
+            # the fused pass's rate once compiled: its images over its time without the first batch
+            "tokenize_images_per_s_after_compile": round(images / max(passes - first, 1e-9), 1),
+            "total_seconds": round(sum(seconds.values()), 1)}
+
+
+def speedups(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Each run's stage seconds against those with 1 worker ({} when no run had 1 worker)."""
+    one = next((run["stage_seconds"] for run in runs if run["workers"] == 1), None)
+    if one is None:
+        return {}
+    return {str(run["workers"]): {name: round(one[name] / sec, 3) for name, sec in run["stage_seconds"].items()
+                                  if sec > 0} for run in runs}
+
+
 def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
     from pipeline.config import load_pipeline_config
-    from pipeline.stages import TOKENIZE_STAGES, run_in_process
 
     assets = (save_full_size_tokenizers(work, args.codebook_size) if args.tokenizers == "full"
               else save_tiny_tokenizers(work))
@@ -211,32 +289,44 @@ def bench_precompute(args: argparse.Namespace, work: Path) -> dict:
                                                             / IMAGENET_1K_IMAGES["train"]))}
     start = time.perf_counter()
     kib = synthetic_split_imagefolder(work / "images", counts, args.num_classes, args.min_side, args.max_side,
-                                      args.workers, args.jpeg_noise)
+                                      args.cpu_workers, args.jpeg_noise)
     log.info("wrote %s JPEGs (mean %.0f KiB) in %.1f s", counts, kib, time.perf_counter() - start)
-    overrides = [f"data.source={work / 'images'}", f"artifacts={work / 'artifacts'}", f"device={args.device}",
-                 f"tokenizers.vqgan.checkpoint={assets['vqgan']}", f"tokenizers.dinov2.path={assets['dinov2']}",
-                 f"kmeans.k={args.codebook_size}", *args.overrides]
-    cfg = load_pipeline_config(args.preset, overrides)
+
+    def config(workers: int):
+        return load_pipeline_config(args.preset, [
+            f"data.source={work / 'images'}", f"artifacts={work / f'artifacts-{workers}'}", f"device={args.device}",
+            f"tokenizers.vqgan.checkpoint={assets['vqgan']}", f"tokenizers.dinov2.path={assets['dinov2']}",
+            f"kmeans.k={args.codebook_size}", *args.overrides])
+
+    cfg = config(args.workers[0])
     parts = {}
     if args.time_parts:
         train = sorted(str(p) for p in (work / "images" / "train").rglob("*.jpg"))[: args.decode_images]
-        parts = {"loader_images_per_s": time_decoding(train, args.batch_size, args.workers),
+        parts = {"loader_images_per_s": time_decoding(train, args.batch_size, args.cpu_workers),
                  "fused_tokenizer_images_per_s": time_fused_tokenizer(assets, args.batch_size,
                                                                       cfg.tokenizers.dinov2.layer)}
-    seconds, results = {}, {}
-    for outcome in run_in_process(cfg, TOKENIZE_STAGES, force=True):
-        seconds[outcome.name], results[outcome.name] = round(outcome.seconds, 2), outcome.result
-        log.info("precompute stage %s: %.1f s", outcome.name, outcome.seconds)
-    total = sum(counts.values())
-    fixed = {"tokenize": round(results["tokenize"]["first_batch_seconds"], 2)}
-    estimate = imagenet_estimate(seconds, fixed, total, min(cfg.features.num_images, counts["train"]),
-                                 cfg.features.num_images)
+    runs = [time_subflow(config(workers), workers, args.device) for workers in args.workers]
+    first = runs[0]
+    estimate = imagenet_estimate(first["stage_seconds"], first["fixed_seconds"], sum(counts.values()),
+                                 min(cfg.features.num_images, counts["train"]), cfg.features.num_images)
     return {"preset": args.preset, "overrides": list(args.overrides), "tokenizers": args.tokenizers,
             "device": args.device, "num_images": counts,
             "mean_jpeg_kib": round(kib, 1), "sides": [args.min_side, args.max_side],
-            "stage_seconds": seconds, "fixed_seconds": fixed, "total_seconds": round(sum(seconds.values()), 1),
+            **{key: first[key] for key in ("workers", "stage_seconds", "fixed_seconds", "total_seconds")},
+            "runs": runs, "speedup_over_1_worker": speedups(runs),
             "imagenet_1k_stage_seconds": estimate,
             "imagenet_1k_minutes": round(sum(estimate.values()) / 60, 2), **parts}
+
+
+def worker_counts(text: str) -> list[int]:
+    """`--workers 1` or `--workers 1,2,4`: one sub-flow per count."""
+    try:
+        counts = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of worker counts") from None
+    if any(count < 0 for count in counts):
+        raise argparse.ArgumentTypeError(f"worker counts must be >= 0, got {text!r}")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="grain of the synthetic images (std, grey levels): 12 gives ~66 KiB files, "
                              "34 ~110 KiB like ImageNet's JPEGs")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--cpu-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                        help="processes writing the synthetic JPEGs (and decoding, for lease bench tokenize)")
+    parser.add_argument("--workers", type=worker_counts, default=[0], metavar="N[,M...]",
+                        help="precompute: Dask GPU workers for the partitioned stages, one sub-flow per count "
+                             "(0: in this process, no Dask); with 1 among them, the speed-up over 1 worker")
     parser.add_argument("--images-per-shard", type=int, default=5000)
     parser.add_argument("--codebook-size", type=int, default=16384)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
@@ -283,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "precompute":
             result = bench_precompute(args, work)
             suffix = ("-tiny" if args.tokenizers == "tiny" else "") + (f"-{args.tag}" if args.tag else "")
+            if args.workers != [0]:
+                suffix += "-workers" + "_".join(map(str, args.workers))
             write_record(f"precompute-{args.preset}-{args.num_images}{suffix}", {"results": result})
             log.info("precompute of %s images: %.1f s; ImageNet-1K estimate %.1f min", result["num_images"],
                      result["total_seconds"], result["imagenet_1k_minutes"])

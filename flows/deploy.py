@@ -1,17 +1,24 @@
-"""Serve the `full-pipeline` deployment of flow `lease` against a running Prefect server.
+"""The `full-pipeline` deployment of flow `lease` on a running Prefect server: served by this process, or
+registered on a `process` work pool whose workers run it (on GPU machines the server does not run on).
 
     make server                      # local Prefect server (SQLite under .prefect/), in the background
-    make deploy                      # this module: serves lease/full-pipeline until stopped
+    make serve                       # this module: serves lease/full-pipeline from this process until stopped
+    make deploy                      # this module --pool: lease/full-pipeline on the process work pool `lease-gpu`
+    make worker                      # a process worker of that pool: runs its flow runs on this machine
     prefect deployment run lease/full-pipeline [--param config=in1k_vitb]
 
 The deployment's default parameters are the preset and overrides given here; a run may override them
-(`--param`/`--params`). Serving runs each flow run in a subprocess of this process, in the repository.
+(`--param`/`--params`). Serving runs each flow run in a subprocess of this process, in the repository. On
+a work pool, a worker starts each flow run as a subprocess of its own, in the checkout named by its
+`LEASE_REPO` (`make worker` sets it to its own checkout), so the server and the workers may sit on
+different machines with the repository at different paths; each machine's artifacts root is its own.
 """
 from __future__ import annotations
 
 import flows  # noqa: F401  (Prefect's environment defaults, before Prefect is imported)
 
 import argparse
+import asyncio
 import logging
 import os
 
@@ -44,16 +51,63 @@ def serve(config: str, overrides: list[str], name: str = DEPLOYMENT) -> None:
                      tags=["lease"])
 
 
+POOL = "lease-gpu"
+ENTRYPOINT = "flows/lease_flow.py:lease_flow"  # relative to the checkout a flow run starts in
+REPO_VARIABLE = "LEASE_REPO"  # on a worker's machine: the checkout its flow runs start in
+# A flow run's first step on the worker: into the worker's checkout, which Prefect resolves from the
+# environment of the worker's process ("{{ $NAME }}" templating of deployment steps).
+PULL_STEPS = [{"prefect.deployments.steps.set_working_directory": {"directory": f"{{{{ ${REPO_VARIABLE} }}}}"}}]
+
+
+async def register_on_pool(config: str, overrides: list[str], pool: str = POOL, name: str = DEPLOYMENT) -> str:
+    """Create the `process` work pool `pool` if the server has none of that name, and register (or update)
+    the deployment lease/`name` on it; returns the deployment's id. Runs wait for a worker of the pool."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.lease_flow import lease_flow
+    from pipeline.config import load_pipeline_config
+
+    load_pipeline_config(config, overrides)  # a bad default config fails now, not at the first run
+    async with get_client() as client:
+        try:
+            found = await client.read_work_pool(pool)
+            if found.type != "process":
+                raise SystemExit(f"work pool {pool!r} is of type {found.type!r}, not process: name another "
+                                 "with --pool (make deploy POOL=...)")
+        except ObjectNotFound:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            log.info("created the process work pool %s", pool)
+        flow_id = await client.create_flow_from_name(lease_flow.name)
+        deployment_id = await client.create_deployment(
+            flow_id, name, work_pool_name=pool, entrypoint=ENTRYPOINT, pull_steps=PULL_STEPS,
+            parameters={"config": config, "overrides": overrides},
+            parameter_openapi_schema=parameter_schema(lease_flow).model_dump_for_openapi(),
+            enforce_parameter_schema=True, tags=["lease"],
+            description="LEASE: tokenize → k-means → pack → pretrain → evaluate, cached per stage")
+    return str(deployment_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     parser = argparse.ArgumentParser(prog="lease deploy", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="demo", help="default preset or YAML of the deployment's runs")
     parser.add_argument("--name", default=DEPLOYMENT)
+    parser.add_argument("--pool", default="", help="register the deployment on this process work pool (created "
+                        "if missing) for its workers to run, instead of serving it from this process")
     parser.add_argument("overrides", nargs="*", help="default key=value overrides of the deployment's runs")
     args = parser.parse_args(argv)
     api_url = os.environ.setdefault("PREFECT_API_URL", LOCAL_API)
     check_server(api_url)
+    if args.pool:
+        deployment_id = asyncio.run(register_on_pool(args.config, args.overrides, args.pool, args.name))
+        log.info("deployment lease/%s (%s) is on work pool %s of %s: start its workers with `make worker` "
+                 "(%s=<checkout> PREFECT_API_URL=%s prefect worker start --pool %s)", args.name, deployment_id,
+                 args.pool, api_url, REPO_VARIABLE, api_url, args.pool)
+        return 0
     log.info("serving deployment lease/%s on %s", args.name, api_url)
     serve(args.config, args.overrides, args.name)
     return 0

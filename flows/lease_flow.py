@@ -44,8 +44,9 @@ from lease.typed_config import ConfigError
 from pipeline.artifacts import (RECORD_NAME, ArtifactLocked, ArtifactStorageError, ArtifactStore, StageOutcome,
                                 StageSpec)
 from pipeline.config import PipelineConfig, load_pipeline_config
-from pipeline.stages import (BRANCHES, PART_SUFFIX, STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Stage, all_stages,
-                             dataset_stages, part_specs, random_tokenizers_note, with_dependents)
+from pipeline.stages import (BRANCHES, PART_SUFFIX, STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Fusion, Stage, all_stages,
+                             dataset_stages, fused_part_specs, fusion_for, part_specs, random_tokenizers_note,
+                             run_fused_part, with_dependents)
 
 
 # ------------------------------------------------------------------------------- Prefect plumbing
@@ -64,6 +65,7 @@ class StageJob:
     wait: bool = True  # for a key another run is building: wait for it (False: fail naming that run)
     restart: bool = False  # discard what an interrupted run of the stage left instead of continuing it
     part: dict[str, Any] | None = None  # one part of a partitioned stage (its spec is the part's)
+    companion: "StageJob | None" = None  # the same rows' part of the stage this one fuses, built in one pass
 
 
 class ArtifactCachePolicy(CachePolicy):
@@ -76,8 +78,10 @@ class ArtifactCachePolicy(CachePolicy):
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         job: StageJob = inputs["job"]
-        if job.force or not ArtifactStore(job.artifacts).is_complete(job.spec, verify=job.verify):
-            return None
+        store = ArtifactStore(job.artifacts)
+        for one in (job, job.companion) if job.companion else (job,):
+            if one.force or not store.is_complete(one.spec, verify=one.verify):
+                return None
         return job.spec.key
 
 
@@ -93,9 +97,14 @@ def _run_stage(job: StageJob, cfg: PipelineConfig) -> str | State:
     build = stage.builder(cfg, dirs, job.part)
     store = ArtifactStore(job.artifacts)
     build = _naming_final_paths(build, store.path(job.spec.stage, job.spec.key))
+    options = dict(verify=job.verify, wait=job.wait, restart=job.restart)
     try:
-        return store.run(job.spec, build, force=job.force, verify=job.verify, wait=job.wait,
-                         restart=job.restart).status
+        if job.companion is not None:  # this part and the fused stage's part of the same rows, one pass
+            other = job.companion
+            return run_fused_part(store, cfg, stage, dirs, job.part, job.spec, other.spec,
+                                  {name: Path(path) for name, path in other.upstream_dirs.items()},
+                                  force=job.force, upstream_force=other.force, **options).status
+        return store.run(job.spec, build, force=job.force, **options).status
     except EXPLAINED_FAILURES as err:
         return Failed(message=str(err))
     except KeyboardInterrupt as err:  # a stop signal (lease.stopping): what the stage finished stays
@@ -198,7 +207,7 @@ class Runner:
                     self.start_branches()
                     continue
                 stage = STAGES[name]
-                if not stage.enabled(self.cfg):
+                if not stage.enabled(self.cfg) or name in self.outcomes:  # done: built with the stage it fuses
                     continue
                 if stopping.requested() is not None:  # a stop signal whose interrupt some code swallowed
                     self._fail(name, "", time.perf_counter(), "not started: the run was asked to stop")
@@ -273,7 +282,28 @@ class Runner:
                        {name: self.outcomes[name].path for name in stage.upstream(self.cfg) if name in self.outcomes},
                        self.wait, restart=self.restart)
         if stage.partitions and (job.force or not ArtifactStore(self.artifacts).is_complete(spec)):
-            job.upstream_dirs.update(self.run_parts(stage, job, t0))
+            fusion = fusion_for(stage, self.cfg, spec, {name: o.key for name, o in self.outcomes.items()},
+                                {name: Path(o.path) for name, o in self.outcomes.items()},
+                                ArtifactStore(self.artifacts), self.force)
+            if fusion is not None:
+                return self.run_fused(job, fusion, t0)
+            job.upstream_dirs.update(self.run_parts(stage, job, t0)[0])
+        return self.finish(stage, job, t0)
+
+    def run_fused(self, job: StageJob, fusion: Fusion, t0: float) -> StageOutcome:
+        """`job`'s stage and the stage that fuses it, whose part tasks build both stages' parts in one pass;
+        then both merges, in DAG order (the pass's time counts for the fusing stage)."""
+        fused = StageJob(fusion.stage.name, fusion.spec, job.artifacts, fusion.stage.name in self.force, self.verify,
+                         {name: str(path) for name, path in fusion.dirs.items()}, self.wait, restart=self.restart)
+        own, theirs = self.run_parts(fusion.stage, fused, t0, fusion=fusion, fused_with=job)
+        job.upstream_dirs.update(theirs)
+        upstream = self.finish(fusion.upstream, job, time.perf_counter())
+        fused.upstream_dirs.update(own, **{fusion.upstream.name: upstream.path})
+        return self.finish(fusion.stage, fused, t0)
+
+    def finish(self, stage: Stage, job: StageJob, t0: float) -> StageOutcome:
+        """The stage's own task (a partitioned stage's merge of its parts), checked against its record."""
+        spec = job.spec
         state = STAGE_TASKS[stage.name](job, self.cfg, return_state=True)
         seconds = time.perf_counter() - t0
         if not state.is_completed():
@@ -285,14 +315,25 @@ class Runner:
             stage.publish(self.cfg, Path(self.outcomes[stage.name].path))
         return self.outcomes[stage.name]
 
-    def run_parts(self, stage: Stage, job: StageJob, t0: float) -> dict[str, str]:
-        """Build a partitioned stage's parts on the runner's workers; returns their directories by name."""
+    def run_parts(self, stage: Stage, job: StageJob, t0: float, fusion: Fusion | None = None,
+                  fused_with: StageJob | None = None) -> tuple[dict[str, str], dict[str, str]]:
+        """Build a partitioned stage's parts on the runner's workers (with `fusion`, each task also builds
+        the fused stage's part of the same rows, `fused_with` being that stage's job); returns the parts'
+        directories by name, the stage's and the fused stage's."""
         upstream = {name: Path(path) for name, path in job.upstream_dirs.items()}
         with part_runner(self.cfg) as (runner, workers):
-            parts = part_specs(stage, self.cfg, upstream, job.spec, self.cfg.tokenize.partitions or workers)
-            jobs = [dataclasses.replace(job, spec=part_spec, part=part) for part_spec, part in parts]
-            get_run_logger().info("%s: %d parts on %s", stage.name, len(jobs),
-                                  f"{workers} Dask workers" if runner else "this process")
+            count = self.cfg.tokenize.partitions or workers
+            if fusion is None:
+                jobs = [dataclasses.replace(job, spec=part_spec, part=part)
+                        for part_spec, part in part_specs(stage, self.cfg, upstream, job.spec, count)]
+            else:
+                their_dirs = {name: Path(path) for name, path in fused_with.upstream_dirs.items()}
+                jobs = [dataclasses.replace(job, spec=part_spec, part=part,
+                                            companion=dataclasses.replace(fused_with, spec=theirs, part=part))
+                        for (part_spec, part), theirs in fused_part_specs(fusion, self.cfg, their_dirs, count)]
+            also = f" (each also building its {fusion.upstream.name} part in the same pass)" if fusion else ""
+            get_run_logger().info("%s: %d parts on %s%s", stage.name, len(jobs),
+                                  f"{workers} Dask workers" if runner else "this process", also)
             if runner is None:
                 states = [PART_TASKS[stage.name](part_job, self.cfg, return_state=True) for part_job in jobs]
                 stage.partitions.release()
@@ -304,7 +345,9 @@ class Runner:
         if failed:
             self._fail(stage.name, job.spec.key, t0, f"{len(failed)} of {len(jobs)} parts failed: {failed[0].message}")
         store = ArtifactStore(self.artifacts)
-        return {f"part-{i}": str(store.path(part.spec.stage, part.spec.key)) for i, part in enumerate(jobs)}
+        return ({f"part-{i}": str(store.path(part.spec.stage, part.spec.key)) for i, part in enumerate(jobs)},
+                {f"part-{i}": str(store.path(part.companion.spec.stage, part.companion.spec.key))
+                 for i, part in enumerate(jobs) if part.companion})
 
     def _fail(self, name: str, key: str, t0: float, message: str | None) -> NoReturn:
         interrupted = stopping.requested() is not None
@@ -457,7 +500,7 @@ def run_summary(outcomes: list[StageOutcome], record: Path | str) -> str:
 def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, force: list[str] | None = None,
                   verify: bool = False, write_record: bool = True, wait: bool = True,
                   restart: bool = False) -> dict[str, Any] | State:
-    """Tokenization alone: (demo data/assets) → manifest → features → k-means → tokenize + assign → pack.
+    """Tokenization alone: (demo data/assets) → manifest → features → k-means → vq-codes → tokenize → pack.
 
     As a sub-flow of `lease` (`write_record=False`) it returns its outcomes for the parent's table.
     `restart`: stages that run discard what an interrupted run of them left (default: continue it).

@@ -49,6 +49,17 @@ def local_cluster_settings(runner: RunnerConfig, device: str) -> tuple[str, dict
                                         "processes": True, "dashboard_address": None, "env": env}
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def worker_thread_settings(workers: int) -> dict[str, int]:
+    """Dask config giving each of `workers` local worker processes its share of this machine's cores for
+    torch's CPU threads: Dask's nannies otherwise start workers with OMP_NUM_THREADS=1 (meant for many
+    one-thread workers, not one per GPU whose part runs torch)."""
+    share = max(1, (os.cpu_count() or 1) // max(1, workers))
+    return {f"distributed.nanny.pre-spawn-environ.{name}": share for name in THREAD_VARIABLES}
+
+
 @contextlib.contextmanager
 def part_runner(cfg: PipelineConfig) -> Iterator[tuple[Any, int]]:
     """(the task runner for part tasks, or None to run them in this process; the number of workers)."""
@@ -66,7 +77,10 @@ def part_runner(cfg: PipelineConfig) -> Iterator[tuple[Any, int]]:
         log.info("starting a Dask cluster: %s with %d workers", cluster_class, kwargs["n_workers"])
         runner = DaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
     # Non-daemonic workers, so that a part can start its own image-decoding processes (DataLoader workers).
-    with dask.config.set({"distributed.worker.daemon": False}), runner:
+    settings = {"distributed.worker.daemon": False}
+    if not cfg.runner.address:
+        settings.update(worker_thread_settings(kwargs["n_workers"]))
+    with dask.config.set(settings), runner:
         workers = len(runner.client.scheduler_info()["workers"])
         log.info("Dask cluster with %d workers (dashboard %s)", workers, runner.client.dashboard_link)
         yield runner, workers

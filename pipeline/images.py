@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import io
+import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -530,8 +531,12 @@ def make_loader(locations: Sequence[str], batch_size: int, num_workers: int, pin
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Decoders forked on Linux whatever the process's default: a Dask worker's default is spawn, whose
+    # decoders would each import torch again before their first image (seconds per loader and split).
+    context = "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
     common = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+                  persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+                  multiprocessing_context=context)
     if gpu_decode:
         loader = DataLoader(EncodedDataset(locations), collate_fn=collate_encoded, **common)
         return GpuDecodingLoader(loader, sizes, device)

@@ -1,11 +1,16 @@
 """The DAG's stage table: what each stage's cache key depends on and how it builds its artifact.
 
     demo-data (demo source only) ──> manifest ──> features ──> kmeans ──> tokenize ──> pack
-    demo-assets (tiny checkpoints) ─────────────────┴──────────────────────────┘
+                                 └─────────────────> vq-codes ─────────┘
+    demo-assets (tiny checkpoints) ──> features, vq-codes, tokenize
     then:  pack + kmeans ──> pretrain ──> evaluate ──> report
                                    (eval-<name> per evaluate.datasets, condgen-eval) ──┘
     with condgen.enabled:  manifest ──> class-embeddings;  pretrain + class-embeddings ──> condgen ──> condgen-eval
 
+`vq-codes` holds the VQGAN's codes, whose key leaves out the codebook; `tokenize` adds DINOv2's nearest
+centroids to them. A new codebook (`kmeans.k`, ...) reruns only `tokenize` (DINOv2 + assignment, no
+VQGAN) and what follows; when both are missing, tokenize's part tasks build vq-codes' parts in the same
+pass (each image decoded once, both networks on one batch: `Partitions.fuses`).
 `features` is skipped when `kmeans.codebook` names an existing codebook; `demo-data` and `demo-assets`
 run only when the config says `demo` for the images or the tokenizer checkpoints.
 
@@ -16,11 +21,13 @@ nothing of Prefect. `flows/lease_flow.py` runs these stages as cached Prefect ta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -58,6 +65,11 @@ class Partitions:
     plan: Callable[[PipelineConfig, Dirs, int], list[dict[str, Any]]]
     build: Callable[[PipelineConfig, Dirs, dict[str, Any], Path], dict[str, Any]]
     release: Callable[[], None] = lambda: None  # frees what the parts kept loaded, in the process that ran them
+    # An upstream partitioned stage (same plan) whose part this stage's part task builds in the same pass
+    # when both are missing: `fused_build(cfg, dirs, part, upstream_out, out)` returns both summaries.
+    fuses: str = ""
+    fused_build: Callable[[PipelineConfig, Dirs, dict[str, Any], Path, Path],
+                          tuple[dict[str, Any], dict[str, Any]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +106,10 @@ class Stage:
     def functions(self) -> tuple[Callable, ...]:
         """The code that builds the artifact: what its code version digests."""
         parts = (self.partitions.plan, self.partitions.build) if self.partitions else ()
-        return (self.build, *parts)
+        # A fused pass writes this stage's parts (downstream of it) or its upstream's (this stage fuses)
+        fused = [s.partitions.fused_build for s in STAGES.values()
+                 if s.partitions and s.partitions.fused_build and self.name in (s.name, s.partitions.fuses)]
+        return (self.build, *parts, *fused)
 
     def spec(self, cfg: PipelineConfig, done_keys: dict[str, str]) -> StageSpec:
         """The stage's cache identity from the keys of the stages done so far (its own upstream ones are
@@ -125,6 +140,80 @@ def part_specs(stage: Stage, cfg: PipelineConfig, dirs: Dirs, spec: StageSpec, c
             for part in stage.partitions.plan(cfg, dirs, count)]
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """Two partitioned stages built by one pass: `stage`'s part tasks also build `upstream`'s parts of the
+    same rows (its `Partitions.fuses`), because both are missing and one decode serves both."""
+
+    stage: Stage
+    spec: StageSpec
+    dirs: Dirs  # the stage's upstream directories, without `upstream` (not built yet)
+    upstream: Stage
+    upstream_spec: StageSpec
+
+
+def fusion_for(upstream: Stage, cfg: PipelineConfig, spec: StageSpec, keys: dict[str, str], dirs: Dirs,
+               store: ArtifactStore, forced: set[str]) -> Fusion | None:
+    """The fused pass for `upstream` (whose parts must be built; `spec` its key) when the stage that fuses
+    it is enabled, has everything else it needs done and must build too; None otherwise."""
+    stage = next((s for s in STAGES.values() if s.partitions and s.partitions.fuses == upstream.name), None)
+    if stage is None or not stage.enabled(cfg):
+        return None
+    needed = [name for name in stage.upstream(cfg) if name != upstream.name and STAGES[name].enabled(cfg)]
+    if any(name not in keys or name not in dirs for name in needed):
+        return None
+    try:
+        stage_spec = stage.spec(cfg, {**keys, upstream.name: spec.key})
+    except (OSError, ValueError, ImportError):  # its inputs are not there: it fails with its own message later
+        return None
+    if stage.name not in forced and store.is_complete(stage_spec):
+        return None
+    return Fusion(stage, stage_spec, {name: dirs[name] for name in needed}, upstream, spec)
+
+
+def fused_part_specs(fusion: Fusion, cfg: PipelineConfig, upstream_dirs: Dirs, count: int
+                     ) -> list[tuple[tuple[StageSpec, dict[str, Any]], StageSpec]]:
+    """[((the stage's part spec, part), the upstream's part spec of the same rows)]."""
+    own = part_specs(fusion.stage, cfg, fusion.dirs, fusion.spec, count)
+    theirs = part_specs(fusion.upstream, cfg, upstream_dirs, fusion.upstream_spec, count)
+    if [part["rows"] for _, part in own] != [part["rows"] for _, part in theirs]:
+        raise ValueError(f"{fusion.stage.name} and {fusion.upstream.name} cut their parts differently: "
+                         "a fused pass needs one plan")
+    return [(mine, other) for mine, (other, _) in zip(own, theirs)]
+
+
+def run_fused_part(store: ArtifactStore, cfg: PipelineConfig, stage: Stage, dirs: Dirs, part: dict[str, Any],
+                   spec: StageSpec, upstream_spec: StageSpec, upstream_dirs: Dirs, *, force: bool = False,
+                   upstream_force: bool = False, **run_options: Any) -> StageOutcome:
+    """Build one part of `stage` and the same rows' part of the stage it fuses (`upstream_spec`), each
+    from the other's files when that one exists, else both in one pass. The upstream part is published
+    first: a crash between the two leaves a state the next run finishes from the files."""
+    upstream = STAGES[stage.partitions.fuses]
+    upstream_path = store.path(upstream_spec.stage, upstream_spec.key)
+    with_upstream = {**dirs, upstream.name: upstream_path}
+    if not upstream_force and store.is_complete(upstream_spec):  # this part alone, reading the upstream's
+        return store.run(spec, functools.partial(stage.partitions.build, cfg, with_upstream, part), force=force,
+                         **run_options)
+    if not force and store.is_complete(spec):  # only the upstream part is missing
+        store.run(upstream_spec, functools.partial(upstream.partitions.build, cfg, upstream_dirs, part),
+                  force=upstream_force, **run_options)
+        return store.run(spec, functools.partial(stage.partitions.build, cfg, with_upstream, part), **run_options)
+    made: dict[str, dict[str, Any]] = {}
+
+    def build(out: Path) -> dict[str, Any]:
+        def build_both(upstream_out: Path) -> dict[str, Any]:
+            theirs, made["own"] = stage.partitions.fused_build(cfg, {**upstream_dirs, **dirs}, part, upstream_out,
+                                                               out)
+            return theirs
+
+        store.run(upstream_spec, build_both, force=upstream_force, **run_options)
+        if "own" in made:
+            return made["own"]
+        return stage.partitions.build(cfg, with_upstream, part, out)  # another run built the upstream part
+
+    return store.run(spec, build, force=force, **run_options)
+
+
 def part_dirs(dirs: Dirs) -> list[Path]:
     """The parts' directories handed to a partitioned stage's merge, in part order."""
     return [dirs[f"part-{i}"] for i in range(sum(name.startswith("part-") for name in dirs))]
@@ -141,6 +230,11 @@ def _device(cfg: PipelineConfig) -> str:
 def _external(**paths: str) -> dict[str, ExternalInput]:
     """User-supplied checkpoints/files (the word `demo` means a demo-assets output, not an input)."""
     return {name: ExternalInput(path) for name, path in paths.items() if path and path != DEMO}
+
+
+def _tokenize_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """What of `tokenize` shapes the shards of the vq-codes and tokenize stages (not the fan-out, not speed)."""
+    return _without(to_dict(cfg.tokenize), "batch_size", "num_workers", "partitions")
 
 
 def _tokenizer_inputs(cfg: PipelineConfig) -> dict[str, str]:
@@ -289,29 +383,81 @@ def build_kmeans(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
 
 
 def plan_tokenize(cfg: PipelineConfig, dirs: Dirs, count: int) -> list[dict[str, Any]]:
+    """Whole-shard parts, the same for `vq-codes` and `tokenize` (a fused pass pairs them by rows)."""
     from pipeline import tokenize
 
     return tokenize.partition_shards(dirs["manifest"] / "manifest.parquet", cfg.tokenize.images_per_shard, count)
 
 
-def build_tokenize_part(cfg: PipelineConfig, dirs: Dirs, part: dict[str, Any], out: Path) -> dict[str, Any]:
+def _pass_settings(cfg: PipelineConfig, part: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of `pipeline.tokenize.encode_manifest` every pass of these stages shares."""
+    t = cfg.tokenize
+    return dict(batch_size=t.batch_size, num_workers=t.num_workers, images_per_shard=t.images_per_shard,
+                dtype=t.dtype, device=_device(cfg), gpu_decode=t.gpu_decode, compile=t.compile,
+                shards=part["shards"])
+
+
+def _vqgan_settings(cfg: PipelineConfig, dirs: Dirs) -> dict[str, Any]:
+    vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
+    return dict(vqgan_kind=cfg.tokenizers.vqgan.kind, vqgan_checkpoint=vq_ckpt, vqgan_config=vq_config)
+
+
+def _assign_settings(cfg: PipelineConfig, dirs: Dirs) -> dict[str, Any]:
+    _, _, dino_path = _tokenizer_paths(cfg, dirs)
+    dino = cfg.tokenizers.dinov2
+    return dict(dinov2_kind=dino.kind, dinov2_path=dino_path, layer=dino.layer,
+                centroids=dirs["kmeans"] / "centroids.npy")
+
+
+def build_vq_codes_part(cfg: PipelineConfig, dirs: Dirs, part: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The generative codes of one part's shards: the VQGAN alone (no codebook is involved)."""
     from pipeline import tokenize
 
-    vq_ckpt, vq_config, dino_path = _tokenizer_paths(cfg, dirs)
-    t, tok = cfg.tokenize, cfg.tokenizers
-    summary = tokenize.tokenize(dirs["manifest"] / "manifest.parquet", dirs["kmeans"] / "centroids.npy", out,
-                                vqgan_kind=tok.vqgan.kind, vqgan_checkpoint=vq_ckpt, vqgan_config=vq_config,
-                                dinov2_kind=tok.dinov2.kind, dinov2_path=dino_path, layer=tok.dinov2.layer,
-                                batch_size=t.batch_size, num_workers=t.num_workers,
-                                images_per_shard=t.images_per_shard, dtype=t.dtype, device=_device(cfg),
-                                gpu_decode=t.gpu_decode, compile=t.compile, shards=part["shards"])
-    return _plain(summary)
+    return _plain(tokenize.encode_manifest(dirs["manifest"] / "manifest.parquet", {out: ("vq",)},
+                                           **_vqgan_settings(cfg, dirs), **_pass_settings(cfg, part)))
+
+
+def build_tokenize_part(cfg: PipelineConfig, dirs: Dirs, part: dict[str, Any], out: Path) -> dict[str, Any]:
+    """One part's token shards from the `vq-codes` shards of the same rows and a DINOv2 + nearest-centroid
+    pass (no VQGAN): what a new codebook costs."""
+    from pipeline import tokenize
+
+    return _plain(tokenize.encode_manifest(dirs["manifest"] / "manifest.parquet", {out: tokenize.TOKEN_FIELDS},
+                                           given=dirs["vq-codes"], **_assign_settings(cfg, dirs),
+                                           **_pass_settings(cfg, part)))
+
+
+def build_fused_part(cfg: PipelineConfig, dirs: Dirs, part: dict[str, Any], vq_out: Path,
+                     out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One part of `vq-codes` and of `tokenize` in one pass (each image decoded once, the VQGAN and DINOv2
+    on the same batch): the first run's cost, whose files are those of the two passes apart."""
+    from pipeline import tokenize
+
+    summary = _plain(tokenize.encode_manifest(dirs["manifest"] / "manifest.parquet",
+                                              {vq_out: ("vq",), out: tokenize.TOKEN_FIELDS},
+                                              **_vqgan_settings(cfg, dirs), **_assign_settings(cfg, dirs),
+                                              **_pass_settings(cfg, part)))
+    return {**summary, "disc_codes": None, "fused_with": "tokenize"}, summary
 
 
 def release_tokenizers() -> None:
     from pipeline import tokenize
 
     tokenize.release_cached_tokenizer()
+
+
+def build_vq_codes(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    """The generative codes from their parts' shards: the same files whatever the number of parts."""
+    from pipeline import tokenize
+
+    parts = part_dirs(dirs)
+    shards = tokenize.merge_partitions(parts, out)
+    results = [_recorded_result(part) for part in parts]
+    return {"num_images": results[0]["num_images"], "num_shards": results[0]["num_shards"], "shards": shards,
+            "vq_codes": results[0]["vq_codes"], "partitions": len(parts),
+            "fused_parts": sum(r.get("fused_with") == "tokenize" for r in results),
+            "shards_written": sum(r["shards_written"] for r in results),
+            "first_batch_seconds": max(r["first_batch_seconds"] for r in results)}
 
 
 def build_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
@@ -322,8 +468,9 @@ def build_tokenize(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     shards = tokenize.merge_partitions(parts, out)
     results = [_recorded_result(part) for part in parts]
     return {"num_images": results[0]["num_images"], "num_shards": results[0]["num_shards"], "shards": shards,
-            "vq_codes": results[0]["vq_codes"], "disc_codes": results[0]["disc_codes"], "partitions": len(parts),
-            "shards_written": sum(r["shards_written"] for r in results),
+            "vq_codes": _recorded_result(dirs["vq-codes"])["vq_codes"], "disc_codes": results[0]["disc_codes"],
+            "partitions": len(parts), "shards_written": sum(r["shards_written"] for r in results),
+            "vqgan_runs": sum("vq" in r["fields"] for r in results),  # parts built by a fused pass
             "first_batch_seconds": max(r["first_batch_seconds"] for r in results)}
 
 
@@ -759,6 +906,11 @@ def _tokenize_branch(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str, v
                              device=_device(cfg), gpu_decode=t.gpu_decode, compile=t.compile)
 
 
+def _branch_tokenize_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """A branch tokenizes in one pass with both networks: the tokenize stage's settings and both tokenizers."""
+    return {"tokenize": _tokenize_settings(cfg), **_tokenizer_config(cfg)}
+
+
 def _token_splits(directory: Path) -> list[str]:
     return [split for split in ("train", "val") if any((directory / split).glob("shard-*.npz"))]
 
@@ -866,7 +1018,7 @@ def dataset_stages(cfg: PipelineConfig) -> list[Stage]:
                   functools.partial(_eval_manifest_config, name=name),
                   build_eval_manifest, inputs=lambda c, root=d.root: {} if root == DEMO else
                   {"root": ExternalInput(root, tree=True)}, dataset=name),
-            Stage(at("tokenize"), (at("manifest"), "kmeans", "demo-assets"), STAGES["tokenize"].config,
+            Stage(at("tokenize"), (at("manifest"), "kmeans", "demo-assets"), _branch_tokenize_config,
                   build_eval_tokenize, inputs=_tokenizer_inputs, on_device=True, dataset=name),
             Stage(at("features"), (at("tokenize"), "pretrain"), _features_config, build_eval_features,
                   on_device=True, dataset=name),
@@ -921,10 +1073,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           partitions=Partitions(plan_features, build_features_part)),
     Stage("kmeans", ("features",), lambda c: to_dict(c.kmeans), build_kmeans,
           inputs=lambda c: _external(codebook=c.kmeans.codebook), on_device=True),
-    Stage("tokenize", ("manifest", "kmeans", "demo-assets"),
-          lambda c: {"tokenize": _without(to_dict(c.tokenize), "batch_size", "num_workers", "partitions"),
-                     "tokenizers": _tokenizer_config(c)}, build_tokenize, inputs=_tokenizer_inputs, on_device=True,
-          partitions=Partitions(plan_tokenize, build_tokenize_part, release_tokenizers)),
+    Stage("vq-codes", ("manifest", "demo-assets"),
+          lambda c: {"tokenize": _tokenize_settings(c), "vqgan": _tokenizer_config(c)["vqgan"]}, build_vq_codes,
+          inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
+                                     vqgan_config=c.tokenizers.vqgan.config), on_device=True,
+          partitions=Partitions(plan_tokenize, build_vq_codes_part, release_tokenizers)),
+    Stage("tokenize", ("manifest", "kmeans", "demo-assets", "vq-codes"),
+          lambda c: {"tokenize": _tokenize_settings(c), "dinov2": _tokenizer_config(c)["dinov2"]}, build_tokenize,
+          inputs=lambda c: _external(dinov2=c.tokenizers.dinov2.path), on_device=True,
+          partitions=Partitions(plan_tokenize, build_tokenize_part, release_tokenizers, fuses="vq-codes",
+                                fused_build=build_fused_part)),
     Stage("pack", ("tokenize",), lambda c: _without(to_dict(c.pack), "num_workers"), build_pack),
     Stage("pretrain", ("pack", "kmeans"),
           lambda c: _without(_pretrain_config(c), "data.num_workers", "log_every", "ckpt_every", "rdzv_endpoint"),
@@ -953,29 +1111,62 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("report", ("evaluate", "pretrain", "pack", "manifest"), _report_config, build_report,
           after_config=_report_after),
 ]}
-TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack")
+TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "vq-codes", "tokenize", "pack")
 # `BRANCHES` marks where the evaluation datasets' branches start: concurrently with the stages after it
 TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate", "class-embeddings", "condgen", "condgen-eval", "report")
 
 
-def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = False) -> Iterator[StageOutcome]:
+PartCall = Callable[[], StageOutcome]  # builds (or finds) one part's artifact
+
+
+def run_one_by_one(calls: list[PartCall]) -> list[StageOutcome]:
+    return [call() for call in calls]
+
+
+def run_in_process(cfg: PipelineConfig, names: tuple[str, ...], force: bool = False,
+                   run_parts: Callable[[list[PartCall]], list[StageOutcome]] = run_one_by_one,
+                   workers: int = 1) -> Iterator[StageOutcome]:
     """Run the enabled stages among `names` in order straight through the artifact store, without
-    Prefect (benchmarks and tests), a partitioned stage's parts one after another; yields each stage's
-    outcome as it finishes."""
+    Prefect (benchmarks and tests); yields each stage's outcome as it finishes, its seconds including its
+    parts'. A partitioned stage's parts (a fused pair's parts, one pass each) go to `run_parts`: one after
+    another by default, or e.g. to a Dask cluster of `workers` workers (the partition count when
+    `tokenize.partitions` is 0), the parts' builds being the flow's."""
     store, keys, dirs, stages = ArtifactStore(cfg.artifacts), {}, {}, all_stages(cfg)
-    for stage in (stages[name] for name in expand_branches(cfg, names)):
-        if not stage.enabled(cfg):
-            continue
-        spec = stage.spec(cfg, keys)
-        upstream = {n: dirs[n] for n in stage.upstream(cfg) if n in dirs}
-        if stage.partitions and (force or not store.is_complete(spec)):
-            for i, (part_spec, part) in enumerate(part_specs(stage, cfg, upstream, spec, cfg.tokenize.partitions or 1)):
-                built = store.run(part_spec, stage.builder(cfg, upstream, part), force=force)
-                upstream[f"part-{i}"] = Path(built.path)
-            stage.partitions.release()
+    count = cfg.tokenize.partitions or workers
+
+    def merge(stage: Stage, spec: StageSpec, upstream: Dirs, since: float) -> StageOutcome:
         outcome = store.run(spec, stage.builder(cfg, upstream), force=force)
         keys[stage.name], dirs[stage.name] = outcome.key, Path(outcome.path)
-        yield outcome
+        return dataclasses.replace(outcome, seconds=time.perf_counter() - since)
+
+    for stage in (stages[name] for name in expand_branches(cfg, names)):
+        if not stage.enabled(cfg) or stage.name in keys:  # in keys: merged right after the stage it fuses
+            continue
+        t0 = time.perf_counter()
+        spec = stage.spec(cfg, keys)
+        upstream = {n: dirs[n] for n in stage.upstream(cfg) if n in dirs}
+        fusion = None
+        if stage.partitions and (force or not store.is_complete(spec)):
+            fusion = fusion_for(stage, cfg, spec, keys, dirs, store, set(names) if force else set())
+            if fusion is None:
+                calls = [functools.partial(store.run, part_spec, stage.builder(cfg, upstream, part), force=force)
+                         for part_spec, part in part_specs(stage, cfg, upstream, spec, count)]
+                upstream.update({f"part-{i}": Path(built.path) for i, built in enumerate(run_parts(calls))})
+            else:  # the pass runs as the fused stage's parts, and its time counts there
+                pairs = fused_part_specs(fusion, cfg, upstream, count)
+                calls = [functools.partial(run_fused_part, store, cfg, fusion.stage, fusion.dirs, part, part_spec,
+                                           theirs, upstream, force=force, upstream_force=force)
+                         for (part_spec, part), theirs in pairs]
+                own = {f"part-{i}": Path(built.path) for i, built in enumerate(run_parts(calls))}
+                upstream.update({f"part-{i}": store.path(theirs.stage, theirs.key)
+                                 for i, (_, theirs) in enumerate(pairs)})
+                fused_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+            stage.partitions.release()
+        yield merge(stage, spec, upstream, t0)
+        if fusion is not None:
+            outcome = merge(fusion.stage, fusion.spec, {**fusion.dirs, stage.name: dirs[stage.name], **own},
+                            time.perf_counter())
+            yield dataclasses.replace(outcome, seconds=outcome.seconds + fused_seconds)
 
 
 def expand_branches(cfg: PipelineConfig, names: tuple[str, ...]) -> list[str]:

@@ -1,16 +1,20 @@
-"""Fused tokenize stage: JPEG → both crops → VQGAN codes + DINOv2 codebook ids, per shard (DESIGN.md 2 and 4).
+"""Tokenize: JPEG → both crops → VQGAN codes + DINOv2 codebook ids, per shard (DESIGN.md 2 and 4).
 
-Every image is decoded once; its `vqgan.image_size` crop (256 for MAGE's VQGAN) is encoded to a 16×16
-grid of codes and its 224 crop goes through DINOv2 to 16×16 patch features, whose nearest centroids
+Every image is decoded once per pass; its `vqgan.image_size` crop (256 for MAGE's VQGAN) is encoded to a
+16×16 grid of codes and its 224 crop goes through DINOv2 to 16×16 patch features, whose nearest centroids
 (`pipeline.assign`, the k-means metric) are the discriminative tokens. Features stay on the device.
 Both grids are position-aligned because both crops cover the same central square of the image.
 
-Output, one folder per split: `<out>/<split>/shard-000123.npz` with `keys` (str [n]), `vq` (uint16
-[n, 256]), `disc` (uint16 [n, 256]) and `labels` (int64 [n]); shard j holds rows
-[j·images_per_shard, (j+1)·images_per_shard) of the split's usable manifest rows, in manifest order.
+One pass computes the fields it is asked for: both (the fused pass: one decode feeds VQGAN and DINOv2),
+`vq` alone (the generative codes, which do not depend on the codebook), or `disc` alone with the `vq`
+field read from an earlier pass's shards (a new codebook: DINOv2 + assignment only, no VQGAN).
+
+Output, one folder per split: `<out>/<split>/shard-000123.npz` with `keys` (str [n]), the fields of that
+output among `vq` (uint16 [n, 256]) and `disc` (uint16 [n, 256]), and `labels` (int64 [n]); shard j holds
+rows [j·images_per_shard, (j+1)·images_per_shard) of the split's usable manifest rows, in manifest order.
 Each shard is written atomically with fixed zip timestamps, so a shard's bytes depend only on its
 inputs: an interrupted run resumes by skipping the shards that exist and ends identical to an
-uninterrupted one.
+uninterrupted one, and the same fields give the same bytes whichever pass computed them.
 
 `sample_features` is the pass before k-means: DINOv2 patch features of a seeded random sample of
 train images (a seeded random subset of patches per image) written to one `.npy` for the k-means stage.
@@ -26,7 +30,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -45,22 +49,24 @@ log = logging.getLogger(__name__)
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 COMPILE_CHOICES = ("auto", "on", "off")
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # the .npy dtype is the same name
+TOKEN_FIELDS = ("vq", "disc")  # the token grids a shard can hold, in their order in the file
 WAIT_HINT_SHARE = 0.1  # the loop waiting longer than this share of its time for decoding is worth a hint
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: identical inputs → identical shard bytes
 
 
 @dataclass
 class TokenizeSummary:
-    out_dir: Path
+    out_dir: Path  # the first output's folder
     num_images: dict[str, int]  # tokenized images per split (all shards, including skipped ones)
     num_shards: dict[str, int]
     shards_written: int
     shards_skipped: int  # already complete from an earlier run
     seconds: float
     images_per_second: float  # over the images processed by this run
-    vq_codes: int
-    disc_codes: int
+    vq_codes: int | None  # VQGAN codebook size (None: this pass ran no VQGAN)
+    disc_codes: int | None  # centroids (None: this pass ran no assignment)
     first_batch_seconds: float = 0.0  # per split, summed: loader start and compilation, not per image
+    fields: tuple[str, ...] = TOKEN_FIELDS  # the token grids this pass computed
 
 
 @dataclass
@@ -97,37 +103,59 @@ def shard_ranges(num_rows: int, images_per_shard: int) -> list[range]:
     return [range(s, min(s + images_per_shard, num_rows)) for s in range(0, num_rows, images_per_shard)]
 
 
-# ------------------------------------------------------------------------------------ the fused pass
+# ----------------------------------------------------------------------------------------- one pass
 
 
 class FusedTokenizer:
-    """VQGAN + DINOv2 + nearest centroid on one device: uint8 crops in, two int64 [B, N] token grids out."""
+    """The networks of one pass on one device: the VQGAN (field `vq`) and/or DINOv2 + nearest centroid
+    (field `disc`); uint8 crops in (one per field, in `fields` order), int64 [B, N] token grids out."""
 
-    def __init__(self, vqgan, dinov2, assigner: Assigner, device: torch.device, pad_to: int = 0):
+    def __init__(self, vqgan=None, dinov2=None, assigner: Assigner | None = None,
+                 device: torch.device = torch.device("cpu"), pad_to: int = 0):
+        if (dinov2 is None) != (assigner is None):
+            raise ValueError("the discriminative tokens need both DINOv2 and a codebook")
+        if vqgan is None and dinov2 is None:
+            raise ValueError("a tokenize pass needs the VQGAN, DINOv2 + a codebook, or both")
         self.vqgan, self.dinov2, self.assigner, self.device = vqgan, dinov2, assigner, device
         # Compiled networks are specialised to one batch size: a short last batch is padded to `pad_to`
         # rather than compiled again (a recompile costs tens of seconds; padding a fraction of a batch).
         self.pad_to = pad_to
-        vq_tokens, dino_tokens = vqgan.grid_size ** 2, dinov2.grid_size ** 2
-        if vq_tokens != dino_tokens:
+        if vqgan is not None and dinov2 is not None and vqgan.grid_size != dinov2.grid_size:
             raise ValueError(f"VQGAN grid {vqgan.grid_size}x{vqgan.grid_size} at {vqgan.image_size} px and DINOv2 "
                              f"grid {dinov2.grid_size}x{dinov2.grid_size} at {dinov2.image_size} px are not "
                              "position-aligned: choose crop sizes that give both the same grid")
-        if dinov2.embed_dim != assigner.dim:
+        if dinov2 is not None and dinov2.embed_dim != assigner.dim:
             raise ValueError(f"DINOv2 features have D={dinov2.embed_dim} but the codebook has D={assigner.dim}: "
                              "use the codebook trained on this DINOv2 model and layer")
 
     @property
-    def crop_sizes(self) -> tuple[int, int]:
-        return self.vqgan.image_size, self.dinov2.image_size
+    def fields(self) -> tuple[str, ...]:
+        return ("vq",) * (self.vqgan is not None) + ("disc",) * (self.dinov2 is not None)
+
+    @property
+    def crop_sizes(self) -> tuple[int, ...]:
+        return tuple(self._network(field).image_size for field in self.fields)
+
+    @property
+    def num_codes(self) -> dict[str, int]:
+        """Each computed field's vocabulary: VQGAN codes, codebook centroids."""
+        return {field: self.vqgan.num_codes if field == "vq" else self.assigner.num_centroids
+                for field in self.fields}
+
+    def _network(self, field: str):
+        return self.vqgan if field == "vq" else self.dinov2
 
     @torch.inference_mode()
-    def __call__(self, img_vq: torch.Tensor, img_dino: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = img_vq.shape[0]
-        img_vq, img_dino = pad_batch(img_vq, self.pad_to), pad_batch(img_dino, self.pad_to)
-        vq = self.vqgan.encode(to_unit_float(img_vq, self.device)).flatten(1)
-        features = self.dinov2(to_unit_float(img_dino, self.device))  # [B, N, D], never leaves the device
-        return vq[:n], self.assigner.assign(features[:n])
+    def __call__(self, *crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = crops[0].shape[0]
+        grids = []
+        for field, crop in zip(self.fields, crops):
+            images = to_unit_float(pad_batch(crop, self.pad_to), self.device)
+            if field == "vq":
+                grids.append(self.vqgan.encode(images).flatten(1)[:n])
+            else:  # [B, N, D] patch features, never leaving the device
+                grids.append(self.assigner.assign(self.dinov2(images)[:n]))
+        return tuple(grids)
 
 
 def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -143,56 +171,73 @@ def to_unit_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device, non_blocking=True).float().div_(255.0)
 
 
-def load_fused_tokenizer(*, vqgan_kind: str, vqgan_checkpoint: str | Path, vqgan_config: str | Path | None,
-                         dinov2_kind: str, dinov2_path: str | Path, layer: int, centroids: str | Path,
-                         dino_size: int, dtype: str, device: torch.device, compile: str = "auto",
-                         batch_size: int = 0) -> FusedTokenizer:
-    """`compile` ("auto": on CUDA) wraps both networks in torch.compile: the fused GroupNorm/swish of the
-    VQGAN encoder roughly doubles its throughput (benchmarks/results/tokenize-vqgan-encode-*)."""
+def _settings(dtype: str, compile: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if compile not in COMPILE_CHOICES:
         raise ValueError(f"compile {compile!r} is not one of {', '.join(COMPILE_CHOICES)}")
-    torch_dtype = DTYPES[dtype]
-    compiled = compile == "on" or (compile == "auto" and device.type == "cuda")
-    vqgan = load_vqgan(vqgan_kind, vqgan_checkpoint, vqgan_config, device, dtype=torch_dtype, compile=compiled)
-    dinov2 = load_dinov2(dinov2_kind, dinov2_path, device, layer, image_size=dino_size, dtype=torch_dtype,
-                         compile=compiled)
-    return FusedTokenizer(vqgan, dinov2, Assigner(load_codebook(centroids), device=device), device,
-                          pad_to=batch_size if compiled else 0)
+    return DTYPES[dtype], compile == "on" or (compile == "auto" and device.type == "cuda")
 
 
-def cached_fused_tokenizer(**files_and_settings) -> FusedTokenizer:
-    """`load_fused_tokenizer`, kept for the next call with the same arguments and unchanged files (one
-    model per process: a worker that runs several partitions loads and compiles the networks once)."""
-    files = ("vqgan_checkpoint", "vqgan_config", "dinov2_path", "centroids")
-    stamps = tuple(_stamp(files_and_settings[name]) for name in files)
-    return _kept_fused_tokenizer(stamps, **files_and_settings)
+def load_fused_tokenizer(*, vqgan_kind: str = "maskgit", vqgan_checkpoint: str | Path | None,
+                         vqgan_config: str | Path | None = None, dinov2_kind: str = "hf",
+                         dinov2_path: str | Path | None, layer: int = DEFAULT_LAYER,
+                         centroids: str | Path | None, dino_size: int = DEFAULT_IMAGE_SIZE, dtype: str = "auto",
+                         device: torch.device, compile: str = "auto", batch_size: int = 0,
+                         kept: bool = False) -> FusedTokenizer:
+    """The pass's networks: the VQGAN when `vqgan_checkpoint` is given, DINOv2 + nearest centroid when
+    `dinov2_path` and `centroids` are. `compile` ("auto": on CUDA) wraps the networks in torch.compile:
+    the fused GroupNorm/swish of the VQGAN encoder roughly doubles its throughput
+    (benchmarks/results/tokenize-vqgan-encode-*). `kept=True` keeps each network for the next call with
+    the same files and settings (a worker that runs several partitions loads and compiles them once)."""
+    torch_dtype, compiled = _settings(dtype, compile, device)
+    vqgan = dinov2 = assigner = None
+    if vqgan_checkpoint:
+        load = _kept_vqgan if kept else _load_vqgan
+        vqgan = load(_stamp(vqgan_checkpoint) + _stamp(vqgan_config), vqgan_kind, str(vqgan_checkpoint),
+                     str(vqgan_config) if vqgan_config else None, device, torch_dtype, compiled)
+    if dinov2_path or centroids:
+        if not (dinov2_path and centroids):
+            raise ValueError("the discriminative tokens need both DINOv2 (dinov2_path) and a codebook (centroids)")
+        load = _kept_dinov2 if kept else _load_dinov2
+        dinov2 = load(_stamp(dinov2_path), dinov2_kind, str(dinov2_path), layer, dino_size, device, torch_dtype,
+                      compiled)
+        assigner = (_kept_assigner if kept else _load_assigner)(_stamp(centroids), str(centroids), device)
+    return FusedTokenizer(vqgan, dinov2, assigner, device, pad_to=batch_size if compiled else 0)
 
 
-def _stamp(path: str | None) -> tuple:
+def _stamp(path: str | Path | None) -> tuple:
+    """What identifies a file's contents for the kept networks: path, size, mtime (a rewrite changes them)."""
     if not path:
         return ()
     stat = Path(path).stat()
-    return (path, stat.st_size, stat.st_mtime_ns)
+    return (str(path), stat.st_size, stat.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=1)
-def _kept_fused_tokenizer(stamps: tuple, **files_and_settings) -> FusedTokenizer:
-    return load_fused_tokenizer(**files_and_settings)
+def _load_vqgan(stamps: tuple, kind: str, checkpoint: str, config: str | None, device: torch.device,
+                dtype: torch.dtype | None, compiled: bool):
+    return load_vqgan(kind, checkpoint, config, device, dtype=dtype, compile=compiled)
+
+
+def _load_dinov2(stamps: tuple, kind: str, path: str, layer: int, size: int, device: torch.device,
+                 dtype: torch.dtype | None, compiled: bool):
+    return load_dinov2(kind, path, device, layer, image_size=size, dtype=dtype, compile=compiled)
+
+
+def _load_assigner(stamps: tuple, centroids: str, device: torch.device) -> Assigner:
+    return Assigner(load_codebook(centroids), device=device)
+
+
+# One of each per process: a worker alternating fused and single passes keeps both networks.
+_kept_vqgan = functools.lru_cache(maxsize=1)(_load_vqgan)
+_kept_dinov2 = functools.lru_cache(maxsize=1)(_load_dinov2)
+_kept_assigner = functools.lru_cache(maxsize=1)(_load_assigner)
 
 
 def release_cached_tokenizer() -> None:
-    """Drop the kept tokenizers (their GPU memory) once a process has no more partitions to run."""
-    _kept_fused_tokenizer.cache_clear()
-
-
-def _shard_arrays(rows, shard: range, vq: torch.Tensor, disc: torch.Tensor, vq_codes: int,
-                  disc_codes: int) -> dict[str, np.ndarray]:
-    return {"keys": np.asarray(rows["key"][shard.start:shard.stop], dtype=str),
-            "vq": codes_to_uint16(vq, vq_codes).cpu().numpy(),
-            "disc": codes_to_uint16(disc, disc_codes).cpu().numpy(),
-            "labels": np.asarray(rows["label"][shard.start:shard.stop], dtype=np.int64)}
+    """Drop the kept networks (their GPU memory) once a process has no more partitions to run."""
+    for kept in (_kept_vqgan, _kept_dinov2, _kept_assigner):
+        kept.cache_clear()
 
 
 @dataclass
@@ -222,19 +267,63 @@ class WaitClock:
             yield item
 
 
-def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_dir: Path, *, batch_size: int,
-                   num_workers: int, images_per_shard: int, gpu_decode: bool = False,
-                   max_shards: int | None = None, only: Collection[int] | None = None) -> SplitResult:
-    """Tokenize one split into `out_dir/shard-*.npz`, skipping the shards that already exist; `only`
-    restricts the work to those shard indices (a partition of the stage)."""
+class ShardWriter:
+    """Writes shard j of a split into every output folder that lacks it, each with its own fields: the
+    computed grids, or the ones read from `given` (an earlier pass's shard j of the same rows)."""
+
+    def __init__(self, rows: dict[str, list], shards: list[range], outputs: Mapping[Path, Sequence[str]],
+                 given: Path | None, num_codes: dict[str, int]):
+        self.rows, self.shards, self.outputs, self.given, self.num_codes = rows, shards, outputs, given, num_codes
+
+    def missing(self, j: int) -> list[Path]:
+        return [folder for folder in self.outputs if not (folder / shard_name(j)).exists()]
+
+    def write(self, j: int, computed: dict[str, torch.Tensor]) -> None:
+        shard = self.shards[j]
+        keys = np.asarray(self.rows["key"][shard.start:shard.stop], dtype=str)
+        grids = {field: codes_to_uint16(grid, self.num_codes[field]).cpu().numpy() for field, grid in computed.items()}
+        grids.update(self._given(j, keys, set(self.fields) - set(grids)))
+        labels = np.asarray(self.rows["label"][shard.start:shard.stop], dtype=np.int64)
+        for folder in self.missing(j):
+            fields = self.outputs[folder]
+            save_shard(folder / shard_name(j), {"keys": keys, **{f: grids[f] for f in TOKEN_FIELDS if f in fields},
+                                                "labels": labels})
+
+    @property
+    def fields(self) -> set[str]:
+        return {field for fields in self.outputs.values() for field in fields}
+
+    def _given(self, j: int, keys: np.ndarray, fields: set[str]) -> dict[str, np.ndarray]:
+        if not fields:
+            return {}
+        path = self.given / shard_name(j)
+        with np.load(path, allow_pickle=False) as shard:
+            if not np.array_equal(shard["keys"], keys):
+                raise ValueError(f"{path} holds other images than rows {self.shards[j].start}-"
+                                 f"{self.shards[j].stop - 1} of the manifest: it belongs to another manifest")
+            return {field: shard[field] for field in fields}
+
+
+def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str,
+                   outputs: Path | Mapping[Path, Sequence[str]], *, batch_size: int, num_workers: int,
+                   images_per_shard: int, gpu_decode: bool = False, max_shards: int | None = None,
+                   only: Collection[int] | None = None, given: Path | None = None) -> SplitResult:
+    """Tokenize one split into each output folder's `shard-*.npz` ({folder: fields}; a plain folder gets
+    both fields), skipping the shards every output already has; `only` restricts the work to those
+    shard indices (a partition of the stage). Fields the model does not compute come from `given`."""
+    outputs = {outputs: TOKEN_FIELDS} if isinstance(outputs, Path) else dict(outputs)
     table = read_manifest(manifest, split=split)
     rows = {"key": table["key"].to_pylist(), "label": table["label"].to_pylist(),
             "location": table["location"].to_pylist()}
     shards = shard_ranges(len(rows["key"]), images_per_shard)
+    writer = ShardWriter(rows, shards, outputs, given, model.num_codes)
+    if writer.fields - set(model.fields) and given is None:
+        raise ValueError(f"fields {sorted(writer.fields - set(model.fields))} are neither computed nor given")
     mine = range(len(shards)) if only is None else sorted(only)
-    done = {j for j in mine if (out_dir / shard_name(j)).exists()}
+    done = {j for j in mine if not writer.missing(j)}
     pending = [j for j in mine if j not in done][:max_shards]
-    out_dir.mkdir(parents=True, exist_ok=True)  # an empty partition of a split still has its folder
+    for folder in outputs:  # an empty partition of a split still has its folder
+        folder.mkdir(parents=True, exist_ok=True)
     if not pending:
         return SplitResult(len(rows["key"]), len(shards), 0, len(done), 0)
 
@@ -245,26 +334,24 @@ def tokenize_split(model: FusedTokenizer, manifest: str | Path, split: str, out_
                          device=model.device)
     bar = tqdm(total=len(order), desc=f"tokenize {split}", unit="img", dynamic_ncols=True, disable=None)
     queue = list(pending)
-    vq_parts: list[torch.Tensor] = []
-    disc_parts: list[torch.Tensor] = []
+    parts: list[list[torch.Tensor]] = [[] for _ in model.fields]
     filled, started, first_batch = 0, time.perf_counter(), 0.0
     batches = WaitClock(loader)
-    for _, img_vq, img_dino in batches:
-        vq, disc = model(img_vq, img_dino)
+    for _, *crops in batches:
+        grids = model(*crops)
         if not first_batch:  # the first batch also compiles the networks: say what it cost
             first_batch = time.perf_counter() - started
             log.info("tokenize %s: first batch (compilation included) done after %.1f s", split, first_batch)
-        vq_parts.append(vq)
-        disc_parts.append(disc)
-        filled += vq.shape[0]
-        bar.update(vq.shape[0])
+        for kept, grid in zip(parts, grids):
+            kept.append(grid)
+        filled += grids[0].shape[0]
+        bar.update(grids[0].shape[0])
         while queue and filled >= len(shards[queue[0]]):
             j = queue.pop(0)
             n = len(shards[j])
-            vq_all, disc_all = torch.cat(vq_parts), torch.cat(disc_parts)
-            save_shard(out_dir / shard_name(j), _shard_arrays(rows, shards[j], vq_all[:n], disc_all[:n],
-                                                              model.vqgan.num_codes, model.assigner.num_centroids))
-            vq_parts, disc_parts, filled = [vq_all[n:]], [disc_all[n:]], filled - n
+            joined = [torch.cat(kept) for kept in parts]
+            writer.write(j, {field: grid[:n] for field, grid in zip(model.fields, joined)})
+            parts, filled = [[grid[n:]] for grid in joined], filled - n
     bar.close()
     _log_loader_wait(split, batches.waited, time.perf_counter() - started, num_workers)
     return SplitResult(len(rows["key"]), len(shards), len(pending), len(done), len(order), first_batch)
@@ -286,40 +373,82 @@ def tokenize(manifest: str | Path, centroids: str | Path, out_dir: str | Path, *
              images_per_shard: int = 10_000, dtype: str = "auto", device: str | torch.device = "auto",
              gpu_decode: bool = False, max_shards: int | None = None, compile: str = "auto",
              shards: dict[str, list[int]] | None = None) -> TokenizeSummary:
-    """Tokenize the usable rows of each split of `manifest` into `out_dir/<split>/shard-*.npz`.
+    """Tokenize the usable rows of each split of `manifest` into `out_dir/<split>/shard-*.npz` with both
+    fields, in one fused pass (see `encode_manifest` for the arguments)."""
+    return encode_manifest(manifest, {out_dir: TOKEN_FIELDS}, vqgan_kind=vqgan_kind, vqgan_checkpoint=vqgan_checkpoint,
+                           vqgan_config=vqgan_config, dinov2_kind=dinov2_kind, dinov2_path=dinov2_path,
+                           centroids=centroids, layer=layer, dino_size=dino_size, splits=splits,
+                           batch_size=batch_size, num_workers=num_workers, images_per_shard=images_per_shard,
+                           dtype=dtype, device=device, gpu_decode=gpu_decode, max_shards=max_shards,
+                           compile=compile, shards=shards)
+
+
+def encode_manifest(manifest: str | Path, outputs: Mapping[str | Path, Sequence[str]], *,
+                    given: str | Path | None = None, vqgan_kind: str = "maskgit",
+                    vqgan_checkpoint: str | Path | None = None, vqgan_config: str | Path | None = None,
+                    dinov2_kind: str = "hf", dinov2_path: str | Path | None = None,
+                    centroids: str | Path | None = None, layer: int = DEFAULT_LAYER,
+                    dino_size: int = DEFAULT_IMAGE_SIZE, splits: Sequence[str] = SPLIT_ORDER,
+                    batch_size: int = 128, num_workers: int = 8, images_per_shard: int = 10_000,
+                    dtype: str = "auto", device: str | torch.device = "auto", gpu_decode: bool = False,
+                    max_shards: int | None = None, compile: str = "auto",
+                    shards: dict[str, list[int]] | None = None) -> TokenizeSummary:
+    """One pass over the usable rows of each split of `manifest`: every output folder `out` gets
+    `out/<split>/shard-*.npz` holding its fields (`vq`, `disc` or both). The networks run are those
+    of the fields not found in `given` (a folder of `<split>/shard-*.npz` of the same rows holding
+    them): the VQGAN for `vq`, DINOv2 + nearest centroid of `centroids` for `disc`; both from one
+    decode when both are computed.
 
     `max_shards` stops after that many new shards per split (a later call continues); `gpu_decode`
     decodes JPEGs with nvJPEG on `device`; `shards` names the shards of each split to write (one
-    partition of the stage; default all). The tokenizers are loaded once per process and kept for the
+    partition of the stage; default all). The networks are loaded once per process and kept for the
     next call with the same files (a worker running several partitions).
     """
     device = resolve_device(device)
-    out_dir = Path(out_dir)
-    model = cached_fused_tokenizer(vqgan_kind=vqgan_kind, vqgan_checkpoint=str(vqgan_checkpoint),
-                                   vqgan_config=str(vqgan_config) if vqgan_config else None, dinov2_kind=dinov2_kind,
-                                   dinov2_path=str(dinov2_path), layer=layer, centroids=str(centroids),
-                                   dino_size=dino_size, dtype=dtype, device=device, compile=compile,
-                                   batch_size=batch_size)
-    log.info("tokenize on %s: VQGAN %s (%d codes, %d px), DINOv2 %s layer %d (%d px), %d centroids", device,
-             vqgan_kind, model.vqgan.num_codes, model.vqgan.image_size, dinov2_kind, layer, dino_size,
-             model.assigner.num_centroids)
+    outputs = {Path(folder): tuple(fields) for folder, fields in outputs.items()}
+    wanted = {field for fields in outputs.values() for field in fields}
+    unknown = wanted - set(TOKEN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown token fields {sorted(unknown)}: choose among {', '.join(TOKEN_FIELDS)}")
+    computed = wanted - ({"vq"} if given else set())  # an earlier pass's shards hold the generative codes
+    model = load_fused_tokenizer(vqgan_kind=vqgan_kind, vqgan_checkpoint=vqgan_checkpoint if "vq" in computed else None,
+                                 vqgan_config=vqgan_config, dinov2_kind=dinov2_kind,
+                                 dinov2_path=dinov2_path if "disc" in computed else None, layer=layer,
+                                 centroids=centroids if "disc" in computed else None, dino_size=dino_size,
+                                 dtype=dtype, device=device, compile=compile, batch_size=batch_size, kept=True)
+    log.info("tokenize on %s: %s", device, _describe(model, vqgan_kind, dinov2_kind, layer, given))
     start = time.perf_counter()
-    results = {split: tokenize_split(model, manifest, split, out_dir / split, batch_size=batch_size,
-                                     num_workers=num_workers, images_per_shard=images_per_shard,
-                                     gpu_decode=gpu_decode, max_shards=max_shards,
-                                     only=None if shards is None else shards.get(split, []))
+    results = {split: tokenize_split(model, manifest, split,
+                                     {folder / split: fields for folder, fields in outputs.items()},
+                                     batch_size=batch_size, num_workers=num_workers,
+                                     images_per_shard=images_per_shard, gpu_decode=gpu_decode, max_shards=max_shards,
+                                     only=None if shards is None else shards.get(split, []),
+                                     given=Path(given) / split if given else None)
                for split in splits}
     seconds = time.perf_counter() - start
     processed = sum(r.processed for r in results.values())
-    summary = TokenizeSummary(out_dir, {s: r.images for s, r in results.items()},
+    summary = TokenizeSummary(next(iter(outputs)), {s: r.images for s, r in results.items()},
                               {s: r.shards for s, r in results.items()}, sum(r.written for r in results.values()),
                               sum(r.skipped for r in results.values()), seconds,
-                              processed / seconds if seconds > 0 else 0.0, model.vqgan.num_codes,
-                              model.assigner.num_centroids, sum(r.first_batch_seconds for r in results.values()))
+                              processed / seconds if seconds > 0 else 0.0, model.num_codes.get("vq"),
+                              model.num_codes.get("disc"), sum(r.first_batch_seconds for r in results.values()),
+                              model.fields)
     log.info("tokenized %s images into %s shards (%d written, %d already done) in %.1f s (%.0f img/s)",
              summary.num_images, summary.num_shards, summary.shards_written, summary.shards_skipped, seconds,
              summary.images_per_second)
     return summary
+
+
+def _describe(model: FusedTokenizer, vqgan_kind: str, dinov2_kind: str, layer: int, given: Path | None) -> str:
+    parts = []
+    if model.vqgan is not None:
+        parts.append(f"VQGAN {vqgan_kind} ({model.vqgan.num_codes} codes, {model.vqgan.image_size} px)")
+    elif given:
+        parts.append(f"VQGAN codes read from {given}")
+    if model.dinov2 is not None:
+        parts.append(f"DINOv2 {dinov2_kind} layer {layer} ({model.dinov2.image_size} px), "
+                     f"{model.assigner.num_centroids} centroids")
+    return ", ".join(parts)
 
 
 # -------------------------------------------------------------------------------------- partitions

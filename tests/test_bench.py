@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.train import finite_metrics, no_compilation, results_table
 from benchmarks.records import machine_info
-from benchmarks.precompute import IMAGENET_1K_IMAGES, imagenet_estimate
+from benchmarks.precompute import IMAGENET_1K_IMAGES, imagenet_estimate, speedups
 
 IMAGENET = sum(IMAGENET_1K_IMAGES.values())
 
@@ -25,6 +25,13 @@ def test_per_image_stages_scale_and_fixed_costs_do_not():
 def test_a_feature_sample_smaller_than_configured_is_scaled_up():
     est = imagenet_estimate({"features": 10.0}, {}, num_images=50_000, feature_images=25_000, feature_sample=100_000)
     assert est["features"] == pytest.approx(40.0)
+
+
+def test_speed_ups_are_against_the_one_worker_run():
+    runs = [{"workers": 1, "stage_seconds": {"tokenize": 100.0, "pack": 5.0, "vq-codes": 0.0}},
+            {"workers": 4, "stage_seconds": {"tokenize": 30.0, "pack": 5.0, "vq-codes": 0.0}}]
+    assert speedups(runs) == {"1": {"tokenize": 1.0, "pack": 1.0}, "4": {"tokenize": 3.333, "pack": 1.0}}
+    assert speedups(runs[1:]) == {}  # no 1-worker run to compare with
 
 
 def test_precompute_records_reach_the_table(tmp_path):

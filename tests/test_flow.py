@@ -28,7 +28,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows.lease_flow import StageFailed, lease_flow, tokenize_flow  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "tokenize", "pack", "pretrain",
+ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "vq-codes", "tokenize", "pack", "pretrain",
               "evaluate", "eval-bank", *[stage for name in ("c", "t") for stage in
                                          [f"eval-{part}-{name}" for part in ("data", "manifest", "tokenize", "features")]
                                          + [f"eval-{name}"]], "report"]

@@ -1,6 +1,8 @@
 """The partitioned tokenize stage on a real Dask cluster (2 worker processes, prefect-dask): the same pack
-outputs as one process, and a worker killed mid-run costs only the parts that had not finished."""
+outputs as one process, and a worker killed mid-run costs only the parts that had not finished. A codebook
+sweep reuses the VQGAN codes: only DINOv2 + assignment run again, and the pack is a fresh run's."""
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -18,11 +20,41 @@ DASK = ["runner.kind=dask", "runner.workers=2"]
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("single")
+
+
+@pytest.fixture(scope="module")
+def single(single_root):
     """One process, one part: the digests every fan-out must reproduce."""
-    root = tmp_path_factory.mktemp("single")
-    cfg = load_pipeline_config("demo", [*TINY, f"artifacts={root}", "tokenize.partitions=1"])
-    return {o.name: (o.key, output_digests(Path(o.path), root)) for o in run_in_process(cfg, TOKENIZE_STAGES)}
+    cfg = load_pipeline_config("demo", [*TINY, f"artifacts={single_root}", "tokenize.partitions=1"])
+    return {o.name: (o.key, output_digests(Path(o.path), single_root)) for o in run_in_process(cfg, TOKENIZE_STAGES)}
+
+
+def in_process(root: Path, *extra: str) -> dict:
+    cfg = load_pipeline_config("demo", [*TINY, f"artifacts={root}", *extra])
+    return {o.name: o for o in run_in_process(cfg, TOKENIZE_STAGES)}
+
+
+def test_a_new_codebook_reruns_only_the_assignment_and_packs_a_fresh_runs_bytes(tmp_path, single, single_root):
+    """The fixture's fresh run fused both passes; a sweep from its artifacts keeps the VQGAN codes."""
+    root = tmp_path / "artifacts"
+    shutil.copytree(single_root, root, symlinks=True)
+    swept = in_process(root, "kmeans.k=6")
+    assert {name: o.status for name, o in swept.items()} == {
+        "demo-data": "cached", "demo-assets": "cached", "manifest": "cached", "features": "cached", "kmeans": "ran",
+        "vq-codes": "cached", "tokenize": "ran", "pack": "ran"}
+    assert swept["tokenize"].result["vqgan_runs"] == 0 and swept["tokenize"].result["disc_codes"] == 6
+
+    # Back to the fixture's codebook with its token shards gone: made from the kept codes, in two parts,
+    # they are the fresh fused run's bytes.
+    for name in ("tokenize", f"tokenize{PART_SUFFIX}", "pack"):
+        shutil.rmtree(root / name)
+    again = in_process(root, "tokenize.partitions=2")
+    assert again["vq-codes"].status == "cached" and again["tokenize"].status == "ran"
+    assert again["tokenize"].result["vqgan_runs"] == 0 and again["tokenize"].result["partitions"] == 2
+    for name in ("tokenize", "pack"):
+        assert output_digests(Path(again[name].path), root) == single[name][1], f"{name} differs"
 
 
 def part_records(artifacts: Path) -> dict[str, Record]:
