@@ -57,7 +57,7 @@ server: $(STAMP)  ## local Prefect server in the background (SQLite in .prefect/
 server-stop: $(STAMP)
 	$(PY) -m prefect server stop
 
-serve: $(STAMP)  ## serve lease/full-pipeline from this process; then: prefect deployment run lease/full-pipeline
+serve: $(STAMP)  ## serve lease/full-pipeline from this process (blocks; Ctrl-C stops it); then: prefect deployment run lease/full-pipeline
 	PREFECT_API_URL=$(API) $(PY) -m flows.deploy --config $(CONFIG) $(ARGS)
 
 deploy: $(STAMP)  ## lease/full-pipeline on the process work pool $(POOL) (created if missing), run by its workers

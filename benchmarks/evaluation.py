@@ -76,7 +76,7 @@ def vit_base_encoder(device: torch.device):
 
 def _views(locations: list[str], count: int, view: str, aug, num_classes: int = 1000):
     from lease.evaluate.online import AugmentedImages, view_transform
-    from pipeline.images import decode_location
+    from lease.images import decode_location
 
     picked = [locations[i % len(locations)] for i in range(count)]
     return AugmentedImages(picked, [i % num_classes for i in range(count)], view_transform(aug, view), decode_location)

@@ -170,7 +170,7 @@ def imagenet_estimate(stage_seconds: dict[str, float], fixed_seconds: dict[str, 
 
 def time_decoding(locations: list[str], batch_size: int, workers: int) -> dict[str, float]:
     """Images/s of the tokenize loader alone (JPEG → both crops on the GPU, no networks), per decoder."""
-    from pipeline.images import make_loader
+    from lease.images import make_loader
 
     rates = {}
     for name, gpu_decode in (("CPU", False), ("nvJPEG", True)):

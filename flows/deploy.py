@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                  "(%s=<checkout> PREFECT_API_URL=%s prefect worker start --pool %s)", args.name, deployment_id,
                  args.pool, api_url, REPO_VARIABLE, api_url, args.pool)
         return 0
-    log.info("serving deployment lease/%s on %s", args.name, api_url)
+    log.info("serving deployment lease/%s on %s: this command blocks while it serves; Ctrl-C (or SIGTERM) "
+             "stops serving (a flow run in progress stops with it and resumes when run again)", args.name, api_url)
     serve(args.config, args.overrides, args.name)
+    log.info("stopped serving lease/%s", args.name)
     return 0
 
 

@@ -45,8 +45,8 @@ from pipeline.artifacts import (RECORD_NAME, ArtifactLocked, ArtifactStorageErro
                                 StageSpec)
 from pipeline.config import PipelineConfig, load_pipeline_config
 from pipeline.stages import (BRANCHES, PART_SUFFIX, STAGES, TOKENIZE_STAGES, TRAIN_STAGES, Fusion, Stage, all_stages,
-                             dataset_stages, fused_part_specs, fusion_for, part_specs, random_tokenizers_note,
-                             run_fused_part, with_dependents)
+                             dataset_stages, fused_part_specs, fusion_for, left_out_datasets_note, part_specs,
+                             random_tokenizers_note, run_fused_part, with_dependents)
 
 
 # ------------------------------------------------------------------------------- Prefect plumbing
@@ -445,7 +445,7 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
     note = left_out_note(outcomes)
     if note:
         get_run_logger().warning("%s", note)
-    warn_of_random_tokenizers(cfg)  # again at the end, where a reader looks for the result
+    warn_of_caveats(cfg)  # again at the end, where a reader looks for the result
     if error is not None:  # the flow run fails with the stage's one-line reason; the caller gets `error`
         return Failed(message=str(error), data=error)
     return {"stages": [o.row() for o in outcomes], "record": str(path), "outcomes": outcomes,
@@ -481,11 +481,15 @@ def post_artifacts(cfg: PipelineConfig, outcomes: list[StageOutcome], record: Pa
                           description=f"every number of the report of run {cfg.name}, beside the paper's")
 
 
-def warn_of_random_tokenizers(cfg: PipelineConfig) -> None:
+def warn_of_caveats(cfg: PipelineConfig) -> None:
+    """The run's honesty notes: random-weight demo tokenizers, and generated evaluation sets left out."""
     note = random_tokenizers_note(cfg)
     if note:
         get_run_logger().warning("%s (tokenizers.vqgan.checkpoint / tokenizers.dinov2.path name the real ones)",
                                  note.upper())
+    left_out = left_out_datasets_note(cfg)
+    if left_out:
+        get_run_logger().warning("%s", left_out)
 
 
 def run_summary(outcomes: list[StageOutcome], record: Path | str) -> str:
@@ -512,7 +516,7 @@ def tokenize_flow(config: str = "demo", overrides: list[str] | None = None, forc
             return {"outcomes": run()}
         except StageFailed as err:
             return Failed(message=str(err), data=err)
-    warn_of_random_tokenizers(load_pipeline_config(config, overrides))
+    warn_of_caveats(load_pipeline_config(config, overrides))
     return _finish("tokenize", config, overrides, force, t0, run)
 
 
@@ -522,7 +526,7 @@ def lease_flow(config: str = "demo", overrides: list[str] | None = None, force: 
     """The whole pipeline: the `tokenize` sub-flow, then pretraining, evaluation (with `condgen.enabled`
     also the class-conditional decoder and its evaluation) and the report."""
     overrides, force, t0 = list(overrides or []), list(force or []), time.perf_counter()
-    warn_of_random_tokenizers(load_pipeline_config(config, overrides))  # a bad key fails here, before any stage
+    warn_of_caveats(load_pipeline_config(config, overrides))  # a bad key fails here, before any stage
 
     def run() -> list[StageOutcome]:
         tokenized = tokenize_flow(config, overrides, force, verify, write_record=False, wait=wait,

@@ -7,7 +7,7 @@ pretraining loader's RandomResizedCrop(256, scale 0.2–1) + horizontal flip, th
 
 `OnlineTokenizer` is that step and nothing else: usable wherever images must become codes on the GPU
 (training, and evaluation on images). `ManifestImages` feeds it a manifest's images through the
-pipeline's own loader (`pipeline.images.make_loader`: decoded and centre-cropped to S exactly as the
+pipeline's own loader (`lease.images.make_loader`: decoded and centre-cropped to S exactly as the
 tokenize stage does), so any source the manifest stage reads works. With the whole square as the crop
 and no flip (`OnlineTokenizer.encode_centre`) the codes are the tokenize stage's.
 
@@ -122,7 +122,7 @@ class ManifestImages:
 
     def __init__(self, manifest: str, split: str, batch_size: int, side: int, device: torch.device, seed: int,
                  num_workers: int, rank: int = 0, world_size: int = 1):
-        from pipeline.manifest import read_manifest
+        from lease.manifests import read_manifest
 
         table = read_manifest(manifest, split=split)
         self.locations = table["location"].to_pylist()
@@ -141,7 +141,7 @@ class ManifestImages:
 
     def iterate(self, start_step: int) -> Iterator[ImageBatch]:
         """Batches from global step `start_step` on, forever (epoch after epoch)."""
-        from pipeline.images import make_loader
+        from lease.images import make_loader
 
         epoch, offset = divmod(start_step, self.steps_per_epoch)
         while True:

@@ -398,7 +398,7 @@ class PipelineConfig:
     @property
     def uses_demo_assets(self) -> bool:
         return (self.tokenizers.vqgan.checkpoint == DEMO or self.tokenizers.dinov2.path == DEMO
-                or self.evaluate.fid.inception == DEMO or self.uses_demo_clip)
+                or self.evaluate.fid.inception == DEMO)
 
     @property
     def uses_demo_clip(self) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lease.evaluate.finetune import Views
 from lease.evaluate.online import AugmentConfig, AugmentedImages, view_transform
-from pipeline.images import decode_location
+from lease.images import decode_location
 from pipeline.manifest import read_manifest
 
 

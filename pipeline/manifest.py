@@ -13,7 +13,7 @@ Every file is checked (in parallel worker processes). A file that cannot be read
 the manifest with `status` = the reason (`empty file`, `not an image`, `truncated`, `corrupt`,
 `unreadable`, `duplicate of ...`) and is left out downstream by `read_manifest`. For PNGs and JPEGs,
 `truncated` (every byte present is valid, the file ends early) and `corrupt` (a byte present breaks the
-format) come from the file's own structure (`pipeline.images.find_damage`), not from PIL's message.
+format) come from the file's own structure (`lease.images.find_damage`), not from PIL's message.
 Nothing about bad data is fatal; the stage logs each bad file with its reason and returns the counts.
 
 Two depths of check (`check`):
@@ -63,18 +63,16 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
 from lease.io import atomic_path
-from pipeline.images import DECODE_ERRORS, JPEG_EOI, JPEG_SOI, TAR_SEPARATOR, read_bytes, to_rgb, undecodable_reason
+from lease.manifests import OK, SPLIT_ORDER, manifest_classes, read_manifest  # noqa: F401  (read side, re-exported)
+from lease.images import DECODE_ERRORS, JPEG_EOI, JPEG_SOI, TAR_SEPARATOR, read_bytes, to_rgb, undecodable_reason
 
 log = logging.getLogger(__name__)
 
-OK = "ok"
-SPLIT_ORDER = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 SourceKind = Literal["auto", "imagefolder", "list", "webdataset"]
 _FILES_PER_TASK = 64  # images checked per worker task: large enough to amortise the task overhead
@@ -573,29 +571,6 @@ def _log_summary(summary: ManifestSummary) -> None:
              len(summary.class_names), summary.num_bad)
     for location, reason in summary.bad:
         log.warning("left out %s: %s", location, reason)
-
-
-def read_manifest(path: str | Path, split: str | None = None, only_ok: bool = True) -> pa.Table:
-    """The manifest's rows (in file order), optionally one split, by default only usable images."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist (build it with `python -m pipeline.manifest`)")
-    if split is not None and split not in SPLIT_ORDER:
-        raise ValueError(f"split must be one of {SPLIT_ORDER}, got {split!r}")
-    table = pq.read_table(path)
-    mask = None
-    if only_ok:
-        mask = pc.equal(table["status"], OK)
-    if split is not None:
-        in_split = pc.equal(table["split"], split)
-        mask = in_split if mask is None else pc.and_(mask, in_split)
-    return table if mask is None else table.filter(mask)
-
-
-def manifest_classes(path: str | Path) -> list[str]:
-    """Class names by label id, as stored in the manifest's metadata."""
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"lease.classes", b"[]"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
     demo-assets (tiny checkpoints) ──> features, vq-codes, tokenize
     then:  pack + kmeans ──> pretrain ──> evaluate ──> report
                                    (eval-<name> per evaluate.datasets, condgen-eval) ──┘
-    with condgen.enabled:  manifest ──> class-embeddings;  pretrain + class-embeddings ──> condgen ──> condgen-eval
+    with condgen.enabled:  manifest + demo-clip ──> class-embeddings;  pretrain + class-embeddings ──> condgen ──> condgen-eval
 
 `vq-codes` holds the VQGAN's codes, whose key leaves out the codebook; `tokenize` adds DINOv2's nearest
 centroids to them. A new codebook (`kmeans.k`, ...) reruns only `tokenize` (DINOv2 + assignment, no
@@ -297,20 +297,18 @@ def build_demo_assets(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, A
                              num_heads=a.dino_heads, registers=a.dino_registers)
     # torch-fidelity's InceptionV3 at random weights in its weights file's format (evaluate.fid.inception: demo)
     save_random_inception(out / DEMO_INCEPTION, a.seed)
-    written = {"vqgan": DEMO_VQGAN, "dinov2": DEMO_DINOV2, "inception": DEMO_INCEPTION}
-    if cfg.uses_demo_clip:
-        c = cfg.condgen.demo
-        tiny.save_tiny_hf_clip(out / DEMO_CLIP, c.seed, hidden_size=c.hidden_size, layers=c.layers, heads=c.heads,
-                          projection_dim=c.projection_dim)
-        written["clip"] = DEMO_CLIP
-    return written
+    return {"vqgan": DEMO_VQGAN, "dinov2": DEMO_DINOV2, "inception": DEMO_INCEPTION}
 
 
-def _demo_assets_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """The demo tokenizers' sizes, and the demo CLIP's when condgen reads it (absent otherwise, so that
-    the key of a run without condgen stays as it was)."""
-    data = to_dict(cfg.tokenizers.demo)
-    return {**data, "clip": to_dict(cfg.condgen.demo)} if cfg.uses_demo_clip else data
+def build_demo_clip(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    """The tiny random-weight CLIP of `condgen.clip: demo` (its own stage, so that turning condgen on
+    leaves the tokenizers' artifacts, and every tokenization key, as they were)."""
+    from lease.tokenizers import tiny
+
+    c = cfg.condgen.demo
+    tiny.save_tiny_hf_clip(out / DEMO_CLIP, c.seed, hidden_size=c.hidden_size, layers=c.layers, heads=c.heads,
+                           projection_dim=c.projection_dim)
+    return {"clip": DEMO_CLIP}
 
 
 def build_manifest(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
@@ -490,11 +488,25 @@ def build_pack(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
 
 
 def _pretrain_config(cfg: PipelineConfig, dirs: Dirs | None = None) -> dict[str, Any]:
-    """The trainer's config with the data paths of this run filled in (blank for the key)."""
+    """The trainer's config with the data paths of this run filled in (blank for the key). `mage_online`
+    reads the manifest's images and the run's VQGAN instead of the packed VQGAN codes."""
     train_cfg = to_dict(cfg.pretrain)
     train_cfg["data"]["shards"] = str(dirs["pack"] / "train") if dirs else ""
     train_cfg["data"]["codebook"] = str(dirs["kmeans"] / "centroids.npy") if dirs else ""
+    if _tokenizes_online(cfg):
+        online, vq = train_cfg["online"], cfg.tokenizers.vqgan
+        online["vqgan_kind"] = vq.kind
+        if dirs:
+            vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
+            online.update(manifest=str(dirs["manifest"] / "manifest.parquet"), vqgan_checkpoint=str(vq_ckpt),
+                          vqgan_config=str(vq_config or ""))
+        else:  # the key: which VQGAN (its files' digests are the stage's inputs), not where it lies
+            online.update(manifest="", vqgan_checkpoint="demo" if vq.checkpoint == DEMO else "", vqgan_config="")
     return train_cfg
+
+
+def _tokenizes_online(cfg: PipelineConfig) -> bool:
+    return cfg.pretrain.method == "mage_online"
 
 
 def _batch_for_data(batch_size: int, train_split: dict[str, Any]) -> int:
@@ -613,7 +625,7 @@ def _fid_result(cfg: PipelineConfig, dirs: Dirs, tokens, decode, device: str) ->
     import numpy as np
 
     from lease.evaluate.fid import DecodedImages, FidConfig, TokenImages, fid_is, weights_needed
-    from pipeline.images import decode_location
+    from lease.images import decode_location
     from pipeline.manifest import read_manifest
 
     f, g = cfg.evaluate.fid, cfg.evaluate.generate
@@ -659,7 +671,7 @@ def build_class_embeddings(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[s
     from lease.clip_text import class_embeddings, save_class_embeddings
 
     c = cfg.condgen
-    clip = dirs["demo-assets"] / DEMO_CLIP if c.clip == DEMO else Path(c.clip)
+    clip = dirs["demo-clip"] / DEMO_CLIP if c.clip == DEMO else Path(c.clip)
     names = _class_names(cfg, dirs)
     emb = class_embeddings(clip, names, c.template)
     save_class_embeddings(out / "class_embeddings.npy", emb.features, names, c.template, emb.key)
@@ -698,6 +710,23 @@ def build_condgen(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
             "classes": classes, "batch_size": data["train"]["batch_size"]}
 
 
+def _condgen_fid(cfg: PipelineConfig, dirs: Dirs | None = None):
+    """condgen.fid; without its own `weights`, the evaluate stage's Inception (`evaluate.fid.inception`, the
+    demo's random one too) at that stage's feature layer, so both tables use one extractor."""
+    f = cfg.condgen.fid
+    if f.weights or not cfg.evaluate.fid.inception:
+        return f
+    weights = (_inception_path(cfg, dirs) if dirs else cfg.evaluate.fid.inception) or ""
+    return dataclasses.replace(f, weights=str(weights), feature_layer=f.feature_layer or cfg.evaluate.fid.feature_layer)
+
+
+def _condgen_fid_inputs(cfg: PipelineConfig) -> dict[str, ExternalInput]:
+    weights = _condgen_fid(cfg).weights
+    present = weights if weights != DEMO and Path(weights).is_file() else ""  # missing: condgen.json says so
+    return _external(vqgan_checkpoint=cfg.tokenizers.vqgan.checkpoint, vqgan_config=cfg.tokenizers.vqgan.config,
+                     fid_weights=present)
+
+
 def build_condgen_eval(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     """Class-conditional samples, grids and FID/IS (table 7) into condgen.json (INTERFACES.md)."""
     import dataclasses
@@ -709,7 +738,7 @@ def build_condgen_eval(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, 
     from lease.data import read_token_set
     from lease.evaluate import generate
     from lease.tokenizers import load_vqgan
-    from pipeline.images import decode_location
+    from lease.images import decode_location
     from pipeline.manifest import read_manifest
 
     c, device = cfg.condgen, _device(cfg)
@@ -723,7 +752,7 @@ def build_condgen_eval(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, 
     val = read_manifest(dirs["manifest"] / "manifest.parquet", split="val")["location"].to_pylist()
     opts = CondGenEval(c.samples_per_class, c.classes, c.sample_tail, c.grid_classes, c.grid_rows)
     result = evaluate_classes(model, sampler, vqgan, train_tokens, LocatedImages(val, decode_location, c.fid.image_size),
-                              c.fid, opts, out, torch.device(device), weights_key="condgen.fid.weights")
+                              _condgen_fid(cfg, dirs), opts, out, torch.device(device), weights_key="condgen.fid.weights")
     return {"condgen": "condgen.json", "fid": result["fid"], "isc": result["isc"], "classes": result["classes"],
             "grids": sorted(p.name for p in out.glob("class-*.png"))}
 
@@ -734,7 +763,7 @@ def _input_crops(manifest_dir: Path, size: int, keys: list[str]):
     import torch
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from pipeline.images import both_crops, decode_location
+    from lease.images import both_crops, decode_location
     from pipeline.manifest import read_manifest
 
     rows = read_manifest(manifest_dir / "manifest.parquet", split="val")
@@ -745,8 +774,21 @@ def _input_crops(manifest_dir: Path, size: int, keys: list[str]):
 # `evaluate.datasets` and `condgen` are the evaluation-set and conditional-generation sections; read by
 # name so that the report stage's dependencies follow them whichever of the sections a checkout has.
 def _eval_set_names(cfg: PipelineConfig) -> list[str]:
-    """The configured evaluation sets (`evaluate.datasets`, each its own `eval-<name>` stage)."""
-    return [d.name for d in getattr(cfg.evaluate, "datasets", ())]
+    """The evaluation sets of the run (`evaluate.datasets`, each its own `eval-<name>` stage)."""
+    return [d.name for d in active_datasets(cfg)]
+
+
+def active_datasets(cfg: PipelineConfig) -> list:
+    """`evaluate.datasets` less the generated ones (root: demo) when the images are the user's: those are
+    drawn from the demo's own classes, which the user's pretraining data does not have."""
+    return [d for d in cfg.evaluate.datasets if d.root != DEMO or cfg.uses_demo_data]
+
+
+def left_out_datasets_note(cfg: PipelineConfig) -> str | None:
+    left_out = [d.name for d in cfg.evaluate.datasets if d not in active_datasets(cfg)]
+    return (f"evaluate.datasets: the generated set(s) {', '.join(left_out)} (root: demo) are left out: they "
+            "are made from the demo's classes, not your images' (give a root of yours, or evaluate.datasets=[])"
+            if left_out else None)
 
 
 def _condgen_enabled(cfg: PipelineConfig) -> bool:
@@ -794,7 +836,7 @@ def _online_views(cfg: PipelineConfig, dirs: Dirs, device: str, manifest: Path |
     from lease.evaluate.online import AugmentedImages, OnlineTokenizer, view_transform
     from lease.evaluate.protocols import OnlineViews
     from lease.tokenizers import load_vqgan
-    from pipeline.images import decode_location
+    from lease.images import decode_location
     from pipeline.manifest import read_manifest
 
     a = cfg.evaluate.augment
@@ -1007,8 +1049,8 @@ def _features_config(cfg: PipelineConfig) -> dict[str, Any]:
 def dataset_stages(cfg: PipelineConfig) -> list[Stage]:
     """The branch stages of `evaluate.datasets`, in an order where every stage follows its upstream ones."""
     stages = [Stage(BANK, ("pretrain", "pack"), _features_config, build_eval_bank, on_device=True)] \
-        if any(d.role == "robustness" for d in cfg.evaluate.datasets) else []
-    for d in cfg.evaluate.datasets:
+        if any(d.role == "robustness" for d in active_datasets(cfg)) else []
+    for d in active_datasets(cfg):
         name, at = d.name, functools.partial(branch_stage, dataset=d.name)
         bank = (BANK,) if d.role == "robustness" else ()
         stages += [
@@ -1060,7 +1102,7 @@ def _evaluate_inputs(cfg: PipelineConfig) -> dict[str, ExternalInput]:
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("demo-data", (), lambda c: to_dict(c.demo_data), build_demo_data, enabled=lambda c: c.uses_demo_data),
-    Stage("demo-assets", (), _demo_assets_config, build_demo_assets,
+    Stage("demo-assets", (), lambda c: to_dict(c.tokenizers.demo), build_demo_assets,
           enabled=lambda c: c.uses_demo_assets),
     Stage("manifest", ("demo-data",), lambda c: _without(to_dict(c.data), "num_workers", "manifest_name"),
           build_manifest, inputs=lambda c: {} if c.uses_demo_data else {"source": ExternalInput(c.data.source, tree=True)},
@@ -1085,14 +1127,19 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                                 fused_build=build_fused_part)),
     Stage("pack", ("tokenize",), lambda c: _without(to_dict(c.pack), "num_workers"), build_pack),
     Stage("pretrain", ("pack", "kmeans"),
-          lambda c: _without(_pretrain_config(c), "data.num_workers", "log_every", "ckpt_every", "rdzv_endpoint"),
-          build_pretrain, on_device=True),
+          lambda c: _without(_pretrain_config(c), "data.num_workers", "log_every", "ckpt_every", "rdzv_endpoint",
+                             "online.num_workers"),
+          build_pretrain, on_device=True,
+          inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
+                                     vqgan_config=c.tokenizers.vqgan.config) if _tokenizes_online(c) else {},
+          after_config=lambda c: ("manifest", "demo-assets") if _tokenizes_online(c) else ()),
     Stage("evaluate", ("pretrain", "pack", "manifest", "demo-assets"),
           lambda c: {"evaluate": _without(to_dict(c.evaluate), "batch_size", "augment.batch_size",
                                           "augment.num_workers", "fid.batch_size", "datasets"),
                      "vqgan": _tokenizer_config(c)["vqgan"]},
           build_evaluate, inputs=_evaluate_inputs, on_device=True),
-    Stage("class-embeddings", ("manifest", "demo-assets"),
+    Stage("demo-clip", (), lambda c: to_dict(c.condgen.demo), build_demo_clip, enabled=lambda c: c.uses_demo_clip),
+    Stage("class-embeddings", ("manifest", "demo-clip"),
           lambda c: {"template": c.condgen.template, "names": "file" if c.condgen.names else "manifest",
                      "clip": "demo" if c.condgen.clip == DEMO else "file"}, build_class_embeddings,
           inputs=lambda c: _external(clip=c.condgen.clip, names=c.condgen.names), enabled=lambda c: c.condgen.enabled),
@@ -1102,18 +1149,17 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           build_condgen, enabled=lambda c: c.condgen.enabled, on_device=True),
     Stage("condgen-eval", ("condgen", "pack", "manifest", "demo-assets"),
           lambda c: {"condgen": {k: to_dict(getattr(c.condgen, k)) for k in CONDGEN_EVAL_KEYS},
-                     "fid": _without(to_dict(c.condgen.fid), "batch_size", "loader_workers", "cache_dir"),
+                     "fid": _without(to_dict(_condgen_fid(c)), "batch_size", "loader_workers", "cache_dir", "weights")
+                     | {"demo_inception": _condgen_fid(c).weights == DEMO},
                      "vqgan": _tokenizer_config(c)["vqgan"]},
-          build_condgen_eval, inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
-                                                         vqgan_config=c.tokenizers.vqgan.config,
-                                                         fid_weights=c.condgen.fid.weights),
+          build_condgen_eval, inputs=_condgen_fid_inputs,
           enabled=lambda c: c.condgen.enabled, on_device=True),
     Stage("report", ("evaluate", "pretrain", "pack", "manifest"), _report_config, build_report,
           after_config=_report_after),
 ]}
 TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "vq-codes", "tokenize", "pack")
 # `BRANCHES` marks where the evaluation datasets' branches start: concurrently with the stages after it
-TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate", "class-embeddings", "condgen", "condgen-eval", "report")
+TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate", "demo-clip", "class-embeddings", "condgen", "condgen-eval", "report")
 
 
 PartCall = Callable[[], StageOutcome]  # builds (or finds) one part's artifact

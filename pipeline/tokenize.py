@@ -41,7 +41,7 @@ from lease.io import atomic_path, json_digest
 from lease.tokenizers import codes_to_uint16, load_vqgan
 from lease.tokenizers.dinov2 import DEFAULT_IMAGE_SIZE, DEFAULT_LAYER, load_dinov2
 from pipeline.assign import Assigner, resolve_device
-from pipeline.images import make_loader
+from lease.images import make_loader
 from pipeline.manifest import SPLIT_ORDER, read_manifest
 
 log = logging.getLogger(__name__)

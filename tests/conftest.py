@@ -21,3 +21,21 @@ def fixture_dir(env_var: str, default_name: str) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One `make server` for the tests whose runs need a Prefect server but not a temporary one each."""
+    from lease_runs import make_server
+
+    with make_server(tmp_path_factory.mktemp("make-server")) as api_url:
+        yield api_url
+
+
+@pytest.fixture(scope="module")
+def runs_use_the_server(prefect_server):
+    """The `lease run` processes this module starts talk to `make server` (PREFECT_API_URL), as a user's
+    would after `make server`: no temporary server each."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_API_URL", prefect_server)
+        yield prefect_server

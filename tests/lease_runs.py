@@ -1,9 +1,11 @@
 """Helpers for tests that start real `lease run` processes on a tiny demo configuration."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +38,27 @@ def run_to_end(artifacts: Path, tmp_path: Path, name: str, *extra: str) -> tuple
     log = tmp_path / f"{name}.log"
     run = start_run(artifacts, tmp_path / "prefect", log, *extra)
     return run.wait(TIMEOUT), log.read_text()
+
+
+@contextlib.contextmanager
+def make_server(home: Path):
+    """`make server` as a user starts it (in the background, returning once it answers), on a free port
+    with its own PREFECT_HOME; yields its API URL, and `make server-stop` stops it at the end."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # -o: the checkout is installed already (a copied virtualenv may look older than the files)
+    make = ["make", "-s", "-o", ".venv/.installed-stamp"]
+    settings = [f"PREFECT_HOME={home}", f"PREFECT_PORT={port}"]
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "make-server.log").open("w") as log:  # a file: the server it leaves behind holds it open
+        subprocess.run([*make, "server", *settings], cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       timeout=180)
+    try:
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        subprocess.run([*make, "server-stop", *settings], cwd=REPO, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.STDOUT, timeout=60)
 
 
 def wait_until(condition, what: str, *procs: subprocess.Popen, logs: tuple[Path, ...] = ()) -> None:

@@ -9,7 +9,7 @@ from lease.evaluate.finetune import FinetuneClassifier, FinetuneConfig, finetune
 from lease.evaluate.online import AugmentConfig, AugmentedImages, OnlineTokenizer, view_transform
 from lease.model import LeaseModel
 from lease.tokenizers import load_vqgan
-from pipeline.images import decode_location
+from lease.images import decode_location
 from pipeline.manifest import read_manifest
 from test_eval_online import SIZE, assets  # noqa: F401  (the module fixture)
 

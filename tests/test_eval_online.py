@@ -10,7 +10,7 @@ from lease.tokenizers import load_vqgan
 from lease.tokenizers.vqgan_maskgit import MaskGITVQGAN, MaskGITVQGANConfig
 from pipeline import tokenize as tok
 from pipeline.demo_data import make_demo_dataset
-from pipeline.images import both_crops, decode_location, pil_to_tensor
+from lease.images import both_crops, decode_location, pil_to_tensor
 from pipeline.manifest import build_manifest, read_manifest
 
 SIZE = 64  # the f4 tiny VQGAN's input: a 16x16 grid, as DINOv2 at 32 px with patch 2

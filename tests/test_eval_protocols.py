@@ -14,7 +14,7 @@ from lease.evaluate.online import AugmentConfig, AugmentedImages, OnlineTokenize
 from lease.evaluate.protocols import ONLINE, OnlineViews, chosen_epoch, embedding_dropout, labelled, online_probes
 from lease.model import LeaseModel
 from lease.tokenizers import load_vqgan
-from pipeline.images import decode_location
+from lease.images import decode_location
 from pipeline.manifest import read_manifest
 from test_eval_online import SIZE, assets  # noqa: F401  (the module fixture)
 

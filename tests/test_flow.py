@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,7 @@ def deployed_run(tmp_path_factory):
             first = statuses(artifacts) if (artifacts / "runs" / "latest.json").is_file() else {}
             forced = run_deployment("lease/full-pipeline", parameters={"force": ["pretrain"]}, timeout=600)
             yield {"root": root, "artifacts": artifacts, "run": flow_run, "first": first, "forced": forced,
-                   "after_force": statuses(artifacts), "log": log_path}
+                   "after_force": statuses(artifacts), "log": log_path, "server": server}
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -220,6 +221,15 @@ def test_flow_rejects_a_bad_config_before_any_stage(deployed_run, tmp_path):
     with pytest.raises(ConfigError, match="kmeans.kk"):
         lease_flow(config="demo", overrides=[f"artifacts={tmp_path}", "kmeans.kk=3"])
     assert not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_stops_serving_the_deployment_cleanly(deployed_run):
+    """`make serve` blocks, says so and how to stop it; one Ctrl-C ends it with exit status 0."""
+    server, log_path = deployed_run["server"], deployed_run["log"]
+    assert "Ctrl-C (or SIGTERM) stops serving" in log_path.read_text()
+    server.send_signal(signal.SIGINT)
+    assert server.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+    assert "stopped serving lease/full-pipeline" in log_path.read_text()
 
 
 def test_left_out_images_are_named_on_cached_runs_too():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import (RawBatch, both_crops, center_square, collate_encoded, decode_raw_batch, decode_rgb,
+from lease.images import (RawBatch, both_crops, center_square, collate_encoded, decode_raw_batch, decode_rgb,
                              EncodedDataset, is_gpu_decodable_jpeg, make_loader, pil_to_tensor, read_bytes,
                              resize_squares)
 
@@ -189,7 +189,7 @@ def _valid_encodings() -> dict[str, bytes]:
 def test_intact_files_show_no_damage_and_their_cut_copies_are_truncated():
     """The structure walk accepts every valid encoding; any cut of one (in the headers, in the first
     chunk or segment, in the compressed data) is named truncated, never corrupt or "not an image"."""
-    from pipeline.images import find_damage
+    from lease.images import find_damage
     from pipeline.manifest import check_image_bytes
 
     encodings = _valid_encodings()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lease.io import file_digest
 from pipeline.demo_data import class_styles, make_demo_dataset
-from pipeline.images import read_bytes
+from lease.images import read_bytes
 from pipeline.manifest import (build_manifest, escape_key, manifest_classes, manifest_key, read_manifest, split_key,
                                unescape_key)
 
@@ -126,7 +126,7 @@ def test_imagefolder_manifest_records_bad_files(tmp_path, monkeypatch, caplog):
 def test_quick_check_finds_the_same_bad_files_except_damage_inside_an_intact_jpeg(tmp_path, monkeypatch):
     """quick reads headers and end markers: every kind of bad file is still named, except the JPEG whose
     Huffman table is damaged while its end marker is intact; tokenize then stops on it, naming it."""
-    from pipeline.images import UndecodableImage, make_loader
+    from lease.images import UndecodableImage, make_loader
 
     expected = _tree_with_bad_files(tmp_path / "src", monkeypatch)
     full = build_manifest(tmp_path / "src", tmp_path / "full.parquet", num_workers=0)

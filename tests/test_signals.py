@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -130,10 +131,13 @@ def test_the_command_that_continues_forces_only_the_interrupted_stage_and_never_
 # ------------------------------------------------------------------- real runs, real signals
 
 
-def start(command: list[str], log: Path, home: Path) -> subprocess.Popen:
+def start(command: list[str], log: Path, home: Path, api_url: str = "") -> subprocess.Popen:
     """A `lease run` command line in its own session (as a terminal's foreground job is its own
-    process group), on the CPU, one thread per process."""
+    process group), on the CPU, one thread per process; with `api_url`, on that server (`make server`),
+    else on a temporary server of its own."""
     env = dict(os.environ, PREFECT_HOME=str(home), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     with log.open("w") as fh:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -195,18 +199,19 @@ def user_folder(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The four runs on one folder; returns their logs, exit codes and timings by name."""
+def runs(tmp_path_factory, prefect_server):
+    """The four runs on one folder, the first two on their temporary Prefect servers, the last two on
+    `make server`; returns their logs, exit codes and timings by name."""
     root = tmp_path_factory.mktemp("signals")
     home, artifacts = root / "prefect", root / "artifacts"
     first = [sys.executable, "-m", "pipeline.cli", "run", "--config", "demo", *TINY,
              f"data.source={user_folder(root)}", f"artifacts={artifacts}"]
     done: dict[str, dict] = {}
 
-    def go(name: str, command: list[str]) -> tuple[subprocess.Popen, Path]:
+    def go(name: str, command: list[str], api_url: str = "") -> tuple[subprocess.Popen, Path]:
         log = root / f"{name}.log"
         done[name] = {"log": log, "command": command}
-        return start(command, log, home), log
+        return start(command, log, home, api_url), log
 
     run, log = go("tokenize", first)
     wait_until(lambda: tokenize_shards_written(artifacts) >= 3, "three tokenize shards", run, logs=(log,))
@@ -218,7 +223,7 @@ def runs(tmp_path_factory):
     sent = ctrl_c(run)
     done["pretrain"].update(code=exit_within(run, STOP_BOUND, sent, log), gone=group_gone(run.pid))
 
-    run, log = go("twice", continued(done["pretrain"]))
+    run, log = go("twice", continued(done["pretrain"]), prefect_server)
     wait_until(lambda: "resumed from" in log.read_text() and last_logged_step(log) >= stopped_step(done) + 2,
                "two more pretraining steps", run, logs=(log,))
     ctrl_c(run)
@@ -227,9 +232,17 @@ def runs(tmp_path_factory):
     sent = ctrl_c(run)  # while the first one's stop is under way
     done["twice"].update(code=exit_within(run, 5, sent, log), gone=group_gone(run.pid))
 
-    run, log = go("end", continued(done["twice"]))
+    done["twice"]["server_up"] = server_answers(prefect_server)
+    run, log = go("end", continued(done["twice"]), prefect_server)
     done["end"].update(code=run.wait(300))
     return {"artifacts": artifacts, **{name: {**d, "text": d["log"].read_text()} for name, d in done.items()}}
+
+
+def server_answers(api_url: str) -> bool:
+    try:
+        return httpx.get(f"{api_url}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def continued(run: dict) -> list[str]:
@@ -273,10 +286,11 @@ def test_ctrl_c_during_pretrain_saves_its_checkpoint_and_its_command_resumes_it(
     assert f"at step {stopped_step(runs)}\n" in runs["twice"]["text"]  # "resumed from <checkpoint> at step N"
 
 
-def test_a_second_ctrl_c_exits_at_once_with_the_server(runs):
+def test_a_second_ctrl_c_exits_at_once_and_leaves_make_server_running(runs):
     twice = runs["twice"]
     assert twice["code"] == 130
-    assert twice["gone"], "the Prefect server outlived the run"
+    assert twice["gone"], "a process of the run outlived it"
+    assert twice["server_up"], "`make server` stopped answering after the run's Ctrl-C"
     assert "signal SIGINT again: exiting at once; to continue: " in twice["text"]
 
 
@@ -298,6 +312,9 @@ def test_a_small_folder_trains_with_a_capped_batch_and_says_its_tokenizers_are_r
         assert re.search(rf"{re.escape(name)}: {reason}", runs["end"]["text"]), (name, reason)
     assert RANDOM_TOKENIZERS.upper() in text  # the banner, at the start of the run
     assert RANDOM_TOKENIZERS.upper() in runs["end"]["text"].rsplit("stage table", 1)[1]  # and at its end
+    # the demo preset's generated evaluation sets are of the demo's classes: left out for a user's folder
+    assert "the generated set(s) demo_c, demo_transfer (root: demo) are left out" in text
+    assert "eval-demo_c" not in runs["end"]["text"]
     assert re.search(r"pretrain.batch_size=32 is more than the \d+ train samples of this data: training with "
                      r"batches of 16", runs["pretrain"]["text"])
     report = Path(runs["end"]["text"].rstrip().splitlines()[-1].removeprefix("report: ")).read_text()

@@ -1,5 +1,6 @@
 """The artifact store under faults, through real `lease run` processes: two runs on one artifacts root
-(one writer per key, whichever run finishes), a read-only root, a full disk.
+(one writer per key, whichever run finishes), a read-only root, a full disk. The runs talk to one
+`make server`, as after a user's `make server` (test_signals covers the temporary server).
 
 Each two-run case freezes the first run (SIGSTOP) once its tokenize stage has written three shards, so that the
 second run provably meets a key that is being built (and a third, with --no-wait, fails naming the
@@ -20,7 +21,8 @@ from pipeline.artifacts import LOCKS_DIR, RECORD_NAME, Record, damaged_output
 from pipeline.config import load_pipeline_config
 from pipeline.stages import TOKENIZE_STAGES, run_in_process
 
-pytestmark = pytest.mark.slow  # one to three tiny tokenization flows per test (up to ~1 min on 2 cores)
+# one to three tiny tokenization flows per test (up to ~40 s on 2 cores), on one `make server`
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("runs_use_the_server")]
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

@@ -12,7 +12,7 @@ from lease.tokenizers.vqgan_maskgit import MaskGITVQGAN, MaskGITVQGANConfig
 from pipeline import tokenize as tok
 from pipeline.assign import nearest_centroid
 from pipeline.demo_data import make_demo_dataset
-from pipeline.images import both_crops, decode_rgb, pil_to_tensor, read_bytes
+from lease.images import both_crops, decode_rgb, pil_to_tensor, read_bytes
 from pipeline.manifest import build_manifest, read_manifest
 
 DINO_SIZE = 32  # patch 2 → the same 16x16 grid as the f4 VQGAN at 64 px

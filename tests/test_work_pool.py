@@ -1,4 +1,4 @@
-"""The deployment on a `process` work pool, run by a real worker: a real local Prefect server, the pool and
+"""The deployment on a `process` work pool, run by a real worker: `make server`, the pool and
 deployment registered by `python -m flows.deploy --pool` (what `make deploy` runs), and the worker started
 by the command line `make worker` runs, polling once, from another directory (as on another machine).
 The run's config names a bad key, so the flow fails within seconds at its first line with our config
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # a server, a worker and one flow-run process (~25 s on 2 cores)
+pytestmark = pytest.mark.slow  # a worker and one flow-run process (~15 s on 2 cores)
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="lease-prefect-home-")
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
@@ -22,7 +22,7 @@ import flows  # noqa: E402,F401  (the project's Prefect defaults: analytics and 
 
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.settings import PREFECT_API_URL  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect.settings import temporary_settings  # noqa: E402
 
 from flows import deploy  # noqa: E402
 from flows.deploy import ENTRYPOINT, PULL_STEPS  # noqa: E402
@@ -39,9 +39,9 @@ def make_worker_command(api_url: str) -> list[str]:
     return shlex.split(lines[-1])
 
 
-def test_a_process_worker_runs_the_pool_deployment_in_its_checkout(tmp_path, monkeypatch):
-    with prefect_test_harness(server_startup_timeout=120):
-        api_url = PREFECT_API_URL.value()
+def test_a_process_worker_runs_the_pool_deployment_in_its_checkout(tmp_path, monkeypatch, prefect_server):
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        api_url = prefect_server
         monkeypatch.setenv("PREFECT_API_URL", api_url)
         env = dict(os.environ, PREFECT_API_URL=api_url)
         assert deploy.main(["--pool", POOL, "--config", "demo", f"artifacts={tmp_path / 'artifacts'}"]) == 0
