@@ -235,16 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     core_cli.register(sub)
     bench_cli.add_placeholders(sub)
-    evaluate.register(sub, commands={"finetune": _finetune_on_manifest})
+    evaluate.register(sub)
     return parser
-
-
-def _finetune_on_manifest(args: argparse.Namespace) -> int:
-    """`lease eval finetune`: the core command with the pipeline's manifest reader and image loader."""
-    from lease.evaluate import finetune
-    from pipeline.finetune import manifest_views
-
-    return finetune.run(args, load_views=manifest_views)
 
 
 def main(argv: list[str] | None = None) -> int:

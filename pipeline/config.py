@@ -18,6 +18,7 @@ from typing import Any, Literal
 from lease.configs import CONDGEN_TEMPLATE, TrainConfig, condgen_train_config, train_config
 from lease.evaluate.fid import FidConfig
 from lease.evaluate.fewshot import FewShotConfig
+from lease.evaluate.finetune import FinetuneConfig
 from lease.evaluate.generate import GenerateConfig
 from lease.evaluate.knn import KnnConfig
 from lease.evaluate.linear_probe import ProbeConfig
@@ -338,6 +339,20 @@ class DemoClipConfig:
 
 
 @dataclass
+class FinetuneSection:
+    """Full fine-tuning of the pretrained encoder (table 3, table A.3's recipe in `train`), its own stage
+    `finetune` after pretrain: online RandAug views of the manifest's train split through the run's VQGAN,
+    top-1/top-5 on its val split (`lease.evaluate.finetune`)."""
+
+    enabled: bool = False
+    train: FinetuneConfig = field(default_factory=FinetuneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the views (randaug, val); image decoding
+
+    def __post_init__(self) -> None:
+        require(self.augment.num_workers >= 0, "augment.num_workers", "must be >= 0")
+
+
+@dataclass
 class CondGenSection:
     """Class-conditional generation from the frozen encoder (paper §4.4, `lease.condgen`): the stages
     class-embeddings → condgen (decoder fine-tuning, `train`: table A.5 where not set) → condgen-eval."""
@@ -383,6 +398,7 @@ class PipelineConfig:
     pack: PackConfig = field(default_factory=PackConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     condgen: CondGenSection = field(default_factory=CondGenSection)
 
     def __post_init__(self) -> None:

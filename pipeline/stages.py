@@ -652,6 +652,34 @@ def _fid_result(cfg: PipelineConfig, dirs: Dirs, tokens, decode, device: str) ->
     return result
 
 
+def build_finetune(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
+    """finetune.json (table 3): the encoder fine-tuned on the manifest's train split, scored on its val
+    split; an interrupted run continues from the last epoch's finetune.pt in its work directory."""
+    import dataclasses
+
+    from lease.checkpoints import model_from_checkpoint
+    from lease.evaluate import finetune
+    from lease.evaluate.knn import num_classes_of
+    from lease.evaluate.online import OnlineTokenizer
+    from lease.tokenizers import load_vqgan
+
+    f, device = cfg.finetune, _device(cfg)
+    aug = dataclasses.replace(f.augment, seed=f.train.seed)
+    train, val = finetune.manifest_views(dirs["manifest"] / "manifest.parquet", aug, f.train.seed)
+    if _unlabelled(train.labels, val.labels):
+        raise ConfigError("finetune: the images have no labels (no class folders): fine-tuning needs them; "
+                          "set finetune.enabled=off")
+    vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
+    vqgan = load_vqgan(cfg.tokenizers.vqgan.kind, vq_ckpt, config=vq_config, device=device,
+                       compile=device.startswith("cuda"))
+    train_cfg = dataclasses.replace(f.train, batch_size=min(f.train.batch_size, len(train) // 2 * 2))
+    encoder = model_from_checkpoint(dirs["pretrain"] / "checkpoint.pt", device)
+    result = finetune.finetune(encoder, OnlineTokenizer(vqgan, aug.batch_size), train, val,
+                               num_classes_of(train.labels, val.labels), train_cfg, aug, out)
+    return {"finetune": finetune.RESULT, "top1": result["top1"], "top5": result["top5"], "epochs": result["epochs"],
+            "batch_size": train_cfg.batch_size}
+
+
 # --------------------------------------------------------------- class-conditional generation (§4.4)
 def _class_names(cfg: PipelineConfig, dirs: Dirs) -> list[str]:
     """condgen.names (a names file), else the manifest's class folder names by label."""
@@ -797,8 +825,10 @@ def _condgen_enabled(cfg: PipelineConfig) -> bool:
 
 
 def _report_after(cfg: PipelineConfig) -> tuple[str, ...]:
-    """The report's config-named upstream stages: one per evaluation set, and conditional generation's."""
-    return tuple(f"eval-{name}" for name in _eval_set_names(cfg)) + (("condgen-eval",) if _condgen_enabled(cfg) else ())
+    """The report's config-named upstream stages: one per evaluation set, fine-tuning's and conditional
+    generation's."""
+    return (tuple(f"eval-{name}" for name in _eval_set_names(cfg)) + (("finetune",) if cfg.finetune.enabled else ())
+            + (("condgen-eval",) if _condgen_enabled(cfg) else ()))
 
 
 def _report_config(cfg: PipelineConfig) -> dict[str, Any]:
@@ -822,7 +852,7 @@ def build_report(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
                      classes=len(manifest["class_names"]), model=c["run"]["preset"],
                      **{k: c["run"][k] for k in ("embed_dim", "depth", "method", "epochs", "max_steps", "contrast_on")},
                      caveat=c["caveat"], unlabelled=_recorded_result(dirs["evaluate"]).get("skipped"))
-    inputs = ReportInputs(eval_dir=dirs["evaluate"], eval_sets={n: dirs.get(f"eval-{n}") for n in c["eval_sets"]},
+    inputs = ReportInputs(eval_dir=dirs["evaluate"], finetune_dir=dirs.get("finetune"), eval_sets={n: dirs.get(f"eval-{n}") for n in c["eval_sets"]},
                           condgen=c["condgen"], condgen_dir=dirs.get("condgen-eval"),
                           metrics_jsonl=dirs["pretrain"] / "metrics.jsonl", stats_json=dirs["pack"] / "stats.json",
                           token_usage_png=dirs["pack"] / "token_usage.png")
@@ -1138,6 +1168,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                                           "augment.num_workers", "fid.batch_size", "datasets"),
                      "vqgan": _tokenizer_config(c)["vqgan"]},
           build_evaluate, inputs=_evaluate_inputs, on_device=True),
+    Stage("finetune", ("pretrain", "manifest", "demo-assets"),
+          lambda c: {"train": to_dict(c.finetune.train),
+                     "augment": _without(to_dict(c.finetune.augment), "batch_size", "num_workers"),
+                     "vqgan": _tokenizer_config(c)["vqgan"]},
+          build_finetune, inputs=lambda c: _external(vqgan_checkpoint=c.tokenizers.vqgan.checkpoint,
+                                                     vqgan_config=c.tokenizers.vqgan.config),
+          enabled=lambda c: c.finetune.enabled, on_device=True),
     Stage("demo-clip", (), lambda c: to_dict(c.condgen.demo), build_demo_clip, enabled=lambda c: c.uses_demo_clip),
     Stage("class-embeddings", ("manifest", "demo-clip"),
           lambda c: {"template": c.condgen.template, "names": "file" if c.condgen.names else "manifest",
@@ -1159,7 +1196,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 ]}
 TOKENIZE_STAGES = ("demo-data", "demo-assets", "manifest", "features", "kmeans", "vq-codes", "tokenize", "pack")
 # `BRANCHES` marks where the evaluation datasets' branches start: concurrently with the stages after it
-TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate", "demo-clip", "class-embeddings", "condgen", "condgen-eval", "report")
+TRAIN_STAGES = ("pretrain", BRANCHES, "evaluate", "finetune", "demo-clip", "class-embeddings", "condgen", "condgen-eval", "report")
 
 
 PartCall = Callable[[], StageOutcome]  # builds (or finds) one part's artifact

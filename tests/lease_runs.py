@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["demo_data.num_classes=4", "demo_data.train_per_class=6", "demo_data.val_per_class=2",
         "demo_data.image_size=32", "features.num_images=16", "features.patches_per_image=16",
         "features.num_workers=0", "kmeans.k=8", "kmeans.iters=3", "tokenize.num_workers=1",
-        "tokenize.images_per_shard=2", "pack.samples_per_shard=16"]
+        "tokenize.images_per_shard=2", "pack.samples_per_shard=16", "finetune.train.batch_size=8",
+        "finetune.train.epochs=1", "finetune.augment.num_workers=0"]
 TIMEOUT = 300
 
 

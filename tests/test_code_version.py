@@ -81,7 +81,8 @@ def test_editing_a_build_function_rekeys_its_stage_and_dependents_only(monkeypat
                         lambda obj: real(obj) + ("    # edited\n" if obj is build_pack else ""))
     code_version.clear_caches()
     after = stage_keys()
-    assert {name for name in ENABLED if before[name] != after[name]} == {"pack", "pretrain", "evaluate", "report"}
+    assert {name for name in ENABLED if before[name] != after[name]} == {"pack", "pretrain", "evaluate", "finetune",
+                                                                         "report"}
 
 
 def test_the_record_names_the_modules_and_package_versions(tmp_path):

@@ -332,20 +332,20 @@ def test_a_report_only_edit_rekeys_the_report_stage_alone(monkeypatch):
     code_version.clear_caches()
     assert {name for name in before if before[name] != after[name]} == {"report"}
     assert STAGES["report"].upstream(cfg) == ("evaluate", "pretrain", "pack", "manifest",
-                                              *[f"eval-{d.name}" for d in cfg.evaluate.datasets])
+                                              *[f"eval-{d.name}" for d in cfg.evaluate.datasets], "finetune")
 
 
-def test_the_report_stage_waits_for_every_configured_evaluation_set_and_condgen():
-    from types import SimpleNamespace
+TWO_SETS = "evaluate.datasets=[{name: imagenet_r, role: robustness, root: demo}, {name: cifar10, role: transfer, root: demo}]"
 
+
+def test_the_report_stage_waits_for_every_configured_evaluation_set_finetune_and_condgen():
+    from pipeline.config import load_pipeline_config
     from pipeline.stages import STAGES
 
-    cfg = SimpleNamespace(evaluate=SimpleNamespace(datasets=[SimpleNamespace(name="imagenet-r"),
-                                                             SimpleNamespace(name="cifar10")]),
-                          condgen=SimpleNamespace(enabled=True))
-    assert STAGES["report"].upstream(cfg)[4:] == ("eval-imagenet-r", "eval-cifar10", "condgen-eval")
-    cfg.condgen.enabled = False
-    assert "condgen-eval" not in STAGES["report"].upstream(cfg)
+    cfg = load_pipeline_config("demo", [TWO_SETS, "condgen.enabled=on"])
+    assert STAGES["report"].upstream(cfg)[4:] == ("eval-imagenet_r", "eval-cifar10", "finetune", "condgen-eval")
+    cfg = load_pipeline_config("demo", [TWO_SETS, "finetune.enabled=off"])
+    assert STAGES["report"].upstream(cfg)[4:] == ("eval-imagenet_r", "eval-cifar10")
 
 
 def test_paper_dataset_names():
@@ -408,15 +408,13 @@ def test_task_grids_put_the_input_image_beside_its_tokens_and_completion(tmp_pat
 def test_the_report_stage_reads_every_upstream_directory_it_is_given(run_dir):
     """build_report on hand-written stage directories: the evaluation sets the config names (by the
     `eval-<name>` convention), the manifest's counts and evaluate's record."""
-    from types import SimpleNamespace
-
     from pipeline.artifacts import RECORD_NAME
     from pipeline.config import load_pipeline_config
     from pipeline.stages import STAGES
 
     root, inputs = run_dir
-    cfg = load_pipeline_config("demo")
-    cfg.evaluate.datasets = [SimpleNamespace(name="cifar10"), SimpleNamespace(name="objectnet")]  # evalsets' section
+    cfg = load_pipeline_config("demo", ["evaluate.datasets=[{name: cifar10, role: transfer, root: demo}, "
+                                        "{name: objectnet, role: robustness, root: demo}]"])
     write_json(root / "manifest" / RECORD_NAME, {"result": {"split_counts": {"train": 240, "val": 80},
                                                             "class_names": [f"c{i}" for i in range(10)]}})
     write_json(root / "eval" / RECORD_NAME, {"result": {"skipped": None}})

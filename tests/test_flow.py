@@ -30,7 +30,7 @@ from flows.lease_flow import StageFailed, lease_flow, tokenize_flow  # noqa: E40
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = ["demo-data", "demo-assets", "manifest", "features", "kmeans", "vq-codes", "tokenize", "pack", "pretrain",
-              "evaluate", "eval-bank", *[stage for name in ("c", "t") for stage in
+              "evaluate", "finetune", "eval-bank", *[stage for name in ("c", "t") for stage in
                                          [f"eval-{part}-{name}" for part in ("data", "manifest", "tokenize", "features")]
                                          + [f"eval-{name}"]], "report"]
 # One robustness set in ImageNet-C's layout (4 classes x 1 image x 2 severities) and one transfer set
@@ -46,7 +46,8 @@ TINY = [  # the demo preset at test sizes: 4 classes, 24 train + 8 val images, 4
     "pretrain.log_every=2", "evaluate.knn.k=3", "evaluate.linear_probe.epochs=2",
     "evaluate.linear_probe.batch_size=8", "evaluate.generate.num_images=4", "evaluate.generate.batch_size=4",
     "evaluate.generate.num_steps=2", "evaluate.grid_rows=2", "evaluate.batch_size=16",
-    "evaluate.fid.reference_images=4", "evaluate.fewshot.shots=[1]", DATASETS,
+    "evaluate.fid.reference_images=4", "evaluate.fewshot.shots=[1]", DATASETS, "finetune.train.batch_size=8",
+    "finetune.train.epochs=1", "finetune.augment.num_workers=0",
 ]
 
 

@@ -1,6 +1,7 @@
 """`pretrain.method` through the pipeline: the baselines run the same stages as LEASE (straight through
 the artifact store, as the flow's tasks do), `mage_online` reading the manifest's images and the run's
 VQGAN instead of the packed codes, and each method is its own pretrain key over one shared tokenization."""
+import json
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,11 @@ def run_method(root: Path, method: str, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """LEASE with class-conditional generation on, then the baselines on the same artifacts root."""
+    """LEASE with fine-tuning and class-conditional generation, then the baselines on the same artifacts root."""
     root = tmp_path_factory.mktemp("methods")
     return {"lease": run_method(root, "lease", *CONDGEN),
-            "sorcen": run_method(root, "sorcen", *(f"pretrain.{o}" for o in SORCEN)),
-            "mage_online": run_method(root, "mage_online")}
+            "sorcen": run_method(root, "sorcen", "finetune.enabled=off", *(f"pretrain.{o}" for o in SORCEN)),
+            "mage_online": run_method(root, "mage_online", "finetune.enabled=off")}
 
 
 def test_every_method_pretrains_and_evaluates_over_one_tokenization(runs):
@@ -79,3 +80,14 @@ def test_condgen_stages_train_the_decoder_and_score_with_the_evaluate_stage_s_in
     assert result["classes"] == 2 and result["grids"] == ["class-0.png"]
     assert result["fid"] is not None and result["isc"] is not None, result
     assert "condgen" not in sorcen and "class-embeddings" not in sorcen  # off by default
+
+
+def test_the_finetune_stage_fills_table_3(runs):
+    lease = runs["lease"]
+    assert lease["finetune"].status == "ran" and lease["finetune"].result["epochs"] == 1
+    finetuned = json.loads((Path(lease["finetune"].path) / "finetune.json").read_text())
+    assert 0 <= finetuned["top1"] <= finetuned["top5"] <= 100 and finetuned["num_classes"] == 4
+    report = (Path(lease["report"].path) / "report.md").read_text()
+    table_3 = report.split("Full fine-tuning", 1)[1].split("\n#", 1)[0]
+    assert f"{finetuned['top1']:.2f}" in table_3 and "did not run" not in table_3
+    assert "finetune" not in runs["sorcen"]

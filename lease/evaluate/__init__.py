@@ -58,19 +58,18 @@ def config_from_args(cls: type[T], args: argparse.Namespace, **fixed: Any) -> T:
     return from_dict(cls, apply_overrides(data, args.overrides))
 
 
-def register(subparsers: argparse._SubParsersAction, commands: dict[str, Any] | None = None) -> None:
-    """Add `eval <protocol>` commands to a `lease` parser (each calls its module's `run(args)`, or the
-    caller's function for it in `commands`: how the pipeline lends a protocol its manifest reader)."""
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `eval <protocol>` commands to a `lease` parser (each calls its module's `run(args)`)."""
     eval_parser = subparsers.add_parser("eval", help="evaluation protocols (k-NN, linear probe, generation, ...)")
-    _add_protocols(eval_parser.add_subparsers(dest="protocol", required=True), commands or {})
+    _add_protocols(eval_parser.add_subparsers(dest="protocol", required=True))
 
 
-def _add_protocols(group: argparse._SubParsersAction, commands: dict[str, Any] | None = None) -> None:
+def _add_protocols(group: argparse._SubParsersAction) -> None:
     for protocol, help_text in PROTOCOLS.items():
         module = _module_for(protocol)
         p = group.add_parser(protocol, help=help_text)
         module.add_arguments(p)
-        p.set_defaults(func=(commands or {}).get(protocol, module.run))
+        p.set_defaults(func=module.run)
 
 
 def main(argv: list[str] | None = None) -> int:

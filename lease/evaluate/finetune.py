@@ -18,7 +18,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from torch import nn
 
 from lease.checkpoints import load_checkpoint, save_checkpoint
 from lease.evaluate.features import autocast_for
-from lease.evaluate.online import AugmentConfig, AugmentedImages, OnlineTokenizer, epoch_loader, to_unit
+from lease.evaluate.online import AugmentConfig, AugmentedImages, OnlineTokenizer, epoch_loader, to_unit, view_transform
 from lease.io import atomic_write_json
 from lease.typed_config import require
 
@@ -200,27 +199,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 Views = tuple[AugmentedImages, AugmentedImages]  # (train randaug views, val views)
-ViewsLoader = Callable[[Path, AugmentConfig, int], Views]  # (manifest, augment settings, seed) -> views
 
 
-def run(args: argparse.Namespace, load_views: ViewsLoader | None = None) -> int:
-    """`lease eval finetune`: table A.3 on a manifest's train/val images (resumes an interrupted run).
+def manifest_views(manifest: Path, aug: AugmentConfig, seed: int) -> Views:
+    """A manifest's train split as RandAug views and its val split as validation views."""
+    from lease.images import decode_location
+    from lease.manifests import read_manifest
 
-    The manifest is the pipeline's, so its reader and image loader come from the caller (`load_views`,
-    given by the `lease` command: pipeline.finetune.manifest_views); the core package does not import the
-    pipeline."""
+    views = []
+    for split, view in (("train", "randaug"), ("val", "val")):
+        rows = read_manifest(manifest, split=split)
+        views.append(AugmentedImages(rows["location"].to_pylist(), rows["label"].to_pylist(), view_transform(aug, view),
+                                     decode_location, seed=seed))
+    return views[0], views[1]
+
+
+def run(args: argparse.Namespace) -> int:
+    """`lease eval finetune`: table A.3 on a manifest's train/val images (resumes an interrupted run)."""
     from lease.checkpoints import model_from_checkpoint
     from lease.evaluate import config_from_args
     from lease.evaluate.features import resolve_device
     from lease.evaluate.generate import load_vqgan_from_args
     from lease.evaluate.knn import num_classes_of
 
-    if load_views is None:
-        raise SystemExit("fine-tuning reads a pipeline manifest: run it as `lease eval finetune ...`")
     cfg = config_from_args(FinetuneConfig, args)
     device = resolve_device(args.device)
     aug = AugmentConfig(num_workers=args.num_workers, seed=cfg.seed)
-    train, val = load_views(args.manifest, aug, cfg.seed)
+    train, val = manifest_views(args.manifest, aug, cfg.seed)
     vqgan = load_vqgan_from_args(args, device, compile=device.type == "cuda")
     encoder = model_from_checkpoint(args.checkpoint, device)
     finetune(encoder, OnlineTokenizer(vqgan, aug.batch_size), train, val, num_classes_of(train.labels, val.labels),

@@ -87,6 +87,7 @@ class RunFacts:
 @dataclass
 class ReportInputs:
     eval_dir: Path | None = None
+    finetune_dir: Path | None = None  # where finetune.json lies when not in eval_dir (the finetune stage's)
     eval_sets: dict[str, Path | None] = field(default_factory=dict)  # configured name -> its stage dir (None: none)
     condgen: bool = False  # conditional generation is part of the run (table 7)
     condgen_dir: Path | None = None
@@ -321,7 +322,8 @@ def table_3(eval_dir: Path | None, facts: RunFacts) -> Table:
     ref, source = paper.TABLES["3"]["rows"][row], f"table 3 ({row})"
     ft, why = label_result(eval_dir, "finetune.json", "fine-tuning", facts)
     if ft is None:
-        reason = f"fine-tuning did not run ({why}; `lease eval finetune` runs table A.3's recipe)"
+        reason = (f"fine-tuning did not run ({why}; `finetune.enabled=on` or `lease eval finetune` runs table "
+                  "A.3's recipe)")
         return Table("3", "Full fine-tuning", [Row("fine-tuned top-1", _missing(reason))])
     protocol = protocol_of(ft)
     epochs = ft.get("epochs", ft.get("epochs_done"))
@@ -545,7 +547,7 @@ def render_table(table: Table, paper_row: str) -> list[str]:
 
 
 def build_tables(inputs: ReportInputs, facts: RunFacts) -> list[Table]:
-    tables = [table_1(inputs.eval_dir, facts), table_2(inputs.eval_dir, facts), table_3(inputs.eval_dir, facts),
+    tables = [table_1(inputs.eval_dir, facts), table_2(inputs.eval_dir, facts), table_3(inputs.finetune_dir or inputs.eval_dir, facts),
               table_4(inputs, facts), table_5(inputs, facts)]
     if inputs.condgen:
         tables.append(table_7(inputs.condgen_dir, facts))
