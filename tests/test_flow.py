@@ -113,7 +113,7 @@ def test_deployment_runs_every_stage_through_the_api(deployed_run):
 
 def test_forcing_pretrain_reruns_it_and_its_dependents_only(deployed_run):
     assert deployed_run["forced"].state.is_completed()
-    downstream = ["pretrain", "evaluate", "eval-bank", "eval-features-c", "eval-features-t", "eval-c", "eval-t",
+    downstream = ["pretrain", "evaluate", "finetune", "eval-bank", "eval-features-c", "eval-features-t", "eval-c", "eval-t",
                   "report"]
     expected = {name: "cached" for name in ALL_STAGES} | {name: "ran" for name in downstream}
     assert deployed_run["after_force"] == expected
