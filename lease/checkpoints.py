@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from lease.codebook import load_codebook
 from lease.configs import (AUTHORS_MAGE_LAYOUT, DECODER_CONTRAST, ENCODER_CONTRAST, MODEL_PRESETS, LossConfig,
                            ModelConfig)
-from lease.io import CheckpointFileError, atomic_path, atomic_write_json, load_torch_file, load_trusted_torch_file
+from lease.io import CheckpointFileError, atomic_path, atomic_write_json, load_torch_file, load_torch_file_inert
 from lease.model import LeaseModel, sincos_2d
 from lease.typed_config import from_dict, to_dict
 
@@ -256,7 +256,8 @@ _DROPPED = object()
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, trust_checkpoint: bool) -> list[str]:
-    """Rewrite a torch file that needs full unpickling as one every loader here reads (weights only).
+    """Rewrite a torch file that pickles Python objects as one every loader here reads (weights only); the
+    file is read weights-only too (`lease.io.load_torch_file_inert`), so no code it names runs.
 
     Tensors and plain data survive (dicts, lists, tuples, numbers, strings; numpy values become tensors
     or numbers, an `argparse.Namespace` a dict), so a Lightning checkpoint keeps its `state_dict`. Other
@@ -264,10 +265,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, trust_checkpoint: bo
     """
     src, dst = Path(src), Path(dst)
     if not trust_checkpoint:
-        raise CheckpointError(f"converting {src} unpickles it in full, which runs any code the file names: pass "
-                              "--trust-checkpoint only for a file whose origin you trust")
+        raise CheckpointError(f"converting {src} rewrites the tensors and plain data of a file that pickles Python "
+                              "objects (those are dropped, none of their code runs): pass --trust-checkpoint only "
+                              "for a file whose origin you trust")
     dropped: list[str] = []
-    plain = _plain_data(load_trusted_torch_file(src, CheckpointError), "", dropped)
+    log.warning("reading %s beyond weights-only because --trust-checkpoint vouches for it (the Python objects it "
+                "names are kept as inert records, and dropped)", src)
+    plain = _plain_data(load_torch_file_inert(src, CheckpointError), "", dropped)
     if plain is _DROPPED:
         raise CheckpointError(f"{src} holds no tensors or plain data, only {dropped[0]}")
     with atomic_path(dst) as tmp:

@@ -88,19 +88,64 @@ def load_failure_message(path: Path, err: Exception) -> str:
     return f"{path} is not a readable torch checkpoint ({_one_line_reason(err)})"
 
 
-def load_trusted_torch_file(path: str | Path, error: type[Exception] = CheckpointFileError) -> Any:
-    """`torch.load` with full unpickling, which runs any code the file names: only for a file the user
-    vouched for (`--trust-checkpoint`), and logged as such."""
+def load_torch_file_inert(path: str | Path, error: type[Exception] = CheckpointFileError) -> Any:
+    """A torch file that needs more than weights-only, read weights-only all the same, so that no code it
+    names ever runs: numpy values and `argparse.Namespace` rebuild as themselves (data-only constructors),
+    and every other Python global the file names resolves to an inert record of its arguments (which
+    `lease convert-checkpoint` then drops). For a file the user vouched for (`--trust-checkpoint`)."""
+    import pickle
+
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise error(f"{path} does not exist")
-    log.warning("unpickling %s in full because --trust-checkpoint vouches for it: any code it names runs now", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a torch checkpoint"
-        raise error(f"{path} is not a readable torch checkpoint ({_one_line_reason(err)})") from err
+    named: set[str] = set()
+    for _ in range(_MAX_GLOBAL_ROUNDS):  # a non-zip file names its globals one failure at a time
+        stand_ins = [(_inert_global(name), name) for name in sorted(named)]
+        with torch.serialization.safe_globals([*_data_rebuilders(), *stand_ins]):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                new = set(_unsafe_globals(path, err)) - named
+                if not new:
+                    raise error(f"{path} is not a readable torch checkpoint ({_one_line_reason(err)})") from err
+                named |= new
+            except Exception as err:  # noqa: BLE001 - any other failure means "not a torch checkpoint"
+                raise error(f"{path} is not a readable torch checkpoint ({_one_line_reason(err)})") from err
+    raise error(f"{path} names more than {_MAX_GLOBAL_ROUNDS} Python globals")
+
+
+_MAX_GLOBAL_ROUNDS = 256
+
+
+def _data_rebuilders() -> list:
+    """Constructors that only build data: numpy's array, scalar and dtype rebuilders, argparse.Namespace."""
+    import argparse
+
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [argparse.Namespace, core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype,
+            *dtype_classes]
+
+
+class InertGlobal:
+    """What a Python global of a converted file becomes: its name and the arguments it was called with."""
+
+    global_name = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _inert_global(name: str) -> type:
+    module, _, qualname = name.rpartition(".")
+    return type(qualname, (InertGlobal,), {"__module__": module, "__qualname__": qualname, "global_name": name})
 
 
 def _one_line_reason(err: Exception) -> str:

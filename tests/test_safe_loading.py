@@ -15,7 +15,7 @@ import torch
 
 from lease.checkpoints import (CheckpointError, convert_checkpoint, import_reference, load_checkpoint,
                                model_from_checkpoint, read_state_dict)
-from lease.io import CheckpointFileError, load_torch_file, load_trusted_torch_file
+from lease.io import CheckpointFileError, load_torch_file
 from lease.tokenizers.dinov2 import load_hf_dinov2, load_timm_dinov2
 from lease.tokenizers.tiny import save_tiny_hf_dinov2, save_tiny_taming_vqgan
 from lease.tokenizers.vqgan_maskgit import load_maskgit_vqgan
@@ -53,10 +53,9 @@ def lease_command(*args: str) -> subprocess.CompletedProcess:
                           timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_the_malicious_file_runs_code_when_fully_unpickled(evil, marker):
-    """The fixture is live: the loaders below are tested against a file that does run code."""
-    load_trusted_torch_file(evil)
-    assert marker.exists()
+def test_the_malicious_file_would_run_a_shell_command(evil):
+    """The fixture is live: full unpickling would call os.system with its command (named in its pickle)."""
+    assert "posix.system" in torch.serialization.get_unsafe_globals_in_checkpoint(evil)
 
 
 def _hf_dinov2_directory_with(weights: Path) -> Path:
@@ -151,7 +150,7 @@ def test_convert_checkpoint_round_trip(old_lightning_checkpoint, tmp_path):
     converted = tmp_path / "converted.ckpt"
     result = lease_command("convert-checkpoint", str(old), str(converted), "--trust-checkpoint")
     assert result.returncode == 0, result.stderr
-    assert f"unpickling {old} in full because --trust-checkpoint" in result.stderr
+    assert f"reading {old} beyond weights-only because --trust-checkpoint vouches for it" in result.stderr
     loaded = load_torch_file(converted)
     assert loaded["hyper_parameters"] == {"embed_dim": 16, "lr": 4.5e-6}
     assert loaded["callbacks"] == {} and loaded["loops"] == {"epochs": [3]}
@@ -160,6 +159,14 @@ def test_convert_checkpoint_round_trip(old_lightning_checkpoint, tmp_path):
     assert sd.keys() == {k for k in state_dict if not k.startswith("loss.")}
     assert all(torch.equal(sd[k], state_dict[k]) for k in sd)
     load_taming_vqgan(converted, config)
+
+
+def test_converting_the_malicious_file_runs_none_of_its_code(evil, marker, tmp_path):
+    """Even with --trust-checkpoint the converter reads weights-only: a file that calls os.system is
+    refused (torch blocks that module even as an inert stand-in), nothing runs, nothing is written."""
+    with pytest.raises(CheckpointError, match=r"posix\.system"):
+        convert_checkpoint(evil, tmp_path / "converted.pt", trust_checkpoint=True)
+    assert not marker.exists() and not (tmp_path / "converted.pt").exists()
 
 
 def test_convert_checkpoint_refuses_without_the_trust_flag(old_lightning_checkpoint, evil, marker, tmp_path):

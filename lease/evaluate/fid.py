@@ -78,7 +78,7 @@ def check_weights(cfg: FidConfig, key: str = "fid.weights") -> Path:
     path = Path(cfg.weights)
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path} does not exist: provide {what} at that path")
-    load_torch_file(path)  # refuses a file that pickles code, before torch-fidelity's weights_only=False load
+    load_torch_file(path)  # refuses a file that pickles code before torch-fidelity reads it its own way
     return path
 
 
