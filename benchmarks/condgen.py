@@ -15,14 +15,14 @@ import argparse
 import logging
 import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.records import write_record
+from benchmarks.tokenizers import time_calls
 from lease.checkpoints import save_checkpoint
 from lease.condgen import class_condition, condgen_config, conditional_model
 from lease.configs import train_config
@@ -34,21 +34,6 @@ from lease.typed_config import to_dict
 
 log = logging.getLogger(__name__)
 BATCHES = 8  # distinct resident batches the timed steps cycle through
-
-
-def _ms_per_call(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> list[float]:
-    if device.type == "cuda":
-        from benchmarks.train import time_cuda
-
-        return time_cuda(fn, warmup, steps)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def _images_per_s(ms: list[float], batch: int) -> float:
@@ -74,14 +59,14 @@ def _setup(root: Path, preset: str, batch: int, classes: int, text_dim: int, cod
 def _train_rate(cfg, model, tokens, device: torch.device, warmup: int, steps: int) -> float:
     batches = ResidentBatches(tokens, cfg.batch_size, device, seed=0)
     trainer, data = Trainer(cfg, model, device, Dist(), batches.steps_per_epoch), batches.iterate(0)
-    return _images_per_s(_ms_per_call(lambda: trainer.step(next(data)), warmup, steps, device), cfg.batch_size)
+    return _images_per_s(time_calls(lambda: trainer.step(next(data)), warmup, steps, device), cfg.batch_size)
 
 
 def _sample_rate(model, condition_fn, batch: int, gen: GenerateConfig, device: torch.device, warmup: int,
                  repeats: int) -> float:
     sampler = MaskGitSampler(model.to(device), gen, device)
     condition = condition_fn(model, batch)
-    return _images_per_s(_ms_per_call(lambda: sampler.sample(batch, condition), warmup, repeats, device), batch)
+    return _images_per_s(time_calls(lambda: sampler.sample(batch, condition), warmup, repeats, device), batch)
 
 
 def bench_condgen(preset: str = "vit_base", batch_size: int = 256, gen_batch: int = 256, dtype: str = "bf16",

@@ -44,7 +44,7 @@ def random_maskgit_tokenizer(cfg: MaskGITVQGANConfig, device: str | torch.device
                             channels_last=channels_last)
 
 
-def _time_calls(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> list[float]:
+def time_calls(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> list[float]:
     """Milliseconds per call: CUDA events on CUDA (one host sync at the end), wall clock otherwise."""
     if device.type == "cuda":
         from benchmarks.train import time_cuda
@@ -94,7 +94,7 @@ def time_vqgan_encode(tokenizer: ConvVQGANTokenizer, batch_size: int, dtype: tor
     images = _synthetic_images(batch_size, tokenizer.image_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ms = _time_calls(lambda: tokenizer.encode(images), warmup, steps, device)
+    ms = time_calls(lambda: tokenizer.encode(images), warmup, steps, device)
     return {"what": "vqgan_encode", "backend": type(tokenizer).__name__, "num_codes": tokenizer.num_codes,
             "image_size": tokenizer.image_size, "dtype": str(tokenizer.dtype).replace("torch.", ""),
             "compile": tokenizer.compiled, "channels_last": tokenizer.memory_format == torch.channels_last,
@@ -112,7 +112,7 @@ def time_dinov2_features(features: Dinov2Features, batch_size: int, dtype: torch
     images = _synthetic_images(batch_size, features.image_size, features.device)
     if features.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(features.device)
-    ms = _time_calls(lambda: features(images), warmup, steps, features.device)
+    ms = time_calls(lambda: features(images), warmup, steps, features.device)
     return {"what": "dinov2_features", "backend": features.backend, "block": features.block,
             "embed_dim": features.embed_dim, "image_size": features.image_size,
             "dtype": str(features.dtype).replace("torch.", ""), "compile": features.compiled,

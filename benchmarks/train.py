@@ -33,7 +33,7 @@ from lease.model import SDPA_KERNELS, flops_per_image
 from lease.online import ImageBatch, OnlineTokenizer
 from lease.synthetic import uniform_tokens
 from benchmarks.records import RESULTS_DIR, results_dir, write_record
-from benchmarks.tokenizers import _time_calls, full_width_maskgit_config, random_maskgit_tokenizer
+from benchmarks.tokenizers import time_calls, full_width_maskgit_config, random_maskgit_tokenizer
 from lease.tokenizers.vqgan_maskgit import MaskGITVQGANConfig
 from lease.typed_config import apply_overrides
 from lease.train import Dist, Trainer, build_model, compile_for_training
@@ -328,10 +328,10 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
 
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    _time_calls(train_step, warmup, 0, device)  # compiles
+    time_calls(train_step, warmup, 0, device)  # compiles
     sampler = GpuSampler(nvidia_smi_id(device)) if on_cuda else contextlib.nullcontext()
     with no_compilation("the timed steps"), sampler:
-        ms = _time_calls(train_step, 0, steps, device)
+        ms = time_calls(train_step, 0, steps, device)
     final_metrics = finite_metrics(last_metrics)
     median_ms = statistics.median(ms)
     # before the eager step that counts FLOPs

@@ -655,8 +655,6 @@ def _fid_result(cfg: PipelineConfig, dirs: Dirs, tokens, decode, device: str) ->
 def build_finetune(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     """finetune.json (table 3): the encoder fine-tuned on the manifest's train split, scored on its val
     split; an interrupted run continues from the last epoch's finetune.pt in its work directory."""
-    import dataclasses
-
     from lease.checkpoints import model_from_checkpoint
     from lease.evaluate import finetune
     from lease.evaluate.knn import num_classes_of
@@ -757,7 +755,6 @@ def _condgen_fid_inputs(cfg: PipelineConfig) -> dict[str, ExternalInput]:
 
 def build_condgen_eval(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]:
     """Class-conditional samples, grids and FID/IS (table 7) into condgen.json (INTERFACES.md)."""
-    import dataclasses
 
     import torch
 
@@ -1024,8 +1021,6 @@ def build_eval_bank(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any
 def build_eval_metrics(cfg: PipelineConfig, dirs: Dirs, out: Path, dataset: str) -> dict[str, Any]:
     """result.json (INTERFACES.md): a robustness set's k-NN against the pretraining bank (per corruption
     and severity too), or a transfer set's k-NN, linear probe and few-shot by `evaluate.protocol`."""
-    import dataclasses
-
     from lease.evaluate import fewshot, knn, linear_probe, protocols
     from lease.evaluate.features import load_features
     from pipeline import evalsets
