@@ -38,9 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=500, help="JPEG width (ImageNet's typical 500 x 375)")
     parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--probe-batch", type=int, default=1024)
-    parser.add_argument("--probe-steps", type=int, default=16, help="timed probe steps (one epoch)")
+    parser.add_argument("--probe-steps", type=int, nargs=2, default=[8, 40], metavar=("SHORT", "LONG"),
+                        help="steps of the two timed probe epochs; the rate is that of the steps the long one adds")
     parser.add_argument("--finetune-batch", type=int, default=512)
-    parser.add_argument("--finetune-steps", type=int, default=8, help="steps per fine-tuning epoch (two epochs)")
+    parser.add_argument("--finetune-steps", type=int, nargs=2, default=[8, 32], metavar=("SHORT", "LONG"),
+                        help="steps per epoch of the two timed fine-tuning runs (two epochs each; the second timed)")
+    parser.add_argument("--time-loaders", action="store_true",
+                        help="also time the loaders alone (decode + augmentation, no GPU work) for each view")
     parser.add_argument("--workers", type=int, default=0, help="decode workers (0: every CPU core but one)")
     parser.add_argument("--knn-train", type=int, default=1_281_167)
     parser.add_argument("--knn-query", type=int, default=50_000)
@@ -82,9 +86,19 @@ def _views(locations: list[str], count: int, view: str, aug, num_classes: int = 
     return AugmentedImages(picked, [i % num_classes for i in range(count)], view_transform(aug, view), decode_location)
 
 
+def marginal_rate(seconds: dict[int, float], batch: int) -> dict:
+    """images/s of the steps a long epoch adds to a short one, (long − short)·batch / (T_long − T_short): what
+    an ImageNet-long epoch runs at, without what every epoch pays once (starting the loader workers, which
+    each assemble a whole first batch before any step runs). `seconds` maps steps to an epoch's time."""
+    (short, t_short), (long, t_long) = sorted(seconds.items())
+    return {"images_per_s": round((long - short) * batch / max(t_long - t_short, 1e-9), 1),
+            "epoch_seconds": {str(k): round(v, 3) for k, v in sorted(seconds.items())},
+            "epoch_fill_seconds": round(max(t_short - short * (t_long - t_short) / (long - short), 0.0), 3)}
+
+
 def bench_probe(model, tokenizer, locations: list[str], args, aug) -> dict:
-    """The online probe's images/s over one epoch of `probe_steps` full batches, after a warm-up call that
-    compiles the VQGAN for the batch's chunks."""
+    """The online probe's images/s (`marginal_rate` of two epochs of `probe_steps` full batches), after a
+    warm-up call that compiles the VQGAN for the batch's chunks."""
     from lease.evaluate.linear_probe import ProbeConfig
     from lease.evaluate.protocols import ONLINE, online_probe
 
@@ -93,22 +107,44 @@ def bench_probe(model, tokenizer, locations: list[str], args, aug) -> dict:
     cfg = ProbeConfig(batch_size=args.probe_batch, epochs=1, num_classes=1000)
     online_probe(model, tokenizer, _views(locations, 2 * args.probe_batch, "train", aug), val, 1000, cfg, aug,
                  settings, "bf16")
-    timed = online_probe(model, tokenizer, _views(locations, args.probe_steps * args.probe_batch, "train", aug),
-                         val, 1000, cfg, aug, settings, "bf16")
-    return {"images_per_s": timed["train_images_per_s"], "seconds": timed["seconds"], "batch": args.probe_batch,
-            "steps": args.probe_steps, "target_images_per_s": 2000}
+    seconds = {steps: online_probe(model, tokenizer, _views(locations, steps * args.probe_batch, "train", aug),
+                                   val, 1000, cfg, aug, settings, "bf16")["seconds"] for steps in args.probe_steps}
+    return {**marginal_rate(seconds, args.probe_batch), "batch": args.probe_batch, "target_images_per_s": 2000}
 
 
 def bench_finetune(model, tokenizer, locations: list[str], args, aug, out: Path) -> dict:
-    """Fine-tuning's images/s in its second epoch (`finetune` times each epoch's training steps)."""
+    """Fine-tuning's images/s: `marginal_rate` of the second epochs of two runs of `finetune_steps` steps per
+    epoch (`finetune` times each epoch's training steps; the first epoch warms up)."""
     from lease.evaluate.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(batch_size=args.finetune_batch, epochs=2, warmup_epochs=0, dtype="bf16")
-    result = finetune(model, tokenizer, _views(locations, args.finetune_steps * args.finetune_batch, "randaug", aug),
-                      _views(locations, args.finetune_batch, "val", aug), 1000, cfg, aug, out)
-    rates = [epoch["train_images_per_s"] for epoch in result["history"]]
-    return {"images_per_s": rates[-1], "per_epoch": rates, "batch": args.finetune_batch,
-            "steps_per_epoch": args.finetune_steps, "target_images_per_s": 1200}
+    seconds, rates = {}, {}
+    for steps in args.finetune_steps:
+        result = finetune(model, tokenizer, _views(locations, steps * args.finetune_batch, "randaug", aug),
+                          _views(locations, args.finetune_batch, "val", aug), 1000, cfg, aug, out / f"steps{steps}")
+        rates[str(steps)] = [epoch["train_images_per_s"] for epoch in result["history"]]
+        seconds[steps] = steps * args.finetune_batch / rates[str(steps)][-1]
+    return {**marginal_rate(seconds, args.finetune_batch), "epoch_rates": rates, "batch": args.finetune_batch,
+            "target_images_per_s": 1200}
+
+
+def bench_loaders(locations: list[str], args, aug) -> dict:
+    """Each view's loader alone (decode + augmentation in the workers, batches collated, nothing on the GPU):
+    `marginal_rate` over epochs of the probe's and fine-tuning's step counts."""
+    from lease.evaluate.online import epoch_loader
+
+    rates = {}
+    for view, batch, counts in (("train", args.probe_batch, args.probe_steps),
+                                ("randaug", args.finetune_batch, args.finetune_steps)):
+        seconds = {}
+        for steps in counts:
+            started = time.perf_counter()
+            for _ in epoch_loader(_views(locations, steps * batch, view, aug), 0, batch, aug.num_workers, True):
+                pass
+            seconds[steps] = time.perf_counter() - started
+        rates[view] = {**marginal_rate(seconds, batch), "batch": batch}
+        log.info("loader alone, %s view: %.0f img/s", view, rates[view]["images_per_s"])
+    return rates
 
 
 def bench_knn(model, args, device: torch.device) -> dict:
@@ -167,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         locations = synthetic_jpegs(Path(tmp), args.files, args.width, args.height, workers)
         log.info("%d synthetic JPEGs in %.1f s", len(locations), time.perf_counter() - started)
+        if args.time_loaders:
+            results["loaders"] = bench_loaders(locations, args, aug)
+            _record(results, args)
         if "probe" not in args.skip:
             results["probe"] = bench_probe(model, tokenizer, locations, args, aug)
             log.info("online probe: %.0f img/s", results["probe"]["images_per_s"])

@@ -58,7 +58,9 @@ def write_record(name: str, record: dict[str, Any], out_dir: str | Path | None =
     """Write a benchmark record with machine, versions and the command line that produced it."""
     out_dir = results_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    full = {"name": name, "command": "lease " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    args = sys.argv[1:]
+    args = args[1:] if args[:1] == ["bench"] else args  # `lease bench X` and `python -m benchmarks X` alike
+    full = {"name": name, "command": "lease bench " + " ".join(shlex.quote(a) for a in args),
             "machine": machine_info(), "unix_time": int(time.time()), **record}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(full, indent=2) + "\n")

@@ -519,7 +519,31 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["imagenet_1k_stage_seconds"].items())
         return [(f"precompute {r['preset']}: {r['num_images']['train'] + r['num_images']['val']} JPEGs, "
                  f"all tokenize stages", f"{r['total_seconds']:.0f} s",
-                 f"ImageNet-1K estimate {r['imagenet_1k_minutes']:.1f} min ({stages})")]
+                 f"ImageNet-1K estimate {r['imagenet_1k_minutes']:.1f} min ({stages})")] + [
+            (f"precompute {r['preset']}: fused tokenize pass, "
+             + (f"{run['workers']} Dask worker(s) ({run['cluster']})" if run["workers"] else "in this process"),
+             f"{run['tokenize_images_per_s_after_compile']:.0f} img/s", "after compilation (`lease bench precompute "
+             "--workers ...`)") for run in r.get("runs", []) if run.get("tokenize_images_per_s_after_compile")]
+    if name.startswith("condgen-"):
+        mode = "compiled" if r["compile"] else "eager"
+        return [(f"condgen decoder step, tail={tail}: {r['preset']} b{r['batch_size']} {r['dtype']} {mode}",
+                 f"{r[key]['train_images_per_s']:.0f} img/s",
+                 f"{r[key]['train_ratio_to_pretrain']:.2f}× pretraining ({r['pretrain_images_per_s']:.0f}); sampling "
+                 f"{r[key]['generation_images_per_s']:.0f} img/s, {r[key]['generation_ratio_to_unconditional']:.2f}× "
+                 f"unconditional (`lease bench condgen`)") for tail, key in (("none", "condgen_none"),
+                                                                          ("centroids", "condgen_centroids"))]
+    if name.startswith("eval-"):
+        rows = [(f"{label} ({r[part]['batch']}-image batches, {r['workers']} decode workers)",
+                 f"{r[part]['images_per_s']:.0f} img/s", f"target {r[part]['target_images_per_s']}; a long epoch's "
+                 f"rate, each epoch also pays {r[part]['epoch_fill_seconds']:.1f} s to start (`lease bench eval`)")
+                for part, label in (("probe", "online linear probe, authors protocol"),
+                                    ("finetune", "fine-tuning with RandAug + Mixup/CutMix")) if part in r]
+        rows += [(f"eval loader alone, {view} view", f"{x['images_per_s']:.0f} img/s", "decode + augmentation, "
+                  "no GPU work") for view, x in r.get("loaders", {}).items()]
+        if "knn" in r:
+            rows.append((f"robustness k-NN: {r['knn']['queries']} queries vs {r['knn']['bank']} bank",
+                         f"{r['knn']['total_seconds']:.1f} s", "features + k-NN + tokenization at the recorded rate"))
+        return rows
     if name.startswith("kmeans"):
         return [(f"k-means K={r['k']} D={r['d']} N={r['n'] / 1e6:g}M, {r['iters']} iters",
                  f"{r['seconds']:.1f} s", r["backend"])]
@@ -565,7 +589,8 @@ README_RECORDS = (
     "ddp-vit_base-b256-bf16-x1", "numerics-vit_base-b256-bf16-residual_dtype_autocast",
     "precompute-in1k_vitb-150000", "tokenize-end-to-end-cpudecode-compile_auto", "tokenize-dinov2-b256-bf16",
     "tokenize-vqgan-encode-b128-bf16-compile", "kmeans-4M-768-k16384", "assign", "knn-1281167x768-q50000",
-    "generate-vit_base-b256-bf16-compile", "kernels-vit_base-b256")
+    "generate-vit_base-b256-bf16-compile", "kernels-vit_base-b256", "condgen-vit_base-b256-bf16-compile",
+    "eval-vit_base", "precompute-in1k_vitb-20000-workers0_1")
 
 
 def results_table(directory: str | Path = RESULTS_DIR, only: tuple[str, ...] | None = None) -> str:

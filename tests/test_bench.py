@@ -242,3 +242,25 @@ def test_methods_record_holds_each_rate_and_lease_over_the_others(tmp_path):
     assert json.loads((tmp_path / f"{name}.json").read_text())["results"]["ratios"] == result["ratios"]
     table = results_table(tmp_path)
     assert "train mage_online tiny b4 fp32 eager" in table and "lease/mage_online" in table
+
+
+def test_a_long_epochs_rate_leaves_out_what_every_epoch_pays_once():
+    from benchmarks.evaluation import marginal_rate
+
+    fill, per_step, batch = 5.0, 0.5, 1024  # seconds to start the workers, then seconds per step
+    rate = marginal_rate({40: fill + 40 * per_step, 8: fill + 8 * per_step}, batch)
+    assert rate["images_per_s"] == pytest.approx(batch / per_step, rel=1e-6)
+    assert rate["epoch_fill_seconds"] == pytest.approx(fill, abs=1e-3)
+    assert list(rate["epoch_seconds"]) == ["8", "40"]
+
+
+def test_records_name_the_bench_command_however_it_was_started(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from benchmarks.records import write_record
+
+    for argv in (["lease", "bench", "eval", "--time-loaders"], ["-m", "eval", "--time-loaders"]):
+        monkeypatch.setattr(sys, "argv", argv)
+        path = write_record("eval-x", {"results": {}}, tmp_path)
+        assert json.loads(path.read_text())["command"] == "lease bench eval --time-loaders"
