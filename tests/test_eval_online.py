@@ -101,3 +101,18 @@ def test_seeded_draws_seed_every_generator_the_transforms_use_and_restore_them()
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     draws(3)
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected  # states restored
+
+
+def test_randaug_at_full_magnitude_posterizes_to_zero_bits_as_timm_draws_it():
+    """Magnitude 10 (m9 plus its 0.5 noise reaches it) makes timm's increasing posterize keep 0 bits, which
+    Pillow 13 refuses: every view of a full-magnitude policy must still come out (black where posterized)."""
+    from PIL import Image
+
+    from lease.evaluate.online import seeded_draws
+
+    transform = view_transform(AugmentConfig(image_size=32, randaug="rand-m10-n2-inc1"), "randaug")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    for index in range(60):  # posterize is one of 15 ops, two drawn per view: ~13 % of views use it
+        with seeded_draws(0, 0, index):
+            view = transform(image)
+        assert view.shape == (3, 32, 32) and torch.isfinite(view).all()
