@@ -105,7 +105,7 @@ def test_seeded_draws_seed_every_generator_the_transforms_use_and_restore_them()
 
 def test_randaug_at_full_magnitude_posterizes_to_zero_bits_as_timm_draws_it():
     """Magnitude 10 (m9 plus its 0.5 noise reaches it) makes timm's increasing posterize keep 0 bits, which
-    Pillow 13 refuses: every view of a full-magnitude policy must still come out (black where posterized)."""
+    Pillow 13 refuses: every view of a full-magnitude policy must still come out."""
     from PIL import Image
 
     from lease.evaluate.online import seeded_draws
