@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("benchmarks.generate", "add_arguments", "run", "MaskGIT generation + VQGAN decoding images/s"),
     "condgen": ("benchmarks.condgen", "add_arguments", "run",
                 "class-conditional decoder fine-tuning and generation images/s against pretraining / unconditional"),
+    "authors": ("benchmarks.authors", "add_arguments", "run_cli",
+                "the authors' MAGE training step (a clone of LTH14/mage given by --repo) beside our mage_online"),
     "knn": ("benchmarks.knn", "add_arguments", "run", "k-NN over ImageNet-sized random features"),
     "eval": ("benchmarks.evaluation", "add_arguments", "run",
              "online linear probe and fine-tuning images/s, a robustness set's k-NN (ViT-B, synthetic JPEGs)"),

@@ -517,8 +517,9 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
                  f"{r['num_images']} JPEGs of {r['sides'][0]}-{r['sides'][1]} px, {r['workers']} workers")]
     if name.startswith("precompute") and r.get("tokenizers", "full") == "full":
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["imagenet_1k_stage_seconds"].items())
+        where = {None: "", 0: ", in this process"}.get(r.get("workers"), f", {r.get('workers')} Dask worker(s)")
         return [(f"precompute {r['preset']}: {r['num_images']['train'] + r['num_images']['val']} JPEGs, "
-                 f"all tokenize stages", f"{r['total_seconds']:.0f} s",
+                 f"all tokenize stages{where}", f"{r['total_seconds']:.0f} s",
                  f"ImageNet-1K estimate {r['imagenet_1k_minutes']:.1f} min ({stages})")] + [
             (f"precompute {r['preset']}: fused tokenize pass, "
              + (f"{run['workers']} Dask worker(s) ({run['cluster']})" if run["workers"] else "in this process"),
@@ -544,6 +545,13 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
             rows.append((f"robustness k-NN: {r['knn']['queries']} queries vs {r['knn']['bank']} bank",
                          f"{r['knn']['total_seconds']:.1f} s", "features + k-NN + tokenization at the recorded rate"))
         return rows
+    if name.startswith("authors-mage"):
+        theirs, ours = r["authors"], r["ours"]
+        return [(f"the authors' MAGE step (LTH14/mage, {theirs['dtype']}, eager) b{theirs['batch_size']}",
+                 f"{theirs['images_per_s']:.0f} img/s", f"{theirs['median_ms_per_step']:.1f} ms/step, "
+                 f"{theirs['peak_memory_gib']:.1f} GiB; ours (mage_online, {ours['dtype']} "
+                 f"{'compiled' if ours['compile'] else 'eager'}) {ours['images_per_s']:.0f} img/s in the same job: "
+                 f"{r['ours_over_authors']:.2f}× (`lease bench authors`)")]
     if name.startswith("kmeans"):
         return [(f"k-means K={r['k']} D={r['d']} N={r['n'] / 1e6:g}M, {r['iters']} iters",
                  f"{r['seconds']:.1f} s", r["backend"])]
@@ -587,10 +595,11 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
 README_RECORDS = (
     "methods-lease-sorcen-mage-mage_online-vit_base-b256-bf16-compile", "train-vit_base-b256-bf16-compile",
     "ddp-vit_base-b256-bf16-x1", "numerics-vit_base-b256-bf16-residual_dtype_autocast",
-    "precompute-in1k_vitb-150000", "tokenize-end-to-end-cpudecode-compile_auto", "tokenize-dinov2-b256-bf16",
+    "authors-mage-vit_base-b256-ours_compile", "precompute-in1k_vitb-150000-h200",
+    "precompute-in1k_vitb-150000-workers1", "tokenize-end-to-end-cpudecode-compile_auto", "tokenize-dinov2-b256-bf16",
     "tokenize-vqgan-encode-b128-bf16-compile", "kmeans-4M-768-k16384", "assign", "knn-1281167x768-q50000",
     "generate-vit_base-b256-bf16-compile", "kernels-vit_base-b256", "condgen-vit_base-b256-bf16-compile",
-    "eval-vit_base", "precompute-in1k_vitb-20000-workers0_1")
+    "eval-vit_base")
 
 
 def results_table(directory: str | Path = RESULTS_DIR, only: tuple[str, ...] | None = None) -> str:
