@@ -135,15 +135,25 @@ def check_ranks(ddp: TrainingRun, nproc: int, steps: int) -> None:
         raise SystemExit(f"the {nproc} ranks ended with different weights: gradients were not averaged alike")
 
 
-def compare(run: NumericsRun, nproc: int, overrides: list[str], work: Path, cpu: bool = False) -> dict[str, Any]:
-    """The three runs and the gaps between their curves (module docstring); with `cpu`, on the CPU."""
+def compare(run: NumericsRun, nprocs: list[int], overrides: list[str], work: Path,
+            cpu: bool = False) -> dict[int, dict[str, Any]]:
+    """The plain process and its next seed once, a torchrun run per process count, and each count's
+    result: the gaps between the curves (module docstring); with `cpu`, on the CPU."""
     cfg, next_seed_cfg = (training_config(run, overrides, seed) for seed in (run.seed, run.seed + 1))
     data = write_planted_inputs(run, cfg.model, work)
     config, next_seed_config = (write_config(dataclasses.replace(c, data=data), work) for c in (cfg, next_seed_cfg))
     single = launch(config, work / "one-process", cpu=cpu)
-    ddp = launch(config, work / f"torchrun-{nproc}", torchrun_nproc=nproc, cpu=cpu)
-    check_ranks(ddp, nproc, run.steps)
     next_seed = launch(next_seed_config, work / "one-process-next-seed", cpu=cpu)
+    results = {}
+    for nproc in nprocs:
+        ddp = launch(config, work / f"torchrun-{nproc}", torchrun_nproc=nproc, cpu=cpu)
+        check_ranks(ddp, nproc, run.steps)
+        results[nproc] = summarize(run, nproc, overrides, single, ddp, next_seed)
+    return results
+
+
+def summarize(run: NumericsRun, nproc: int, overrides: list[str], single: TrainingRun, ddp: TrainingRun,
+              next_seed: TrainingRun) -> dict[str, Any]:
     runs = {"one process": single, f"torchrun, nproc {nproc}": ddp, "one process, next seed": next_seed}
     curves = {label: torch.tensor(r.curve) for label, r in runs.items()}
     ddp_gap, seed_gap = (round(late_gap(curves[label], curves["one process"], run.smooth), 5)
@@ -164,8 +174,9 @@ def record_name(run: NumericsRun, nproc: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = NumericsRun()
-    parser.add_argument("--nproc", type=int, default=2,
-                        help="processes under torchrun (one per GPU); 1 checks the DDP path itself on one GPU")
+    parser.add_argument("--nproc", type=int, nargs="+", default=[2],
+                        help="processes under torchrun (one per GPU), one record per count sharing the plain "
+                             "runs; 1 checks the DDP path itself on one GPU")
     parser.add_argument("--preset", default=defaults.preset)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch, all runs")
     parser.add_argument("--steps", type=int, default=60)
@@ -182,16 +193,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if args.nproc < 1:
+    if min(args.nproc) < 1:
         raise SystemExit("--nproc must be >= 1")
-    if args.batch_size % args.nproc:
-        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over --nproc {args.nproc}")
+    for nproc in args.nproc:
+        if args.batch_size % nproc:
+            raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over --nproc {nproc}")
     if args.steps < 2 * SMOOTH:
         raise SystemExit(f"--steps must be >= {2 * SMOOTH} (the curves are compared smoothed over {SMOOTH} "
                          "steps, on the run's second half)")
     gpus = 0 if args.cpu else torch.cuda.device_count()
-    if gpus and gpus < args.nproc:
-        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs (one process per GPU); this machine has {gpus}")
+    if gpus and gpus < max(args.nproc):
+        raise SystemExit(f"--nproc {max(args.nproc)} needs {max(args.nproc)} GPUs (one process per GPU); "
+                         f"this machine has {gpus}")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -202,17 +215,19 @@ def run_cli(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lease-ddp-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = compare(run, args.nproc, args.overrides, work, cpu=args.cpu)
+        results = compare(run, args.nproc, args.overrides, work, cpu=args.cpu)
     except BaseException:
         log.error("the runs' configs and logs are kept in %s", work)
         raise
     if not args.work:
         shutil.rmtree(work)
-    name = record_name(run, args.nproc)
-    write_record(name, {"results": result}, args.out_dir)
-    plot_curves(result["curves"], run.smooth, f"{run.preset} b{run.batch_size} {run.dtype}: torchrun vs one process",
-                results_dir(args.out_dir) / f"{name}.png")
-    log.info("%s: |Δ loss| torchrun vs one process %.4f, next seed vs one process %.4f (second half, smoothed); "
-             "every rank logged every step; weights identical across ranks", name,
-             result["gap_torchrun_vs_one_process"], result["gap_next_seed_vs_one_process"])
+    for nproc, result in results.items():
+        name = record_name(run, nproc)
+        write_record(name, {"results": result}, args.out_dir)
+        plot_curves(result["curves"], run.smooth,
+                    f"{run.preset} b{run.batch_size} {run.dtype}: torchrun vs one process",
+                    results_dir(args.out_dir) / f"{name}.png")
+        log.info("%s: |Δ loss| torchrun vs one process %.4f, next seed vs one process %.4f (second half, "
+                 "smoothed); every rank logged every step; weights identical across ranks", name,
+                 result["gap_torchrun_vs_one_process"], result["gap_next_seed_vs_one_process"])
     return 0

@@ -30,32 +30,29 @@ def test_ranks_share_out_the_single_process_batches():
         assert sorted(torch.cat(parts).tolist()) == sorted(next(single).labels.tolist())
 
 
-def test_bench_ddp_two_processes_track_one(tmp_path):
-    assert bench_main(["ddp", "--nproc", "2", "--out-dir", str(tmp_path), "--work", str(tmp_path / "work"),
+def test_bench_ddp_two_processes_track_one_and_one_under_torchrun_is_the_plain_process_exactly(tmp_path):
+    """`--nproc 1 2`: the plain runs are shared, each count gets its record. Two gloo ranks track one
+    process; torchrun with one process wraps the model in DDP and, with the plain process's seeds, masks
+    and data, gives the same losses bit for bit on the CPU."""
+    assert bench_main(["ddp", "--nproc", "1", "2", "--out-dir", str(tmp_path), "--work", str(tmp_path / "work"),
                        *TINY_RUN]) == 0
-    name = "ddp-tiny-b32-fp32-x2"
-    result = json.loads((tmp_path / f"{name}.json").read_text())["results"]
-    assert result["ranks_by_step"] == {str(step): [0, 1] for step in range(1, 21)}
-    assert result["ranks_in_sync"] and result["backend"] == "gloo"
-    curves = result["curves"]
+    two = json.loads((tmp_path / "ddp-tiny-b32-fp32-x2.json").read_text())["results"]
+    assert two["ranks_by_step"] == {str(step): [0, 1] for step in range(1, 21)}
+    assert two["ranks_in_sync"] and two["backend"] == "gloo"
+    curves = two["curves"]
     assert all(len(c) == 20 for c in curves.values())
     assert all(min(c[-5:]) < c[0] - 0.1 for c in curves.values())  # every run learns
     # only masks and dropout differ from one process: far closer than a change of seed
-    assert result["gap_torchrun_vs_one_process"] < 0.5 * result["gap_next_seed_vs_one_process"]
-    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert two["gap_torchrun_vs_one_process"] < 0.5 * two["gap_next_seed_vs_one_process"]
+    assert (tmp_path / "ddp-tiny-b32-fp32-x2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "torchrun nproc 2 vs one process: tiny b32 fp32, 20 steps on planted tokens" in results_table(tmp_path)
     log = (tmp_path / "work" / "torchrun-2" / "train.log").read_text()
     assert "rank 0/2 step 20/20" in log and "rank 1/2 step 20/20" in log
 
-
-def test_bench_ddp_one_process_under_torchrun_is_the_plain_process_exactly(tmp_path):
-    """torchrun with one process wraps the model in DDP (gloo here); with the plain process's seeds,
-    masks and data, the CPU gives the same losses bit for bit."""
-    assert bench_main(["ddp", "--nproc", "1", "--out-dir", str(tmp_path), *TINY_RUN]) == 0
-    result = json.loads((tmp_path / "ddp-tiny-b32-fp32-x1.json").read_text())["results"]
-    assert result["ranks_in_sync"] and result["ranks_by_step"] == {str(step): [0] for step in range(1, 21)}
-    assert result["curves"]["torchrun, nproc 1"] == result["curves"]["one process"]
-    assert result["gap_torchrun_vs_one_process"] == 0 < result["gap_next_seed_vs_one_process"]
+    one = json.loads((tmp_path / "ddp-tiny-b32-fp32-x1.json").read_text())["results"]
+    assert one["ranks_in_sync"] and one["ranks_by_step"] == {str(step): [0] for step in range(1, 21)}
+    assert one["curves"]["torchrun, nproc 1"] == one["curves"]["one process"] == two["curves"]["one process"]
+    assert one["gap_torchrun_vs_one_process"] == 0 < one["gap_next_seed_vs_one_process"]
 
 
 @pytest.mark.parametrize("args, message", [
