@@ -32,6 +32,7 @@ from benchmarks.records import write_record
 from benchmarks.train import SYNTHETIC_BATCHES, bench_train, time_cuda
 
 log = logging.getLogger(__name__)
+OUR_PRESET = "vit_base"  # the size of their mage_vit_base_patch16
 AUTHORS_MAGE = {"mask_ratio_mu": 0.55, "mask_ratio_std": 0.25, "grad_clip": 3.0, "betas": (0.9, 0.95),
                 "weight_decay": 0.05, "blr": 1.5e-4}  # their README's ViT-B pretraining command and main_pretrain.py defaults
 
@@ -68,9 +69,9 @@ def check_repo(repo: Path) -> None:
 
 
 def authors_mage(repo: Path) -> torch.nn.Module:
-    """Their ViT-B MAGE, random weights everywhere. `np.float` (removed in NumPy 1.24) is the one name
-    their `util/pos_embed.py` needs that today's NumPy lacks; it meant the builtin float."""
-    check_repo(repo)
+    """Their ViT-B MAGE, random weights everywhere (`repo` as `check_repo` accepted it). `np.float`
+    (removed in NumPy 1.24) is the one name their `util/pos_embed.py` needs that today's NumPy lacks; it
+    meant the builtin float."""
     if not hasattr(np, "float"):
         np.float = float  # type: ignore[attr-defined]
     with inside(repo):
@@ -128,6 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--ours-compile", choices=["on", "off"], default="on",
                         help="our mage_online step compiled (default) or eager")
+    parser.add_argument("--codebook-size", type=int, default=16384, help="our step's synthetic codebook (as train's)")
+    parser.add_argument("--codebook-dim", type=int, default=768)
     parser.add_argument("--out-dir", default=None, help="where the JSON record goes (default benchmarks/results)")
 
 
@@ -140,11 +143,11 @@ def run_cli(args: argparse.Namespace) -> int:
     log.info("authors' MAGE: %.0f img/s (%.1f ms/step)", theirs["images_per_s"], theirs["median_ms_per_step"])
     torch.cuda.empty_cache()
     compiled = args.ours_compile == "on"
-    ours = bench_train("vit_base", args.batch_size, "bf16", compiled, args.steps, args.warmup * (3 if compiled else 1),
-                       16384, 768, method="mage_online")
+    ours = bench_train(OUR_PRESET, args.batch_size, "bf16", compiled, args.steps, args.warmup * (3 if compiled else 1),
+                       args.codebook_size, args.codebook_dim, method="mage_online")
     log.info("ours, mage_online: %.0f img/s (%.1f ms/step)", ours["images_per_s"], ours["median_ms_per_step"])
     ratio = round(ours["images_per_s"] / theirs["images_per_s"], 3)
-    name = f"authors-mage-vit_base-b{args.batch_size}-ours_{'compile' if compiled else 'eager'}"
+    name = f"authors-mage-{OUR_PRESET}-b{args.batch_size}-ours_{'compile' if compiled else 'eager'}"
     write_record(name, {"results": {"authors": theirs, "ours": ours, "ours_over_authors": ratio}}, args.out_dir)
     log.info("mage_online over the authors' MAGE step: %.2fx", ratio)
     return 0
