@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,11 @@ def compare(run: NumericsRun, overrides: dict[str, Any], device: torch.device) -
                                  ("switched", run.seed, overrides)):
         log.info("training %s (seed %d%s) for %d steps", label, seed,
                  "".join(f", {k}={v}" for k, v in changes.items()), run.steps)
+        started = time.perf_counter()
         curves[label], heldout_losses[label] = train_and_evaluate(train_config_for(run, changes, seed), tokens,
                                                                   heldout, centroids, device)
+        log.info("%s: %.0f s (compilation included), final smoothed loss %.4f", label,
+                 time.perf_counter() - started, float(smoothed(curves[label], run.smooth)[-1]))
     base, base_heldout = curves["baseline"], heldout_losses["baseline"]
     return {**dataclasses.asdict(run), "overrides": overrides, "device": str(device),
             "gap_switched_vs_baseline": round(late_gap(curves["switched"], base, run.smooth), 5),

@@ -81,3 +81,25 @@ def test_cuda_compiled_code_logits_match_eager():
             eager = model.code_logits(tokens, masked)
             compiled = torch.compile(model.code_logits, dynamic=False)(tokens, masked)
     assert_compiled_as_close_as_eager(relative_error(compiled, want), relative_error(eager, want), "code logits")
+
+
+def test_cuda_compiled_probe_features_match_eager():
+    """What the online probes compile: ViT-B's `mean_ln` features (pre-norm patch mean, unit LayerNorm),
+    at two batch sizes (the second compiles the dynamic-shape graph few-shot subsets use)."""
+    from lease.evaluate.features import encoder_features
+    from lease.evaluate.protocols import compiled_encoder_features
+
+    torch.manual_seed(0)
+    cfg = model_config("vit_base", contrast_on="none")
+    model = LeaseModel(cfg).cuda().eval()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for batch in (16, 12):
+        tokens = torch.randint(0, cfg.vocab_gen, (batch, cfg.seq_len), device="cuda", generator=gen)
+        with torch.inference_mode():
+            want = encoder_features(model, tokens, "mean_ln")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                eager = encoder_features(model, tokens, "mean_ln")
+                compiled = compiled_encoder_features()(model, tokens, "mean_ln")
+        assert compiled.shape == (batch, cfg.embed_dim)
+        assert_compiled_as_close_as_eager(relative_error(compiled, want), relative_error(eager, want),
+                                          f"probe features, batch {batch}")

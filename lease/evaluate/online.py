@@ -140,8 +140,7 @@ class OnlineTokenizer:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.vqgan, self.device, self.chunk = vqgan, vqgan.device, chunk
-        # compiled encoders are specialised to one batch size: pad a short chunk instead of recompiling
-        self.pad = getattr(vqgan, "compiled", False)
+        self.compiled = getattr(vqgan, "compiled", False)
 
     def resized(self, chunk: int) -> "OnlineTokenizer":
         """The same VQGAN encoding at most `chunk` images at a time (a compiled one then holds both sizes)."""
@@ -153,6 +152,6 @@ class OnlineTokenizer:
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        if self.pad and n < self.chunk:
+        if self.compiled and n < self.chunk:  # compiled encoders are specialised to one batch size: pad
             x = torch.cat([x, x.new_zeros((self.chunk - n, *x.shape[1:]))])
         return self.vqgan.encode(x).flatten(1)[:n]

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +60,20 @@ def embedding_dropout(model: torch.nn.Module, on: bool):
         yield model
 
 
+@functools.cache
+def compiled_encoder_features() -> Callable[..., torch.Tensor]:
+    """`encoder_features` under torch.compile, made once: graphs are cached per model, pool and train/eval
+    mode; a second batch size (a few-shot subset, a short last batch) compiles one dynamic-shape graph."""
+    return torch.compile(encoder_features)
+
+
 def online_features(model: torch.nn.Module, tokenizer: OnlineTokenizer, images: torch.Tensor, pool: str,
                     dtype: str) -> torch.Tensor:
-    """float32 [B, D] features of a batch of views (no gradients)."""
+    """float32 [B, D] features of a batch of views (no gradients). The encoder is compiled when the VQGAN
+    is (on CUDA): eager, its forward takes about a third of a probe step (benchmarks/README.md)."""
+    features = compiled_encoder_features() if tokenizer.compiled else encoder_features
     with torch.inference_mode(), autocast_for(tokenizer.device, dtype):
-        return encoder_features(model, tokenizer(images), pool).float()
+        return features(model, tokenizer(images), pool).float()
 
 
 def feature_bank(model, tokenizer: OnlineTokenizer, data: AugmentedImages, aug: AugmentConfig, pool: str,

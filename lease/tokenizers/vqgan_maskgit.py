@@ -68,19 +68,25 @@ class MaskGITVQGANConfig:
 
 def channels_last_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                              eps: float) -> torch.Tensor:
-    """F.group_norm's numbers with statistics taken as per-channel means over H·W, then per group.
+    """F.group_norm's numbers from per-channel statistics over H·W, combined per group.
 
-    In fp32 and in two passes (mean, then squared deviations). For NHWC tensors these reductions read
-    along the contiguous channel axis; under torch.compile they replace the reduction over each group's
-    strided channel slice, which compiles to slow kernels (benchmarks/results/tokenize-vqgan-encode-*).
+    One fp32 pass gives each channel's mean and variance (`torch.var_mean`, which compiles to a single
+    Welford reduction); a group's variance is then the mean of its channels' variances plus the variance
+    of their means (the law of total variance; every channel has H·W values). For NHWC tensors the
+    reduction reads along the contiguous channel axis, where one over each group's strided channel slice
+    compiles to slow kernels; and one pass instead of a mean pass then a squared-deviation pass reads the
+    activation once less (benchmarks/results/tokenize-vqgan-encode-*).
     """
     b, c = x.shape[:2]
     per_group = c // num_groups
     xf = x.float()
-    mean = xf.mean(dim=(2, 3)).view(b, num_groups, per_group).mean(dim=2)
-    mean = mean.repeat_interleave(per_group, dim=1).view(b, c, 1, 1)
-    var = (xf - mean).square().mean(dim=(2, 3)).view(b, num_groups, per_group).mean(dim=2)
-    inv_std = torch.rsqrt(var + eps).repeat_interleave(per_group, dim=1).view(b, c, 1, 1)
+    channel_var, channel_mean = torch.var_mean(xf, dim=(2, 3), correction=0)
+    channel_var = channel_var.view(b, num_groups, per_group)
+    channel_mean = channel_mean.view(b, num_groups, per_group)
+    mean = channel_mean.mean(dim=2, keepdim=True)
+    var = channel_var.mean(dim=2, keepdim=True) + (channel_mean - mean).square().mean(dim=2, keepdim=True)
+    mean = mean.expand(b, num_groups, per_group).reshape(b, c, 1, 1)
+    inv_std = torch.rsqrt(var + eps).expand(b, num_groups, per_group).reshape(b, c, 1, 1)
     y = (xf - mean) * inv_std * weight.float().view(1, c, 1, 1) + bias.float().view(1, c, 1, 1)
     return y.to(x.dtype)
 
