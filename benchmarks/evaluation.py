@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks.records import RESULTS_DIR, write_record
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-batch", type=int, default=1024)
     parser.add_argument("--probe-steps", type=int, nargs=2, default=[8, 40], metavar=("SHORT", "LONG"),
                         help="steps of the two timed probe epochs; the rate is that of the steps the long one adds")
+    parser.add_argument("--vqgan-chunk", type=int, default=0,
+                        help="images per VQGAN call (0: evaluate.augment.batch_size's default)")
     parser.add_argument("--finetune-batch", type=int, default=512)
     parser.add_argument("--finetune-steps", type=int, nargs=2, default=[8, 32], metavar=("SHORT", "LONG"),
                         help="steps per epoch of the two timed fine-tuning runs (two epochs each; the second timed)")
@@ -109,7 +112,48 @@ def bench_probe(model, tokenizer, locations: list[str], args, aug) -> dict:
                  settings, "bf16")
     seconds = {steps: online_probe(model, tokenizer, _views(locations, steps * args.probe_batch, "train", aug),
                                    val, 1000, cfg, aug, settings, "bf16")["seconds"] for steps in args.probe_steps}
-    return {**marginal_rate(seconds, args.probe_batch), "batch": args.probe_batch, "target_images_per_s": 2000}
+    return {**marginal_rate(seconds, args.probe_batch), "batch": args.probe_batch, "vqgan_chunk": tokenizer.chunk,
+            "target_images_per_s": 2000,
+            "gpu_ms_per_step": probe_step_parts(model, tokenizer, locations, args, aug, settings, cfg)}
+
+
+def probe_step_parts(model, tokenizer, locations: list[str], args, aug, settings, cfg) -> dict[str, float]:
+    """Median GPU milliseconds of one probe step's parts on a device-resident batch of train views (CUDA
+    events, no loader): the VQGAN alone, the frozen encoder's features from its tokens, and the whole step
+    as `online_probe` runs it. The step's time against the epoch's time per step against the epoch's time per step says whether the GPU or the
+    host (loader, pinning, copies) bounds the probe."""
+    import statistics
+
+    from benchmarks.train import time_cuda
+    from lease.evaluate.lars import LARS
+    from lease.evaluate.linear_probe import ProbeHead
+    from lease.evaluate.online import epoch_loader
+    from lease.evaluate.protocols import compiled_encoder_features, embedding_dropout, online_features
+
+    views = _views(locations, args.probe_batch, "train", aug)
+    images = next(iter(epoch_loader(views, 0, args.probe_batch, aug.num_workers, True)))[0].to(tokenizer.device)
+    labels = torch.arange(args.probe_batch, device=tokenizer.device) % 1000
+    tokens = tokenizer(images)
+    head = ProbeHead(model.cfg.embed_dim, 1000, cfg.bn_eps, cfg.head_init_std, torch.Generator().manual_seed(0))
+    head = head.to(tokenizer.device)
+    optimizer = LARS(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                     trust_coefficient=cfg.trust_coefficient)
+
+    def features_from_tokens():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return compiled_encoder_features()(model, tokens, settings.pool)
+
+    def whole_step():
+        loss = F.cross_entropy(head(online_features(model, tokenizer, images, settings.pool, "bf16")), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    parts = {"vqgan": lambda: tokenizer(images), "encoder_features": features_from_tokens, "step": whole_step}
+    with embedding_dropout(model, settings.embed_dropout):  # the train-mode graphs `online_probe` runs
+        medians = {name: round(statistics.median(time_cuda(fn, warmup=2, steps=5)), 2) for name, fn in parts.items()}
+    log.info("probe step on a resident batch of %d: %s ms", args.probe_batch, medians)
+    return medians
 
 
 def bench_finetune(model, tokenizer, locations: list[str], args, aug, out: Path) -> dict:
@@ -197,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     aug = AugmentConfig(batch_size=256, num_workers=workers)
     model = vit_base_encoder(device)
     vqgan = random_maskgit_tokenizer(full_width_maskgit_config(), device, torch.bfloat16, compile=True)
-    tokenizer = OnlineTokenizer(vqgan, aug.batch_size)
+    tokenizer = OnlineTokenizer(vqgan, args.vqgan_chunk or aug.batch_size)
     results: dict = {"workers": workers, "jpeg": [args.width, args.height]}
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

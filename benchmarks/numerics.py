@@ -12,13 +12,16 @@ The losses stay on the device until the end. The record holds the three loss cur
 half of the run, the mean |difference| of the smoothed curves (switched vs baseline, and seed s + 1 vs
 baseline); and each trained model's loss on held-out planted samples, in eval mode with the same
 fixed masks for all three, which the per-step mask ratio does not make noisy. A plot of the curves
-goes beside the record.
+goes beside the record. Each training is saved as it ends (`--runs` trains a subset: three processes
+may train the three at once on one GPU), and a stopped comparison reuses what it finished.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import shutil
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ import torch
 from benchmarks.records import results_dir, write_record
 from lease.configs import OptimConfig, TrainConfig, model_config
 from lease.data import ResidentBatches, TokenSet
+from lease.io import atomic_write_json
 from lease.synthetic import planted_codebook, planted_token_set
 from lease.train import Dist, Trainer, build_model, pick_device
 from lease.typed_config import apply_overrides
@@ -105,8 +109,44 @@ def late_gap(a: torch.Tensor, b: torch.Tensor, window: int) -> float:
     return float((smoothed(a, window) - smoothed(b, window))[half:].abs().mean())
 
 
-def compare(run: NumericsRun, overrides: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The three curves and the gaps between them (module docstring)."""
+RUN_NAMES = {"baseline": "baseline", "baseline, next seed": "next-seed", "switched": "switched"}
+
+
+def runs_of(run: NumericsRun, overrides: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]]]:
+    """(label, seed, model overrides) of the three trainings."""
+    return [("baseline", run.seed, {}), ("baseline, next seed", run.seed + 1, {}), ("switched", run.seed, overrides)]
+
+
+def part_key(run: NumericsRun, changes: dict[str, Any], seed: int) -> dict[str, Any]:
+    return {"run": dataclasses.asdict(run), "overrides": changes, "seed": seed}
+
+
+def save_part(path: Path, run: NumericsRun, changes: dict[str, Any], seed: int, curve: torch.Tensor,
+              heldout: float) -> None:
+    """One finished training's curve and held-out loss, so a stopped or split comparison keeps it."""
+    atomic_write_json(path, {**part_key(run, changes, seed), "curve": curve.tolist(), "heldout_loss": heldout})
+
+
+def finished_part(path: Path | None, run: NumericsRun, changes: dict[str, Any],
+                  seed: int) -> tuple[torch.Tensor, float] | None:
+    """The saved training of exactly this run, switch and seed, if there is one."""
+    if path is None or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if {k: saved.get(k) for k in ("run", "overrides", "seed")} != json.loads(json.dumps(part_key(run, changes, seed))):
+        log.warning("%s was trained with other settings: training again", path)
+        return None
+    return torch.tensor(saved["curve"]), float(saved["heldout_loss"])
+
+
+def compare(run: NumericsRun, overrides: dict[str, Any], device: torch.device, parts_dir: Path | None = None,
+            only: list[str] | None = None) -> dict[str, Any]:
+    """The three curves and the gaps between them (module docstring).
+
+    With `parts_dir`, each finished training is saved there and a saved one is reused rather than trained
+    again; with `only` (names of RUN_NAMES), just those trainings run. Until all three exist the result is
+    `{"missing_runs": [...]}`: separate processes can train the three at once, sharing the GPU while one
+    compiles, and a last call writes the record."""
     cfg = model_config(run.preset)
     tokens = planted_token_set(run.batch_size * run.batches_per_epoch, run.num_classes, cfg.seq_len,
                                cfg.vocab_gen, run.synonyms, seed=run.seed)
@@ -114,8 +154,15 @@ def compare(run: NumericsRun, overrides: dict[str, Any], device: torch.device) -
     heldout = planted_token_set(run.batch_size * run.heldout_batches, run.num_classes, cfg.seq_len, cfg.vocab_gen,
                                 run.synonyms, seed=run.seed + HELDOUT_SEED_OFFSET)
     curves, heldout_losses = {}, {}
-    for label, seed, changes in (("baseline", run.seed, {}), ("baseline, next seed", run.seed + 1, {}),
-                                 ("switched", run.seed, overrides)):
+    for label, seed, changes in runs_of(run, overrides):
+        part = parts_dir / f"{RUN_NAMES[label]}.json" if parts_dir else None
+        done = finished_part(part, run, changes, seed)
+        if done is not None:
+            log.info("%s: reusing the finished run in %s", label, part)
+            curves[label], heldout_losses[label] = done
+            continue
+        if only is not None and RUN_NAMES[label] not in only:
+            continue
         log.info("training %s (seed %d%s) for %d steps", label, seed,
                  "".join(f", {k}={v}" for k, v in changes.items()), run.steps)
         started = time.perf_counter()
@@ -123,6 +170,11 @@ def compare(run: NumericsRun, overrides: dict[str, Any], device: torch.device) -
                                                                   heldout, centroids, device)
         log.info("%s: %.0f s (compilation included), final smoothed loss %.4f", label,
                  time.perf_counter() - started, float(smoothed(curves[label], run.smooth)[-1]))
+        if part is not None:
+            save_part(part, run, changes, seed, curves[label], heldout_losses[label])
+    missing = [RUN_NAMES[label] for label, _, _ in runs_of(run, overrides) if label not in curves]
+    if missing:
+        return {"missing_runs": missing}
     base, base_heldout = curves["baseline"], heldout_losses["baseline"]
     return {**dataclasses.asdict(run), "overrides": overrides, "device": str(device),
             "gap_switched_vs_baseline": round(late_gap(curves["switched"], base, run.smooth), 5),
@@ -163,6 +215,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=defaults.dtype, choices=["bf16", "fp32"])
     parser.add_argument("--compile", choices=["on", "off"], default="on")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--runs", nargs="+", choices=list(RUN_NAMES.values()), default=None,
+                        help="train only these of the three (each is saved beside the record as it ends and reused "
+                             "by a later call; the record is written once all three exist)")
     parser.add_argument("--out-dir", default=None, help="where the record and plot go (default benchmarks/results)")
 
 
@@ -174,9 +229,14 @@ def run_cli(args: argparse.Namespace) -> int:
     model_config(args.preset, **overrides)  # fails now, naming the key, rather than after the baseline runs
     run = NumericsRun(preset=args.preset, batch_size=args.batch_size, steps=args.steps, dtype=args.dtype,
                       compile=args.compile == "on", seed=args.seed)
-    result = compare(run, overrides, pick_device(Dist()))
     name = record_name(run, overrides)
+    parts = results_dir(args.out_dir) / f"{name}.parts"
+    result = compare(run, overrides, pick_device(Dist()), parts, args.runs)
+    if "missing_runs" in result:
+        log.info("%s: still to train: %s (saved runs are in %s)", name, ", ".join(result["missing_runs"]), parts)
+        return 0
     write_record(name, {"results": result}, args.out_dir)
+    shutil.rmtree(parts, ignore_errors=True)  # the record now holds every curve
     switch = ", ".join(f"{k}={v}" for k, v in overrides.items())
     plot_curves(result["curves"], run.smooth, f"{run.preset} b{run.batch_size} {run.dtype}: {switch}",
                 results_dir(args.out_dir) / f"{name}.png")
