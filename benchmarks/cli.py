@@ -10,6 +10,8 @@ import importlib
 import logging
 import sys
 
+from lease.cli_help import show_defaults
+
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("benchmarks.train", "add_train_arguments", "run_train_cli", "training steps/s, memory and MFU"),
     "numerics": ("benchmarks.numerics", "add_arguments", "run_cli",
@@ -56,7 +58,7 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     loaded = importlib.import_module(module)
     getattr(loaded, add)(parser)
     parser.set_defaults(func=getattr(loaded, run))
-    return parser
+    return show_defaults(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ from benchmarks.train import profile_table, time_cuda
 from benchmarks.records import results_dir, write_record
 from benchmarks.tokenizers import (DINOV2_B14_SIZES, DTYPES, full_width_maskgit_config, random_maskgit_tokenizer,
                                     time_dinov2_features, time_vqgan_encode)
+from lease.cli_help import first_paragraph, show_defaults
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,8 @@ def worker_counts(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lease bench tokenize", description=__doc__.split("\n")[0])
+    command = "lease bench precompute" if argv and argv[0] == "precompute" else "lease bench tokenize"
+    parser = argparse.ArgumentParser(prog=command, description=first_paragraph(__doc__))
     parser.add_argument("what", choices=["bench", "precompute"], help=argparse.SUPPRESS)
     parser.add_argument("--num-images", type=int, default=20000)
     parser.add_argument("--min-side", type=int, default=300)
@@ -365,12 +367,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="precompute: first time the loader alone (CPU and nvJPEG decode) and the networks alone")
     parser.add_argument("--decode-images", type=int, default=30000, help="precompute: images per loader timing")
     parser.add_argument("--tag", default="", help="precompute: suffix of the record name")
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.time_parts and args.tokenizers != "full":
         raise SystemExit("--time-parts times the released-size networks: use it with --tokenizers full")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("lease bench tokenize measures GPU throughput: no CUDA device found")
+        raise SystemExit(f"{command} measures GPU throughput: no CUDA device found")
     torch.backends.cudnn.benchmark = True
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lease-bench-"))
     try:

@@ -24,6 +24,8 @@ import os
 
 import httpx
 
+from lease.cli_help import first_paragraph, show_defaults
+
 log = logging.getLogger(__name__)
 
 DEPLOYMENT = "full-pipeline"
@@ -93,13 +95,13 @@ async def register_on_pool(config: str, overrides: list[str], pool: str = POOL, 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    parser = argparse.ArgumentParser(prog="lease deploy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease deploy", description=first_paragraph(__doc__))
     parser.add_argument("--config", default="demo", help="default preset or YAML of the deployment's runs")
     parser.add_argument("--name", default=DEPLOYMENT)
     parser.add_argument("--pool", default="", help="register the deployment on this process work pool (created "
                         "if missing) for its workers to run, instead of serving it from this process")
     parser.add_argument("overrides", nargs="*", help="default key=value overrides of the deployment's runs")
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     api_url = os.environ.setdefault("PREFECT_API_URL", LOCAL_API)
     check_server(api_url)
     if args.pool:

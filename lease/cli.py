@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 from lease import clip_text, condgen, train
+from lease.cli_help import show_defaults
 from lease.configs import ContrastPlacement
 
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="lease")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     return args.func(args)
 
 

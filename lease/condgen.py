@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lease.checkpoints import ENCODER_KEYS, CheckpointError, load_checkpoint
+from lease.cli_help import show_defaults
 from lease.codebook import load_codebook
 from lease.configs import TABLE_A5, ModelConfig, TrainConfig, condgen_train_config  # noqa: F401 (TABLE_A5: re-exported)
 from lease.data import TokenSet
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="lease train-condgen", description=__doc__)
     add_arguments(parser)
-    return run_cli(parser.parse_args(argv))
+    return run_cli(show_defaults(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -336,7 +336,22 @@ def _two_byte_body_fault(body: bytes, length: int) -> str | None:
     return None if length == 2 else f"length {length + 2}, not 4"
 
 
-_JPEG_SEGMENT_CHECKS = {**{code: _frame_header_fault for code in _JPEG_SOF}, _DHT: _huffman_tables_fault,
+def _application_segment_fault(body: bytes, length: int) -> str | None:
+    """APPn segments open with a NUL-terminated ASCII name (JFIF, Exif, ICC_PROFILE, Adobe, an XMP URI...):
+    without one, garbage whose first two bytes read as a long length would pass for a cut segment."""
+    name, nul, _ = body[:_APP_NAME_MAX + 1].partition(b"\0")
+    if not all(0x20 <= byte < 0x7F for byte in name):
+        return "no ASCII name opens it"
+    if nul and not name:
+        return "its name is empty"
+    if not nul and len(name) > _APP_NAME_MAX:
+        return f"no NUL-terminated name in its first {_APP_NAME_MAX} bytes"
+    return None
+
+
+_APP_NAME_MAX = 64  # the longest APPn name in use, Extended XMP's URI, has 35 bytes
+_JPEG_SEGMENT_CHECKS = {**{code: _application_segment_fault for code in range(0xE0, 0xF0)},
+                        **{code: _frame_header_fault for code in _JPEG_SOF}, _DHT: _huffman_tables_fault,
                         _DQT: _quantisation_tables_fault, _SOS: _scan_header_fault,
                         _DRI: _two_byte_body_fault, _DNL: _two_byte_body_fault}
 

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lease import stopping
 from lease.checkpoints import export_encoder, load_checkpoint, save_checkpoint
+from lease.cli_help import show_defaults
 from lease.codebook import load_codebook
 from lease.configs import AUTHORS_EMA_EPOCHS, TrainConfig, train_config
 from lease.data import Batch, ResidentBatches, StreamingBatches, fits_on_device, read_token_set, resolve_shards
@@ -34,6 +35,7 @@ from lease.typed_config import apply_overrides, load_yaml, to_dict
 
 log = logging.getLogger(__name__)
 METRICS = ("loss", "rec_loss", "contrast_loss", "uniformity_loss", "classifier_acc", "grad_norm")
+MIN_LOGGED_STEPS = 8  # the fewest points of a loss curve, however short the run (see Trainer.log_every)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -147,6 +149,8 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.max_steps or int(cfg.epochs * steps_per_epoch)
         self.warmup_steps = max(1, int(cfg.optim.warmup_epochs * steps_per_epoch))
+        # a run too short for `log_every` still logs a loss curve of MIN_LOGGED_STEPS points
+        self.log_every = min(cfg.log_every, max(1, self.total_steps // MIN_LOGGED_STEPS))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=self.peak_lr,
                                            betas=cfg.optim.betas, fused=device.type == "cuda")
         self.ratio_sampler = MaskRatioSampler(cfg.mask, seed=cfg.seed)
@@ -397,7 +401,7 @@ def _step_until_done(trainer: Trainer, data: Iterator[Batch], metrics: MetricsLo
         history.append(trainer.step(next(data)))
         step = trainer.step_count
         finished = step >= trainer.total_steps or (stop_after is not None and step >= stop_after)
-        log_now, ckpt_now = step % cfg.log_every == 0, step % cfg.ckpt_every == 0
+        log_now, ckpt_now = step % trainer.log_every == 0, step % cfg.ckpt_every == 0
         # One process stops right after a signal; under torchrun the ranks agree at the next log or
         # checkpoint step (see Trainer.agree_to_stop).
         stop = stopping.requested() is not None
@@ -505,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="lease train", description=__doc__)
     add_arguments(parser)
-    return run_cli(parser.parse_args(argv))
+    return run_cli(show_defaults(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Nearest-centroid assignment: the discriminative token of every patch (DESIGN.md, data path step 4).
+"""Nearest-centroid assignment: the discriminative token of every patch.
 
 The metric is the one k-means trains with, squared L2 on raw features:
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lease.cli_help import first_paragraph, show_defaults
 from lease.codebook import load_codebook
 from lease.io import atomic_path
 
@@ -213,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.assign", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.assign", description=first_paragraph(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="assign every row of a features .npy [..., D] to its nearest centroid")
     run.add_argument("--features", required=True, help="float .npy [..., D] (read memory-mapped)")
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rows-per-read", type=int, default=1 << 20)
     run.add_argument("--device", default="auto")
     run.add_argument("--matmul-dtype", default="auto", choices=["auto", *MATMUL_DTYPES])
-    return parser
+    return show_defaults(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

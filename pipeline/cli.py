@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 from typing import Callable, NoReturn
 
+from lease.cli_help import show_defaults
 from lease.io import CheckpointFileError
 from lease.typed_config import ConfigError
 
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     core_cli.register(sub)
     bench_cli.add_placeholders(sub)
     evaluate.register(sub)
-    return parser
+    return show_defaults(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from lease.cli_help import first_paragraph, show_defaults
 from lease.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -212,14 +213,14 @@ def make_demo_dataset(root: str | Path, num_classes: int = 10, train_per_class: 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="lease demo-data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease demo-data", description=first_paragraph(__doc__))
     parser.add_argument("root", type=Path, help="output folder (ImageFolder tree with train/ and val/)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--train-per-class", type=int, default=24)
     parser.add_argument("--val-per-class", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64, help="typical long side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     make_demo_dataset(args.root, args.num_classes, args.train_per_class, args.val_per_class, args.image_size,
                       args.seed)
     return 0

@@ -1,4 +1,4 @@
-"""The discriminative codebook: k-means on DINOv2 patch features (DESIGN.md, data path step 3).
+"""The discriminative codebook: k-means on DINOv2 patch features.
 
 As in DiGIT, the codebook is plain k-means with squared L2 on raw (unnormalised) patch features; each
 patch's discriminative token is then its nearest centroid under the same metric (`pipeline.assign`).
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lease.cli_help import first_paragraph, show_defaults
 from lease.codebook import load_codebook, neighbour_table
 from lease.io import atomic_path, atomic_write_json, file_digest
 from pipeline.assign import MATMUL_DTYPES, Assigner, resolve_device
@@ -308,7 +309,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lease kmeans", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease kmeans", description=first_paragraph(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the codebook (or adopt --codebook) and write it to --out")
     train.add_argument("--features", help="DINOv2 patch features .npy [..., D] (float16/float32)")
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--iters", type=int, default=20)
     train.add_argument("--backend", default="auto", choices=BACKENDS)
     train.add_argument("--device", default="auto")
-    return parser
+    return show_defaults(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Manifest stage: an image source → a parquet table with one checked row per image (DESIGN.md step 1).
+"""Manifest stage: an image source → a parquet table with one checked row per image.
 
 Sources:
 - an ImageFolder tree, either `root/train/<class>/<img>` + `root/val/<class>/<img>`, or a flat
@@ -67,6 +67,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from lease.cli_help import first_paragraph, show_defaults
 from lease.io import atomic_path
 from lease.manifests import OK, SPLIT_ORDER, manifest_classes, read_manifest  # noqa: F401  (read side, re-exported)
 from lease.images import DECODE_ERRORS, JPEG_EOI, JPEG_SOI, TAR_SEPARATOR, read_bytes, to_rgb, undecodable_reason
@@ -575,7 +576,7 @@ def _log_summary(summary: ManifestSummary) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="lease manifest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease manifest", description=first_paragraph(__doc__))
     parser.add_argument("source", help="ImageFolder root, list file, .tar / folder of tars / glob of tars")
     parser.add_argument("--out", type=Path, required=True, help="parquet file to write")
     parser.add_argument("--kind", default="auto", choices=["auto", "imagefolder", "list", "webdataset"])
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=None, help="decode-check processes (default: all cores)")
     parser.add_argument("--check", default="full", choices=CHECKS,
                         help="full: decode every image; quick: headers and JPEG end markers (see the module doc)")
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     build_manifest(args.source, args.out, kind=args.kind, val_fraction=args.val_fraction, seed=args.seed,
                    num_workers=args.num_workers, check=args.check)
     return 0

@@ -1,4 +1,4 @@
-"""Pack per-shard token files into WebDataset tar shards (DESIGN.md, data path step 5).
+"""Pack per-shard token files into WebDataset tar shards.
 
 Input: for each split, a directory of `shard-XXXXXX.npz` files from the tokenize stage, each holding
 `keys` str [n], `vq` uint16 [n, L], `disc` uint16 [n, L] and `labels` int64 [n]. Output, in `out_dir`:
@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
+from lease.cli_help import first_paragraph, show_defaults
 from lease.data import write_shard as write_token_shard
 from lease.io import atomic_path, atomic_write_json
 from pipeline.stats import JointCounter, write_statistics
@@ -299,7 +300,7 @@ def _split_dir(text: str) -> tuple[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="lease pack", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease pack", description=first_paragraph(__doc__))
     parser.add_argument("--tokens", type=_split_dir, action="append", required=True,
                         help="SPLIT=DIR of shard-*.npz token files; repeat per split")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0, help="seed of each split's sample permutation")
     parser.add_argument("--num-workers", type=int, default=1, help="processes writing shards")
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     splits = dict(args.tokens)
     if len(splits) != len(args.tokens):
         parser.error("each split may be given once")

@@ -664,9 +664,9 @@ def build_finetune(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, Any]
     f, device = cfg.finetune, _device(cfg)
     aug = dataclasses.replace(f.augment, seed=f.train.seed)
     train, val = finetune.manifest_views(dirs["manifest"] / "manifest.parquet", aug, f.train.seed)
-    if _unlabelled(train.labels, val.labels):
-        raise ConfigError("finetune: the images have no labels (no class folders): fine-tuning needs them; "
-                          "set finetune.enabled=off")
+    if reason := _unlabelled(train.labels, val.labels):
+        log.warning("finetune: skipped, fine-tuning needs class labels: %s", reason)
+        return {"finetune": None, "skipped": reason}
     vq_ckpt, vq_config, _ = _tokenizer_paths(cfg, dirs)
     vqgan = load_vqgan(cfg.tokenizers.vqgan.kind, vq_ckpt, config=vq_config, device=device,
                        compile=device.startswith("cuda"))

@@ -1,4 +1,4 @@
-"""Token statistics of the two codebooks (DESIGN.md step 5; paper appendix D).
+"""Token statistics of the two codebooks (paper appendix D).
 
 For position-aligned pairs (g, d) — the VQGAN code g and the codebook id d of the same patch — we count
 the joint co-occurrences n(g, d) and report, in nats:
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from lease.cli_help import first_paragraph, show_defaults
 from lease.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -191,12 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     from lease.data import read_shard, resolve_shards
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stats", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stats", description=first_paragraph(__doc__))
     parser.add_argument("--shards", required=True, help="packed WebDataset shards: a directory of *.tar or a glob")
     parser.add_argument("--vocab-gen", type=int, required=True, help="VQGAN codebook size (1024 for MAGE's)")
     parser.add_argument("--codebook-size", type=int, required=True, help="k-means codebook size K")
     parser.add_argument("--out", required=True, type=Path, help="directory for stats.json and token_usage.png")
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     counter = JointCounter(args.vocab_gen, args.codebook_size)
     for shard in resolve_shards(args.shards):
         _, vq, disc, _ = read_shard(shard)

@@ -1,4 +1,4 @@
-"""Tokenize: JPEG → both crops → VQGAN codes + DINOv2 codebook ids, per shard (DESIGN.md 2 and 4).
+"""Tokenize: JPEG → both crops → VQGAN codes + DINOv2 codebook ids, per shard.
 
 Every image is decoded once per pass; its `vqgan.image_size` crop (256 for MAGE's VQGAN) is encoded to a
 16×16 grid of codes and its 224 crop goes through DINOv2 to 16×16 patch features, whose nearest centroids
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lease.cli_help import first_paragraph, show_defaults
 from lease.codebook import load_codebook
 from lease.io import atomic_path, json_digest
 from lease.tokenizers import codes_to_uint16, load_vqgan
@@ -612,7 +613,7 @@ def sample_features(manifest: str | Path, out_path: str | Path, *, dinov2_kind: 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="lease tokenize", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lease tokenize", description=first_paragraph(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -648,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dtype", default="float16", choices=list(FEATURE_DTYPES))
 
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     shared = dict(dinov2_kind=args.dinov2_kind, dinov2_path=args.dinov2, layer=args.layer, dino_size=args.dino_size,
                   batch_size=args.batch_size, num_workers=args.num_workers, dtype=args.dtype, device=args.device,
                   gpu_decode=args.gpu_decode)

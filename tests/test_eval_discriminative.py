@@ -116,6 +116,22 @@ def test_few_shot_short_classes_error_or_all():
     assert torch.bincount(labels[idx]).tolist() == [5, 3, 5]
 
 
+def test_few_shot_skips_the_shot_counts_a_small_train_split_cannot_fill(data, caplog):
+    train_x, train_y, val_x, val_y = data
+    keep = torch.cat([(train_y != 3).nonzero().flatten(), (train_y == 3).nonzero().flatten()[:7]])  # 7 of class 3
+    cfg = FewShotConfig(shots=[5, 10], seeds=[0], epochs=2)
+    result = few_shot(train_x[keep], train_y[keep], val_x, val_y, cfg, device="cpu")
+    assert set(result["shots"]) == {"5"} and result["average"] == result["shots"]["5"]["top1"]
+    assert result["skipped_shots"] == {"10": f"1 of {CLASSES} classes have fewer than 10 training samples "
+                                              "(class 3 has 7)"}
+    assert "10-shot skipped" in caplog.text
+    none = few_shot(train_x[keep], train_y[keep], val_x, val_y, FewShotConfig(shots=[10], seeds=[0]), device="cpu")
+    assert none["shots"] == {} and none["average"] is None
+    with pytest.raises(ValueError, match="class 3 has 7"):
+        few_shot(train_x[keep], train_y[keep], val_x, val_y, FewShotConfig(shots=[10], on_short_class="error"),
+                 device="cpu")
+
+
 def test_few_shot_protocol_and_table(data):
     train_x, train_y, val_x, val_y = data
     # 100 samples make 6 steps per epoch: more epochs stand in for the ~300 steps per epoch of 5-shot IN-1K

@@ -133,6 +133,20 @@ def test_fewshot_averages_are_compared_over_the_same_shot_counts_only(run_dir):
     assert not any("59.65" in cells[3] for cells in rows.values() if len(cells) == 6)
 
 
+def test_fewshot_counts_a_small_split_could_not_fill_are_named_in_the_report(run_dir):
+    root, inputs = run_dir
+    reason = "3 of 4 classes have fewer than 5 training samples (class 1 has 4)"
+    write_json(inputs.eval_dir / "fewshot.json", {"shots": {"2": {"top1": 30.0, "std": 0.0}}, "average": 30.0,
+                                                  "skipped_shots": {"5": reason}, "eval_protocol": "fast"})
+    text = report.write_report(root / "r", inputs, PAPER_RUN)["report"].read_text()
+    assert table_rows(text)["2-shot top-1 (mean ± std over seeds)"][1] == "30.00 ± 0.00"
+    assert f"5-shot skipped: {reason} (evaluate.fewshot.on_short_class=skip)." in text
+    write_json(inputs.eval_dir / "fewshot.json", {"shots": {}, "average": None, "skipped_shots": {"5": reason},
+                                                  "eval_protocol": "fast"})
+    text = report.write_report(root / "n", inputs, PAPER_RUN)["report"].read_text()
+    assert table_rows(text)["few-shot top-1"][1] == f"not measured: 5-shot skipped: {reason}"
+
+
 def test_transfer_and_robustness_sets_meet_the_papers_columns(run_dir):
     root, inputs = run_dir
     rows = table_rows(report.write_report(root / "r", inputs, PAPER_RUN)["report"].read_text())
@@ -362,6 +376,7 @@ def test_an_unlabelled_source_says_why_its_label_metrics_are_missing(tmp_path):
     rows = table_rows(text)
     for metric in ("linear probe top-1", "few-shot top-1", "this run's val split: k-NN top-1"):
         assert rows[metric][1] == f"not measured: skipped: {reason}"
+    assert rows["fine-tuned top-1"][1] == f"not measured: skipped: {reason}; fine-tuning needs labels"
     assert rows["FID (unconditional)"][1] == f"not measured: no fid.json in {tmp_path / 'eval'}"
 
 

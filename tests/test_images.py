@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageCms
 
 from lease.images import (RawBatch, both_crops, center_square, collate_encoded, decode_raw_batch, decode_rgb,
                              EncodedDataset, is_gpu_decodable_jpeg, make_loader, pil_to_tensor, read_bytes,
@@ -170,6 +170,13 @@ def _sample_file(name: str) -> bytes:
         return fh.read()
 
 
+def _exif(**tags: str) -> Image.Exif:
+    exif = Image.Exif()
+    for name, value in tags.items():
+        exif[next(tag for tag, tag_name in ExifTags.TAGS.items() if tag_name == name)] = value
+    return exif
+
+
 def _valid_encodings() -> dict[str, bytes]:
     noisy = Image.fromarray((_gradient(64, 48).astype(int) + np.random.default_rng(0).integers(0, 40, (48, 64, 3)))
                             .clip(0, 255).astype(np.uint8))
@@ -181,6 +188,8 @@ def _valid_encodings() -> dict[str, bytes]:
         "restart markers.jpg": _encode(noisy, "JPEG", restart_marker_blocks=3),
         "gray.jpg": _encode(noisy.convert("L"), "JPEG", progressive=True),
         "cmyk.jpg": _encode(noisy.convert("CMYK"), "JPEG"), "comment.jpg": _encode(noisy, "JPEG", comment=b"x"),
+        "exif + ICC.jpg": _encode(noisy, "JPEG", exif=_exif(Make="camera"),
+                                  icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()),
         "palette.png": _encode(noisy.convert("P"), "PNG"),
         "16-bit.png": _encode(Image.fromarray(_gradient(64, 48)[..., 0].astype(np.uint16) * 257), "PNG"),
     }
@@ -213,6 +222,9 @@ def test_damaged_files_are_corrupt_and_other_files_are_not_images():
     # the walk must meet the garbage (a short tail may be a valid prefix of a JPEG, hence truncated).
     garbage = {f"header + garbage {seed}": b"\xff\xd8\xff" + np.random.default_rng(seed).bytes(70_000)
                for seed in range(20)}
+    # a JFIF or Exif marker and then garbage, whose first two bytes read as a segment length past the end
+    garbage |= {f"APP{app} + garbage {seed}": b"\xff\xd8\xff" + bytes([0xE0 + app]) +
+                np.random.default_rng(seed).bytes(4000) for app in (0, 1) for seed in range(20)}
     corrupt = {
         **garbage,
         "real headers + garbage scan": photo[:scan_data] + np.random.default_rng(0).bytes(4000),

@@ -423,3 +423,11 @@ def test_a_folder_without_class_folders_is_an_unlabelled_source(demo_root, tmp_p
     assert "unlabelled" in _unlabelled(labels, labels)
     assert "single class" in _unlabelled(torch.zeros(4, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     assert _unlabelled(torch.tensor([0, 1]), torch.tensor([1])) is None
+    # the fine-tuning stage then skips with that reason too (it stops before it needs a checkpoint)
+    from pipeline.config import load_pipeline_config
+    from pipeline.stages import build_finetune
+
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "manifest.parquet").write_bytes((tmp_path / "m.parquet").read_bytes())
+    record = build_finetune(load_pipeline_config("demo"), {"manifest": tmp_path / "stage"}, tmp_path / "out")
+    assert record == {"finetune": None, "skipped": _unlabelled(labels, labels)}

@@ -235,7 +235,8 @@ def test_torchrun_ranks_stop_together_and_resume_exactly(planted, tmp_path):
 def test_metrics_and_export_written(planted, tmp_path):
     result = train(tiny_cfg(planted), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    # log_every 2, but 8 steps are too few for it: the curve keeps MIN_LOGGED_STEPS (8) points
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
     assert (tmp_path / "run" / "export" / "encoder.safetensors").is_file()
     model = model_from_checkpoint(result["checkpoint"])

@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lease.cli_help import show_defaults
 from lease.typed_config import apply_overrides, from_dict, load_yaml
 
 T = TypeVar("T")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="lease eval")
     _add_protocols(parser.add_subparsers(dest="protocol", required=True))
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     return args.func(args)
 
 
@@ -85,4 +86,4 @@ def command_main(prog: str, add_arguments, run, argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog=prog)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(show_defaults(parser).parse_args(argv))

@@ -9,9 +9,10 @@ rate, it would be 0.0625; LARS moves each weight matrix by lr × 0.001 of its no
 short epochs such a head barely leaves its initialisation. The rate is therefore used as given
 (`scale_lr: false`); `scale_lr: true` gives the scaled reading.
 
-A class with fewer than n training images either stops the run (`on_short_class: error`, the default:
-the protocol then is not what the table reports) or contributes all it has (`on_short_class: all`,
-recorded in the result).
+A shot count that some class cannot fill (fewer than n training images) is dropped with a warning and
+named in the result's `skipped_shots` (`on_short_class: skip`, the default: a small folder still gets the
+shot counts it can fill, and no row reports a protocol it did not run); `error` stops the run instead, and
+`all` keeps the count with every image of the short classes (recorded in the result).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class FewShotConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     trust_coefficient: float = 0.001
-    on_short_class: Literal["error", "all"] = "error"
+    on_short_class: Literal["skip", "error", "all"] = "skip"
     num_classes: int = 0  # 0: max label + 1
 
     def __post_init__(self) -> None:
@@ -58,6 +59,38 @@ class FewShotConfig:
                            trust_coefficient=self.trust_coefficient, seed=seed, num_classes=self.num_classes)
 
 
+def short_class_reason(labels: torch.Tensor, shots: int, num_classes: int) -> str | None:
+    """Why `shots` per class cannot be drawn from `labels` (None when every class has enough)."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    short = (counts < shots).nonzero().flatten()
+    if not short.numel():
+        return None
+    worst = int(short[counts[short].argmin()])
+    return (f"{short.numel()} of {num_classes} classes have fewer than {shots} training samples "
+            f"(class {worst} has {int(counts[worst])})")
+
+
+def fillable_shots(labels: torch.Tensor, cfg: FewShotConfig, num_classes: int) -> tuple[list[int], dict[str, str]]:
+    """The shot counts to run, and (`on_short_class: skip`) the dropped ones with their reasons."""
+    if cfg.on_short_class != "skip":
+        return list(cfg.shots), {}
+    keep, skipped = [], {}
+    for shots in cfg.shots:
+        if (reason := short_class_reason(labels, shots, num_classes)) is None:
+            keep.append(shots)
+        else:
+            skipped[str(shots)] = reason
+            log.warning("few-shot: %d-shot skipped: %s", shots, reason)
+    return keep, skipped
+
+
+def summarise(rows: dict[str, dict], skipped: dict[str, str], cfg: FewShotConfig, num_classes: int) -> dict:
+    """The result file's fields shared by the cached-feature and the online few-shot probes."""
+    return {"shots": rows, "average": statistics.fmean(r["top1"] for r in rows.values()) if rows else None,
+            "skipped_shots": skipped, "seeds": list(cfg.seeds), "num_classes": num_classes,
+            "on_short_class": cfg.on_short_class}
+
+
 def sample_few_shot(labels: torch.Tensor, shots: int, seed: int, num_classes: int = 0,
                     on_short_class: str = "error") -> torch.Tensor:
     """Indices of `shots` random samples per class (sorted by class), drawn on the labels' device.
@@ -65,17 +98,14 @@ def sample_few_shot(labels: torch.Tensor, shots: int, seed: int, num_classes: in
     Vectorised: a random permutation, a stable sort by label, and each sample's rank inside its class;
     ranks below `shots` are kept. Classes 0..num_classes-1 with fewer samples raise (or give all).
     """
-    if on_short_class not in ("error", "all"):
-        raise ValueError(f"on_short_class must be 'error' or 'all'; got {on_short_class!r}")
+    if on_short_class not in ("skip", "error", "all"):
+        raise ValueError(f"on_short_class must be 'skip', 'error' or 'all'; got {on_short_class!r}")
     check_labels(labels, "labels")
     num_classes = num_classes_of(labels, configured=num_classes)
     counts = torch.bincount(labels, minlength=num_classes)
-    short = (counts < shots).nonzero().flatten()
-    if short.numel() and on_short_class == "error":
-        worst = int(short[counts[short].argmin()])
-        raise ValueError(f"{short.numel()} of {num_classes} classes have fewer than {shots} training samples "
-                         f"(class {worst} has {int(counts[worst])}): use a larger train split, fewer shots, "
-                         "or on_short_class=all to take every sample of those classes")
+    if on_short_class != "all" and (reason := short_class_reason(labels, shots, num_classes)):
+        raise ValueError(f"{reason}: use a larger train split, fewer shots, or on_short_class=all to take every "
+                         "sample of those classes")
     gen = torch.Generator(device=labels.device).manual_seed(seed)
     perm = torch.randperm(labels.numel(), device=labels.device, generator=gen)
     by_class = perm[torch.sort(labels[perm], stable=True).indices]
@@ -96,7 +126,8 @@ def few_shot(train_features: torch.Tensor, train_labels: torch.Tensor, val_featu
     x_train, y_train = train_features.to(device).float(), train_labels.to(device).long()
     x_val, y_val = val_features.to(device).float(), val_labels.to(device).long()
     rows = {}
-    for shots in cfg.shots:
+    shot_counts, skipped = fillable_shots(y_train, cfg, num_classes)
+    for shots in shot_counts:
         per_seed = []
         for seed in cfg.seeds:
             idx = sample_few_shot(y_train, shots, seed, num_classes, cfg.on_short_class)
@@ -108,8 +139,7 @@ def few_shot(train_features: torch.Tensor, train_labels: torch.Tensor, val_featu
                             "per_seed": per_seed, "num_train": int(idx.numel())}
         log.info("%d-shot: top-1 %.2f ± %.2f %% over %d seeds", shots, rows[str(shots)]["top1"],
                  rows[str(shots)]["std"], len(per_seed))
-    return {"shots": rows, "average": statistics.fmean(r["top1"] for r in rows.values()),
-            "seeds": list(cfg.seeds), "num_classes": num_classes, "on_short_class": cfg.on_short_class}
+    return summarise(rows, skipped, cfg, num_classes)
 
 
 def few_shot_table(result: dict, name: str = "ours", reference: dict[str, dict[str, float]] | None = None) -> str:

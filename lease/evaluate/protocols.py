@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lease.evaluate.features import autocast_for, encoder_features, eval_mode
-from lease.evaluate.fewshot import FewShotConfig, sample_few_shot
+from lease.evaluate.fewshot import FewShotConfig, fillable_shots, sample_few_shot, summarise
 from lease.evaluate.lars import LARS
 from lease.evaluate.linear_probe import ProbeConfig, ProbeHead, accuracy, cosine_lr
 from lease.evaluate.online import AugmentConfig, AugmentedImages, OnlineTokenizer, epoch_loader
@@ -146,7 +146,8 @@ def online_few_shot(model, tokenizer: OnlineTokenizer, train: AugmentedImages, v
     """Few-shot probes on online views: per shot count and seed, a `sample_few_shot` subset of `train`."""
     scale = cfg.scale_lr if settings.fewshot_scale_lr is None else settings.fewshot_scale_lr
     rows = {}
-    for shots in cfg.shots:
+    shot_counts, skipped = fillable_shots(train.labels, cfg, num_classes)
+    for shots in shot_counts:
         per_seed = []
         for seed in cfg.seeds:
             idx = sample_few_shot(train.labels, shots, seed, num_classes, cfg.on_short_class).tolist()
@@ -158,9 +159,7 @@ def online_few_shot(model, tokenizer: OnlineTokenizer, train: AugmentedImages, v
                                          dtype)["top1"])
         rows[str(shots)] = {"top1": statistics.fmean(per_seed), "std": statistics.pstdev(per_seed),
                             "per_seed": per_seed, "num_train": len(idx)}
-    return {"shots": rows, "average": statistics.fmean(r["top1"] for r in rows.values()),
-            "seeds": list(cfg.seeds), "num_classes": num_classes, "on_short_class": cfg.on_short_class,
-            "scale_lr": scale}
+    return {**summarise(rows, skipped, cfg, num_classes), "scale_lr": scale}
 
 
 @dataclass

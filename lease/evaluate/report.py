@@ -285,8 +285,10 @@ def table_2(eval_dir: Path | None, facts: RunFacts) -> Table:
     run, row = run_mismatch(facts), paper_row_name(facts)
     ref, source = paper.TABLES["2"]["rows"][row], f"table 2 ({row})"
     fs, why = label_result(eval_dir, "fewshot.json", "few-shot", facts)
+    skipped = [] if fs is None else [f"{k}-shot skipped: {reason}" for k, reason in
+                                     sorted((fs.get("skipped_shots") or {}).items(), key=lambda kv: int(kv[0]))]
     if fs is None or not fs.get("shots"):
-        reason = why or "fewshot.json has no shots"
+        reason = why or "; ".join(skipped) or "fewshot.json has no shots"
         return Table("2", "Few-shot linear probe", [Row("few-shot top-1", _missing(reason))])
     protocol = protocol_of(fs)
     differs = _probe_protocol_mismatch(protocol)
@@ -298,7 +300,7 @@ def table_2(eval_dir: Path | None, facts: RunFacts) -> Table:
                         _protocol_label(protocol), ref.get(k), source if k in ref else "",
                         _reason(run, differs) if k in ref else None))
     paper_shots = {k for k in ref if k != "avg"}
-    notes = []
+    notes = [f"{line} (evaluate.fewshot.on_short_class=skip)." for line in skipped]
     if set(shots) == paper_shots:
         rows.append(Row(f"average over {', '.join(sorted(shots, key=int))} shots", _fmt(fs.get("average")),
                         _protocol_label(protocol), ref["avg"], source, _reason(run, differs)))
@@ -321,6 +323,8 @@ def table_3(eval_dir: Path | None, facts: RunFacts) -> Table:
     run, row = run_mismatch(facts), paper_row_name(facts)
     ref, source = paper.TABLES["3"]["rows"][row], f"table 3 ({row})"
     ft, why = label_result(eval_dir, "finetune.json", "fine-tuning", facts)
+    if ft is None and facts.unlabelled:
+        return Table("3", "Full fine-tuning", [Row("fine-tuned top-1", _missing(f"{why}; fine-tuning needs labels"))])
     if ft is None:
         reason = (f"fine-tuning did not run ({why}; `finetune.enabled=on` or `lease eval finetune` runs table "
                   "A.3's recipe)")

@@ -27,6 +27,7 @@ import torch
 import yaml
 from torch import nn
 
+from lease.cli_help import show_defaults
 from lease.io import atomic_path, save_torch_file
 from lease.tokenizers.dinov2 import hf_progress_bars_only_on_terminals
 from lease.tokenizers.vqgan_maskgit import MaskGITVQGAN, MaskGITVQGANConfig
@@ -228,10 +229,10 @@ def _char_vocab() -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Write the whole tiny tokenizer set under one directory (the demo preset's "checkpoints")."""
-    parser = argparse.ArgumentParser(prog="python -m lease.tokenizers.tiny", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="lease demo-assets", description=main.__doc__)
     parser.add_argument("out", type=Path, help="directory to write into")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     paths = [save_tiny_maskgit_vqgan(args.out / "vqgan_maskgit_tiny.ckpt", args.seed),
              *save_tiny_taming_vqgan(args.out / "vqgan_taming_tiny", args.seed),
