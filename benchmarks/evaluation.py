@@ -120,7 +120,7 @@ def bench_probe(model, tokenizer, locations: list[str], args, aug) -> dict:
 def probe_step_parts(model, tokenizer, locations: list[str], args, aug, settings, cfg) -> dict[str, float]:
     """Median GPU milliseconds of one probe step's parts on a device-resident batch of train views (CUDA
     events, no loader): the VQGAN alone, the frozen encoder's features from its tokens, and the whole step
-    as `online_probe` runs it. The step's time against the epoch's time per step against the epoch's time per step says whether the GPU or the
+    as `online_probe` runs it. The step's time against the epoch's time per step says whether the GPU or the
     host (loader, pinning, copies) bounds the probe."""
     import statistics
 
@@ -169,7 +169,42 @@ def bench_finetune(model, tokenizer, locations: list[str], args, aug, out: Path)
         rates[str(steps)] = [epoch["train_images_per_s"] for epoch in result["history"]]
         seconds[steps] = steps * args.finetune_batch / rates[str(steps)][-1]
     return {**marginal_rate(seconds, args.finetune_batch), "epoch_rates": rates, "batch": args.finetune_batch,
-            "target_images_per_s": 1200}
+            "target_images_per_s": 1200,
+            "gpu_ms_per_step": finetune_step_parts(model, tokenizer, locations, args, aug, cfg)}
+
+
+def finetune_step_parts(model, tokenizer, locations: list[str], args, aug, cfg) -> dict[str, float]:
+    """Median GPU milliseconds of one fine-tuning step's parts on a device-resident batch of randaug views
+    (CUDA events, no loader): the VQGAN alone, the classifier's forward + backward + AdamW from tokens, and
+    the whole `train_step` (mixup, VQGAN, classifier, AdamW), as `probe_step_parts` does for the probe."""
+    import statistics
+
+    from timm.loss import SoftTargetCrossEntropy
+
+    from benchmarks.train import time_cuda
+    from lease.evaluate.finetune import FinetuneClassifier, mixup_for, optimizer_for, train_step
+    from lease.evaluate.online import epoch_loader, to_unit
+
+    batch, device = args.finetune_batch, tokenizer.device
+    views = _views(locations, batch, "randaug", aug)
+    images, labels = next(iter(epoch_loader(views, 0, batch, aug.num_workers, True)))
+    images, labels = images.to(device), labels.to(device)
+    classifier = FinetuneClassifier(model, 1000, cfg.drop_path).to(device).train()
+    optimizer, mixup, tokenizer = optimizer_for(classifier, cfg), mixup_for(cfg, 1000), tokenizer.resized(batch)
+    tokens, soft = tokenizer(to_unit(images, device)), torch.full((batch, 1000), 1e-3, device=device)
+
+    def classifier_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = SoftTargetCrossEntropy()(classifier(tokens), soft)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    parts = {"vqgan": lambda: tokenizer(to_unit(images, device)), "classifier_step": classifier_step,
+             "step": lambda: train_step(classifier, tokenizer, optimizer, mixup, images, labels, "bf16")}
+    medians = {name: round(statistics.median(time_cuda(fn, warmup=2, steps=5)), 2) for name, fn in parts.items()}
+    log.info("fine-tuning step on a resident batch of %d: %s ms", batch, medians)
+    return medians
 
 
 def bench_loaders(locations: list[str], args, aug) -> dict:

@@ -38,6 +38,22 @@ def test_layer_wise_lr_decay_gives_each_layer_its_power_of_the_decay():
     assert id(model.head.weight) in decayed and id(model.head.bias) not in decayed  # no decay on 1-D params
 
 
+def test_train_mode_drops_only_in_the_embedding_and_the_drop_paths():
+    """The authors' fine-tuning ViT has no block dropout: with the embedding's dropout and drop path off,
+    a train-mode forward is the eval-mode one, although the pretraining config's block dropouts are 0.1."""
+    encoder = tiny_encoder()
+    assert encoder.cfg.dropout > 0 and encoder.cfg.attn_dropout > 0
+    model = FinetuneClassifier(encoder, num_classes=5, drop_path=0.0)
+    ids = torch.randint(0, 32, (4, 256), generator=torch.Generator().manual_seed(0))
+    expected = model.eval()(ids)
+    model.train()
+    assert model.token_emb.training and model.head.training and not any(b.training for b in model.blocks)
+    model.token_emb.eval()
+    torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+    model.token_emb.train()
+    assert not torch.equal(model(ids), expected)  # the embedding's dropout is on in train mode
+
+
 @pytest.mark.parametrize("seed", range(4))  # mixup or cutmix, drawn per batch
 def test_mixup_and_cutmix_targets_sum_to_one(seed):
     import numpy as np

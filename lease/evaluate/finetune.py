@@ -8,7 +8,9 @@ erasing, drop path 0.1. The pieces are timm's: `create_transform` (the `randaug`
 lr × 0.65^(d − i), i = 0 … d−1, the embedding 0.65^(d+1), the head 1) and `CosineLRScheduler`, per step.
 
 The classifier is MAE's with global pool: the mean of the pre-final-norm patch tokens, a LayerNorm
-(`fc_norm`, trained here), a linear head. Checkpoints are written after every epoch; every epoch's views,
+(`fc_norm`, trained here), a linear head. As in the authors' fine-tuning model (timm's ViT with its drop
+and attention-drop rates at 0 around MAGE's BERT embedding), the token embedding keeps its dropout and
+the blocks have none besides drop path; a pretraining config's block dropouts stay off in train mode. Checkpoints are written after every epoch; every epoch's views,
 mixup draws and drop-path masks are seeded from (seed, epoch), so a resumed run continues exactly.
 """
 from __future__ import annotations
@@ -83,6 +85,13 @@ class FinetuneClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.cls_token_id = encoder.cfg.cls_token_id
 
+    def train(self, mode: bool = True) -> FinetuneClassifier:
+        """Train mode for the embedding's dropout, the drop paths and the head; the blocks' own dropouts
+        (attention, projection, MLP) stay off, as in the authors' fine-tuning ViT."""
+        super().train(mode)
+        self.blocks.eval()
+        return self
+
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layers for timm's layer-wise lr decay as MAE's `param_groups_lrd` numbers them: the embedding 0,
         block i → i + 1, norm + head their own last layer (timm's ViT would merge them into the last block)."""
@@ -100,7 +109,8 @@ class FinetuneClassifier(nn.Module):
 
 def optimizer_for(model: FinetuneClassifier, cfg: FinetuneConfig) -> torch.optim.AdamW:
     groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=on_cuda)
 
 
 def mixup_for(cfg: FinetuneConfig, num_classes: int) -> Mixup:
@@ -114,6 +124,20 @@ def _seed_epoch(cfg: FinetuneConfig, epoch: int) -> None:
     entropy = np.random.SeedSequence([cfg.seed, epoch]).generate_state(2)
     np.random.seed(int(entropy[0]))
     torch.manual_seed(int(entropy[1]))
+
+
+def train_step(model: FinetuneClassifier, tokenizer: OnlineTokenizer, optimizer: torch.optim.Optimizer,
+               mixup: Mixup, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> torch.Tensor:
+    """One step on a uint8 image batch: mixup/cutmix on the pixels, VQGAN codes, soft-target cross-entropy,
+    AdamW; returns the loss (on the device, not read)."""
+    device = tokenizer.device
+    x, soft = mixup(to_unit(images, device), labels.to(device, non_blocking=True))
+    with autocast_for(device, dtype):
+        loss = SoftTargetCrossEntropy()(model(tokenizer(x)), soft)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 @torch.no_grad()
@@ -146,7 +170,7 @@ def finetune(encoder: nn.Module, tokenizer: OnlineTokenizer, train: AugmentedIma
     scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr,
                                   warmup_t=cfg.warmup_epochs * steps_per_epoch, warmup_lr_init=0.0, t_in_epochs=False)
     mixup = mixup_for(cfg, num_classes)
-    criterion, history, start_epoch = SoftTargetCrossEntropy(), [], 0
+    history, start_epoch = [], 0
     if (out_dir / CHECKPOINT).is_file():
         state = load_checkpoint(out_dir / CHECKPOINT)
         model.load_state_dict(state["model"])
@@ -162,12 +186,7 @@ def finetune(encoder: nn.Module, tokenizer: OnlineTokenizer, train: AugmentedIma
         for images, labels in epoch_loader(train, epoch, cfg.batch_size, aug.num_workers, shuffle=True,
                                            pin_memory=device.type == "cuda"):
             scheduler.step_update(step)
-            x, soft = mixup(to_unit(images, device), labels.to(device, non_blocking=True))
-            with autocast_for(device, cfg.dtype):
-                loss = criterion(model(tokenizer(x)), soft)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, tokenizer, optimizer, mixup, images, labels, cfg.dtype)
             step += 1
         rate = steps_per_epoch * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
         top1, top5 = evaluate(model, tokenizer, val, aug, cfg.dtype)
