@@ -103,6 +103,30 @@ def test_seeded_draws_seed_every_generator_the_transforms_use_and_restore_them()
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected  # states restored
 
 
+def test_the_randaug_view_is_the_authors_finetuning_transform_in_uint8():
+    """The authors' fine-tuning views: timm's transform at RRC 0.2–1 normalized by the ImageNet mean / std,
+    denormalized before the VQGAN. Ours stops before timm's ToTensor; `to_unit` gives those pixels, draw for
+    draw (RandAugment's rotations and shears fill with the mean colour)."""
+    from PIL import Image
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+    from lease.evaluate.online import seeded_draws, to_unit
+
+    cfg = AugmentConfig(image_size=32)
+    assert cfg.randaug_min_scale == 0.2
+    authors = create_transform(32, is_training=True, scale=(0.2, 1.0), auto_augment="rand-m9-mstd0.5-inc1",
+                               interpolation="bicubic", re_prob=0.0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    for index in range(24):  # rotate, shear or translate (their fill shows) in most of them
+        with seeded_draws(0, 0, index):
+            ours = view_transform(cfg, "randaug")(image)
+        with seeded_draws(0, 0, index):
+            theirs = authors(image) * std + mean
+        assert ours.dtype == torch.uint8
+        torch.testing.assert_close(to_unit(ours, torch.device("cpu")), theirs, rtol=0, atol=1e-6)
+
+
 def test_randaug_at_full_magnitude_posterizes_to_zero_bits_as_timm_draws_it():
     """Magnitude 10 (m9 plus its 0.5 noise reaches it) makes timm's increasing posterize keep 0 bits, which
     Pillow 13 refuses: every view of a full-magnitude policy must still come out."""

@@ -6,13 +6,14 @@ tokens. Views (DESIGN.md "Evaluation"):
 
 - train: RandomResizedCrop(256, scale 0.2–1, bicubic) + horizontal flip (torchvision v2), the probe's;
 - val: Resize(292) → CenterCrop(256) (256 / 0.875, MAE's ratio), bicubic;
-- randaug: timm's `create_transform` (RandAugment m9 mstd0.5, RRC 0.08–1, flip), fine-tuning's.
+- randaug: timm's `create_transform` (RandAugment m9 mstd0.5, RRC 0.2–1, flip), fine-tuning's. As in the
+  authors' (MAGE's) fine-tuning script: their RRC range, and RandAugment fills with the ImageNet mean colour
+  (they normalize by the ImageNet mean / std, mix, and denormalize before the VQGAN: the same [0, 1] pixels).
 
 Data side (`AugmentedImages`, `epoch_loader`): loader workers decode each image with the `decode` function
 given (the pipeline's image loader; `lease` does not import `pipeline`) and transform it. Every random draw
 of a view comes from generators seeded by (seed, epoch, index), so a view is reproducible for a seed,
-differs between epochs and does not depend on the worker count. Batches arrive as [B, 3, S, S] tensors
-(uint8 for the v2 views, float in [0, 1] for timm's).
+differs between epochs and does not depend on the worker count. Batches arrive as uint8 [B, 3, S, S].
 
 Model side (`OnlineTokenizer`): the batch goes to the device once, becomes [0, 1] float and is encoded by the
 VQGAN (compiled on CUDA, `lease.tokenizers`) in chunks, a short one padded to the compiled chunk size.
@@ -42,7 +43,7 @@ class AugmentConfig:
     hflip: float = 0.5
     val_resize: int = 292  # short side before the centre crop (val view)
     randaug: str = "rand-m9-mstd0.5-inc1"  # timm auto_augment spec of the randaug view (table A.3: RandAug(9, 0.5))
-    randaug_min_scale: float = 0.08  # timm's default RRC range for fine-tuning
+    randaug_min_scale: float = 0.2  # the authors' fine-tuning RRC range (timm's default is 0.08)
     batch_size: int = 256
     num_workers: int = 8
     seed: int = 0
@@ -69,12 +70,16 @@ def view_transform(cfg: AugmentConfig, view: View) -> Callable:
         return v2.Compose([v2.PILToTensor(), v2.Resize(cfg.val_resize, interpolation=bicubic, antialias=True),
                            v2.CenterCrop(cfg.image_size)])
     if view == "randaug":
-        from timm.data import create_transform
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
-        # mean 0 / std 1: timm's ToTensor output stays in [0, 1], the VQGAN's input range
-        return create_transform(cfg.image_size, is_training=True, scale=(cfg.randaug_min_scale, 1.0),
-                                hflip=cfg.hflip, auto_augment=cfg.randaug, interpolation="bicubic",
-                                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), re_prob=0.0)
+        # timm's crop/flip and RandAugment stages, then uint8 instead of its final ToTensor + Normalize: a
+        # quarter of the bytes through the loader's shared memory and pinning; `to_unit` divides by 255 on
+        # the device. The mean given sets only RandAugment's fill colour (the Normalize is not used).
+        crop_flip, randaug, _ = create_transform(cfg.image_size, is_training=True, separate=True,
+                                                 scale=(cfg.randaug_min_scale, 1.0), hflip=cfg.hflip,
+                                                 auto_augment=cfg.randaug, interpolation="bicubic", re_prob=0.0,
+                                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        return v2.Compose([*crop_flip.transforms, *randaug.transforms, v2.PILToTensor()])
     raise ValueError(f"view must be train, val or randaug; got {view!r}")
 
 
