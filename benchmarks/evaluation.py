@@ -175,8 +175,9 @@ def bench_finetune(model, tokenizer, locations: list[str], args, aug, out: Path)
 
 def finetune_step_parts(model, tokenizer, locations: list[str], args, aug, cfg) -> dict[str, float]:
     """Median GPU milliseconds of one fine-tuning step's parts on a device-resident batch of randaug views
-    (CUDA events, no loader): the VQGAN alone, the classifier's forward + backward + AdamW from tokens, and
-    the whole `train_step` (mixup, VQGAN, classifier, AdamW), as `probe_step_parts` does for the probe."""
+    (CUDA events, no loader): the VQGAN alone, the classifier's forward + backward + AdamW from tokens
+    (compiled as `finetune` runs it, and eager), and the whole `train_step` (mixup, VQGAN, classifier,
+    AdamW), as `probe_step_parts` does for the probe."""
     import statistics
 
     from timm.loss import SoftTargetCrossEntropy
@@ -193,15 +194,19 @@ def finetune_step_parts(model, tokenizer, locations: list[str], args, aug, cfg) 
     optimizer, mixup, tokenizer = optimizer_for(classifier, cfg), mixup_for(cfg, 1000), tokenizer.resized(batch)
     tokens, soft = tokenizer(to_unit(images, device)), torch.full((batch, 1000), 1e-3, device=device)
 
-    def classifier_step():
+    compiled = torch.compile(classifier)
+
+    def classifier_step(module):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = SoftTargetCrossEntropy()(classifier(tokens), soft)
+            loss = SoftTargetCrossEntropy()(module(tokens), soft)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    parts = {"vqgan": lambda: tokenizer(to_unit(images, device)), "classifier_step": classifier_step,
-             "step": lambda: train_step(classifier, tokenizer, optimizer, mixup, images, labels, "bf16")}
+    parts = {"vqgan": lambda: tokenizer(to_unit(images, device)),
+             "classifier_step_eager": lambda: classifier_step(classifier),
+             "classifier_step": lambda: classifier_step(compiled),
+             "step": lambda: train_step(compiled, tokenizer, optimizer, mixup, images, labels, "bf16")}
     medians = {name: round(statistics.median(time_cuda(fn, warmup=2, steps=5)), 2) for name, fn in parts.items()}
     log.info("fine-tuning step on a resident batch of %d: %s ms", batch, medians)
     return medians

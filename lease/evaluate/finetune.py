@@ -126,7 +126,7 @@ def _seed_epoch(cfg: FinetuneConfig, epoch: int) -> None:
     torch.manual_seed(int(entropy[1]))
 
 
-def train_step(model: FinetuneClassifier, tokenizer: OnlineTokenizer, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, tokenizer: OnlineTokenizer, optimizer: torch.optim.Optimizer,
                mixup: Mixup, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> torch.Tensor:
     """One step on a uint8 image batch: mixup/cutmix on the pixels, VQGAN codes, soft-target cross-entropy,
     AdamW; returns the loss (on the device, not read)."""
@@ -178,6 +178,8 @@ def finetune(encoder: nn.Module, tokenizer: OnlineTokenizer, train: AugmentedIma
         start_epoch, history = state["epoch"], state["history"]
         log.info("fine-tune: resuming after epoch %d", start_epoch)
     tokenizer = tokenizer.resized(cfg.batch_size)
+    # compiled with the VQGAN (on CUDA), for the training step only: evaluation batches would add graphs
+    train_model = torch.compile(model) if tokenizer.compiled else model
     last = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, last):
         _seed_epoch(cfg, epoch)
@@ -186,7 +188,7 @@ def finetune(encoder: nn.Module, tokenizer: OnlineTokenizer, train: AugmentedIma
         for images, labels in epoch_loader(train, epoch, cfg.batch_size, aug.num_workers, shuffle=True,
                                            pin_memory=device.type == "cuda"):
             scheduler.step_update(step)
-            loss = train_step(model, tokenizer, optimizer, mixup, images, labels, cfg.dtype)
+            loss = train_step(train_model, tokenizer, optimizer, mixup, images, labels, cfg.dtype)
             step += 1
         rate = steps_per_epoch * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
         top1, top5 = evaluate(model, tokenizer, val, aug, cfg.dtype)
