@@ -35,14 +35,20 @@ def machine_info() -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    info["lease_commit"] = os.environ.get("LEASE_COMMIT") or _commit_of_this_tree()
+    info["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(KERNEL_ENV_PREFIXES)}
+    return info
+
+
+def _commit_of_this_tree() -> str | None:
+    """HEAD (+dirty for edits). A copied tree whose .git is another's (a GPU machine's copy) is named by
+    LEASE_COMMIT instead: `LEASE_COMMIT=$(git describe --always --dirty)` where the tree was copied from."""
     try:
         commit = _git("rev-parse", "--short", "HEAD")
         dirty = _git("status", "--porcelain", "--untracked-files=no")  # a copied or edited tree is not HEAD
-        info["lease_commit"] = (commit + ("+dirty" if dirty else "")) or None
     except OSError:
-        info["lease_commit"] = None
-    info["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(KERNEL_ENV_PREFIXES)}
-    return info
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
 
 
 def _git(*args: str) -> str:

@@ -536,7 +536,9 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
     if name.startswith("eval-"):
         rows = [(f"{label} ({r[part]['batch']}-image batches, {r['workers']} decode workers)",
                  f"{r[part]['images_per_s']:.0f} img/s", f"target {r[part]['target_images_per_s']}; a long epoch's "
-                 f"rate, each epoch also pays {r[part]['epoch_fill_seconds']:.1f} s to start (`lease bench eval`)")
+                 f"rate from two epochs' difference (±15 % between runs), each epoch also pays "
+                 f"{r[part]['epoch_fill_seconds']:.1f} s to start"
+                 + _gpu_step_bound(r[part]) + " (`lease bench eval`)")
                 for part, label in (("probe", "online linear probe, authors protocol"),
                                     ("finetune", "fine-tuning with RandAug + Mixup/CutMix")) if part in r]
         rows += [(f"eval loader alone, {view} view", f"{x['images_per_s']:.0f} img/s", "decode + augmentation, "
@@ -600,6 +602,12 @@ README_RECORDS = (
     "tokenize-vqgan-encode-b128-bf16-compile", "kmeans-4M-768-k16384", "assign", "knn-1281167x768-q50000",
     "generate-vit_base-b256-bf16-compile", "kernels-vit_base-b256", "condgen-vit_base-b256-bf16-compile",
     "eval-vit_base")
+
+
+def _gpu_step_bound(part: dict) -> str:
+    """", GPU step X ms (Y img/s)": the step on a resident batch, which bounds a long epoch's rate."""
+    step = part.get("gpu_ms_per_step", {}).get("step")
+    return f"; GPU step {step:.0f} ms ({part['batch'] * 1000 / step:.0f} img/s)" if step else ""
 
 
 def results_table(directory: str | Path = RESULTS_DIR, only: tuple[str, ...] | None = None) -> str:

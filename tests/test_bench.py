@@ -264,3 +264,12 @@ def test_records_name_the_bench_command_however_it_was_started(tmp_path, monkeyp
         monkeypatch.setattr(sys, "argv", argv)
         path = write_record("eval-x", {"results": {}}, tmp_path)
         assert json.loads(path.read_text())["command"] == "lease bench eval --time-loaders"
+
+
+def test_a_record_names_the_commit_given_for_a_copied_tree(monkeypatch):
+    import subprocess
+
+    assert machine_info()["lease_commit"].split("+")[0] == subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setenv("LEASE_COMMIT", "abc1234+dirty")  # a GPU machine's copy, whose .git is not this tree's
+    assert machine_info()["lease_commit"] == "abc1234+dirty"
