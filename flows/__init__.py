@@ -3,10 +3,12 @@
 Importing this package sets Prefect's environment defaults before Prefect itself is imported: its home
 (SQLite database, result/cache storage) inside the repository (`.prefect/`, git-ignored) unless
 `PREFECT_HOME` is set, and nothing that would reach the network (analytics, telemetry, promotions).
-Variables already set by the user win.
+Variables already set by the user win. It also mends the records of Prefect's run loggers
+(`mend_run_logs`), in every process that runs the flows: `lease run`, a served or a worker's flow run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -45,5 +47,31 @@ def _drop_inherited_thread_exit_hooks() -> None:
         hooks.clear()
 
 
+# An attribute of the flow's log record of the run's result line ("report: <path>"): the last line of a
+# served or worker's flow run; `lease run` prints the line itself instead, as its very last line.
+RESULT_LINE = "lease_result_line"
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+
+
+def without_empty_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter: drop the traceback of a record logged with `exc_info=True` while no exception was
+    being handled, which logging prints as the line `NoneType: None`. Prefect's task engine logs a task
+    that returned a Failed state (a stage's explained failure, or its stop by Ctrl-C) so ("Task run failed
+    with state: ..."); a real exception's traceback stays."""
+    if isinstance(record.exc_info, tuple) and record.exc_info[0] is None:
+        record.exc_info = None
+    return True
+
+
+def mend_run_logs() -> None:
+    """Filter the records of Prefect's flow- and task-run loggers where they are made, so that every
+    handler (the console's, the API's copy the UI shows) gets them mended."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if without_empty_traceback not in logger.filters:
+            logger.addFilter(without_empty_traceback)
+
+
 set_prefect_defaults()
+mend_run_logs()
 os.register_at_fork(after_in_child=_drop_inherited_thread_exit_hooks)

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 
 import httpx
 
@@ -29,6 +30,7 @@ from lease.cli_help import first_paragraph, show_defaults
 log = logging.getLogger(__name__)
 
 DEPLOYMENT = "full-pipeline"
+DESCRIPTION = "LEASE: tokenize → k-means → pack → pretrain → evaluate, cached per stage"
 LOCAL_API = "http://127.0.0.1:4200/api"
 
 
@@ -44,13 +46,54 @@ def check_server(api_url: str) -> None:
 
 
 def serve(config: str, overrides: list[str], name: str = DEPLOYMENT) -> None:
+    """Serve lease/`name` from this process until SIGINT (Ctrl-C) or SIGTERM; returns once serving stopped.
+
+    What `lease_flow.serve()` does, with a runner that stops on SIGTERM as cleanly as on Ctrl-C: Prefect's
+    own SIGTERM handler calls the runner's `stop()` from inside the running event loop, where that only
+    makes the `astop()` coroutine (never awaited: Python warns), then raises SystemExit out of the loop,
+    past the caller's last line. Here the handler starts `astop()` on the loop: it cancels a flow run in
+    progress and ends the runner's loops, and `runner.start()` returns.
+    """
+    from prefect.runner import Runner
+    from prefect.settings import PREFECT_UI_URL
+
     from flows.lease_flow import lease_flow
     from pipeline.config import load_pipeline_config
 
+    class StoppingRunner(Runner):
+        stop_task: asyncio.Task | None = None
+
+        def handle_sigterm(self, *args: object) -> None:  # Runner.start installs it for SIGTERM
+            if not self.started or self.stop_task is not None:  # not serving yet, or a second SIGTERM
+                raise KeyboardInterrupt  # at once, as Ctrl-C
+            log.info("SIGTERM: stopping serving (a flow run in progress is cancelled)")
+            # A signal handler runs between two steps of the loop's own code: the stop starts from the loop.
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(self._stop_soon, loop)
+
+        def _stop_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+            if self.stop_task is None:
+                self.stop_task = loop.create_task(self.astop())
+
     load_pipeline_config(config, overrides)  # a bad default config fails now, not at the first run
-    lease_flow.serve(name=name, parameters={"config": config, "overrides": overrides},
-                     description="LEASE: tokenize → k-means → pack → pretrain → evaluate, cached per stage",
-                     tags=["lease"])
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # until the runner's handler: stop as Ctrl-C does
+    try:
+        runner = StoppingRunner(name=name, limit=None)  # as Flow.serve makes it
+        deployment_id = runner.add_flow(lease_flow, name=name, parameters={"config": config, "overrides": overrides},
+                                        description=DESCRIPTION, tags=["lease"])
+        ui = PREFECT_UI_URL.value()
+        log.info("deployment lease/%s is served: start a run with `prefect deployment run lease/%s` "
+                 "[--param config=...]%s", name, name,
+                 f" or from the UI, {ui}/deployments/deployment/{deployment_id}" if ui else "")
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:  # Ctrl-C (asyncio stopped the runner), or SIGTERM before it served / a second one
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a SIGTERM while the deployment is registered: stop there, as Ctrl-C would
 
 
 POOL = "lease-gpu"
@@ -88,7 +131,7 @@ async def register_on_pool(config: str, overrides: list[str], pool: str = POOL, 
             parameters={"config": config, "overrides": overrides},
             parameter_openapi_schema=parameter_schema(lease_flow).model_dump_for_openapi(),
             enforce_parameter_schema=True, tags=["lease"],
-            description="LEASE: tokenize → k-means → pack → pretrain → evaluate, cached per stage")
+            description=DESCRIPTION)
     return str(deployment_id)
 
 

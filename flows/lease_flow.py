@@ -37,6 +37,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
+from flows import RESULT_LINE
 from flows.runners import part_runner
 from lease import stopping
 from lease.io import CheckpointFileError, atomic_write_json
@@ -448,8 +449,11 @@ def _finish(flow_name: str, config: str, overrides: list[str], force: list[str],
     warn_of_caveats(cfg)  # again at the end, where a reader looks for the result
     if error is not None:  # the flow run fails with the stage's one-line reason; the caller gets `error`
         return Failed(message=str(error), data=error)
-    return {"stages": [o.row() for o in outcomes], "record": str(path), "outcomes": outcomes,
-            "summary": run_summary(outcomes, path)}
+    summary = run_summary(outcomes, path)
+    # The flow's last line is its result, in every run's log (the UI's, a served or worker's run's output);
+    # `lease run` leaves this record out of its console and prints the line as its own last (pipeline.cli).
+    get_run_logger().info("%s", summary, extra={RESULT_LINE: True})
+    return {"stages": [o.row() for o in outcomes], "record": str(path), "outcomes": outcomes, "summary": summary}
 
 
 def artifact_key(cfg: PipelineConfig, what: str) -> str:

@@ -82,6 +82,7 @@ def run_flow(args: argparse.Namespace) -> int:
     from pipeline.stages import with_dependents
 
     with_dependents(cfg, args.force)  # unknown stage names fail here, before any work
+    _leave_out_result_line()
     flow_fn = lease_flow if args.flow == "lease" else tokenize_flow
     closing = ClosingLine()
     with stopping.stop_on_signals(functools.partial(_exit_at_once, continue_command(args))):
@@ -102,6 +103,15 @@ def run_flow(args: argparse.Namespace) -> int:
             return _stopped(args, closing)
     closing.say = functools.partial(print, result["summary"])  # the command's result: where the report is
     return 0
+
+
+def _leave_out_result_line() -> None:
+    """The flow logs its result line ("report: <path>") last, for served and worker's runs; `lease run`
+    prints that line itself, as its very last (`ClosingLine`), so its console leaves the record out."""
+    from flows import RESULT_LINE
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not getattr(record, RESULT_LINE, False))
 
 
 class ClosingLine:

@@ -272,19 +272,30 @@ def test_comparison_grid_columns_are_labelled_and_fit_their_columns(tmp_path):
 def test_figures_and_grids_are_in_the_report_with_the_caveat_on_every_grid(run_dir):
     root, inputs = run_dir
     inputs.token_usage_png = save_image_grid(torch.rand(1, 3, 8, 8), root / "pack" / "token_usage.png")
+    inputs.condgen, inputs.condgen_dir = True, root / "condgen"
+    save_image_grid(torch.rand(4, 3, 8, 8), inputs.condgen_dir / "class-3.png", nrow=2)
     path = report.write_report(root / "r", inputs, DEMO_RUN)["report"]
     text = path.read_text()
     assert text.splitlines()[0] == ("# LEASE evaluation: run `demo` on demo data (generated), 240 train / 80 val "
                                     f"images, 10 classes — {CAVEAT}")
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert set(linked) == {"figures/loss_curves.png", "figures/token_usage.png"} | \
+    assert set(linked) == {"figures/loss_curves.png", "figures/token_usage.png", "figures/class-3.png"} | \
         {f"figures/{n}.png" for n in ("samples", "reconstruction", "inpainting", "outpainting")}
     assert all((path.parent / rel).read_bytes().startswith(PNG_MAGIC) for rel in linked)
     captions = re.findall(r"^### (.+)$", text, re.M)
     grids = [c for c in captions if c.split(" (")[0] in ("Samples", "Reconstruction", "Inpainting", "Outpainting")]
     assert len(grids) == 4 and all(CAVEAT in c for c in grids)
     assert "Training loss curves" in captions  # a figure of the run itself, not of the tokenizers' codes
-    assert "columns: input image | its VQGAN tokens decoded |" in text.split("### Reconstruction")[1]
+    described = dict(re.findall(r"^### (.+)\n\n(.+)\n\n!\[", text, re.M))  # caption -> its description
+    assert described[f"Reconstruction ({CAVEAT})"] == (
+        "Columns: input image | its VQGAN tokens decoded | 50 % of the tokens masked (grey) | the model's completion. "
+        "Demo tokenizers: random weights — codes carry no meaning.")
+    assert described[f"Class 3 ({CAVEAT})"] == "Class-conditional samples of class 3. " \
+                                              "Demo tokenizers: random weights — codes carry no meaning."
+    assert len(described) == len(captions) == 7
+    for description in described.values():  # whole sentences: each begun with a capital or a number, and ended
+        assert description.endswith("."), description
+        assert all(s[0].isupper() or s[0].isdigit() for s in description.split(". ")), description
     with Image.open(path.parent / "figures" / "loss_curves.png") as img:
         assert img.size[0] > 600 and img.size[1] > 200
 

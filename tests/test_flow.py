@@ -111,6 +111,20 @@ def test_deployment_runs_every_stage_through_the_api(deployed_run):
     assert (Path(record["artifacts"]["report"]) / "report.md").is_file()
 
 
+def test_a_served_run_ends_with_where_its_report_is(deployed_run):
+    """The line `lease run` ends with, as the flow run's last own log line: in its logs on the server (the
+    UI's) and in the serving process's output."""
+    run_id = str(deployed_run["run"].id)  # the first run: its logs reached the server while the second ran
+    record = json.loads(next((deployed_run["artifacts"] / "runs").glob(f"*-{run_id[:8]}.json")).read_text())
+    line = f"report: {Path(record['artifacts']['report']) / 'report.md'}"
+    with get_client(sync_client=True) as client:  # the newest first; a plain filter (see the artifacts test)
+        response = client.request("POST", "/logs/filter", json={
+            "logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 50, "offset": 0, "sort": "TIMESTAMP_DESC"})
+    flow_lines = [log["message"] for log in response.json() if log["task_run_id"] is None][::-1]
+    assert flow_lines[-2:] == [line, "Finished in state Completed()"], flow_lines[-5:]
+    assert f" - {line}\n" in deployed_run["log"].read_text()  # the serving process's output
+
+
 def test_forcing_pretrain_reruns_it_and_its_dependents_only(deployed_run):
     assert deployed_run["forced"].state.is_completed()
     downstream = ["pretrain", "evaluate", "finetune", "eval-bank", "eval-features-c", "eval-features-t", "eval-c", "eval-t",
@@ -224,13 +238,37 @@ def test_flow_rejects_a_bad_config_before_any_stage(deployed_run, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_ctrl_c_stops_serving_the_deployment_cleanly(deployed_run):
-    """`make serve` blocks, says so and how to stop it; one Ctrl-C ends it with exit status 0."""
+def stops_serving_cleanly(server: subprocess.Popen, log_path: Path, sig: signal.Signals) -> None:
+    """`sig` ends serving within 30 s, with exit status 0 and one line saying so, and nothing else."""
+    before = len(log_path.read_text())
+    server.send_signal(sig)
+    try:
+        code = server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        pytest.fail(f"still serving 30 s after {sig.name}:\n{log_path.read_text()[-3000:]}")
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    assert text.count("stopped serving lease/full-pipeline") == 1, text[-3000:]
+    assert "never awaited" not in text and "Traceback" not in text, text[before:]
+
+
+def test_sigterm_and_ctrl_c_stop_serving_the_deployment_cleanly(deployed_run, tmp_path):
+    """`make serve` blocks, says so and how to stop it; SIGTERM (`kill`, a service manager) ends it as one
+    Ctrl-C does."""
     server, log_path = deployed_run["server"], deployed_run["log"]
     assert "Ctrl-C (or SIGTERM) stops serving" in log_path.read_text()
-    server.send_signal(signal.SIGINT)
-    assert server.wait(timeout=30) == 0, log_path.read_text()[-3000:]
-    assert "stopped serving lease/full-pipeline" in log_path.read_text()
+    stops_serving_cleanly(server, log_path, signal.SIGTERM)  # the process that served the runs above
+    log_path = tmp_path / "serve.log"
+    server = serve_deployment(PREFECT_API_URL.value(), tmp_path / "artifacts", log_path)
+    deadline = time.monotonic() + 120
+    while "lease/full-pipeline is served" not in log_path.read_text():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"not served:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    time.sleep(2)  # the runner polling
+    stops_serving_cleanly(server, log_path, signal.SIGINT)
 
 
 def test_left_out_images_are_named_on_cached_runs_too():

@@ -6,6 +6,7 @@ One folder goes through four runs, each continuing the one before with the comma
 in tokenize, stopped in pretrain, stopped at once by a second Ctrl-C, then to the end.
 """
 import io
+import logging
 import os
 import re
 import shlex
@@ -271,6 +272,33 @@ def test_ctrl_c_during_tokenize_stops_it_and_its_command_continues_the_shards(ru
     assert resumed and int(resumed.group(2)) >= 3, second[-3000:]
 
 
+def test_stopped_stages_print_no_empty_traceback(runs):
+    """A stage stopped by Ctrl-C returns a Failed state; Prefect logs it with exc_info but no exception,
+    which logging prints as `NoneType: None`."""
+    for name in ("tokenize", "pretrain", "twice", "end"):
+        assert "NoneType: None" not in runs[name]["text"], (name, runs[name]["text"][-3000:])
+    assert "Task run failed with state: Failed(" in runs["pretrain"]["text"]  # the record it was on
+
+
+def test_run_loggers_drop_only_empty_tracebacks():
+    import flows  # noqa: F401  (importing it mends Prefect's run loggers)
+
+    stream = io.StringIO()
+    logger = logging.getLogger("prefect.task_runs")
+    handlers, logger.handlers = logger.handlers, [logging.StreamHandler(stream)]  # not the API's: no flow run
+    try:
+        logger.error("returned a Failed state", exc_info=True)
+        try:
+            raise ValueError("a real failure")
+        except ValueError:
+            logger.error("raised", exc_info=True)
+    finally:
+        logger.handlers = handlers
+    text = stream.getvalue()
+    assert "NoneType: None" not in text and text.startswith("returned a Failed state\nraised\nTraceback")
+    assert "ValueError: a real failure" in text
+
+
 def test_logs_name_final_paths_not_work_directories(runs):
     lines = [line for run in ("tokenize", "pretrain", "end") for line in runs[run]["text"].splitlines()]
     assert any(str(runs["artifacts"] / "manifest") in line for line in lines)
@@ -301,6 +329,8 @@ def test_the_continued_run_ends_with_complete_weights_and_where_the_report_is(ru
     assert resumed >= stopped_step(runs)
     report = Path(end["text"].rstrip().splitlines()[-1].removeprefix("report: "))
     assert report.is_file() and ".partial" not in str(report)
+    # the flow logs that line too (for served runs); `lease run` says it once, as its last line
+    assert [line for line in end["text"].splitlines() if line.endswith(f"report: {report}")] == [f"report: {report}"]
     pretrain = next((runs["artifacts"] / "pretrain").glob("*/checkpoint.pt")).parent
     assert load_checkpoint(pretrain / "checkpoint.pt")["step"] == MAX_STEPS
     assert (pretrain / "export" / "encoder.safetensors").is_file()
@@ -323,3 +353,6 @@ def test_a_small_folder_trains_with_a_capped_batch_and_says_its_tokenizers_are_r
     captions = re.findall(r"^### (.+)$", report, re.M)
     grids = [c for c in captions if c.split(" (")[0] in ("Samples", "Reconstruction", "Inpainting", "Outpainting")]
     assert len(grids) == 4 and all(RANDOM_TOKENIZERS in c for c in grids), captions
+    caveat = f"{RANDOM_TOKENIZERS[0].upper()}{RANDOM_TOKENIZERS[1:]} (VQGAN and DINOv2)."
+    assert (f"\n\nColumns: input image | its VQGAN tokens decoded | centre box masked (grey) | the model's "
+            f"completion. {caveat}\n\n") in report.split("### Inpainting", 1)[1]

@@ -38,14 +38,14 @@ log = logging.getLogger(__name__)
 
 RESULT_FILES = {"knn": "knn.json", "linear_probe": "linear_probe.json", "fewshot": "fewshot.json",
                 "fid": "fid.json", "finetune": "finetune.json"}
-GRIDS = {  # the evaluate stage's grids: file stem -> what its columns show
-    "samples": "unconditional samples (MaskGIT decoding from an all-[MASK] canvas), one image per cell",
-    "reconstruction": "columns: input image | its VQGAN tokens decoded | 50 % of the tokens masked (grey) | "
-                      "the model's completion",
-    "inpainting": "columns: input image | its VQGAN tokens decoded | centre box masked (grey) | the model's "
-                  "completion",
-    "outpainting": "columns: input image | its VQGAN tokens decoded | all but the centre box masked (grey) | "
-                   "the model's completion",
+GRIDS = {  # the evaluate stage's grids: file stem -> what its columns show (a sentence)
+    "samples": "Unconditional samples (MaskGIT decoding from an all-[MASK] canvas), one image per cell.",
+    "reconstruction": "Columns: input image | its VQGAN tokens decoded | 50 % of the tokens masked (grey) | "
+                      "the model's completion.",
+    "inpainting": "Columns: input image | its VQGAN tokens decoded | centre box masked (grey) | the model's "
+                  "completion.",
+    "outpainting": "Columns: input image | its VQGAN tokens decoded | all but the centre box masked (grey) | "
+                   "the model's completion.",
 }
 CURVE_KEYS = ("loss", "rec_loss", "contrast_loss", "uniformity_loss")
 FEW_POINTS = 25  # curves with at most this many logged steps are drawn with a marker on every point
@@ -602,6 +602,16 @@ def render_report(tables: list[Table], facts: RunFacts, figures: dict[str, tuple
     return "\n".join(lines)
 
 
+def sentences(*parts: str | None) -> str:
+    """The non-empty `parts` as sentences of one paragraph: each begun with a capital, ended with a full stop
+    (unless it ends with one already), separated by a space."""
+    def sentence(part: str) -> str:
+        part = part.strip()
+        return part[:1].upper() + part[1:] + ("" if part.endswith((".", "!", "?")) else ".")
+
+    return " ".join(sentence(part) for part in parts if part and part.strip())
+
+
 def _grid_caption(stem: str, caveat: str | None) -> str:
     name = stem.replace("_", " ").replace("-", " ").capitalize()
     return name + (f" ({caveat})" if caveat else "")
@@ -615,8 +625,9 @@ def collect_figures(inputs: ReportInputs, facts: RunFacts, fig_dir: Path, notes:
         rows = read_metrics_jsonl(inputs.metrics_jsonl)
         if rows:
             save_figure(loss_figure(rows), fig_dir / "loss_curves.png")
+            steps = f"{len(rows)} logged step{'' if len(rows) == 1 else 's'}"
             figures["Training loss curves"] = ("figures/loss_curves.png",
-                                               f"{len(rows)} logged steps, last step {rows[-1]['step']}, last loss "
+                                               f"{steps}, last step {rows[-1]['step']}, last loss "
                                                f"{rows[-1].get('loss', float('nan')):.4f}.")
         else:
             notes.append(f"loss curves: {inputs.metrics_jsonl} has no rows")
@@ -630,13 +641,14 @@ def collect_figures(inputs: ReportInputs, facts: RunFacts, fig_dir: Path, notes:
     grids = inputs.eval_dir and sorted(p for p in inputs.eval_dir.glob("*.png"))
     for path in grids or []:
         _copy(path, fig_dir / path.name)
-        figures[_grid_caption(path.stem, facts.caveat)] = (f"figures/{path.name}", GRIDS.get(path.stem, "") +
-                                                           (f" {facts.caveat}." if facts.caveat else ""))
+        figures[_grid_caption(path.stem, facts.caveat)] = (f"figures/{path.name}",
+                                                           sentences(GRIDS.get(path.stem), facts.caveat))
     if inputs.condgen and inputs.condgen_dir is not None:
         for path in sorted(inputs.condgen_dir.glob("class-*.png"))[:CONDGEN_GRIDS_SHOWN]:
             _copy(path, fig_dir / path.name)
             figures[_grid_caption(path.stem, facts.caveat)] = (
-                f"figures/{path.name}", f"class-conditional samples of class {path.stem.removeprefix('class-')}.")
+                f"figures/{path.name}", sentences(f"class-conditional samples of class "
+                                                  f"{path.stem.removeprefix('class-')}", facts.caveat))
     return figures
 
 
