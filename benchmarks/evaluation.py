@@ -180,10 +180,8 @@ def finetune_step_parts(model, tokenizer, locations: list[str], args, aug, cfg) 
     AdamW), as `probe_step_parts` does for the probe."""
     import statistics
 
-    from timm.loss import SoftTargetCrossEntropy
-
     from benchmarks.train import time_cuda
-    from lease.evaluate.finetune import FinetuneClassifier, mixup_for, optimizer_for, train_step
+    from lease.evaluate.finetune import FinetuneClassifier, classifier_update, mixup_for, optimizer_for, train_step
     from lease.evaluate.online import epoch_loader, to_unit
 
     batch, device = args.finetune_batch, tokenizer.device
@@ -195,17 +193,9 @@ def finetune_step_parts(model, tokenizer, locations: list[str], args, aug, cfg) 
     tokens, soft = tokenizer(to_unit(images, device)), torch.full((batch, 1000), 1e-3, device=device)
 
     compiled = torch.compile(classifier)
-
-    def classifier_step(module):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = SoftTargetCrossEntropy()(module(tokens), soft)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     parts = {"vqgan": lambda: tokenizer(to_unit(images, device)),
-             "classifier_step_eager": lambda: classifier_step(classifier),
-             "classifier_step": lambda: classifier_step(compiled),
+             "classifier_step_eager": lambda: classifier_update(classifier, optimizer, tokens, soft, "bf16"),
+             "classifier_step": lambda: classifier_update(compiled, optimizer, tokens, soft, "bf16"),
              "step": lambda: train_step(compiled, tokenizer, optimizer, mixup, images, labels, "bf16")}
     medians = {name: round(statistics.median(time_cuda(fn, warmup=2, steps=5)), 2) for name, fn in parts.items()}
     log.info("fine-tuning step on a resident batch of %d: %s ms", batch, medians)

@@ -536,7 +536,7 @@ def _result_rows(name: str, results: Any) -> list[tuple[str, str, str]]:
     if name.startswith("eval-"):
         rows = [(f"{label} ({r[part]['batch']}-image batches, {r['workers']} decode workers)",
                  f"{r[part]['images_per_s']:.0f} img/s", f"target {r[part]['target_images_per_s']}; a long epoch's "
-                 f"rate from two epochs' difference (±15 % between runs), each epoch also pays "
+                 f"rate from two epochs' difference, each epoch also pays "
                  f"{r[part]['epoch_fill_seconds']:.1f} s to start"
                  + _gpu_step_bound(r[part]) + " (`lease bench eval`)")
                 for part, label in (("probe", "online linear probe, authors protocol"),

@@ -10,8 +10,10 @@ lr × 0.65^(d − i), i = 0 … d−1, the embedding 0.65^(d+1), the head 1) and
 The classifier is MAE's with global pool: the mean of the pre-final-norm patch tokens, a LayerNorm
 (`fc_norm`, trained here), a linear head. As in the authors' fine-tuning model (timm's ViT with its drop
 and attention-drop rates at 0 around MAGE's BERT embedding), the token embedding keeps its dropout and
-the blocks have none besides drop path; a pretraining config's block dropouts stay off in train mode. Checkpoints are written after every epoch; every epoch's views,
-mixup draws and drop-path masks are seeded from (seed, epoch), so a resumed run continues exactly.
+the blocks have none besides drop path; a pretraining config's block dropouts stay off in train mode.
+
+Checkpoints are written after every epoch; every epoch's views, mixup draws and drop-path masks are seeded
+from (seed, epoch), so a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -128,12 +130,18 @@ def _seed_epoch(cfg: FinetuneConfig, epoch: int) -> None:
 
 def train_step(model: nn.Module, tokenizer: OnlineTokenizer, optimizer: torch.optim.Optimizer,
                mixup: Mixup, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> torch.Tensor:
-    """One step on a uint8 image batch: mixup/cutmix on the pixels, VQGAN codes, soft-target cross-entropy,
-    AdamW; returns the loss (on the device, not read)."""
+    """One step on a uint8 image batch: mixup/cutmix on the pixels, VQGAN codes, `classifier_update`;
+    returns the loss (on the device, not read)."""
     device = tokenizer.device
     x, soft = mixup(to_unit(images, device), labels.to(device, non_blocking=True))
-    with autocast_for(device, dtype):
-        loss = SoftTargetCrossEntropy()(model(tokenizer(x)), soft)
+    return classifier_update(model, optimizer, tokenizer(x), soft, dtype)
+
+
+def classifier_update(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, soft: torch.Tensor,
+                      dtype: str) -> torch.Tensor:
+    """Soft-target cross-entropy of the classifier on code ids, backward, AdamW; returns the loss."""
+    with autocast_for(ids.device, dtype):
+        loss = SoftTargetCrossEntropy()(model(ids), soft)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
