@@ -1,7 +1,8 @@
 """Attention with the [CLS] row and column apart (lease/attention.py) against SDPA.
 
 On the CPU the fused kernel is PyTorch's CPU flash kernel (no dropout there): fp64 gradcheck of the
-log-sum-exp merge and its backward (the D − g shift), and agreement with SDPA. On a GPU (cuDNN, bf16,
+log-sum-exp merge and its backward (the kernel's backward given the whole row's log-sum-exp and output),
+and agreement with SDPA. On a GPU (cuDNN, bf16,
 the ViT-B shapes) against an fp64 reference, and with dropout through identities that hold for any
 fixed masks only if the backward uses the forward's masks. Also on a GPU: the trainer's compile
 options against the inductor bug they avoid, and whole-model gradients, compiled as the trainer
@@ -83,7 +84,7 @@ def test_cuda_split_attention_matches_fp64_reference_in_bf16(h, n, d, compiled):
     compiled gradient of the [CLS] row's earlier form went wrong (lease.attention._single_query)."""
     packed, (q, k, v) = qkv_views(4, n, h, d, dtype=torch.bfloat16, device="cuda")
     grad = torch.randn(4, h, n, d, device="cuda", dtype=torch.bfloat16)
-    fn = torch.compile(split_cls_attention, dynamic=False) if compiled else split_cls_attention
+    fn = compile_for_training(split_cls_attention, "default", dynamic=False) if compiled else split_cls_attention
     out = fn(q, k, v, 0.0)
     (g_out,) = torch.autograd.grad(out, packed, grad)
     ref_packed = packed.detach().double().requires_grad_()
