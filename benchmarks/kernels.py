@@ -68,7 +68,9 @@ def attention_floor_ms(b: int, h: int, m: int, n: int, d: int, ceil: dict[str, f
             "byte_floor_ms": round(bytes_moved / ceil["copy_gb_per_s"] / 1e6, 3)}
 
 
-def _sdpa_fwd_bwd(kernel, b: int, h: int, n: int, d: int, p: float) -> Callable[[], Any]:
+def sdpa_fwd_bwd(kernel, b: int, h: int, n: int, d: int, p: float) -> Callable[[], Any]:
+    """Forward + backward of one pinned SDPA kernel on q, k, v views of one packed projection leaf, as
+    the model calls it."""
     packed = torch.randn(b, n, 3, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
 
@@ -110,7 +112,7 @@ def bench_attention(preset: str, batch: int, ceil: dict[str, float], parts: tupl
                                **attention_floor_ms(batch, h, n, n, d, ceil), "sdpa_fwd_bwd_ms": {}}
         for name in ("cudnn", "flash", "efficient"):
             try:
-                row["sdpa_fwd_bwd_ms"][name] = round(median_ms(_sdpa_fwd_bwd(SDPA_KERNELS[name], batch, h, n, d, p)), 3)
+                row["sdpa_fwd_bwd_ms"][name] = round(median_ms(sdpa_fwd_bwd(SDPA_KERNELS[name], batch, h, n, d, p)), 3)
             except RuntimeError as err:
                 row["sdpa_fwd_bwd_ms"][name] = f"unsupported: {str(err).splitlines()[0]}"
         sweep: dict[str, dict[str, float]] = {"fwd": {}, "bwd_dkdv": {}, "bwd_dq": {}}

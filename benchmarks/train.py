@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -23,15 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
 
-from lease.attention import split_cls_attention
+from lease.attention import split_cls_self_attention
 from lease.configs import MaskConfig, TrainConfig, model_config, train_config
 from lease.data import Batch, ResidentBatches
 from lease.model import SDPA_KERNELS, flops_per_image
 from lease.online import ImageBatch, OnlineTokenizer
 from lease.synthetic import uniform_tokens
+from benchmarks.kernels import sdpa_fwd_bwd
 from benchmarks.records import RESULTS_DIR, results_dir, write_record
 from benchmarks.tokenizers import time_calls, full_width_maskgit_config, random_maskgit_tokenizer
 from lease.tokenizers.vqgan_maskgit import MaskGITVQGANConfig
@@ -422,15 +420,15 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
     kept = cfg.seq_len - math.ceil(cfg.seq_len * MaskConfig().ratio_min)
     shapes = {"encoder": (cfg.num_heads, kept + 1, cfg.embed_dim // cfg.num_heads),
               "decoder": (cfg.decoder_num_heads, cfg.seq_len + 1, cfg.decoder_embed_dim // cfg.decoder_num_heads)}
-    compiled_split = compile_for_training(split_cls_attention, "default", dynamic=False)  # merge fused, as in training
+    compiled_split = compile_for_training(split_cls_self_attention, "default", dynamic=False)  # as in training
     rows = []
     for (part, (heads, tokens, head_dim)), dropout in itertools.product(shapes.items(), (cfg.attn_dropout, 0.0)):
-        runs = [(name, tokens, functools.partial(_pinned_sdpa, SDPA_KERNELS[name], dropout_p=dropout))
+        runs = [(name, tokens, sdpa_fwd_bwd(SDPA_KERNELS[name], batch_size, heads, tokens, head_dim, dropout))
                 for name in ("cudnn", "flash", "efficient")]
-        runs += [("split_cls", tokens, functools.partial(compiled_split, dropout_p=dropout)),
-                 ("cudnn", tokens - 1, functools.partial(_pinned_sdpa, SDPA_KERNELS["cudnn"], dropout_p=dropout))]
-        for name, n, attend in runs:
-            fwd_bwd = functools.partial(_fwd_bwd, attend, *_packed_qkv(batch_size, n, heads, head_dim))
+        runs += [("split_cls", tokens, _split_run(compiled_split, batch_size, tokens, heads, head_dim, dropout)),
+                 ("cudnn", tokens - 1, sdpa_fwd_bwd(SDPA_KERNELS["cudnn"], batch_size, heads, tokens - 1, head_dim,
+                                                    dropout))]
+        for name, n, fwd_bwd in runs:
             try:
                 ms = statistics.median(time_cuda(fwd_bwd, warmup=5, steps=steps))
             except RuntimeError as err:
@@ -443,22 +441,12 @@ def bench_attention(preset: str, batch_size: int, steps: int) -> list[dict[str, 
     return rows
 
 
-def _packed_qkv(batch: int, tokens: int, heads: int, head_dim: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """q, k, v leaves [B, N, H, D] with the strides of the model's packed projection, and an output grad."""
-    packed = torch.randn(batch, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    return [t.detach().requires_grad_() for t in packed.unbind(2)], grad
-
-
-def _pinned_sdpa(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    with sdpa_kernel([kernel]):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-
-
-def _fwd_bwd(attend: Callable, qkv: list[torch.Tensor], grad: torch.Tensor) -> None:
-    """`attend` on SDPA's [B, H, N, D] views of the leaves; their gradients, not accumulated."""
-    out = attend(*(t.transpose(1, 2) for t in qkv))
-    torch.autograd.grad(out, qkv, grad.transpose(1, 2))
+def _split_run(attend: Callable, batch: int, tokens: int, heads: int, head_dim: int,
+               dropout: float) -> Callable[[], None]:
+    """Forward + backward of `lease.attention`'s split_cls on the packed projection leaf [B, N, 3·C]."""
+    packed = torch.randn(batch, tokens, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    grad = torch.randn(batch, tokens, heads * head_dim, device="cuda", dtype=torch.bfloat16)
+    return lambda: torch.autograd.grad(attend(packed, heads, dropout), packed, grad)
 
 
 def _gpu_details(r: dict[str, Any]) -> str:

@@ -70,11 +70,10 @@ class ModelConfig:
     codebook_dim: int | None = None  # set from the codebook file when the model is built
     contrast_on: ContrastPlacement = "encoder"
     num_classes: int = 0  # online (detached) linear classifier for monitoring: 0 off, -1 from the labels
-    # "split_cls": SDPA's cuDNN kernel on the tokens after [CLS], the [CLS] row and column merged in
-    # through the log-sum-exp (lease/attention.py); same attention, no kernel tile spent on one token.
-    # It applies to CUDA in 16 bits (sm80+), always through cuDNN (sdpa_kernel does not apply); elsewhere
-    # plain SDPA runs. Slower than SDPA on an H100 (README, "Training speed"). "auto": flash-attn when
-    # installed, else SDPA.
+    # "split_cls": cuDNN's kernel on the tokens after [CLS], the [CLS] row and column merged in through
+    # the log-sum-exp by Triton kernels that read the packed projection (lease/attention.py); the same
+    # attention, no kernel tile spent on one token. CUDA in 16 bits (sm80+), always through cuDNN
+    # (sdpa_kernel does not apply); elsewhere plain SDPA runs. "auto": flash-attn when installed, else SDPA.
     # "triton": lease/kernels_attention.py, attention dropout inside one Triton kernel per pass with the
     # [CLS] query and key in 16-wide tiles, reading the packed projection (CUDA, 16 bits, [CLS] + a multiple
     # of 64 tokens; SDPA elsewhere). Correct, but slower than SDPA's cuDNN at ViT-B's shapes on an H200

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lease import kernels_attention
-from lease.attention import split_cls_attention, split_cls_supported
+from lease.attention import split_cls_rows_attention, split_cls_self_attention, split_cls_supported
 from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import DECODER_CONTRAST, ENCODER_CONTRAST, LossConfig, ModelConfig
 from lease.dropout import Dropout
@@ -104,8 +104,10 @@ class Attention(nn.Module):
             out = flash_attn_qkvpacked_func(self._per_head(qkv), dropout_p=drop).reshape(b, n, c)
         elif self.backend == "triton" and kernels_attention.attention_supported(qkv, n, self.head_dim):
             out = kernels_attention.self_attention(qkv, self.num_heads, drop)  # reads the packed projection
+        elif self.backend == "split_cls" and split_cls_supported(qkv):
+            out = split_cls_self_attention(qkv, self.num_heads, drop)  # reads the packed projection
         else:
-            out = self._attend(*self._heads(qkv), drop, q_has_cls=True).transpose(1, 2).reshape(b, n, c)
+            out = self._sdpa(*self._heads(qkv), drop).transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
     def _attend_rows(self, x: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
@@ -119,15 +121,10 @@ class Attention(nn.Module):
         kv = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])
         if self.backend == "triton" and kernels_attention.attention_supported(q, n, self.head_dim):
             return self.proj_drop(self.proj(kernels_attention.rows_attention(q, kv, self.num_heads, drop)))
-        out = self._attend(*self._heads(q), *self._heads(kv), drop, q_has_cls=False)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, c)))
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float,
-                q_has_cls: bool) -> torch.Tensor:
-        """[B, heads, M, D] queries over [B, heads, N, D] keys and values (first row [CLS])."""
         if self.backend == "split_cls" and split_cls_supported(q):
-            return split_cls_attention(q, k, v, drop, q_has_cls)
-        return self._sdpa(q, k, v, drop)
+            return self.proj_drop(self.proj(split_cls_rows_attention(q, kv, self.num_heads, drop)))
+        out = self._sdpa(*self._heads(q), *self._heads(kv), drop)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, c)))
 
     def _per_head(self, t: torch.Tensor) -> torch.Tensor:
         """[B, N, k·C] projections → a [B, N, k, heads, C / heads] view."""
@@ -137,9 +134,8 @@ class Attention(nn.Module):
         """[B, N, k·C] projections → k views [B, heads, N, C / heads], SDPA's layout.
 
         Unbound along the projection's own axis and then transposed, so that the backward stacks the
-        k gradients straight into the projection's [B, N, k, heads, C / heads] layout: with the
-        split_cls merge in between, `torch.compile` otherwise wrote the stack in [k, B, heads, N, ...]
-        order and copied it once more."""
+        k gradients straight into the projection's [B, N, k, heads, C / heads] layout (rather than in
+        [k, B, heads, N, ...] order, copied once more)."""
         return tuple(part.transpose(1, 2) for part in self._per_head(t).unbind(2))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:

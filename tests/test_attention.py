@@ -1,103 +1,157 @@
 """Attention with the [CLS] row and column apart (lease/attention.py) against SDPA.
 
-On the CPU the fused kernel is PyTorch's CPU flash kernel (no dropout there): fp64 gradcheck of the
-log-sum-exp merge and its backward (the kernel's backward given the whole row's log-sum-exp and output),
-and agreement with SDPA. On a GPU (cuDNN, bf16,
-the ViT-B shapes) against an fp64 reference, and with dropout through identities that hold for any
-fixed masks only if the backward uses the forward's masks. Also on a GPU: the trainer's compile
-options against the inductor bug they avoid, and whole-model gradients, compiled as the trainer
-compiles, against eager SDPA and the math kernel.
+Without a GPU the kernels run through Triton's interpreter in a subprocess (the interpreter is chosen
+when a kernel is defined), with PyTorch's CPU flash kernel for the patch keys and no dropout: in fp64
+against SDPA's math, through every kind of block. On a GPU (cuDNN, bf16, the ViT-B shapes) against an
+fp64 reference, and with dropout through identities that hold for any fixed masks only if the backward
+uses the forward's masks. Also on a GPU: the trainer's compile options against the inductor bug they
+avoid, and whole-model gradients, compiled as the trainer compiles, against eager SDPA and the math
+kernel.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lease.attention import split_cls_attention
+from lease.attention import split_cls_rows_attention, split_cls_self_attention
 from lease.configs import MaskConfig, model_config
 from lease.masking import random_plan
 from lease.model import LeaseModel
 from lease.train import compile_for_training
 
+pytest.importorskip("triton")
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+AGAINST_SDPA = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from lease.attention import split_cls_rows_attention, split_cls_self_attention
 
-def qkv_views(b: int, n: int, h: int, d: int, dtype=torch.float64, device="cpu", seed: int = 0,
-              heavy_cls: bool = False):
-    """q, k, v as [B, H, N, D] views of one packed [B, N, 3, H, D] leaf, as the model's projection gives.
+def heads(t, parts, h):
+    b, n, w = t.shape
+    return t.view(b, n, parts, h, w // parts // h).permute(2, 0, 3, 1, 4).unbind(0)
 
-    `heavy_cls`: every query shares a component that the [CLS] key matches, s₀ ≈ 6 ≈ log N, so that
-    key takes about half of each row's weight."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    packed = torch.randn(b, n, 3, h, d, dtype=dtype, device=device, generator=gen)
-    if heavy_cls:
-        packed[:, :, 0, :, 0] += 4.0
-        packed[:, 0, 1, :, 0] = 1.5 * d ** 0.5
-    packed.requires_grad_()
-    return packed, unpack_qkv(packed)
+rel = lambda a, r: float((a.detach().double() - r).norm() / r.norm())
+results = []
+for mode, b, h, n, d, m, heavy_cls in json.loads(sys.argv[1]):
+    torch.manual_seed(len(results))
+    c = h * d
+    if mode == "self":
+        inputs = [torch.randn(b, n, 3 * c, dtype=torch.float64)]
+        if heavy_cls:  # s0 ~ log N: the [CLS] key takes about half of every row
+            inputs[0][:, :, :c].view(b, n, h, d)[..., 0] += 4.0
+            inputs[0][:, 0, c:2 * c].view(b, h, d)[..., 0] = 1.5 * d ** 0.5
+        m = n
+    else:
+        inputs = [torch.randn(b, m, c, dtype=torch.float64), torch.randn(b, n, 2 * c, dtype=torch.float64)]
+    inputs = [t.requires_grad_() for t in inputs]
+    grad = torch.randn(b, m, c, dtype=torch.float64)
+    if mode == "self":
+        out = split_cls_self_attention(inputs[0], h, 0.0)
+        views = heads(inputs[0], 3, h)
+    else:
+        out = split_cls_rows_attention(*inputs, h, 0.0)
+        views = (*heads(inputs[0], 1, h), *heads(inputs[1], 2, h))
+    got = torch.autograd.grad(out, inputs, grad)
+    ref = F.scaled_dot_product_attention(*views).transpose(1, 2).reshape(b, m, c)
+    want = torch.autograd.grad(ref, inputs, grad)
+    row = {"out": rel(out, ref), **{f"grad{i}": rel(g, w) for i, (g, w) in enumerate(zip(got, want))}}
+    if mode == "self":  # the [CLS] query's row and the [CLS] key's column on their own
+        row["cls_row_out"] = rel(out[:, 0], ref[:, 0])
+        row["cls_row_dq"] = rel(got[0][:, 0, :c], want[0][:, 0, :c])
+        row["cls_key_dk"] = rel(got[0][:, 0, c:], want[0][:, 0, c:])
+    results.append(row)
+json.dump(results, sys.stdout)
+"""
 
 
-def unpack_qkv(packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q, k, v [B, H, N, D] as views of a packed [B, N, 3, H, D] tensor."""
-    return packed.permute(2, 0, 3, 1, 4).unbind(0)
-
-
-@pytest.mark.parametrize("q_has_cls, m, heavy_cls", [(True, 17, False), (False, 6, False), (True, 17, True)])
-def test_split_attention_gradients_pass_gradcheck_in_fp64(q_has_cls, m, heavy_cls):
-    packed, (q, k, v) = qkv_views(2, 17, 3, 8, heavy_cls=heavy_cls)
-    queries = q if q_has_cls else q[:, :, 1:1 + m]
-    fn = lambda qq, kk, vv: split_cls_attention(qq, kk, vv, 0.0, q_has_cls)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (queries, k, v))
-
-
-def test_split_attention_matches_sdpa_outputs_and_gradients():
-    packed, (q, k, v) = qkv_views(3, 33, 4, 16, dtype=torch.float32)
-    grad = torch.randn(3, 4, 33, 16)
-    ours = split_cls_attention(q, k, v, 0.0)
-    (g_ours,) = torch.autograd.grad(ours, packed, grad)
-    ref = F.scaled_dot_product_attention(q, k, v)
-    (g_ref,) = torch.autograd.grad(ref, packed, grad)
-    assert torch.allclose(ours, ref, atol=1e-5)
-    assert torch.allclose(g_ours, g_ref, atol=1e-5)
-
-
-def test_split_attention_merges_a_dominant_cls_key_exactly():
-    """A [CLS] key far above the others takes all the weight: output = v₀ for every query."""
-    _, (q, k, v) = qkv_views(1, 9, 2, 4)
-    q, k = q.detach().clone(), k.detach().clone()
-    q[...] = 1.0
-    k[:, :, 0] = 100.0
-    out = split_cls_attention(q, k, v.detach(), 0.0)
-    assert torch.allclose(out, v[:, :, :1].detach().expand_as(out), atol=1e-12)
+def test_split_attention_and_gradients_match_sdpa_in_fp64_through_the_interpreter():
+    """Self-attention over 70 tokens (two key blocks, two query-row blocks, head dim 12 padded to 16),
+    once with a [CLS] key that takes half of every row's weight, and 67 query rows without [CLS]."""
+    cases = [("self", 2, 3, 70, 12, None, False), ("self", 1, 2, 17, 8, None, True), ("rows", 2, 3, 70, 12, 67, False)]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", AGAINST_SDPA, json.dumps(cases)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    for case, errors in zip(cases, json.loads(run.stdout)):
+        for name, error in errors.items():
+            assert error < 1e-12, (case, name, error)
 
 
 def test_split_attention_refuses_dropout_on_the_cpu():
-    _, (q, k, v) = qkv_views(1, 9, 2, 4)
     with pytest.raises(ValueError, match="CPU.*dropout"):
-        split_cls_attention(q, k, v, 0.1)
+        split_cls_self_attention(torch.randn(1, 9, 24), 2, 0.1)
+
+
+# ----------------------------------------------------------------------------------------- GPU only
+
+def packed(b: int, n: int, h: int, d: int, m: int | None = None, seed: int = 0, heavy_cls: bool = False):
+    """bf16 leaves on the GPU: the packed projection [B, N, 3·C], or queries [B, M, C] and kv [B, N, 2·C].
+    `heavy_cls`: every query shares a component that the [CLS] key matches, s₀ ≈ 6 ≈ log N."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    c = h * d
+    if m is not None:
+        return [torch.randn(b, m, c, device="cuda", generator=gen).bfloat16().requires_grad_(),
+                torch.randn(b, n, 2 * c, device="cuda", generator=gen).bfloat16().requires_grad_()]
+    x = torch.randn(b, n, 3 * c, device="cuda", generator=gen)
+    if heavy_cls:
+        x[:, :, :c].view(b, n, h, d)[..., 0] += 4.0
+        x[:, 0, c:2 * c].view(b, h, d)[..., 0] = 1.5 * d ** 0.5
+    return [x.bfloat16().requires_grad_()]
+
+
+def attend(inputs, h: int, p: float, fn=None):
+    fn = fn or (split_cls_self_attention if len(inputs) == 1 else split_cls_rows_attention)
+    return fn(*inputs, h, p)
+
+
+def sdpa_reference(inputs, h: int) -> torch.Tensor:
+    """SDPA's math in fp64 on the same leaves (their gradients land in the leaves' .grad)."""
+    def heads(t, parts):
+        b, n, w = t.shape
+        return t.view(b, n, parts, h, w // parts // h).permute(2, 0, 3, 1, 4).unbind(0)
+    views = heads(inputs[0], 3) if len(inputs) == 1 else (*heads(inputs[0], 1), *heads(inputs[1], 2))
+    out = F.scaled_dot_product_attention(*views)
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
 
 @cuda
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("h, n, d", [(12, 129, 64), (16, 257, 48)])  # ViT-B encoder and decoder
-def test_cuda_split_attention_matches_fp64_reference_in_bf16(h, n, d, compiled):
-    """q, k, v as views of one packed projection, as the model has them: the layout in which torch 2.11's
-    compiled gradient of the [CLS] row's earlier form went wrong (lease.attention._single_query)."""
-    packed, (q, k, v) = qkv_views(4, n, h, d, dtype=torch.bfloat16, device="cuda")
-    grad = torch.randn(4, h, n, d, device="cuda", dtype=torch.bfloat16)
-    fn = compile_for_training(split_cls_attention, "default", dynamic=False) if compiled else split_cls_attention
-    out = fn(q, k, v, 0.0)
-    (g_out,) = torch.autograd.grad(out, packed, grad)
-    ref_packed = packed.detach().double().requires_grad_()
-    ref = F.scaled_dot_product_attention(*unpack_qkv(ref_packed))
-    (g_ref,) = torch.autograd.grad(ref, ref_packed, grad.double())
-    for got, want in ((out, ref), (g_out, g_ref)):
-        assert float((got.detach().double() - want).abs().max() / want.abs().max()) < 0.02
+@pytest.mark.parametrize("h, n, d, m", [(12, 129, 64, None), (16, 257, 48, None), (16, 257, 48, 112)])
+def test_cuda_split_attention_matches_fp64_reference_in_bf16(h, n, d, m, compiled):
+    """The ViT-B encoder's and decoder's self-attention and the decoder's query rows, compiled as the trainer
+    compiles the model."""
+    inputs = packed(4, n, h, d, m)
+    fn = None
+    if compiled:
+        fn = compile_for_training(split_cls_self_attention if m is None else split_cls_rows_attention, "default",
+                                  dynamic=False)
+    out = attend(inputs, h, 0.0, fn)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = sdpa_reference(ref_inputs, h)
+    want = torch.autograd.grad(ref, ref_inputs, grad.double())
+    for a, r in ((out, ref), *zip(got, want)):
+        assert float((a.detach().double() - r).abs().max() / r.abs().max()) < 0.02
 
 
 def summed_cls_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The [CLS] query's row as q times k summed over the head dimension (split_cls's earlier form)."""
+    """The [CLS] query's row as q times k summed over the head dimension (an earlier form of split_cls)."""
     scores = (q[:, :, 0, None].float() * k.float()).sum(-1) * q.shape[-1] ** -0.5
     return (scores.softmax(-1)[..., None] * v.float()).sum(2).to(v.dtype)
+
+
+def qkv_views(b: int, n: int, h: int, d: int):
+    """q, k, v as [B, H, N, D] views of one packed bf16 [B, N, 3, H, D] leaf on the GPU."""
+    leaf = torch.randn(b, n, 3, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    return leaf, leaf.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 @cuda
@@ -107,62 +161,76 @@ def test_cuda_training_compile_options_keep_padded_reductions_right(h, n, d):
     out about 110 % off fp64 on an H100 (1.5 or NaN in cls_row_compiled.py's layouts): a fused
     reduction read an unpadded buffer with the padded stride. The trainer compiles with that pass off
     (lease.train.TRAINING_INDUCTOR_OPTIONS)."""
-    packed, (q, k, v) = qkv_views(8, n, h, d, dtype=torch.bfloat16, device="cuda")
+    leaf, (q, k, v) = qkv_views(8, n, h, d)
     grad = torch.randn(8, h, d, device="cuda", dtype=torch.bfloat16)
     compiled = compile_for_training(summed_cls_row, "default", dynamic=False)
-    (got,) = torch.autograd.grad(compiled(q, k, v), packed, grad)
-    ref_packed = packed.detach().double().requires_grad_()
-    (want,) = torch.autograd.grad(summed_cls_row(*unpack_qkv(ref_packed)), ref_packed, grad.double())
+    (got,) = torch.autograd.grad(compiled(q, k, v), leaf, grad)
+    ref_leaf = leaf.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(summed_cls_row(*ref_leaf.permute(2, 0, 3, 1, 4).unbind(0)), ref_leaf,
+                                  grad.double())
     assert float((got.double() - want).norm() / want.norm()) < 0.02
+
+
+def values(inputs) -> torch.Tensor:
+    """The v columns of the packed projection (self) or of kv (rows)."""
+    return inputs[-1][..., -inputs[0].shape[-1] // (3 if len(inputs) == 1 else 1):]
 
 
 @cuda
 @pytest.mark.parametrize("heavy_cls", [False, True])
-@pytest.mark.parametrize("h, n, d", [(12, 129, 64), (16, 257, 48)])
-def test_cuda_split_attention_dropout_backward_uses_the_forward_masks(h, n, d, heavy_cls):
+@pytest.mark.parametrize("h, n, d, m", [(12, 129, 64, None), (16, 257, 48, None), (16, 257, 48, 112)])
+def test_cuda_split_attention_dropout_backward_uses_the_forward_masks(h, n, d, m, heavy_cls):
     """For any fixed dropout masks O = P̃V, so with the output gradient G = O, ⟨dV, V⟩ = ‖O‖², a sum
     of squares that no draw brings near 0. With another draw's masks in the backward, ⟨P̃'V, P̃V⟩
     falls short of ‖P̃V‖² by about the dropout's variance: checked here too, so the test can fail.
-    Without `heavy_cls` the weight is spread over the patch keys (the kernel's masks matter); with
-    it the [CLS] key takes about half of every row (its own keep factor matters)."""
+    Without `heavy_cls` the weight is spread over the patch keys (cuDNN's masks matter); with it the
+    [CLS] key takes about half of every row (its own keep flags matter)."""
     torch.manual_seed(0)
-    _, (q, k, v) = qkv_views(8, n, h, d, dtype=torch.bfloat16, device="cuda", heavy_cls=heavy_cls)
+    inputs = packed(8, n, h, d, m, heavy_cls=heavy_cls and m is None)
     dot = lambda a, b: float((a.detach().double() * b.detach().double()).sum())  # noqa: E731
-    out = split_cls_attention(q, k, v, 0.1)
-    (dv,) = torch.autograd.grad(out, v, out.detach())
+    v = values(inputs)
+    out = attend(inputs, h, 0.1)
+    dv = values(torch.autograd.grad(out, inputs, out.detach()))
     assert dot(dv, v) == pytest.approx(dot(out, out), rel=0.01)
-    (dv_other_masks,) = torch.autograd.grad(split_cls_attention(q, k, v, 0.1), v, out.detach())
+    dv_other_masks = values(torch.autograd.grad(attend(inputs, h, 0.1), inputs, out.detach()))
     assert abs(dot(dv_other_masks, v) / dot(out, out) - 1) > 0.03
-    # the masks do drop: the same call without dropout differs
-    assert not torch.allclose(out, split_cls_attention(q, k, v, 0.0))
+    assert not torch.allclose(out, attend(inputs, h, 0.0))  # the masks do drop
 
 
 @cuda
-@pytest.mark.parametrize("q_has_cls", [True, False])
-def test_cuda_split_attention_drops_the_cls_column_at_rate_p(q_has_cls):
+@pytest.mark.parametrize("m", [None, 112])
+def test_cuda_split_attention_drops_the_cls_column_and_row_at_rate_p(m):
     """With every value but the [CLS] key's zero, each output row is that key's probability times its
-    keep factor alone: 0 in a fraction p of the rows, 1/(1 − p) × the undropped output in the rest."""
-    _, (q, k, v) = qkv_views(8, 129, 12, 64, dtype=torch.bfloat16, device="cuda")
-    queries = q if q_has_cls else q[:, :, 1:]
-    v = torch.zeros_like(v)
-    v[:, :, 0] = 1.0
+    keep factor alone: 0 in a fraction p of the rows, 1/(1 − p) × the undropped output in the rest
+    (self-attention: the [CLS] query's row among them)."""
+    inputs = packed(8, 129, 12, 64, m)
     with torch.no_grad():
-        kept = split_cls_attention(queries, k, v, 0.0, q_has_cls)[..., 0].float()
-        ratio = split_cls_attention(queries, k, v, 0.1, q_has_cls)[..., 0].float() / kept
+        v = values(inputs)
+        v.zero_()
+        v[:, 0] = 1.0
+        kept = attend(inputs, 12, 0.0).float()
+        ratio = attend(inputs, 12, 0.1).float() / kept
     dropped = ratio < 0.5
-    assert float(dropped.float().mean()) == pytest.approx(0.1, abs=0.015)  # ~12,300 rows: σ ≈ 0.003
+    assert float(dropped.float().mean()) == pytest.approx(0.1, abs=0.015)  # ~12,300 rows × 12 heads
     assert torch.allclose(ratio[~dropped], torch.full_like(ratio[~dropped], 1 / 0.9), rtol=0.02)
     assert float(ratio[dropped].abs().max()) == 0.0
+    if m is None:  # the [CLS] query's own row is dropped too, at the same rate
+        assert float(dropped[:, 0].float().mean()) == pytest.approx(0.1, abs=0.06)
 
 
 @cuda
-def test_cuda_split_attention_dropout_is_unbiased():
-    """The average output over many dropout draws approaches the output without dropout."""
-    _, (q, k, v) = qkv_views(2, 129, 4, 64, dtype=torch.bfloat16, device="cuda")
+def test_cuda_split_attention_dropout_is_unbiased_and_follows_the_generator():
+    """The average output over many dropout draws approaches the output without dropout; restoring the
+    CUDA generator's state draws the same masks (cuDNN's and the [CLS] flags), so the same output."""
+    inputs = packed(2, 129, 4, 64)
     with torch.no_grad():
-        mean = sum(split_cls_attention(q, k, v, 0.1).float() for _ in range(400)) / 400
-        ref = split_cls_attention(q, k, v, 0.0).float()
-    assert float((mean - ref).abs().max()) < 0.05 * float(ref.abs().max())
+        mean = sum(attend(inputs, 4, 0.1).float() for _ in range(400)) / 400
+        ref = attend(inputs, 4, 0.0).float()
+        assert float((mean - ref).abs().max()) < 0.05 * float(ref.abs().max())
+        state = torch.cuda.get_rng_state()
+        first = attend(inputs, 4, 0.1)
+        torch.cuda.set_rng_state(state)
+        assert torch.equal(attend(inputs, 4, 0.1), first)
 
 
 def one_training_step(cfg, codebook_size: int, compiled: bool, autocast_dtype: torch.dtype | None,
