@@ -174,8 +174,10 @@ class _Geometry:
         self.scale = self.d ** -0.5
         self.keep_factor = 1.0 / (1.0 - dropout_p)
         self.acc = _accumulation_dtype(xq)
-        self.consts = dict(D=self.d, DP=max(16, triton.next_power_of_2(self.d)), DROPOUT=dropout_p > 0.0,
-                           WIDE=self.acc == torch.float64)
+        # compile-time constants of every kernel (the softmax scale and keep factor among them: as
+        # run-time float arguments they may arrive as fp64 and promote the arithmetic)
+        self.consts = dict(SCALE=self.scale, KEEP=self.keep_factor, D=self.d, DP=max(16, triton.next_power_of_2(self.d)),
+                           DROPOUT=dropout_p > 0.0, WIDE=self.acc == torch.float64)
         self.row_blocks = triton.cdiv(self.rows, BLOCK_ROWS)
         self.key_blocks = triton.cdiv(self.n, BLOCK_KEYS)
 
@@ -201,17 +203,17 @@ if triton is not None:
         return _wide(tl.load(base + cols, mask=dmask, other=0.0), WIDE)
 
     @triton.jit
-    def _kept(prob, keep_ptr, offs, valid, keep_factor, DROPOUT: tl.constexpr):
-        """prob · κ with the saved keep flags (κ = 0 or 1 / (1 − p)); prob itself without dropout."""
+    def _kept(prob, keep_ptr, offs, valid, KEEP: tl.constexpr, DROPOUT: tl.constexpr):
+        """prob · κ with the saved keep flags (κ = 0 or KEEP = 1 / (1 − p)); prob itself without dropout."""
         if DROPOUT:
             keep = tl.load(keep_ptr + offs, mask=valid, other=0)
-            prob = tl.where(keep != 0, prob * keep_factor, 0.0)
+            prob = tl.where(keep != 0, prob * KEEP, 0.0)
         return prob
 
     @triton.jit
     def _merge_fwd_kernel(xq_ptr, xkv_ptr, op_ptr, lsep_ptr, keep_ptr, out_ptr, lse_ptr, beta_ptr,
                           sxq_b, sxq_n, sxkv_b, sxkv_n, k_col, v_col, sop_b, sop_h, sop_m, slp_b, slp_h, slp_m,
-                          sl_b, sl_h, sl_m, so_b, so_n, H, R, first, scale, keep_factor,
+                          sl_b, sl_h, sl_m, so_b, so_n, H, R, first, SCALE: tl.constexpr, KEEP: tl.constexpr,
                           D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, DROPOUT: tl.constexpr,
                           WIDE: tl.constexpr):
         """The [CLS] key's column merged into the fused kernel's output, for BM query rows of one head."""
@@ -224,12 +226,12 @@ if triton is not None:
         q = _tile(xq_ptr + b * sxq_b + h * D, first + rows, valid, sxq_n, cols, dmask, WIDE)
         k0 = _vector(xkv_ptr + b * sxkv_b + k_col + h * D, cols, dmask, WIDE)
         v0 = _vector(xkv_ptr + b * sxkv_b + v_col + h * D, cols, dmask, WIDE)
-        s0 = tl.sum(q * k0[None, :], 1) * scale
+        s0 = tl.sum(q * k0[None, :], 1) * SCALE
         lse_p = _wide(tl.load(lsep_ptr + b * slp_b + h * slp_h + rows * slp_m, mask=valid, other=0.0), WIDE)
         top = tl.maximum(lse_p, s0)
         lse = top + tl.log(tl.exp(lse_p - top) + tl.exp(s0 - top))
         beta = tl.exp(s0 - lse)
-        kept = _kept(beta, keep_ptr, bh * R + rows, valid, keep_factor, DROPOUT)
+        kept = _kept(beta, keep_ptr, bh * R + rows, valid, KEEP, DROPOUT)
         o_p = _tile(op_ptr + b * sop_b + h * sop_h, rows, valid, sop_m, cols, dmask, WIDE)
         out = tl.exp(lse_p - lse)[:, None] * o_p + kept[:, None] * v0[None, :]
         tl.store(out_ptr + b * so_b + (first + rows)[:, None] * so_n + h * D + cols[None, :],
@@ -238,8 +240,8 @@ if triton is not None:
         tl.store(beta_ptr + bh * R + rows, beta, mask=valid)
 
     @triton.jit
-    def _cls_row_fwd_kernel(x_ptr, keep_ptr, out_ptr, lse_row_ptr, sx_b, sx_n, k_col, v_col, so_b, H, N, scale,
-                            keep_factor, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
+    def _cls_row_fwd_kernel(x_ptr, keep_ptr, out_ptr, lse_row_ptr, sx_b, sx_n, k_col, v_col, so_b, H, N,
+                            SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
                             DROPOUT: tl.constexpr, WIDE: tl.constexpr):
         """The [CLS] query's row of one head: an online softmax over the N keys in steps of BN."""
         bh = tl.program_id(0)
@@ -255,12 +257,12 @@ if triton is not None:
             keys = start + tl.arange(0, BN)
             valid = keys < N
             k = _tile(base + k_col, keys, valid, sx_n, cols, dmask, WIDE)
-            s = tl.where(valid, tl.sum(k * q0[None, :], 1) * scale, float("-inf"))
+            s = tl.where(valid, tl.sum(k * q0[None, :], 1) * SCALE, float("-inf")).to(q0.dtype)
             new_top = tl.maximum(top, tl.max(s, 0))
             rescale = tl.exp(top - new_top)
             prob = tl.exp(s - new_top)
             total = total * rescale + tl.sum(prob, 0)
-            prob = _kept(prob, keep_ptr, bh * N + keys, valid, keep_factor, DROPOUT)
+            prob = _kept(prob, keep_ptr, bh * N + keys, valid, KEEP, DROPOUT)
             v = _tile(base + v_col, keys, valid, sx_n, cols, dmask, WIDE)
             acc = acc * rescale + tl.sum(prob[:, None] * v, 0)
             top = new_top
@@ -270,7 +272,8 @@ if triton is not None:
     @triton.jit
     def _merge_bwd_kernel(g_ptr, o_ptr, xq_ptr, xkv_ptr, dqp_ptr, beta_ptr, keep_ptr, dq_ptr, part_ptr,
                           sg_b, sg_n, sxq_b, sxq_n, sxkv_b, k_col, v_col, sdqp_b, sdqp_h, sdqp_m, sdq_b, sdq_n,
-                          H, R, first, scale, keep_factor, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+                          H, R, first, SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          BM: tl.constexpr,
                           DROPOUT: tl.constexpr, WIDE: tl.constexpr):
         """The [CLS] column's backward for BM query rows of one head: dq = fused dq + ∂L/∂s₀·k₀/√d, and
         this block's sums of ∂L/∂s₀·q/√d and β·κ·dO (the [CLS] key's dk and dv) into `part_ptr`."""
@@ -285,8 +288,8 @@ if triton is not None:
         k0 = _vector(xkv_ptr + b * sxkv_b + k_col + h * D, cols, dmask, WIDE)
         v0 = _vector(xkv_ptr + b * sxkv_b + v_col + h * D, cols, dmask, WIDE)
         beta = tl.load(beta_ptr + bh * R + rows, mask=valid, other=0.0)
-        kept = _kept(beta, keep_ptr, bh * R + rows, valid, keep_factor, DROPOUT)
-        ds0 = (kept * tl.sum(g * v0[None, :], 1) - beta * tl.sum(g * o, 1)) * scale
+        kept = _kept(beta, keep_ptr, bh * R + rows, valid, KEEP, DROPOUT)
+        ds0 = (kept * tl.sum(g * v0[None, :], 1) - beta * tl.sum(g * o, 1)) * SCALE
         dq = _tile(dqp_ptr + b * sdqp_b + h * sdqp_h, rows, valid, sdqp_m, cols, dmask, WIDE)
         dq += ds0[:, None] * k0[None, :]
         tl.store(dq_ptr + b * sdq_b + (first + rows)[:, None] * sdq_n + h * D + cols[None, :],
@@ -299,8 +302,8 @@ if triton is not None:
     @triton.jit
     def _keys_bwd_kernel(g_ptr, o_ptr, xq_ptr, xkv_ptr, dkp_ptr, dvp_ptr, keep_ptr, lse_row_ptr, part_ptr,
                          dkv_ptr, qpart_ptr, sg_b, sxq_b, sxkv_b, sxkv_n, k_col, v_col, sdkp_b, sdkp_h, sdkp_n,
-                         sdvp_b, sdvp_h, sdvp_n, sdkv_b, sdkv_n, dk_col, dv_col, H, N, row_blocks, scale,
-                         keep_factor, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
+                         sdvp_b, sdvp_h, sdvp_n, sdkv_b, sdkv_n, dk_col, dv_col, H, N, row_blocks,
+                         SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
                          CLS_QUERY: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr):
         """dk, dv of BN keys of one head into the packed gradient: the fused kernel's (keys ≥ 1), the [CLS]
         column's sums (key 0) and, for self-attention, the [CLS] query row's backward, whose dq share of
@@ -330,9 +333,9 @@ if triton is not None:
             lse_row = tl.load(lse_row_ptr + bh)
             k = _tile(xkv_ptr + b * sxkv_b + k_col + h * D, keys, valid, sxkv_n, cols, dmask, WIDE)
             v = _tile(xkv_ptr + b * sxkv_b + v_col + h * D, keys, valid, sxkv_n, cols, dmask, WIDE)
-            prob = tl.where(valid, tl.exp(tl.sum(k * q0[None, :], 1) * scale - lse_row), 0.0)
-            kept = _kept(prob, keep_ptr, bh * N + keys, valid, keep_factor, DROPOUT)
-            ds = (kept * tl.sum(v * g0[None, :], 1) - prob * delta0) * scale
+            prob = tl.where(valid, tl.exp(tl.sum(k * q0[None, :], 1) * SCALE - lse_row), 0.0)
+            kept = _kept(prob, keep_ptr, bh * N + keys, valid, KEEP, DROPOUT)
+            ds = (kept * tl.sum(v * g0[None, :], 1) - prob * delta0) * SCALE
             dk += ds[:, None] * q0[None, :]
             dv += kept[:, None] * g0[None, :]
             tl.store(qpart_ptr + (bh * tl.num_programs(0) + tl.program_id(0)) * DP + cols, tl.sum(ds[:, None] * k, 0))
@@ -366,11 +369,11 @@ if triton is not None:
             xq, xkv, out_p, lse_p, keep_col, out, lse, beta, xq.stride(0), xq.stride(1), xkv.stride(0),
             xkv.stride(1), geo.k_col, geo.v_col, *out_p.stride()[:3], *lse_p.stride(),
             *lse.view(geo.b, heads, geo.rows).stride(), out.stride(0), out.stride(1), heads, geo.rows, geo.first,
-            geo.scale, geo.keep_factor, BM=BLOCK_ROWS, **geo.consts)
+            BM=BLOCK_ROWS, **geo.consts)
         if self_attn:
             torch.library.wrap_triton(_cls_row_fwd_kernel)[(geo.b * heads,)](
                 xkv, keep_row, out, lse_row, xkv.stride(0), xkv.stride(1), geo.k_col, geo.v_col, out.stride(0),
-                heads, geo.n, geo.scale, geo.keep_factor, BN=BLOCK_KEYS, **geo.consts)
+                heads, geo.n, BN=BLOCK_KEYS, **geo.consts)
         return out, lse, beta, lse_row
 
     @torch.library.triton_op("lease::split_cls_backward_merge", mutates_args=())
@@ -389,12 +392,12 @@ if triton is not None:
         torch.library.wrap_triton(_merge_bwd_kernel)[(geo.row_blocks, bh)](
             grad, out, xq, xkv, dq_p, beta, keep_col, dq, parts, grad.stride(0), grad.stride(1), xq.stride(0),
             xq.stride(1), xkv.stride(0), geo.k_col, geo.v_col, *dq_p.stride()[:3], dq.stride(0), dq.stride(1),
-            heads, geo.rows, geo.first, geo.scale, geo.keep_factor, BM=BLOCK_ROWS, **geo.consts)
+            heads, geo.rows, geo.first, BM=BLOCK_ROWS, **geo.consts)
         torch.library.wrap_triton(_keys_bwd_kernel)[(geo.key_blocks, bh)](
             grad, out, xq, xkv, dk_p, dv_p, keep_row, lse_row, parts, dkv, qparts, grad.stride(0), xq.stride(0),
             xkv.stride(0), xkv.stride(1), geo.k_col, geo.v_col, *dk_p.stride()[:3], *dv_p.stride()[:3],
-            dkv.stride(0), dkv.stride(1), dk_col, dv_col, heads, geo.n, geo.row_blocks, geo.scale,
-            geo.keep_factor, BN=BLOCK_KEYS, CLS_QUERY=self_attn, **geo.consts)
+            dkv.stride(0), dkv.stride(1), dk_col, dv_col, heads, geo.n, geo.row_blocks, BN=BLOCK_KEYS,
+            CLS_QUERY=self_attn, **geo.consts)
         if not self_attn:
             return dq, dkv
         torch.library.wrap_triton(_cls_query_grad_kernel)[(bh,)](

@@ -71,6 +71,8 @@ json.dump(results, sys.stdout)
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU machines only: the GPU tests below cover the kernels "
+                    "in bf16, and torch 2.11's wrap_triton refuses interpreted kernels")
 def test_split_attention_and_gradients_match_sdpa_in_fp64_through_the_interpreter():
     """Self-attention over 70 tokens (two key blocks, two query-row blocks, head dim 12 padded to 16),
     once with a [CLS] key that takes half of every row's weight, and 67 query rows without [CLS]."""
