@@ -4,9 +4,9 @@ decoder shapes; on the GPU when there is one, else the CPU.
     python benchmarks/exploratory/cls_row_compiled.py
 
 Two forms of the same softmax over N scores: "broadcast", q times k summed over the head dimension (what
-`lease.attention._single_query` was until the compiled model's [CLS] gradients were traced to it), and
-"matmul", the function as it is now. q, k, v are views of one packed projection, as in the model, or
-contiguous copies of them; the output gradient is a plain [B, H, D] tensor. Each form runs eagerly,
+split_cls's [CLS] row was until the compiled model's [CLS] gradients were traced to it), and
+"matmul", two one-row matmuls (`single_query`, its form until split_cls moved into Triton kernels).
+q, k, v are views of one packed projection, as in the model, or contiguous copies of them; the output gradient is a plain [B, H, D] tensor. Each form runs eagerly,
 compiled as `torch.compile` does by default, and compiled as the trainer compiles
 (`lease.train.compile_for_training`: inductor's comprehensive padding off). Each line gives the relative
 error of dq, dk and dv. On an H100 (torch 2.11.0, 2026-11-25) the broadcast form compiled by default gave
@@ -17,7 +17,6 @@ import logging
 
 import torch
 
-from lease.attention import _single_query
 from lease.train import compile_for_training
 
 SHAPES = {"encoder": (12, 129, 64), "decoder": (16, 257, 48)}  # heads, tokens, head dim (ViT-B)
@@ -29,8 +28,17 @@ def broadcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return (scores.softmax(-1)[..., None] * v.float()).sum(2).to(v.dtype)
 
 
+def single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """One query per head, q [B, H, D] over k, v [B, H, N, D] → [B, H, D], as two one-row matmuls in fp32."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = q[:, :, None].to(acc) @ k.to(acc).transpose(-1, -2) * q.shape[-1] ** -0.5
+        probs = torch.nn.functional.dropout(scores.softmax(-1), dropout_p)
+        return (probs @ v.to(acc))[:, :, 0].to(v.dtype)
+
+
 def matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _single_query(q[:, :, 0], k, v, 0.0)
+    return single_query(q[:, :, 0], k, v, 0.0)
 
 
 def errors(fn, heads: int, tokens: int, head_dim: int, packed_views: bool, device: torch.device) -> list[float]:
