@@ -134,7 +134,8 @@ def matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
 
 
 KERNEL_CATEGORIES = (  # first match wins: cuDNN's attention kernels also carry "gemm"-like names
-    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion", "compute_dot_do_o", "_attn_")),
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion", "compute_dot_do_o", "_attn_",
+                   "_split_cls_")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma")),
     ("optimizer", ("multi_tensor_apply", "adam")),
     ("dropout mask (lease/dropout.py)", ("keep_mask",)),

@@ -211,7 +211,7 @@ if triton is not None:
         return prob
 
     @triton.jit
-    def _merge_fwd_kernel(xq_ptr, xkv_ptr, op_ptr, lsep_ptr, keep_ptr, out_ptr, lse_ptr, beta_ptr,
+    def _split_cls_column_fwd_kernel(xq_ptr, xkv_ptr, op_ptr, lsep_ptr, keep_ptr, out_ptr, lse_ptr, beta_ptr,
                           sxq_b, sxq_n, sxkv_b, sxkv_n, k_col, v_col, sop_b, sop_h, sop_m, slp_b, slp_h, slp_m,
                           sl_b, sl_h, sl_m, so_b, so_n, H, R, first, SCALE: tl.constexpr, KEEP: tl.constexpr,
                           D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, DROPOUT: tl.constexpr,
@@ -240,7 +240,7 @@ if triton is not None:
         tl.store(beta_ptr + bh * R + rows, beta, mask=valid)
 
     @triton.jit
-    def _cls_row_fwd_kernel(x_ptr, keep_ptr, out_ptr, lse_row_ptr, sx_b, sx_n, k_col, v_col, so_b, H, N,
+    def _split_cls_row_fwd_kernel(x_ptr, keep_ptr, out_ptr, lse_row_ptr, sx_b, sx_n, k_col, v_col, so_b, H, N,
                             SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
                             DROPOUT: tl.constexpr, WIDE: tl.constexpr):
         """The [CLS] query's row of one head: an online softmax over the N keys in steps of BN."""
@@ -270,7 +270,7 @@ if triton is not None:
         tl.store(lse_row_ptr + bh + tl.arange(0, 1), top + tl.log(total))
 
     @triton.jit
-    def _merge_bwd_kernel(g_ptr, o_ptr, xq_ptr, xkv_ptr, dqp_ptr, beta_ptr, keep_ptr, dq_ptr, part_ptr,
+    def _split_cls_column_bwd_kernel(g_ptr, o_ptr, xq_ptr, xkv_ptr, dqp_ptr, beta_ptr, keep_ptr, dq_ptr, part_ptr,
                           sg_b, sg_n, sxq_b, sxq_n, sxkv_b, k_col, v_col, sdqp_b, sdqp_h, sdqp_m, sdq_b, sdq_n,
                           H, R, first, SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BM: tl.constexpr,
@@ -300,7 +300,7 @@ if triton is not None:
         tl.store(part + DP, tl.sum(kept[:, None] * g, 0))
 
     @triton.jit
-    def _keys_bwd_kernel(g_ptr, o_ptr, xq_ptr, xkv_ptr, dkp_ptr, dvp_ptr, keep_ptr, lse_row_ptr, part_ptr,
+    def _split_cls_keys_bwd_kernel(g_ptr, o_ptr, xq_ptr, xkv_ptr, dkp_ptr, dvp_ptr, keep_ptr, lse_row_ptr, part_ptr,
                          dkv_ptr, qpart_ptr, sg_b, sxq_b, sxkv_b, sxkv_n, k_col, v_col, sdkp_b, sdkp_h, sdkp_n,
                          sdvp_b, sdvp_h, sdvp_n, sdkv_b, sdkv_n, dk_col, dv_col, H, N, row_blocks,
                          SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
@@ -345,7 +345,7 @@ if triton is not None:
         tl.store(tile + dv_col, dv.to(dkv_ptr.dtype.element_ty), mask=store)
 
     @triton.jit
-    def _cls_query_grad_kernel(qpart_ptr, dq_ptr, sdq_b, H, key_blocks, D: tl.constexpr, DP: tl.constexpr):
+    def _split_cls_query_grad_kernel(qpart_ptr, dq_ptr, sdq_b, H, key_blocks, D: tl.constexpr, DP: tl.constexpr):
         """dq of the [CLS] query (row 0) of one head: the sum of the key blocks' shares."""
         bh = tl.program_id(0)
         cols = tl.arange(0, DP)
@@ -365,13 +365,13 @@ if triton is not None:
         lse = torch.empty_like(lse_like)
         beta = xq.new_empty(geo.b, heads, geo.rows, dtype=geo.acc)
         lse_row = xq.new_empty(geo.b, heads if self_attn else 0, dtype=geo.acc)
-        torch.library.wrap_triton(_merge_fwd_kernel)[(geo.row_blocks, geo.b * heads)](
+        torch.library.wrap_triton(_split_cls_column_fwd_kernel)[(geo.row_blocks, geo.b * heads)](
             xq, xkv, out_p, lse_p, keep_col, out, lse, beta, xq.stride(0), xq.stride(1), xkv.stride(0),
             xkv.stride(1), geo.k_col, geo.v_col, *out_p.stride()[:3], *lse_p.stride(),
             *lse.view(geo.b, heads, geo.rows).stride(), out.stride(0), out.stride(1), heads, geo.rows, geo.first,
             BM=BLOCK_ROWS, **geo.consts)
         if self_attn:
-            torch.library.wrap_triton(_cls_row_fwd_kernel)[(geo.b * heads,)](
+            torch.library.wrap_triton(_split_cls_row_fwd_kernel)[(geo.b * heads,)](
                 xkv, keep_row, out, lse_row, xkv.stride(0), xkv.stride(1), geo.k_col, geo.v_col, out.stride(0),
                 heads, geo.n, BN=BLOCK_KEYS, **geo.consts)
         return out, lse, beta, lse_row
@@ -389,17 +389,17 @@ if triton is not None:
         bh, dp = geo.b * heads, geo.consts["DP"]
         parts = xq.new_empty(bh, geo.row_blocks, 2, dp, dtype=geo.acc)
         qparts = xq.new_empty(bh, geo.key_blocks if self_attn else 0, dp, dtype=geo.acc)
-        torch.library.wrap_triton(_merge_bwd_kernel)[(geo.row_blocks, bh)](
+        torch.library.wrap_triton(_split_cls_column_bwd_kernel)[(geo.row_blocks, bh)](
             grad, out, xq, xkv, dq_p, beta, keep_col, dq, parts, grad.stride(0), grad.stride(1), xq.stride(0),
             xq.stride(1), xkv.stride(0), geo.k_col, geo.v_col, *dq_p.stride()[:3], dq.stride(0), dq.stride(1),
             heads, geo.rows, geo.first, BM=BLOCK_ROWS, **geo.consts)
-        torch.library.wrap_triton(_keys_bwd_kernel)[(geo.key_blocks, bh)](
+        torch.library.wrap_triton(_split_cls_keys_bwd_kernel)[(geo.key_blocks, bh)](
             grad, out, xq, xkv, dk_p, dv_p, keep_row, lse_row, parts, dkv, qparts, grad.stride(0), xq.stride(0),
             xkv.stride(0), xkv.stride(1), geo.k_col, geo.v_col, *dk_p.stride()[:3], *dv_p.stride()[:3],
             dkv.stride(0), dkv.stride(1), dk_col, dv_col, heads, geo.n, geo.row_blocks, BN=BLOCK_KEYS,
             CLS_QUERY=self_attn, **geo.consts)
         if not self_attn:
             return dq, dkv
-        torch.library.wrap_triton(_cls_query_grad_kernel)[(bh,)](
+        torch.library.wrap_triton(_split_cls_query_grad_kernel)[(bh,)](
             qparts, dq, dq.stride(0), heads, geo.key_blocks, D=geo.d, DP=dp)
         return dq, dq.new_empty(0)

@@ -99,11 +99,11 @@ def test_split_kernels_compile_for_sm90(head_dim, cls_query):
 
     fp32 = ("lsep_ptr", "lse_ptr", "beta_ptr", "lse_row_ptr", "part_ptr", "qpart_ptr")
     consts = dict(SCALE=head_dim ** -0.5, KEEP=1 / 0.9, D=head_dim, DP=64, DROPOUT=True, WIDE=False)
-    kernels = [(attention._merge_fwd_kernel, dict(BM=attention.BLOCK_ROWS)),
-               (attention._cls_row_fwd_kernel, dict(BN=attention.BLOCK_KEYS)),
-               (attention._merge_bwd_kernel, dict(BM=attention.BLOCK_ROWS)),
-               (attention._keys_bwd_kernel, dict(BN=attention.BLOCK_KEYS, CLS_QUERY=cls_query)),
-               (attention._cls_query_grad_kernel, {})]
+    kernels = [(attention._split_cls_column_fwd_kernel, dict(BM=attention.BLOCK_ROWS)),
+               (attention._split_cls_row_fwd_kernel, dict(BN=attention.BLOCK_KEYS)),
+               (attention._split_cls_column_bwd_kernel, dict(BM=attention.BLOCK_ROWS)),
+               (attention._split_cls_keys_bwd_kernel, dict(BN=attention.BLOCK_KEYS, CLS_QUERY=cls_query)),
+               (attention._split_cls_query_grad_kernel, {})]
     for kernel, extra in kernels:
         c = {k: v for k, v in {**consts, **extra}.items() if k in inspect.signature(kernel.fn).parameters}
         signature = {name: "constexpr" if name in c else "*fp32" if name in fp32 else "*u8" if name == "keep_ptr"

@@ -64,6 +64,7 @@ def test_profiled_kernels_fall_into_their_categories():
              "triton_poi_fused_gelu_gelu_backward_mul_view_15": "fused elementwise (Triton)",
              "_keep_mask_kernel": "dropout mask (lease/dropout.py)",
              "_attn_dkdv_kernel": "attention",
+             "_split_cls_keys_bwd_kernel": "attention",
              "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
              "Memcpy DtoD (Device -> Device)": "other"}
     assert {name: kernel_category(name) for name in names} == names
