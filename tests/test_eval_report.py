@@ -283,14 +283,14 @@ def test_figures_and_grids_are_in_the_report_with_the_caveat_on_every_grid(run_d
         {f"figures/{n}.png" for n in ("samples", "reconstruction", "inpainting", "outpainting")}
     assert all((path.parent / rel).read_bytes().startswith(PNG_MAGIC) for rel in linked)
     captions = re.findall(r"^### (.+)$", text, re.M)
-    grids = [c for c in captions if c.split(" (")[0] in ("Samples", "Reconstruction", "Inpainting", "Outpainting")]
+    grids = [c for c in captions if c.split(" — ")[0] in ("Samples", "Reconstruction", "Inpainting", "Outpainting")]
     assert len(grids) == 4 and all(CAVEAT in c for c in grids)
     assert "Training loss curves" in captions  # a figure of the run itself, not of the tokenizers' codes
     described = dict(re.findall(r"^### (.+)\n\n(.+)\n\n!\[", text, re.M))  # caption -> its description
-    assert described[f"Reconstruction ({CAVEAT})"] == (
+    assert described[f"Reconstruction — {CAVEAT}"] == (
         "Columns: input image | its VQGAN tokens decoded | 50 % of the tokens masked (grey) | the model's completion. "
         "Demo tokenizers: random weights — codes carry no meaning.")
-    assert described[f"Class 3 ({CAVEAT})"] == "Class-conditional samples of class 3. " \
+    assert described[f"Class 3 — {CAVEAT}"] == "Class-conditional samples of class 3. " \
                                               "Demo tokenizers: random weights — codes carry no meaning."
     assert len(described) == len(captions) == 7
     for description in described.values():  # whole sentences: each begun with a capital or a number, and ended

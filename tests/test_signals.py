@@ -352,7 +352,7 @@ def test_a_small_folder_trains_with_a_capped_batch_and_says_its_tokenizers_are_r
     title = report.splitlines()[0]
     assert title.startswith("# LEASE evaluation") and RANDOM_TOKENIZERS in title
     captions = re.findall(r"^### (.+)$", report, re.M)
-    grids = [c for c in captions if c.split(" (")[0] in ("Samples", "Reconstruction", "Inpainting", "Outpainting")]
+    grids = [c for c in captions if c.split(" — ")[0] in ("Samples", "Reconstruction", "Inpainting", "Outpainting")]
     assert len(grids) == 4 and all(RANDOM_TOKENIZERS in c for c in grids), captions
     # the demo's few-shot counts (2, 5): 5 per class is more than this folder's train split holds
     assert re.search(r"5-shot skipped: \d of 4 classes have fewer than 5 training samples", report)

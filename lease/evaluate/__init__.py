@@ -18,6 +18,7 @@ stays cheap.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 from pathlib import Path
@@ -42,6 +43,19 @@ PROTOCOLS = {
 
 def _module_for(protocol: str):
     return importlib.import_module(f"lease.evaluate.{protocol.replace('-', '_')}")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: the GPU when there "
+                                                       "is one, else the CPU)")
+
+
+def add_config_flag(parser: argparse.ArgumentParser, flag: str, cls: type, help_text: str, type: type) -> None:
+    """A flag for one field of the protocol's config `cls`, left None when absent so that `--config`'s value
+    (or the field's default, which the help shows) applies (`config_from_args`)."""
+    field = flag.removeprefix("--").replace("-", "_")
+    default = {f.name: f.default for f in dataclasses.fields(cls)}[field]
+    parser.add_argument(flag, type=type, default=None, help=f"{help_text} (default: {default}, or --config's)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -161,6 +161,8 @@ def load_features(path: str | Path, device: str | torch.device = "cpu") -> tuple
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lease.evaluate import add_device_argument
+
     parser.add_argument("--checkpoint", type=Path, required=True, help="a lease training checkpoint")
     parser.add_argument("--shards", required=True, help="packed split: directory of .tar shards or a glob")
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
@@ -168,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mean_ln: the authors' probe feature (LayerNorm of the pre-norm patch mean)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    parser.add_argument("--device", default=None, help="default: cuda when available")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

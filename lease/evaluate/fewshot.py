@@ -156,12 +156,12 @@ def few_shot_table(result: dict, name: str = "ours", reference: dict[str, dict[s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lease.evaluate import add_config_arguments
+    from lease.evaluate import add_config_arguments, add_device_argument
 
-    parser.add_argument("--train-features", type=Path, required=True)
-    parser.add_argument("--val-features", type=Path, required=True)
+    parser.add_argument("--train-features", type=Path, required=True, help="feature artifact dir of the train split")
+    parser.add_argument("--val-features", type=Path, required=True, help="feature artifact dir of the val split")
     parser.add_argument("--out", type=Path, required=True, help="result JSON to write")
-    parser.add_argument("--device", default=None)
+    add_device_argument(parser)
     add_config_arguments(parser)
 
 

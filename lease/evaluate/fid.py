@@ -260,13 +260,13 @@ def fid_is(generated, reference, cfg: FidConfig, device: str | torch.device | No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lease.evaluate import add_config_arguments
+    from lease.evaluate import add_config_arguments, add_device_argument
 
     parser.add_argument("--generated", type=Path, required=True, help="directory of generated images")
     parser.add_argument("--reference", type=Path, required=True, help="directory of validation images")
     parser.add_argument("--weights", type=Path, default=None, help=f"feature extractor weights ({INCEPTION_WEIGHTS_FILE})")
     parser.add_argument("--out", type=Path, required=True, help="result JSON to write")
-    parser.add_argument("--device", default=None)
+    add_device_argument(parser)
     add_config_arguments(parser)
 
 

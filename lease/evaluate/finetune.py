@@ -215,7 +215,7 @@ def finetune(encoder: nn.Module, tokenizer: OnlineTokenizer, train: AugmentedIma
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lease.evaluate import add_config_arguments
+    from lease.evaluate import add_config_arguments, add_device_argument
     from lease.evaluate.generate import add_vqgan_arguments
 
     parser.add_argument("--checkpoint", type=Path, required=True, help="a lease training checkpoint")
@@ -223,7 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", type=Path, required=True, help="the manifest stage's manifest.parquet")
     parser.add_argument("--out", type=Path, required=True, help="directory for finetune.pt and finetune.json")
     parser.add_argument("--num-workers", type=int, default=8, help="image decode workers")
-    parser.add_argument("--device", default=None)
+    add_device_argument(parser)
     add_config_arguments(parser)
 
 

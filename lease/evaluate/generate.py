@@ -279,7 +279,7 @@ def add_vqgan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lease.evaluate import add_config_arguments
+    from lease.evaluate import add_config_arguments, add_device_argument
 
     parser.add_argument("--checkpoint", type=Path, required=True, help="a lease training checkpoint")
     add_vqgan_arguments(parser)
@@ -299,7 +299,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="packed train split whose codebook ids give the centroid tails (--class, tail=centroids)")
     parser.add_argument("--sample-tail", default="exemplar", choices=["exemplar", "class_mode"],
                         help="tail of a sample: a random training image's ids, or each position's most frequent id")
-    parser.add_argument("--device", default=None)
+    add_device_argument(parser)
     add_config_arguments(parser)
 
 

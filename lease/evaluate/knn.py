@@ -115,14 +115,14 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, query
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lease.evaluate import add_config_arguments
+    from lease.evaluate import add_config_arguments, add_config_flag, add_device_argument
 
     parser.add_argument("--train-features", type=Path, required=True, help="feature artifact dir of the train split")
     parser.add_argument("--val-features", type=Path, required=True, help="feature artifact dir of the val split")
     parser.add_argument("--out", type=Path, required=True, help="result JSON to write")
-    parser.add_argument("--k", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--device", default=None)
+    add_config_flag(parser, "--k", KnnConfig, "neighbours that vote for each query", int)
+    add_config_flag(parser, "--temperature", KnnConfig, "temperature T of the votes' weights exp(similarity / T)", float)
+    add_device_argument(parser)
     add_config_arguments(parser)
 
 

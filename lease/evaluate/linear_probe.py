@@ -153,14 +153,14 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lease.evaluate import add_config_arguments
+    from lease.evaluate import add_config_arguments, add_config_flag, add_device_argument
 
-    parser.add_argument("--train-features", type=Path, required=True)
-    parser.add_argument("--val-features", type=Path, required=True)
+    parser.add_argument("--train-features", type=Path, required=True, help="feature artifact dir of the train split")
+    parser.add_argument("--val-features", type=Path, required=True, help="feature artifact dir of the val split")
     parser.add_argument("--out", type=Path, required=True, help="result JSON to write")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--device", default=None)
+    add_config_flag(parser, "--epochs", ProbeConfig, "training epochs", int)
+    add_config_flag(parser, "--batch-size", ProbeConfig, "images per step", int)
+    add_device_argument(parser)
     add_config_arguments(parser)
 
 

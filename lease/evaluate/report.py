@@ -613,8 +613,9 @@ def sentences(*parts: str | None) -> str:
 
 
 def _grid_caption(stem: str, caveat: str | None) -> str:
+    """"Samples" or "Samples — <caveat>" (a dash: the caveat may hold brackets of its own)."""
     name = stem.replace("_", " ").replace("-", " ").capitalize()
-    return name + (f" ({caveat})" if caveat else "")
+    return name + (f" — {caveat}" if caveat else "")
 
 
 def collect_figures(inputs: ReportInputs, facts: RunFacts, fig_dir: Path, notes: list[str]
