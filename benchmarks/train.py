@@ -18,6 +18,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -327,7 +328,10 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
 
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    time_calls(train_step, warmup, 0, device)  # compiles
+    first_step_s = _first_step_seconds(train_step, on_cuda)
+    log.info("%s %s b%d: first step %.1f s%s; %d more warm-up steps, then %d timed", method, preset, batch_size,
+             first_step_s, " (compiling)" if compile else "", max(warmup - 1, 0), steps)
+    time_calls(train_step, max(warmup - 1, 0), 0, device)  # recompiles for the other plan shapes, if any
     sampler = GpuSampler(nvidia_smi_id(device)) if on_cuda else contextlib.nullcontext()
     with no_compilation("the timed steps"), sampler:
         ms = time_calls(train_step, 0, steps, device)
@@ -364,7 +368,8 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "decode_masked_only": model.decodes_masked_only, "residual_dtype": model.cfg.residual_dtype,
             "matmul_dtype": model.cfg.matmul_dtype,
             "contrast_on": contrast_on, "codebook_size": codebook_size,
-            "steps_timed": steps, "warmup_steps": warmup, "median_ms_per_step": round(median_ms, 3),
+            "steps_timed": steps, "warmup_steps": warmup, "first_step_s": round(first_step_s, 3),
+            "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
             "images_per_s": round(images_per_s, 1),
             "peak_memory_gib": None if peak_gib is None else round(peak_gib, 2),
@@ -374,6 +379,17 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "mfu": None if peak is None else round(achieved / peak, 4),
             "gpu_during_timed_steps": sampler.summary() if on_cuda else None, "last_step_metrics": final_metrics,
             **profiled}
+
+
+def _first_step_seconds(step: Callable[[], None], on_cuda: bool) -> float:
+    """Wall-clock seconds of the first call (compilation included), logged before any timing starts so a
+    long compile shows in the log as one."""
+    log.info("first training step (with --compile on this compiles the step; minutes on a fresh machine)")
+    start = time.perf_counter()
+    step()
+    if on_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 METHOD_RATIOS = ("sorcen", "mage", "mage_online")  # LEASE's images/s over each of these (the paper's speed figure)

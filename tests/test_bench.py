@@ -214,11 +214,14 @@ def test_sorcen_useful_flops_count_teacher_projector_and_predictor():
     assert executed == pytest.approx(useful + batch_logits, rel=1e-9)
 
 
-def test_methods_record_holds_each_rate_and_lease_over_the_others(tmp_path):
+def test_methods_record_holds_each_rate_and_lease_over_the_others(tmp_path, caplog):
     """`lease bench train --method ...` on the CPU with a tiny model and VQGAN, 2 steps each: one record
-    with every method's images/s and peak memory, and the ratios computed from those rates."""
+    with every method's images/s and peak memory, and the ratios computed from those rates. Each run
+    logs its first step's time (a long compile shows in the log) before timing, and records it."""
     import json
+    import logging
 
+    caplog.set_level(logging.INFO, logger="benchmarks.train")
     from benchmarks.train import bench_methods, methods_record_name
     from benchmarks.records import write_record
     from lease.tokenizers.vqgan_maskgit import MaskGITVQGANConfig
@@ -236,6 +239,9 @@ def test_methods_record_holds_each_rate_and_lease_over_the_others(tmp_path):
         assert run["method"] == method and run["batch_size"] == 4 and run["steps_timed"] == 2
         assert rates[method] == run["images_per_s"] > 0 and result["peak_memory_gib"][method] is None  # CPU
         assert (run["last_step_metrics"].get("uniformity_loss") is not None) == (method == "sorcen")
+        assert run["first_step_s"] > 0
+        assert f"{method} tiny b4: first step {run['first_step_s']:.1f} s; 0 more warm-up steps, then 2 timed" \
+            in caplog.text
     assert result["ratios"] == {f"lease/{m}": round(rates["lease"] / rates[m], 4) for m in methods[1:]}
     name = methods_record_name(methods, "train-tiny-b4-fp32-eager")
     assert name == "methods-lease-sorcen-mage-mage_online-tiny-b4-fp32-eager"
