@@ -49,8 +49,13 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 aten = torch.ops.aten
-BLOCK_ROWS = 64  # query rows per program of the column kernels
-BLOCK_KEYS = 64  # keys per program (backward) or per step (forward) of the [CLS] row's kernels
+# Tile sizes, chosen by the registers each kernel compiles to for sm_90 (not yet by timing): these
+# kernels are bound by memory traffic, so small tiles that keep 64-80 registers per thread (4 warps, no
+# spills, about 7 programs per SM) beat 64-row tiles, which took 244-255 registers and spilled.
+BLOCK_ROWS = 16  # query rows per program of the [CLS] column's kernels
+BLOCK_KEYS = 16  # keys per program of the backward's keys pass
+ROW_STEP = 32  # keys per step of the [CLS] query row's forward
+NUM_WARPS = 4
 
 
 def split_cls_supported(x: torch.Tensor) -> bool:
@@ -317,15 +322,16 @@ if triton is not None:
         dmask = cols < D
         dk = _tile(dkp_ptr + b * sdkp_b + h * sdkp_h, keys - 1, patch, sdkp_n, cols, dmask, WIDE)
         dv = _tile(dvp_ptr + b * sdvp_b + h * sdvp_h, keys - 1, patch, sdvp_n, cols, dmask, WIDE)
-        sum_k = tl.zeros([DP], dk.dtype)
-        sum_v = tl.zeros([DP], dk.dtype)
-        for block in range(0, row_blocks):
-            part = part_ptr + ((bh * row_blocks + block) * 2) * DP + cols
-            sum_k += tl.load(part)
-            sum_v += tl.load(part + DP)
-        is_cls = (keys == 0)[:, None]
-        dk = tl.where(is_cls, dk + sum_k[None, :], dk)
-        dv = tl.where(is_cls, dv + sum_v[None, :], dv)
+        if tl.program_id(0) == 0:  # the block that holds the [CLS] key (key 0)
+            sum_k = tl.zeros([DP], dk.dtype)
+            sum_v = tl.zeros([DP], dk.dtype)
+            for block in range(0, row_blocks):
+                part = part_ptr + ((bh * row_blocks + block) * 2) * DP + cols
+                sum_k += tl.load(part)
+                sum_v += tl.load(part + DP)
+            is_cls = (keys == 0)[:, None]
+            dk = tl.where(is_cls, dk + sum_k[None, :], dk)
+            dv = tl.where(is_cls, dv + sum_v[None, :], dv)
         if CLS_QUERY:
             q0 = _vector(xq_ptr + b * sxq_b + h * D, cols, dmask, WIDE)
             g0 = _vector(g_ptr + b * sg_b + h * D, cols, dmask, WIDE)
@@ -369,11 +375,11 @@ if triton is not None:
             xq, xkv, out_p, lse_p, keep_col, out, lse, beta, xq.stride(0), xq.stride(1), xkv.stride(0),
             xkv.stride(1), geo.k_col, geo.v_col, *out_p.stride()[:3], *lse_p.stride(),
             *lse.view(geo.b, heads, geo.rows).stride(), out.stride(0), out.stride(1), heads, geo.rows, geo.first,
-            BM=BLOCK_ROWS, **geo.consts)
+            BM=BLOCK_ROWS, num_warps=NUM_WARPS, **geo.consts)
         if self_attn:
             torch.library.wrap_triton(_split_cls_row_fwd_kernel)[(geo.b * heads,)](
                 xkv, keep_row, out, lse_row, xkv.stride(0), xkv.stride(1), geo.k_col, geo.v_col, out.stride(0),
-                heads, geo.n, BN=BLOCK_KEYS, **geo.consts)
+                heads, geo.n, BN=ROW_STEP, num_warps=NUM_WARPS, **geo.consts)
         return out, lse, beta, lse_row
 
     @torch.library.triton_op("lease::split_cls_backward_merge", mutates_args=())
@@ -392,14 +398,14 @@ if triton is not None:
         torch.library.wrap_triton(_split_cls_column_bwd_kernel)[(geo.row_blocks, bh)](
             grad, out, xq, xkv, dq_p, beta, keep_col, dq, parts, grad.stride(0), grad.stride(1), xq.stride(0),
             xq.stride(1), xkv.stride(0), geo.k_col, geo.v_col, *dq_p.stride()[:3], dq.stride(0), dq.stride(1),
-            heads, geo.rows, geo.first, BM=BLOCK_ROWS, **geo.consts)
+            heads, geo.rows, geo.first, BM=BLOCK_ROWS, num_warps=NUM_WARPS, **geo.consts)
         torch.library.wrap_triton(_split_cls_keys_bwd_kernel)[(geo.key_blocks, bh)](
             grad, out, xq, xkv, dk_p, dv_p, keep_row, lse_row, parts, dkv, qparts, grad.stride(0), xq.stride(0),
             xkv.stride(0), xkv.stride(1), geo.k_col, geo.v_col, *dk_p.stride()[:3], *dv_p.stride()[:3],
             dkv.stride(0), dkv.stride(1), dk_col, dv_col, heads, geo.n, geo.row_blocks, BN=BLOCK_KEYS,
-            CLS_QUERY=self_attn, **geo.consts)
+            CLS_QUERY=self_attn, num_warps=NUM_WARPS, **geo.consts)
         if not self_attn:
             return dq, dkv
         torch.library.wrap_triton(_split_cls_query_grad_kernel)[(bh,)](
-            qparts, dq, dq.stride(0), heads, geo.key_blocks, D=geo.d, DP=dp)
+            qparts, dq, dq.stride(0), heads, geo.key_blocks, D=geo.d, DP=dp, num_warps=NUM_WARPS)
         return dq, dq.new_empty(0)

@@ -100,7 +100,7 @@ def test_split_kernels_compile_for_sm90(head_dim, cls_query):
     fp32 = ("lsep_ptr", "lse_ptr", "beta_ptr", "lse_row_ptr", "part_ptr", "qpart_ptr")
     consts = dict(SCALE=head_dim ** -0.5, KEEP=1 / 0.9, D=head_dim, DP=64, DROPOUT=True, WIDE=False)
     kernels = [(attention._split_cls_column_fwd_kernel, dict(BM=attention.BLOCK_ROWS)),
-               (attention._split_cls_row_fwd_kernel, dict(BN=attention.BLOCK_KEYS)),
+               (attention._split_cls_row_fwd_kernel, dict(BN=attention.ROW_STEP)),
                (attention._split_cls_column_bwd_kernel, dict(BM=attention.BLOCK_ROWS)),
                (attention._split_cls_keys_bwd_kernel, dict(BN=attention.BLOCK_KEYS, CLS_QUERY=cls_query)),
                (attention._split_cls_query_grad_kernel, {})]
