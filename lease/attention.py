@@ -172,17 +172,16 @@ class _Geometry:
     def __init__(self, xq: torch.Tensor, xkv: torch.Tensor, heads: int, dropout_p: float, self_attn: bool):
         self.b, self.m, self.n = xq.shape[0], xq.shape[1], xkv.shape[1]
         self.c = xkv.shape[2] // (3 if self_attn else 2)
-        self.heads, self.d = heads, self.c // heads
+        self.d = self.c // heads
         self.first = int(self_attn)
         self.rows = self.m - self.first  # query rows in the fused kernel
         self.k_col, self.v_col = (self.c, 2 * self.c) if self_attn else (0, self.c)
-        self.scale = self.d ** -0.5
-        self.keep_factor = 1.0 / (1.0 - dropout_p)
         self.acc = _accumulation_dtype(xq)
         # compile-time constants of every kernel (the softmax scale and keep factor among them: as
         # run-time float arguments they may arrive as fp64 and promote the arithmetic)
-        self.consts = dict(SCALE=self.scale, KEEP=self.keep_factor, D=self.d, DP=max(16, triton.next_power_of_2(self.d)),
-                           DROPOUT=dropout_p > 0.0, WIDE=self.acc == torch.float64)
+        self.consts = dict(SCALE=self.d ** -0.5, KEEP=1.0 / (1.0 - dropout_p), D=self.d,
+                           DP=max(16, triton.next_power_of_2(self.d)), DROPOUT=dropout_p > 0.0,
+                           WIDE=self.acc == torch.float64)
         self.row_blocks = triton.cdiv(self.rows, BLOCK_ROWS)
         self.key_blocks = triton.cdiv(self.n, BLOCK_KEYS)
 
@@ -208,6 +207,19 @@ if triton is not None:
         return _wide(tl.load(base + cols, mask=dmask, other=0.0), WIDE)
 
     @triton.jit
+    def _block(BLOCK: tl.constexpr, limit, H):
+        """This program's head (bh = b·H + h, b, h) and its BLOCK rows or keys (offsets, which are < limit)."""
+        bh = tl.program_id(1)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        return bh, bh // H, bh % H, offs, offs < limit
+
+    @triton.jit
+    def _head_dims(DP: tl.constexpr, D: tl.constexpr):
+        """Column offsets of one head, padded to DP, and which of them are real (< D)."""
+        cols = tl.arange(0, DP)
+        return cols, cols < D
+
+    @triton.jit
     def _kept(prob, keep_ptr, offs, valid, KEEP: tl.constexpr, DROPOUT: tl.constexpr):
         """prob · κ with the saved keep flags (κ = 0 or KEEP = 1 / (1 − p)); prob itself without dropout."""
         if DROPOUT:
@@ -217,17 +229,13 @@ if triton is not None:
 
     @triton.jit
     def _split_cls_column_fwd_kernel(xq_ptr, xkv_ptr, op_ptr, lsep_ptr, keep_ptr, out_ptr, lse_ptr, beta_ptr,
-                          sxq_b, sxq_n, sxkv_b, sxkv_n, k_col, v_col, sop_b, sop_h, sop_m, slp_b, slp_h, slp_m,
-                          sl_b, sl_h, sl_m, so_b, so_n, H, R, first, SCALE: tl.constexpr, KEEP: tl.constexpr,
-                          D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, DROPOUT: tl.constexpr,
-                          WIDE: tl.constexpr):
+                                     sxq_b, sxq_n, sxkv_b, sxkv_n, k_col, v_col, sop_b, sop_h, sop_m,
+                                     slp_b, slp_h, slp_m, sl_b, sl_h, sl_m, so_b, so_n, H, R, first,
+                                     SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                                     BM: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr):
         """The [CLS] key's column merged into the fused kernel's output, for BM query rows of one head."""
-        bh = tl.program_id(1)
-        b, h = bh // H, bh % H
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        valid = rows < R
-        cols = tl.arange(0, DP)
-        dmask = cols < D
+        bh, b, h, rows, valid = _block(BM, R, H)
+        cols, dmask = _head_dims(DP, D)
         q = _tile(xq_ptr + b * sxq_b + h * D, first + rows, valid, sxq_n, cols, dmask, WIDE)
         k0 = _vector(xkv_ptr + b * sxkv_b + k_col + h * D, cols, dmask, WIDE)
         v0 = _vector(xkv_ptr + b * sxkv_b + v_col + h * D, cols, dmask, WIDE)
@@ -246,13 +254,12 @@ if triton is not None:
 
     @triton.jit
     def _split_cls_row_fwd_kernel(x_ptr, keep_ptr, out_ptr, lse_row_ptr, sx_b, sx_n, k_col, v_col, so_b, H, N,
-                            SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
-                            DROPOUT: tl.constexpr, WIDE: tl.constexpr):
+                                  SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                                  BN: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr):
         """The [CLS] query's row of one head: an online softmax over the N keys in steps of BN."""
         bh = tl.program_id(0)
         b, h = bh // H, bh % H
-        cols = tl.arange(0, DP)
-        dmask = cols < D
+        cols, dmask = _head_dims(DP, D)
         base = x_ptr + b * sx_b + h * D
         q0 = _vector(base, cols, dmask, WIDE)
         top = tl.full([1], float("-inf"), q0.dtype)
@@ -276,18 +283,15 @@ if triton is not None:
 
     @triton.jit
     def _split_cls_column_bwd_kernel(g_ptr, o_ptr, xq_ptr, xkv_ptr, dqp_ptr, beta_ptr, keep_ptr, dq_ptr, part_ptr,
-                          sg_b, sg_n, sxq_b, sxq_n, sxkv_b, k_col, v_col, sdqp_b, sdqp_h, sdqp_m, sdq_b, sdq_n,
-                          H, R, first, SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                          BM: tl.constexpr,
-                          DROPOUT: tl.constexpr, WIDE: tl.constexpr):
+                                     sg_b, sg_n, sxq_b, sxq_n, sxkv_b, k_col, v_col, sdqp_b, sdqp_h, sdqp_m,
+                                     sdq_b, sdq_n, H, R, first, SCALE: tl.constexpr, KEEP: tl.constexpr,
+                                     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, DROPOUT: tl.constexpr,
+                                     WIDE: tl.constexpr):
         """The [CLS] column's backward for BM query rows of one head: dq = fused dq + ∂L/∂s₀·k₀/√d, and
-        this block's sums of ∂L/∂s₀·q/√d and β·κ·dO (the [CLS] key's dk and dv) into `part_ptr`."""
-        bh = tl.program_id(1)
-        b, h = bh // H, bh % H
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        valid = rows < R
-        cols = tl.arange(0, DP)
-        dmask = cols < D
+        this block's sums of ∂L/∂s₀·q/√d and β·κ·dO (the [CLS] key's dk and dv) into `part_ptr`. O and dO
+        are both contiguous [B, M, C], so they share dO's strides."""
+        bh, b, h, rows, valid = _block(BM, R, H)
+        cols, dmask = _head_dims(DP, D)
         g = _tile(g_ptr + b * sg_b + h * D, first + rows, valid, sg_n, cols, dmask, WIDE)
         o = _tile(o_ptr + b * sg_b + h * D, first + rows, valid, sg_n, cols, dmask, WIDE)
         k0 = _vector(xkv_ptr + b * sxkv_b + k_col + h * D, cols, dmask, WIDE)
@@ -306,20 +310,17 @@ if triton is not None:
 
     @triton.jit
     def _split_cls_keys_bwd_kernel(g_ptr, o_ptr, xq_ptr, xkv_ptr, dkp_ptr, dvp_ptr, keep_ptr, lse_row_ptr, part_ptr,
-                         dkv_ptr, qpart_ptr, sg_b, sxq_b, sxkv_b, sxkv_n, k_col, v_col, sdkp_b, sdkp_h, sdkp_n,
-                         sdvp_b, sdvp_h, sdvp_n, sdkv_b, sdkv_n, dk_col, dv_col, H, N, row_blocks,
-                         SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
-                         CLS_QUERY: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr):
+                                   dkv_ptr, qpart_ptr, sg_b, sxq_b, sxkv_b, sxkv_n, k_col, v_col, sdkp_b, sdkp_h,
+                                   sdkp_n, sdvp_b, sdvp_h, sdvp_n, sdkv_b, sdkv_n, dk_col, dv_col, H, N, row_blocks,
+                                   SCALE: tl.constexpr, KEEP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                                   BN: tl.constexpr, CLS_QUERY: tl.constexpr, DROPOUT: tl.constexpr,
+                                   WIDE: tl.constexpr):
         """dk, dv of BN keys of one head into the packed gradient: the fused kernel's (keys ≥ 1), the [CLS]
         column's sums (key 0) and, for self-attention, the [CLS] query row's backward, whose dq share of
         these keys goes to `qpart_ptr`."""
-        bh = tl.program_id(1)
-        b, h = bh // H, bh % H
-        keys = tl.program_id(0) * BN + tl.arange(0, BN)
-        valid = keys < N
+        bh, b, h, keys, valid = _block(BN, N, H)
         patch = valid & (keys >= 1)
-        cols = tl.arange(0, DP)
-        dmask = cols < D
+        cols, dmask = _head_dims(DP, D)
         dk = _tile(dkp_ptr + b * sdkp_b + h * sdkp_h, keys - 1, patch, sdkp_n, cols, dmask, WIDE)
         dv = _tile(dvp_ptr + b * sdvp_b + h * sdvp_h, keys - 1, patch, sdvp_n, cols, dmask, WIDE)
         if tl.program_id(0) == 0:  # the block that holds the [CLS] key (key 0)
@@ -354,11 +355,11 @@ if triton is not None:
     def _split_cls_query_grad_kernel(qpart_ptr, dq_ptr, sdq_b, H, key_blocks, D: tl.constexpr, DP: tl.constexpr):
         """dq of the [CLS] query (row 0) of one head: the sum of the key blocks' shares."""
         bh = tl.program_id(0)
-        cols = tl.arange(0, DP)
+        cols, dmask = _head_dims(DP, D)
         acc = tl.load(qpart_ptr + bh * key_blocks * DP + cols)
         for block in range(1, key_blocks):
             acc += tl.load(qpart_ptr + (bh * key_blocks + block) * DP + cols)
-        tl.store(dq_ptr + (bh // H) * sdq_b + (bh % H) * D + cols, acc.to(dq_ptr.dtype.element_ty), mask=cols < D)
+        tl.store(dq_ptr + (bh // H) * sdq_b + (bh % H) * D + cols, acc.to(dq_ptr.dtype.element_ty), mask=dmask)
 
     @torch.library.triton_op("lease::split_cls_forward_merge", mutates_args=())
     def split_cls_forward_merge(xq: torch.Tensor, xkv: torch.Tensor, out_p: torch.Tensor, lse_p: torch.Tensor,

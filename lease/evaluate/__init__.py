@@ -50,12 +50,13 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
                                                        "is one, else the CPU)")
 
 
-def add_config_flag(parser: argparse.ArgumentParser, flag: str, cls: type, help_text: str, type: type) -> None:
+def add_config_flag(parser: argparse.ArgumentParser, flag: str, cls: type, help_text: str,
+                    value_type: type) -> None:
     """A flag for one field of the protocol's config `cls`, left None when absent so that `--config`'s value
     (or the field's default, which the help shows) applies (`config_from_args`)."""
     field = flag.removeprefix("--").replace("-", "_")
     default = {f.name: f.default for f in dataclasses.fields(cls)}[field]
-    parser.add_argument(flag, type=type, default=None, help=f"{help_text} (default: {default}, or --config's)")
+    parser.add_argument(flag, type=value_type, default=None, help=f"{help_text} (default: {default}, or --config's)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
