@@ -35,8 +35,9 @@ Dropout keeps its meaning: every attention probability is dropped independently 
 and the kept ones scaled by 1/(1 − p); cuDNN draws the masks of the patch keys, torch's generator
 those of the [CLS] column and row, which the backward reuses (one byte per row).
 
-The model takes this path with `model.attention_backend=split_cls` (CUDA, 16 bits). On the CPU the
-same code runs through Triton's interpreter with PyTorch's CPU flash kernel, without dropout (tests).
+The model takes this path with `model.attention_backend=split_cls` (CUDA, 16 bits), and under "auto" in
+training where it was measured faster (`split_cls_pays`). On the CPU the same code runs through
+Triton's interpreter with PyTorch's CPU flash kernel, without dropout (tests).
 """
 from __future__ import annotations
 
@@ -56,12 +57,26 @@ BLOCK_ROWS = 16  # query rows per program of the [CLS] column's kernels
 BLOCK_KEYS = 16  # keys per program of the backward's keys pass
 ROW_STEP = 32  # keys per step of the [CLS] query row's forward
 NUM_WARPS = 4
+# Where `attention_backend=auto` takes this path in training: cuDNN's key tile, and the fewest patch keys
+# at which the split was measured faster than cuDNN on the whole sequence. On one H200 (batch 256,
+# dropout 0.1, `lease bench train --attention-only`, benchmarks/results/attention-vit_base-b256.json):
+# 2.37 against 2.97 ms at [CLS] + 256 keys, but 1.16 against 1.15 ms at [CLS] + 128.
+CUDNN_KEY_TILE = 64
+SPLIT_CLS_MIN_PATCH_KEYS = 256
 
 
 def split_cls_supported(x: torch.Tensor) -> bool:
     """Whether the model routes these inputs here: cuDNN's kernel needs CUDA, 16 bits and sm80+."""
     return (triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def split_cls_pays(n_keys: int) -> bool:
+    """Whether splitting [CLS] off saves more than its merge costs at `n_keys` keys ([CLS] included):
+    only where [CLS] is the one key past a whole number of cuDNN's tiles, and only at the lengths where
+    that was measured (above)."""
+    patch_keys = n_keys - 1
+    return patch_keys >= SPLIT_CLS_MIN_PATCH_KEYS and patch_keys % CUDNN_KEY_TILE == 0
 
 
 def split_cls_self_attention(qkv: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:

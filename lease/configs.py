@@ -73,7 +73,9 @@ class ModelConfig:
     # "split_cls": cuDNN's kernel on the tokens after [CLS], the [CLS] row and column merged in through
     # the log-sum-exp by Triton kernels that read the packed projection (lease/attention.py); the same
     # attention, no kernel tile spent on one token. CUDA in 16 bits (sm80+), always through cuDNN
-    # (sdpa_kernel does not apply); elsewhere plain SDPA runs. "auto": flash-attn when installed, else SDPA.
+    # (sdpa_kernel does not apply); elsewhere plain SDPA runs. "auto": flash-attn when installed; else
+    # split_cls in training at [CLS] + a multiple of 64 keys, at least 256 (ViT-B's decoder: 2,057
+    # against 2,016 img/s on one H200), and SDPA elsewhere (the encoder's 129 tokens, evaluation).
     # "triton": lease/kernels_attention.py, attention dropout inside one Triton kernel per pass with the
     # [CLS] query and key in 16-wide tiles, reading the packed projection (CUDA, 16 bits, [CLS] + a multiple
     # of 64 tokens; SDPA elsewhere). Correct, but slower than SDPA's cuDNN at ViT-B's shapes on an H200

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lease import kernels_attention
-from lease.attention import split_cls_rows_attention, split_cls_self_attention, split_cls_supported
+from lease.attention import (split_cls_pays, split_cls_rows_attention, split_cls_self_attention,
+                            split_cls_supported)
 from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import DECODER_CONTRAST, ENCODER_CONTRAST, LossConfig, ModelConfig
 from lease.dropout import Dropout
@@ -74,11 +75,12 @@ class Attention(nn.Module):
     and column apart (`lease.attention`: at [CLS] + a multiple of 64 tokens, the one token would
     otherwise cost a whole kernel tile).
 
-    `backend` is "sdpa", "flash_attn", "split_cls" or "triton" (`lease.kernels_attention`: dropout in
-    the kernel, the [CLS] row and column in 16-wide tiles); the last three apply to CUDA tensors in half
-    precision (triton: at [CLS] + a multiple of its key tile) and SDPA takes the rest. `kernel` pins one SDPA kernel ("default": PyTorch's choice);
-    the math kernel stays allowed as a fallback for devices and dtypes the pinned one does not take
-    (CPU, fp32).
+    `backend` is "sdpa", "flash_attn", "split_cls", "triton" (`lease.kernels_attention`: dropout in
+    the kernel, the [CLS] row and column in 16-wide tiles) or "auto" (split_cls in training where it pays,
+    SDPA elsewhere); all but SDPA apply to CUDA tensors in half precision (triton: at [CLS] + a multiple
+    of its key tile) and SDPA takes the rest. `kernel` pins one SDPA kernel ("default": PyTorch's
+    choice, and the only one under which "auto" takes split_cls, which always runs cuDNN); the math
+    kernel stays allowed as a fallback for devices and dtypes the pinned one does not take (CPU, fp32).
     """
 
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_drop: Dropout, backend: str,
@@ -104,7 +106,7 @@ class Attention(nn.Module):
             out = flash_attn_qkvpacked_func(self._per_head(qkv), dropout_p=drop).reshape(b, n, c)
         elif self.backend == "triton" and kernels_attention.attention_supported(qkv, n, self.head_dim):
             out = kernels_attention.self_attention(qkv, self.num_heads, drop)  # reads the packed projection
-        elif self.backend == "split_cls" and split_cls_supported(qkv):
+        elif self._takes_split_cls(qkv, n):
             out = split_cls_self_attention(qkv, self.num_heads, drop)  # reads the packed projection
         else:
             out = self._sdpa(*self._heads(qkv), drop).transpose(1, 2).reshape(b, n, c)
@@ -121,10 +123,18 @@ class Attention(nn.Module):
         kv = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])
         if self.backend == "triton" and kernels_attention.attention_supported(q, n, self.head_dim):
             return self.proj_drop(self.proj(kernels_attention.rows_attention(q, kv, self.num_heads, drop)))
-        if self.backend == "split_cls" and split_cls_supported(q):
+        if self._takes_split_cls(q, n):
             return self.proj_drop(self.proj(split_cls_rows_attention(q, kv, self.num_heads, drop)))
         out = self._sdpa(*self._heads(q), *self._heads(kv), drop)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, c)))
+
+    def _takes_split_cls(self, x: torch.Tensor, n_keys: int) -> bool:
+        """split_cls when chosen; under "auto" (no SDPA kernel pinned) in training at the key counts where it
+        was measured faster than cuDNN on the whole sequence (`lease.attention.split_cls_pays`); and only
+        where it can run (CUDA, 16 bits)."""
+        auto = self.backend == "auto" and self.sdpa_backends is None and self.training
+        chosen = self.backend == "split_cls" or (auto and split_cls_pays(n_keys))
+        return chosen and split_cls_supported(x)
 
     def _per_head(self, t: torch.Tensor) -> torch.Tensor:
         """[B, N, k·C] projections → a [B, N, k, heads, C / heads] view."""
@@ -144,12 +154,13 @@ class Attention(nn.Module):
 
 
 def resolve_attention_backend(choice: str) -> str:
-    """model.attention_backend → the backend the blocks use: "auto" takes flash-attn when installed."""
+    """model.attention_backend → the backend the blocks use: "auto" takes flash-attn when installed;
+    otherwise it stays "auto", which the blocks read as split_cls where it pays and SDPA elsewhere."""
     if choice == "flash_attn" and flash_attn_qkvpacked_func is None:
         raise ImportError("model.attention_backend=flash_attn but flash-attn is not installed; "
                           "install the 'flash' extra or use attention_backend=sdpa")
     if choice == "auto":
-        return "flash_attn" if flash_attn_qkvpacked_func is not None else "sdpa"
+        return "flash_attn" if flash_attn_qkvpacked_func is not None else "auto"
     return choice
 
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lease.attention import split_cls_rows_attention, split_cls_self_attention
+import lease.model
+from lease.attention import split_cls_pays, split_cls_rows_attention, split_cls_self_attention
 from lease.configs import MaskConfig, model_config
 from lease.masking import random_plan
-from lease.model import LeaseModel
+from lease.model import Attention, LeaseModel
 from lease.train import compile_for_training
 
 triton = pytest.importorskip("triton")
@@ -117,6 +118,37 @@ def test_split_kernels_compile_for_sm90(head_dim, cls_query):
 def test_split_attention_refuses_dropout_on_the_cpu():
     with pytest.raises(ValueError, match="CPU.*dropout"):
         split_cls_self_attention(torch.randn(1, 9, 24), 2, 0.1)
+
+
+@pytest.mark.parametrize("n_keys, pays", [(257, True), (513, True), (129, False), (258, False),
+                                           (256, False), (65, False)])
+def test_split_cls_pays_only_at_cls_plus_whole_tiles_from_the_decoders_length(n_keys, pays):
+    assert split_cls_pays(n_keys) is pays
+
+
+@pytest.mark.parametrize("backend, kernel, training, n_keys, takes", [
+    ("auto", "default", True, 257, True),
+    ("auto", "default", False, 257, False),  # evaluation: the split was measured in training only
+    ("auto", "default", True, 129, False),  # the encoder's length: no faster than cuDNN
+    ("auto", "cudnn", True, 257, False),  # a pinned SDPA kernel is the user's choice
+    ("sdpa", "default", True, 257, False),
+    ("split_cls", "default", False, 129, True),  # chosen by name: everywhere it can run
+])
+def test_attention_takes_split_cls_under_auto_only_in_training_where_it_pays(monkeypatch, backend, kernel,
+                                                                              training, n_keys, takes):
+    monkeypatch.setattr(lease.model, "split_cls_supported", lambda x: True)  # as on a CUDA sm80+ device
+    attention = Attention(64, 4, 0.1, torch.nn.Identity(), backend, kernel).train(training)
+    assert attention._takes_split_cls(torch.zeros(1), n_keys) is takes
+
+
+def test_auto_attention_on_the_cpu_runs_sdpa():
+    """Where split_cls cannot run (the CPU), "auto" is plain SDPA, dropout included."""
+    torch.manual_seed(0)
+    auto = Attention(32, 4, 0.0, torch.nn.Identity(), "auto")
+    sdpa = Attention(32, 4, 0.0, torch.nn.Identity(), "sdpa")
+    sdpa.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 257, 32)
+    assert torch.equal(auto(x), sdpa(x))
 
 
 # ----------------------------------------------------------------------------------------- GPU only
