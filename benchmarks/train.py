@@ -170,6 +170,17 @@ def copy_bandwidth_gbps(numel: int = 2**28) -> float:
     return 2 * 2 * numel / (ms / 1e3) / 1e9
 
 
+GELU_PASS_BYTES = {"forward": 4.125, "backward": 6.125}  # per element of a 4C-wide GELU tensor (below)
+
+
+def block_row_features(cfg, batch: int, kept: int, decode_rows: int) -> int:
+    """Rows × width C summed over the step's blocks: the encoder's kept rows and [CLS], the decoder's
+    canvas, and its last block's decoded rows."""
+    enc = batch * (kept + 1) * cfg.embed_dim * cfg.depth
+    dec_rows = batch * (cfg.seq_len + 1)
+    return enc + dec_rows * cfg.decoder_embed_dim * (cfg.decoder_depth - 1) + batch * decode_rows * cfg.decoder_embed_dim
+
+
 def elementwise_bytes_per_step(cfg, batch: int, kept: int, decode_rows: int, contrast_rows: int,
                                codebook_size: int) -> float:
     """The fewest bytes the step's elementwise passes move with today's fusion (each pass between two
@@ -180,15 +191,12 @@ def elementwise_bytes_per_step(cfg, batch: int, kept: int, decode_rows: int, con
     backward the same passes' gradients (3r + 4⅛ twice, 24½):                        6r + 32¾
 
     with r the residual stream's bytes (4 in fp32, 2 with residual_dtype=autocast), 2 for 16-bit
-    activations and ⅛ per bit-packed dropout mask; plus the contrast and MLM logits read twice and
-    their gradient written once (6 bytes per logit). Optimizer and embedding passes are left out."""
+    activations and ⅛ per bit-packed dropout mask (so 4⅛ and 6⅛ per GELU element, GELU_PASS_BYTES);
+    plus the contrast and MLM logits read twice and their gradient written once (6 bytes per logit).
+    Optimizer and embedding passes are left out."""
     r = 2 if cfg.residual_dtype == "autocast" else 4
-    per_element = 10 * r + 57.5
-    enc = batch * (kept + 1) * cfg.embed_dim * cfg.depth
-    dec_rows = batch * (cfg.seq_len + 1)
-    dec = dec_rows * cfg.decoder_embed_dim * (cfg.decoder_depth - 1) + batch * decode_rows * cfg.decoder_embed_dim
     logits = batch * (contrast_rows * codebook_size + decode_rows * cfg.vocab_gen)
-    return per_element * (enc + dec) + 6 * logits
+    return (10 * r + 57.5) * block_row_features(cfg, batch, kept, decode_rows) + 6 * logits
 
 
 def attention_bytes_per_step(cfg, batch: int, kept: int) -> float:
@@ -198,20 +206,61 @@ def attention_bytes_per_step(cfg, batch: int, kept: int) -> float:
 
 
 def kernel_floors_ms(cfg, batch: int, kept: int, decode_rows: int, contrast_rows: int, codebook_size: int,
-                     executed: dict[str, float], peak_tflops: float, copy_gbps: float) -> dict[str, dict[str, float]]:
+                     executed: dict[str, float], peak_tflops: float, copy_gbps: float,
+                     issue_per_s: float | None = None,
+                     gelu_instructions: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Each kernel class's floor per step: FLOPs over the measured matmul rate and bytes over the measured
     copy rate, the larger of the two ("floor_ms"). FLOPs are what torch's counter saw in an eager step
-    (`executed_tflop`); bytes are the counts above."""
+    (`executed_tflop`); bytes are the counts above.
+
+    Given the GPU's instruction issue rate and the instructions per element of the exact-erf GELU passes
+    (`benchmarks.sass`), each of those two passes counts the larger of its bytes and its instructions:
+    they are bound by issue, not by memory."""
     def floor(tflop: float, gbytes: float) -> dict[str, float]:
         flop_ms, byte_ms = tflop / peak_tflops * 1e3, gbytes / copy_gbps * 1e3
         return {"tflop": round(tflop, 3), "gbytes": round(gbytes, 2), "flop_floor_ms": round(flop_ms, 2),
                 "byte_floor_ms": round(byte_ms, 2), "floor_ms": round(max(flop_ms, byte_ms), 2),
                 "measured_peak_tflops": round(peak_tflops, 1), "measured_copy_gbps": round(copy_gbps, 1)}
 
-    elementwise = elementwise_bytes_per_step(cfg, batch, kept, decode_rows, contrast_rows, codebook_size) / 1e9
-    return {"matmul": floor(executed.get("matmul", 0.0), 0.0),
-            "attention": floor(executed.get("attention", 0.0), attention_bytes_per_step(cfg, batch, kept) / 1e9),
-            "fused elementwise (Triton)": floor(0.0, elementwise)}
+    elementwise_gb = elementwise_bytes_per_step(cfg, batch, kept, decode_rows, contrast_rows, codebook_size) / 1e9
+    floors = {"matmul": floor(executed.get("matmul", 0.0), 0.0),
+              "attention": floor(executed.get("attention", 0.0), attention_bytes_per_step(cfg, batch, kept) / 1e9),
+              "fused elementwise (Triton)": floor(0.0, elementwise_gb)}
+    if issue_per_s and gelu_instructions:
+        floors["fused elementwise (Triton)"].update(
+            gelu_issue_floors(4 * block_row_features(cfg, batch, kept, decode_rows), gelu_instructions,
+                              issue_per_s, copy_gbps, floors["fused elementwise (Triton)"]["floor_ms"]))
+    return floors
+
+
+def gelu_issue_floors(elements: float, instructions: dict[str, float], issue_per_s: float, copy_gbps: float,
+                      byte_floor_ms: float) -> dict[str, Any]:
+    """The elementwise floor with each GELU pass at the larger of its byte and its issue time."""
+    passes = {}
+    for name, bytes_per_element in GELU_PASS_BYTES.items():
+        byte_ms = elements * bytes_per_element / (copy_gbps * 1e9) * 1e3
+        issue_ms = elements * instructions[name] / issue_per_s * 1e3
+        passes[name] = {"instructions_per_element": instructions[name], "byte_floor_ms": round(byte_ms, 2),
+                        "issue_floor_ms": round(issue_ms, 2)}
+    extra = sum(max(0.0, p["issue_floor_ms"] - p["byte_floor_ms"]) for p in passes.values())
+    return {"gelu_passes": passes, "measured_issue_tera_per_s": round(issue_per_s / 1e12, 2),
+            "floor_ms": round(byte_floor_ms + extra, 2)}
+
+
+def _issue_ceiling(device: torch.device, gpu: dict[str, Any] | None) -> tuple[float | None, dict[str, float] | None]:
+    """The issue rate at the timed steps' median SM clock, and the GELU passes' instructions per element
+    compiled for this GPU (`benchmarks.sass`); none without clock samples."""
+    from benchmarks import sass
+
+    if not gpu:
+        return None, None
+    props = torch.cuda.get_device_properties(device)
+    try:
+        instructions = sass.instructions_per_element(props.major * 10 + props.minor)
+    except (OSError, subprocess.CalledProcessError) as err:  # no cuobjdump beside this Triton
+        log.warning("the GELU passes' instruction floor is left out of the record: %s", err)
+        return None, None
+    return sass.issue_rate(props.multi_processor_count, gpu["sm_clock_mhz_median"]), instructions
 
 
 def _profiled(fn: Callable[[], Any], steps: int):
@@ -350,7 +399,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
         floors = kernel_floors_ms(model.cfg, batch_size, model.cfg.seq_len - trainer.num_dropped,
                                   plan.decode_idx.shape[1], plan.contrast_idx.shape[1], codebook_size, executed,
                                   fp8_matmul_peak_tflops() if model.cfg.matmul_dtype == "fp8" else matmul_peak_tflops(),
-                                  copy_bandwidth_gbps())
+                                  copy_bandwidth_gbps(), *_issue_ceiling(device, sampler.summary()))
         profiled = {"profile_ms_per_step": kernel_ms,
                     "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
                     "profile_kernel_tflops": kernel_tflops(executed, kernel_ms), "kernel_floors": floors,

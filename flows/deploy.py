@@ -48,11 +48,13 @@ def check_server(api_url: str) -> None:
 def serve(config: str, overrides: list[str], name: str = DEPLOYMENT) -> None:
     """Serve lease/`name` from this process until SIGINT (Ctrl-C) or SIGTERM; returns once serving stopped.
 
-    What `lease_flow.serve()` does, with a runner that stops on SIGTERM as cleanly as on Ctrl-C: Prefect's
-    own SIGTERM handler calls the runner's `stop()` from inside the running event loop, where that only
-    makes the `astop()` coroutine (never awaited: Python warns), then raises SystemExit out of the loop,
-    past the caller's last line. Here the handler starts `astop()` on the loop: it cancels a flow run in
-    progress and ends the runner's loops, and `runner.start()` returns.
+    What `lease_flow.serve()` does, with a runner that stops the same cooperative way on either signal,
+    whenever it comes: the handler starts the runner's `astop()` on its loop, which cancels a flow run in
+    progress and ends the runner's loops, so `runner.start()` returns. A signal before the runner has
+    started stops it as soon as it has. Left to themselves, Prefect's SIGTERM handler calls `stop()` from
+    inside the running loop, where that only makes the `astop()` coroutine (never awaited: Python warns)
+    and raises SystemExit out of the loop; and asyncio's Ctrl-C cancels the main task, which a runner
+    still entering its services can outlive, serving on. A second signal stops at once.
     """
     from prefect.runner import Runner
     from prefect.settings import PREFECT_UI_URL
@@ -62,38 +64,47 @@ def serve(config: str, overrides: list[str], name: str = DEPLOYMENT) -> None:
 
     class StoppingRunner(Runner):
         stop_task: asyncio.Task | None = None
+        stop_requested = False
 
-        def handle_sigterm(self, *args: object) -> None:  # Runner.start installs it for SIGTERM
-            if not self.started or self.stop_task is not None:  # not serving yet, or a second SIGTERM
-                raise KeyboardInterrupt  # at once, as Ctrl-C
-            log.info("SIGTERM: stopping serving (a flow run in progress is cancelled)")
-            # A signal handler runs between two steps of the loop's own code: the stop starts from the loop.
-            loop = asyncio.get_running_loop()
-            loop.call_soon_threadsafe(self._stop_soon, loop)
+        def handle_sigterm(self, signum: int = signal.SIGTERM, *args: object) -> None:
+            """Runner.start installs it for SIGTERM, serve() for SIGINT as well."""
+            if self.stop_requested:
+                raise KeyboardInterrupt  # a second signal: at once
+            self.stop_requested = True
+            log.info("%s: stopping serving (a flow run in progress is cancelled)", signal.Signals(signum).name)
+            if self.started:
+                # A signal handler runs between two steps of the loop's own code: the stop starts from the loop.
+                loop = asyncio.get_running_loop()
+                loop.call_soon_threadsafe(self._stop_soon, loop)
+
+        async def __aenter__(self) -> "StoppingRunner":
+            entered = await super().__aenter__()
+            if self.stop_requested:  # signalled while starting
+                self._stop_soon(asyncio.get_running_loop())
+            return entered
 
         def _stop_soon(self, loop: asyncio.AbstractEventLoop) -> None:
             if self.stop_task is None:
                 self.stop_task = loop.create_task(self.astop())
 
     load_pipeline_config(config, overrides)  # a bad default config fails now, not at the first run
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # until the runner's handler: stop as Ctrl-C does
+    runner = StoppingRunner(name=name, limit=None)  # as Flow.serve makes it
+    previous = {sig: signal.signal(sig, runner.handle_sigterm) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        runner = StoppingRunner(name=name, limit=None)  # as Flow.serve makes it
         deployment_id = runner.add_flow(lease_flow, name=name, parameters={"config": config, "overrides": overrides},
                                         description=DESCRIPTION, tags=["lease"])
+        if runner.stop_requested:  # signalled while registering: nothing to serve
+            return
         ui = PREFECT_UI_URL.value()
         log.info("deployment lease/%s is served: start a run with `prefect deployment run lease/%s` "
                  "[--param config=...]%s", name, name,
                  f" or from the UI, {ui}/deployments/deployment/{deployment_id}" if ui else "")
         asyncio.run(runner.start())
-    except KeyboardInterrupt:  # Ctrl-C (asyncio stopped the runner), or SIGTERM before it served / a second one
+    except KeyboardInterrupt:  # a second signal
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # a SIGTERM while the deployment is registered: stop there, as Ctrl-C would
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 POOL = "lease-gpu"

@@ -1,12 +1,20 @@
 """The benchmarks' arithmetic and guards: the precompute's ImageNet-1K estimate, useful FLOPs against torch's
 counter, record names and the results table, and the checks that void a timing (non-finite steps, a
 compile inside the timed steps)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from benchmarks.train import finite_metrics, no_compilation, results_table
 from benchmarks.records import machine_info
 from benchmarks.precompute import IMAGENET_1K_IMAGES, imagenet_estimate, speedups
+
+REPO = Path(__file__).resolve().parents[1]
 
 IMAGENET = sum(IMAGENET_1K_IMAGES.values())
 
@@ -90,6 +98,80 @@ def test_kernel_floors_take_the_larger_of_flops_and_bytes_over_the_measured_ceil
     assert attention["flop_floor_ms"] == pytest.approx(1.25)
     assert attention["floor_ms"] == max(attention["flop_floor_ms"], attention["byte_floor_ms"]) > 1.25
     assert floors["fused elementwise (Triton)"]["flop_floor_ms"] == 0.0
+
+
+def test_gelu_passes_count_the_larger_of_bytes_and_issue_in_the_elementwise_floor():
+    """At ViT-B's shapes, 47 / 58 instructions per element at an H200's issue rate (132 SMs at 1,860 MHz)
+    take longer than the passes' bytes at 4.15 TB/s, so the floor grows by the difference; a GPU that
+    issued ten times faster would leave it at the byte floor."""
+    from benchmarks.sass import issue_rate
+    from benchmarks.train import block_row_features, kernel_floors_ms
+    from lease.configs import model_config
+
+    cfg = model_config("vit_base")
+    args = (cfg, 256, 128, 176, 80, 16384, {"matmul": 40.0, "attention": 1.0}, 800.0, 4150.0)
+    instructions = {"forward": 47.0, "backward": 57.9}
+    byte_only = kernel_floors_ms(*args)["fused elementwise (Triton)"]
+    rate = issue_rate(132, 1860.0)
+    with_issue = kernel_floors_ms(*args, rate, instructions)["fused elementwise (Triton)"]
+    elements = 4 * block_row_features(cfg, 256, 128, 176)
+    extra = sum(elements * (instructions[p] / rate - per_byte / 4150e9) * 1e3
+                for p, per_byte in (("forward", 4.125), ("backward", 6.125)))
+    assert extra > 1.0
+    assert with_issue["floor_ms"] == pytest.approx(byte_only["floor_ms"] + extra, abs=0.02)
+    assert with_issue["gelu_passes"]["forward"]["issue_floor_ms"] == pytest.approx(elements * 47.0 / rate * 1e3, abs=0.01)
+    fast = kernel_floors_ms(*args, 10 * rate, instructions)["fused elementwise (Triton)"]
+    assert fast["floor_ms"] == byte_only["floor_ms"]
+
+
+def test_gelu_reference_kernels_count_the_erf_in_sass_for_sm90():
+    """Compiled for sm_90 on this machine (Triton's ptxas and cuobjdump): the exact GELU's erf costs
+    tens of instructions per element over the dropout-only pass, its backward more than its forward."""
+    pytest.importorskip("triton")
+    from benchmarks.sass import instructions_per_element
+
+    counts = instructions_per_element(90)
+    assert 10 < counts["dropout only"] < 25
+    assert counts["forward"] - counts["dropout only"] > 20
+    assert counts["backward"] > counts["forward"]
+
+
+def test_gelu_reference_kernels_compute_the_models_gelu_and_dropout_through_the_interpreter(tmp_path):
+    """The counted kernels do the model's arithmetic: nn.GELU() and the bit-packed dropout's mask and
+    scale, forward and backward (Triton's interpreter in a subprocess, fp32)."""
+    pytest.importorskip("triton")
+    script = tmp_path / "gelu.py"
+    script.write_text(GELU_INTERPRETER_CHECK)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert errors["forward"] < 1e-5 and errors["backward"] < 1e-5, errors  # fp32 at |x| up to about 12
+
+
+GELU_INTERPRETER_CHECK = """
+import json
+import torch
+import torch.nn.functional as F
+from benchmarks import sass
+from lease.dropout import unpack_bits
+
+torch.manual_seed(0)
+rows = sass.ROWS_PER_PROGRAM * 3
+bits = torch.randint(0, 256, (rows,), dtype=torch.uint8)
+keep = unpack_bits(bits, rows * 8).float()
+x = torch.randn(rows * 8) * 3
+dy = torch.randn(rows * 8)
+y, dx = torch.empty_like(x), torch.empty_like(x)
+grid = (3,)
+sass.gelu_dropout_fwd_kernel[grid](x, bits, y, 1.25, ROWS=sass.ROWS_PER_PROGRAM)
+sass.gelu_dropout_bwd_kernel[grid](x, bits, dy, dx, 1.25, ROWS=sass.ROWS_PER_PROGRAM)
+xr = x.double().requires_grad_()
+ref = F.gelu(xr) * keep.double() * 1.25
+ref.backward(dy.double())
+print(json.dumps({"forward": float((y.double() - ref).abs().max()),
+                  "backward": float((dx.double() - xr.grad).abs().max())}))
+"""
 
 
 @pytest.mark.parametrize("contrast_on", ["encoder", "decoder", "both", "none"])
