@@ -104,7 +104,7 @@ def bench_components(assets: dict[str, Path], batch_size: int, dtype: str, steps
         write_record(name, {"results": result})
         if profile:
             images = torch.rand(batch_size, 3, tok.image_size, tok.image_size, device=device)
-            (results_dir() / f"{name}.profile.txt").write_text(profile_table(lambda: tok.encode(images)))
+            (results_dir() / f"{name}.profile.txt").write_text(profile_table(lambda: tok.encode(images)).text)
         log.info("VQGAN encode %s: %.0f img/s", "compiled" if compiled else "eager", result["images_per_s"])
     dino = load_dinov2("hf", assets["dinov2"], device, dtype=DTYPES[dtype])
     result = time_dinov2_features(dino, 256, steps=steps)

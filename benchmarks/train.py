@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
@@ -144,12 +144,32 @@ KERNEL_CATEGORIES = (  # first match wins: cuDNN's attention kernels also carry 
 )
 
 
+ELEMENTWISE = "fused elementwise (Triton)"
+LAYER_NORM, GELU, REDUCTIONS, OTHER = ("LayerNorm passes", "GELU passes", "gradient reductions",
+                                       "other elementwise")
+
+
 def kernel_category(name: str) -> str:
     lowered = name.lower()
     for category, needles in KERNEL_CATEGORIES:
         if any(needle in lowered for needle in needles):
             return category
     return "other"
+
+
+def elementwise_part(name: str) -> str:
+    """Which passes an inductor kernel of the elementwise class comes from, by the ops in its name:
+    LayerNorm (with the residual add and dropout before it), GELU (pointwise, with its dropout), the
+    reductions that sum a gradient over rows (biases, LayerNorm weights: passes the floor does not
+    count, since each could ride in the pass that writes its input), and the rest (losses, embeddings,
+    the attention layout's copies)."""
+    if "layer_norm" in name:
+        return LAYER_NORM
+    if "gelu" in name and name.startswith("triton_poi"):
+        return GELU
+    if name.startswith(("triton_red", "triton_per")) and "_sum" in name:
+        return REDUCTIONS
+    return OTHER
 
 
 def fp8_matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
@@ -181,22 +201,30 @@ def block_row_features(cfg, batch: int, kept: int, decode_rows: int) -> int:
     return enc + dec_rows * cfg.decoder_embed_dim * (cfg.decoder_depth - 1) + batch * decode_rows * cfg.decoder_embed_dim
 
 
-def elementwise_bytes_per_step(cfg, batch: int, kept: int, decode_rows: int, contrast_rows: int,
-                               codebook_size: int) -> float:
+def elementwise_bytes_by_part(cfg, batch: int, kept: int, decode_rows: int, contrast_rows: int,
+                              codebook_size: int) -> dict[str, float]:
     """The fewest bytes the step's elementwise passes move with today's fusion (each pass between two
     matmuls reads its inputs once and writes its outputs once; LayerNorm fused with the residual add
     before it, GELU and dropout with each other), counted per row and feature of a block of width C:
 
-    forward  LN + residual + dropout twice (2r + 4⅛ each) and GELU + dropout on 4C (16½): 4r + 24¾
-    backward the same passes' gradients (3r + 4⅛ twice, 24½):                        6r + 32¾
+    LayerNorm  forward (2r + 4⅛) twice, backward (3r + 4⅛) twice:        10r + 16½
+    GELU       on 4C: forward 4 × 4⅛, backward 4 × 6⅛ (GELU_PASS_BYTES):       41
 
     with r the residual stream's bytes (4 in fp32, 2 with residual_dtype=autocast), 2 for 16-bit
-    activations and ⅛ per bit-packed dropout mask (so 4⅛ and 6⅛ per GELU element, GELU_PASS_BYTES);
-    plus the contrast and MLM logits read twice and their gradient written once (6 bytes per logit).
-    Optimizer and embedding passes are left out."""
+    activations and ⅛ per bit-packed dropout mask; and under "other elementwise" the contrast and MLM
+    logits, read twice with their gradient written once (6 bytes per logit). Optimizer and embedding
+    passes are left out, and the gradient reductions count nothing."""
     r = 2 if cfg.residual_dtype == "autocast" else 4
+    features = block_row_features(cfg, batch, kept, decode_rows)
     logits = batch * (contrast_rows * codebook_size + decode_rows * cfg.vocab_gen)
-    return (10 * r + 57.5) * block_row_features(cfg, batch, kept, decode_rows) + 6 * logits
+    return {LAYER_NORM: (10 * r + 16.5) * features, GELU: 4 * sum(GELU_PASS_BYTES.values()) * features,
+            OTHER: 6.0 * logits}
+
+
+def elementwise_bytes_per_step(cfg, batch: int, kept: int, decode_rows: int, contrast_rows: int,
+                               codebook_size: int) -> float:
+    """All of `elementwise_bytes_by_part`: 10r + 57.5 bytes per block row and feature, plus the logits."""
+    return sum(elementwise_bytes_by_part(cfg, batch, kept, decode_rows, contrast_rows, codebook_size).values())
 
 
 def attention_bytes_per_step(cfg, batch: int, kept: int) -> float:
@@ -222,29 +250,38 @@ def kernel_floors_ms(cfg, batch: int, kept: int, decode_rows: int, contrast_rows
                 "byte_floor_ms": round(byte_ms, 2), "floor_ms": round(max(flop_ms, byte_ms), 2),
                 "measured_peak_tflops": round(peak_tflops, 1), "measured_copy_gbps": round(copy_gbps, 1)}
 
-    elementwise_gb = elementwise_bytes_per_step(cfg, batch, kept, decode_rows, contrast_rows, codebook_size) / 1e9
+    by_part = elementwise_bytes_by_part(cfg, batch, kept, decode_rows, contrast_rows, codebook_size)
     floors = {"matmul": floor(executed.get("matmul", 0.0), 0.0),
               "attention": floor(executed.get("attention", 0.0), attention_bytes_per_step(cfg, batch, kept) / 1e9),
-              "fused elementwise (Triton)": floor(0.0, elementwise_gb)}
+              ELEMENTWISE: floor(0.0, sum(by_part.values()) / 1e9)}
+    parts = {part: round(gbytes / copy_gbps * 1e3, 2) for part, gbytes in
+             ((part, b / 1e9) for part, b in by_part.items())}
+    parts[REDUCTIONS] = 0.0
     if issue_per_s and gelu_instructions:
-        floors["fused elementwise (Triton)"].update(
-            gelu_issue_floors(4 * block_row_features(cfg, batch, kept, decode_rows), gelu_instructions,
-                              issue_per_s, copy_gbps, floors["fused elementwise (Triton)"]["floor_ms"]))
+        gelu = gelu_issue_floors(4 * block_row_features(cfg, batch, kept, decode_rows), gelu_instructions,
+                                 issue_per_s, copy_gbps)
+        parts[GELU] = gelu["floor_ms"]
+        floors[ELEMENTWISE].update(gelu_passes=gelu["passes"], measured_issue_tera_per_s=round(issue_per_s / 1e12, 2))
+    floors[ELEMENTWISE].update(parts_floor_ms=parts, floor_ms=round(sum(parts.values()), 2))
     return floors
 
 
-def gelu_issue_floors(elements: float, instructions: dict[str, float], issue_per_s: float, copy_gbps: float,
-                      byte_floor_ms: float) -> dict[str, Any]:
-    """The elementwise floor with each GELU pass at the larger of its byte and its issue time."""
+def gelu_issue_floors(elements: float, instructions: dict[str, float], issue_per_s: float,
+                      copy_gbps: float) -> dict[str, Any]:
+    """The GELU passes' floor with each pass at the larger of its byte and its issue time."""
     passes = {}
     for name, bytes_per_element in GELU_PASS_BYTES.items():
         byte_ms = elements * bytes_per_element / (copy_gbps * 1e9) * 1e3
         issue_ms = elements * instructions[name] / issue_per_s * 1e3
         passes[name] = {"instructions_per_element": instructions[name], "byte_floor_ms": round(byte_ms, 2),
                         "issue_floor_ms": round(issue_ms, 2)}
-    extra = sum(max(0.0, p["issue_floor_ms"] - p["byte_floor_ms"]) for p in passes.values())
-    return {"gelu_passes": passes, "measured_issue_tera_per_s": round(issue_per_s / 1e12, 2),
-            "floor_ms": round(byte_floor_ms + extra, 2)}
+    return {"passes": passes,
+            "floor_ms": round(sum(max(p["byte_floor_ms"], p["issue_floor_ms"]) for p in passes.values()), 2)}
+
+
+def parts_distance(measured_ms: dict[str, float], floor_ms: dict[str, float]) -> dict[str, float | None]:
+    """measured / floor for each elementwise part; None where the floor counts nothing (the reductions)."""
+    return {part: round(ms / floor_ms[part], 2) if floor_ms.get(part) else None for part, ms in measured_ms.items()}
 
 
 def _issue_ceiling(device: torch.device, gpu: dict[str, Any] | None) -> tuple[float | None, dict[str, float] | None]:
@@ -277,22 +314,31 @@ def _device_us(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
 
 
-def category_ms(events, steps: int) -> dict[str, float]:
-    """GPU milliseconds per call by kernel category (matmul, attention, Triton elementwise, ...)."""
+def category_ms(events, steps: int, classify: Callable[[str], str] = kernel_category) -> dict[str, float]:
+    """GPU milliseconds per call by kernel category (matmul, attention, Triton elementwise, ...), or by
+    another classification of kernel names."""
     totals: dict[str, float] = {}
     for event in events:
-        category = kernel_category(event.key)
+        category = classify(event.key)
         totals[category] = totals.get(category, 0.0) + _device_us(event) / 1e3 / steps
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
-def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 100) -> tuple[str, dict[str, float]]:
+class Profile(NamedTuple):
+    text: str  # the per-category summary and the top kernels' table
+    categories_ms: dict[str, float]  # per call, by kernel_category
+    elementwise_ms: dict[str, float]  # the elementwise class per call, by elementwise_part
+
+
+def profile_table(fn: Callable[[], Any], steps: int = 5, rows: int = 100) -> Profile:
     """Top CUDA kernels by self time over a few calls, and the per-call time of each kernel category."""
     events = _profiled(fn, steps)
     categories = category_ms(events, steps)
+    elementwise = category_ms([e for e in events if kernel_category(e.key) == ELEMENTWISE], steps, elementwise_part)
     summary = "\n".join(f"{name:>30}: {ms:8.2f} ms per call" for name, ms in categories.items())
+    parts = "\n".join(f"{'  ' + name:>30}: {ms:8.2f} ms per call" for name, ms in elementwise.items())
     table = events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
-    return f"{summary}\n\n{table}", categories
+    return Profile(f"{summary}\n\n{ELEMENTWISE}, by passes:\n{parts}\n\n{table}", categories, elementwise)
 
 
 def executed_tflop(trainer: Trainer, batch: Batch, count_images: int = 16) -> dict[str, float]:
@@ -377,7 +423,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
 
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    first_step_s = _first_step_seconds(train_step, on_cuda)
+    first_step_s = round(_first_step_seconds(train_step, on_cuda), 3)  # as recorded: the log shows the same value
     log.info("%s %s b%d: first step %.1f s%s; %d more warm-up steps, then %d timed", method, preset, batch_size,
              first_step_s, " (compiling)" if compile else "", max(warmup - 1, 0), steps)
     time_calls(train_step, max(warmup - 1, 0), 0, device)  # recompiles for the other plan shapes, if any
@@ -391,8 +437,9 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     profiled: dict[str, Any] = {}
     if profile_to is not None:
         profile_to.parent.mkdir(parents=True, exist_ok=True)
-        table, kernel_ms = profile_table(lambda: trainer.step(next(data)))
-        profile_to.write_text(table)
+        profile = profile_table(lambda: trainer.step(next(data)))
+        profile_to.write_text(profile.text)
+        kernel_ms = profile.categories_ms
         tokens = next(data)
         executed = executed_tflop(trainer, trainer.online.tokenize(tokens) if trainer.online else tokens)
         plan = trainer.plan_at_mean_ratio(batch_size)
@@ -404,7 +451,10 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
                     "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
                     "profile_kernel_tflops": kernel_tflops(executed, kernel_ms), "kernel_floors": floors,
                     "distance_to_floor": {k: round(kernel_ms[k] / v["floor_ms"], 2) for k, v in floors.items()
-                                          if kernel_ms.get(k) and v["floor_ms"]}}
+                                          if kernel_ms.get(k) and v["floor_ms"]},
+                    "profile_elementwise_ms_per_step": profile.elementwise_ms,
+                    "elementwise_distance_to_floor": parts_distance(profile.elementwise_ms,
+                                                                    floors[ELEMENTWISE]["parts_floor_ms"])}
     kept = model.cfg.seq_len - trainer.num_dropped
     flops = flops_per_image(model.cfg, kept, codebook_size)
     images_per_s = batch_size / (median_ms / 1e3)
@@ -417,7 +467,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "decode_masked_only": model.decodes_masked_only, "residual_dtype": model.cfg.residual_dtype,
             "matmul_dtype": model.cfg.matmul_dtype,
             "contrast_on": contrast_on, "codebook_size": codebook_size,
-            "steps_timed": steps, "warmup_steps": warmup, "first_step_s": round(first_step_s, 3),
+            "steps_timed": steps, "warmup_steps": warmup, "first_step_s": first_step_s,
             "median_ms_per_step": round(median_ms, 3),
             "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3),
             "images_per_s": round(images_per_s, 1),
