@@ -395,3 +395,20 @@ def test_a_record_names_the_commit_given_for_a_copied_tree(monkeypatch):
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     monkeypatch.setenv("LEASE_COMMIT", "abc1234+dirty")  # a GPU machine's copy, whose .git is not this tree's
     assert machine_info()["lease_commit"] == "abc1234+dirty"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_profiled_train_record_holds_the_floors_and_the_elementwise_breakdown(tmp_path):
+    """`lease bench train --profile` on the GPU (tiny preset, eager): the profile text lists the
+    elementwise parts, and the record the GELU passes' instruction counts for this GPU and each part's
+    floor, whose sum is the class's floor."""
+    from benchmarks.train import ELEMENTWISE, bench_train
+
+    profile = tmp_path / "tiny.profile.txt"
+    result = bench_train("tiny", 8, "bf16", False, steps=3, warmup=2, codebook_size=64, codebook_dim=16,
+                         profile_to=profile)
+    assert f"{ELEMENTWISE}, by passes:" in profile.read_text()
+    elementwise = result["kernel_floors"][ELEMENTWISE]
+    assert elementwise["gelu_passes"]["forward"]["instructions_per_element"] > 20
+    assert elementwise["floor_ms"] == pytest.approx(sum(elementwise["parts_floor_ms"].values()), abs=0.02)
+    assert isinstance(result["profile_elementwise_ms_per_step"], dict)
