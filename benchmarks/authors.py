@@ -29,7 +29,8 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from benchmarks.records import write_record
-from benchmarks.train import SYNTHETIC_BATCHES, bench_train, time_cuda
+from benchmarks.timing import time_cuda
+from benchmarks.train import SYNTHETIC_BATCHES, bench_train
 
 log = logging.getLogger(__name__)
 OUR_PRESET = "vit_base"  # the size of their mage_vit_base_patch16

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from benchmarks.records import write_record
-from benchmarks.tokenizers import time_calls
+from benchmarks.timing import time_calls
 from lease.checkpoints import save_checkpoint
 from lease.condgen import class_condition, condgen_config, conditional_model
 from lease.configs import train_config

@@ -124,7 +124,7 @@ def probe_step_parts(model, tokenizer, locations: list[str], args, aug, settings
     host (loader, pinning, copies) bounds the probe."""
     import statistics
 
-    from benchmarks.train import time_cuda
+    from benchmarks.timing import time_cuda
     from lease.evaluate.lars import LARS
     from lease.evaluate.linear_probe import ProbeHead
     from lease.evaluate.online import epoch_loader
@@ -180,7 +180,7 @@ def finetune_step_parts(model, tokenizer, locations: list[str], args, aug, cfg) 
     AdamW), as `probe_step_parts` does for the probe."""
     import statistics
 
-    from benchmarks.train import time_cuda
+    from benchmarks.timing import time_cuda
     from lease.evaluate.finetune import FinetuneClassifier, classifier_update, mixup_for, optimizer_for, train_step
     from lease.evaluate.online import epoch_loader, to_unit
 

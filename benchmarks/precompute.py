@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.train import profile_table, time_cuda
+from benchmarks.timing import time_cuda
+from benchmarks.train import profile_table
 from benchmarks.records import results_dir, write_record
 from benchmarks.tokenizers import (DINOV2_B14_SIZES, DTYPES, full_width_maskgit_config, random_maskgit_tokenizer,
                                     time_dinov2_features, time_vqgan_encode)

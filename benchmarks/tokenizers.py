@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from benchmarks.timing import time_calls
 from lease.tokenizers import ConvVQGANTokenizer
 from lease.tokenizers.dinov2 import Dinov2Features
 from lease.tokenizers.vqgan_maskgit import MaskGITTokenizer, MaskGITVQGAN, MaskGITVQGANConfig
@@ -42,22 +42,6 @@ def random_maskgit_tokenizer(cfg: MaskGITVQGANConfig, device: str | torch.device
         model = MaskGITVQGAN(cfg)
     return MaskGITTokenizer(model.eval().requires_grad_(False).to(device), dtype=dtype, compile=compile,
                             channels_last=channels_last)
-
-
-def time_calls(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Milliseconds per call: CUDA events on CUDA (one host sync at the end), wall clock otherwise."""
-    if device.type == "cuda":
-        from benchmarks.train import time_cuda
-
-        return time_cuda(fn, warmup, steps)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def _summary(ms: list[float], batch_size: int, device: torch.device) -> dict[str, Any]:

@@ -32,27 +32,14 @@ from lease.online import ImageBatch, OnlineTokenizer
 from lease.synthetic import uniform_tokens
 from benchmarks.kernels import sdpa_fwd_bwd
 from benchmarks.records import RESULTS_DIR, results_dir, write_record
-from benchmarks.tokenizers import time_calls, full_width_maskgit_config, random_maskgit_tokenizer
+from benchmarks.timing import time_calls, time_cuda
+from benchmarks.tokenizers import full_width_maskgit_config, random_maskgit_tokenizer
 from lease.tokenizers.vqgan_maskgit import MaskGITVQGANConfig
 from lease.typed_config import apply_overrides
 from lease.train import Dist, Trainer, build_model, compile_for_training
 
 log = logging.getLogger(__name__)
 SYNTHETIC_BATCHES = 8  # distinct resident batches a training benchmark cycles through
-
-
-def time_cuda(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
-    """Milliseconds per call, each call bracketed by CUDA events (host waits only at the end)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in events]
 
 
 @contextlib.contextmanager

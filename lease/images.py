@@ -27,7 +27,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,14 @@ from torch.utils.data import DataLoader, Dataset
 TAR_SEPARATOR = "::"
 _TAR_CACHE_SIZE = 64  # open tar files (with their member index) kept per worker process
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # 16/32-bit grayscale: scaled to 8 bits
+Uint8Mode = Literal["round", "truncate"]
+
+
+def to_uint8(images: torch.Tensor, mode: Uint8Mode = "round") -> torch.Tensor:
+    """[0, 1] float images → uint8 (what torch-fidelity and PNG writers take): rounded, or truncated as
+    numpy's `astype(np.uint8)` in MAGE's sample writer (the `mage` preset, so FID sees their pixels)."""
+    scaled = images.mul(255.0).clamp_(0, 255)
+    return (scaled.round_() if mode == "round" else scaled).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------- reading

@@ -759,7 +759,7 @@ def build_condgen_eval(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, 
     import torch
 
     from lease.checkpoints import model_from_checkpoint
-    from lease.condgen import CondGenEval, LocatedImages, evaluate_classes
+    from lease.evaluate.condgen import CondGenEval, LocatedImages, evaluate_classes
     from lease.data import read_token_set
     from lease.evaluate import generate
     from lease.tokenizers import load_vqgan

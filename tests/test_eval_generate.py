@@ -16,8 +16,8 @@ from lease.evaluate.generate import (
     maskgit_decode,
     maskgit_step,
     task_mask,
-    to_uint8,
 )
+from lease.images import to_uint8
 from lease.evaluate.grids import masked_preview, save_comparison_grid, save_image_grid
 from lease.model import LeaseModel
 from lease.typed_config import ConfigError, from_dict

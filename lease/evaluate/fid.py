@@ -31,6 +31,7 @@ from torch_fidelity.generative_model_base import GenerativeModelBase
 
 from lease.evaluate.features import resolve_device
 from lease.io import atomic_write_json, file_digest, json_digest, load_torch_file, save_torch_file
+from lease.images import to_uint8
 from lease.typed_config import require
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,6 @@ class TokenImages(StreamedImages):
         self.tokens, self.decode, self.cursor, self.uint8 = tokens, decode, 0, uint8
 
     def _decode_next(self, n: int) -> torch.Tensor:
-        from lease.evaluate.generate import to_uint8
-
         batch = self.tokens[self.cursor : self.cursor + n]
         self.cursor += batch.shape[0]
         return to_uint8(self.decode(batch), self.uint8)

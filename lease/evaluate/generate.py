@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from lease.evaluate.features import as_ids, autocast_for, eval_mode, resolve_device
+from lease.images import Uint8Mode
 from lease.typed_config import require
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ GENERATE_PRESETS: dict[str, dict[str, object]] = {
     "mage": {"num_steps": 20, "choice_temperature": 6.0, "greedy_fill": True, "dtype": "fp32", "uint8": "truncate"},
     "maskgit": {"num_steps": 12, "choice_temperature": 4.5, "greedy_fill": False, "dtype": "auto", "uint8": "round"},
 }
-Uint8Mode = Literal["round", "truncate"]
 
 
 @dataclass
@@ -249,13 +249,6 @@ def decode_images(vqgan, tokens: torch.Tensor, grid_size: int, dtype: str = "aut
     codes = as_ids(tokens).view(tokens.shape[0], grid_size, grid_size)
     with torch.inference_mode(), autocast_for(codes.device, dtype):
         return vqgan.decode(codes).float().clamp(0.0, 1.0)
-
-
-def to_uint8(images: torch.Tensor, mode: Uint8Mode = "round") -> torch.Tensor:
-    """[0, 1] float images → uint8 (what torch-fidelity and PNG writers take): rounded, or truncated as
-    numpy's `astype(np.uint8)` in MAGE's sample writer (the `mage` preset, so FID sees their pixels)."""
-    scaled = images.mul(255.0).clamp_(0, 255)
-    return (scaled.round_() if mode == "round" else scaled).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
