@@ -1,4 +1,6 @@
-"""Instruction floors: how many SASS instructions per element the exact-erf GELU passes need.
+"""Triton kernels compiled for a GPU architecture without a GPU (`compile_for`; registers and spills by
+`resources`), and the instruction floors read from their SASS: how many instructions per element the
+exact-erf GELU passes need.
 
 The GELU + dropout passes on the MLP's 4C-wide tensors are bound by instruction issue rather than by
 memory: the exact GELU's erf alone compiles to about 30 instructions per element, more than a
@@ -20,6 +22,7 @@ import os
 import re
 import subprocess
 import tempfile
+from typing import Any, Callable
 
 import triton
 import triton.language as tl
@@ -76,18 +79,41 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 
 
-def sass_instructions(kernel, arch: int) -> list[str]:
-    """Opcodes of `kernel` compiled for sm_`arch` with bf16 tensors, in program order (NOPs left out)."""
+def compile_for(kernel, constexprs: dict[str, Any], param_type: Callable[[str], str], arch: int = 90,
+                **options: int):
+    """`kernel` compiled for sm_`arch` (Triton's own ptxas: no GPU needed), every parameter that is not
+    among `constexprs` (those of them the kernel takes) typed by `param_type(name)`; `options` such as
+    num_warps, num_stages."""
     params = inspect.signature(kernel.fn).parameters
-    signature = {n: "constexpr" if n == "ROWS" else "fp32" if n == "scale" else "*u8" if n == "bits_ptr"
-                 else "*bf16" for n in params}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs={"ROWS": ROWS_PER_PROGRAM}),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+    constexprs = {k: v for k, v in constexprs.items() if k in params}
+    signature = {n: "constexpr" if n in constexprs else param_type(n) for n in params}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def cuobjdump(compiled, flag: str) -> str:
+    """cuobjdump's `flag` output (-sass, --dump-resource-usage) for a `compile_for` result."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        sass = subprocess.run([CUOBJDUMP, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
-    return [op for op in _INSTRUCTION.findall(sass) if op != "NOP"]
+        return subprocess.run([CUOBJDUMP, flag, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(compiled) -> tuple[int, int]:
+    """Registers per thread and local-memory stack bytes (spills) of a `compile_for` result."""
+    usage = cuobjdump(compiled, "--dump-resource-usage")
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def _reference_param_type(name: str) -> str:
+    return "fp32" if name == "scale" else "*u8" if name == "bits_ptr" else "*bf16"
+
+
+def sass_instructions(kernel, arch: int) -> list[str]:
+    """Opcodes of a reference kernel (PASSES) compiled for sm_`arch` with bf16 tensors, in program order
+    (NOPs left out)."""
+    compiled = compile_for(kernel, {"ROWS": ROWS_PER_PROGRAM}, _reference_param_type, arch, num_warps=NUM_WARPS)
+    return [op for op in _INSTRUCTION.findall(cuobjdump(compiled, "-sass")) if op != "NOP"]
 
 
 def instructions_per_element(arch: int = 90) -> dict[str, float]:
@@ -95,6 +121,30 @@ def instructions_per_element(arch: int = 90) -> dict[str, float]:
     elements_per_thread = ROWS_PER_PROGRAM * 8 / (NUM_WARPS * 32)
     return {name: round(len(sass_instructions(kernel, arch)) / elements_per_thread, 2)
             for name, kernel in PASSES.items()}
+
+
+SPLIT_CLS_FP32_POINTERS = ("lsep_ptr", "lse_ptr", "beta_ptr", "lse_row_ptr", "part_ptr", "qpart_ptr")
+
+
+def split_cls_param_type(name: str) -> str:
+    """The types `lease.attention`'s split_cls kernels take in training (bf16 activations, fp32 softmax
+    state, uint8 keep flags, int32 sizes and strides)."""
+    if name in SPLIT_CLS_FP32_POINTERS:
+        return "*fp32"
+    return "*u8" if name == "keep_ptr" else "*bf16" if name.endswith("_ptr") else "i32"
+
+
+def split_cls_kernels(head_dim: int, cls_query: bool = True) -> list[tuple[Any, dict[str, Any]]]:
+    """Each split_cls kernel with its compile-time constants at `head_dim`, dropout on, the module's tiles."""
+    from lease import attention as at
+
+    common = dict(SCALE=head_dim ** -0.5, KEEP=1 / 0.9, D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)),
+                  DROPOUT=True, WIDE=False)
+    tiles = [(at._split_cls_column_fwd_kernel, {"BM": at.BLOCK_ROWS}), (at._split_cls_row_fwd_kernel, {"BN": at.ROW_STEP}),
+             (at._split_cls_column_bwd_kernel, {"BM": at.BLOCK_ROWS}),
+             (at._split_cls_keys_bwd_kernel, {"BN": at.BLOCK_KEYS, "CLS_QUERY": cls_query}),
+             (at._split_cls_query_grad_kernel, {})]
+    return [(kernel, {**common, **extra}) for kernel, extra in tiles]
 
 
 def issue_rate(sm_count: int, sm_clock_mhz: float) -> float:

@@ -241,8 +241,7 @@ def kernel_floors_ms(cfg, batch: int, kept: int, decode_rows: int, contrast_rows
     floors = {"matmul": floor(executed.get("matmul", 0.0), 0.0),
               "attention": floor(executed.get("attention", 0.0), attention_bytes_per_step(cfg, batch, kept) / 1e9),
               ELEMENTWISE: floor(0.0, sum(by_part.values()) / 1e9)}
-    parts = {part: round(gbytes / copy_gbps * 1e3, 2) for part, gbytes in
-             ((part, b / 1e9) for part, b in by_part.items())}
+    parts = {part: round(b / (copy_gbps * 1e9) * 1e3, 2) for part, b in by_part.items()}
     parts[REDUCTIONS] = 0.0
     if issue_per_s and gelu_instructions:
         gelu = gelu_issue_floors(4 * block_row_features(cfg, batch, kept, decode_rows), gelu_instructions,
@@ -419,6 +418,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     sampler = GpuSampler(nvidia_smi_id(device)) if on_cuda else contextlib.nullcontext()
     with no_compilation("the timed steps"), sampler:
         ms = time_calls(train_step, 0, steps, device)
+    gpu = sampler.summary() if on_cuda else None
     final_metrics = finite_metrics(last_metrics)
     median_ms = statistics.median(ms)
     # before the eager step that counts FLOPs
@@ -435,7 +435,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
         floors = kernel_floors_ms(model.cfg, batch_size, model.cfg.seq_len - trainer.num_dropped,
                                   plan.decode_idx.shape[1], plan.contrast_idx.shape[1], codebook_size, executed,
                                   fp8_matmul_peak_tflops() if model.cfg.matmul_dtype == "fp8" else matmul_peak_tflops(),
-                                  copy_bandwidth_gbps(), *_issue_ceiling(device, sampler.summary()))
+                                  copy_bandwidth_gbps(), *_issue_ceiling(device, gpu))
         profiled = {"profile_ms_per_step": kernel_ms,
                     "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
                     "profile_kernel_tflops": kernel_tflops(executed, kernel_ms), "kernel_floors": floors,
@@ -465,7 +465,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
             "useful_tflop_per_image": round(flops / 1e12, 6), "achieved_tflops": round(achieved, 1),
             "measured_bf16_matmul_peak_tflops": None if peak is None else round(peak, 1),
             "mfu": None if peak is None else round(achieved / peak, 4),
-            "gpu_during_timed_steps": sampler.summary() if on_cuda else None, "last_step_metrics": final_metrics,
+            "gpu_during_timed_steps": gpu, "last_step_metrics": final_metrics,
             **profiled}
 
 

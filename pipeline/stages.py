@@ -759,7 +759,8 @@ def build_condgen_eval(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, 
     import torch
 
     from lease.checkpoints import model_from_checkpoint
-    from lease.evaluate.condgen import CondGenEval, LocatedImages, evaluate_classes
+    from lease.evaluate.condgen import CondGenEval, evaluate_classes
+    from lease.evaluate.fid import DecodedImages
     from lease.data import read_token_set
     from lease.evaluate import generate
     from lease.tokenizers import load_vqgan
@@ -776,7 +777,7 @@ def build_condgen_eval(cfg: PipelineConfig, dirs: Dirs, out: Path) -> dict[str, 
     train_tokens = read_token_set(dirs["pack"] / "train") if model.tail_proj is not None else None
     val = read_manifest(dirs["manifest"] / "manifest.parquet", split="val")["location"].to_pylist()
     opts = CondGenEval(c.samples_per_class, c.classes, c.sample_tail, c.grid_classes, c.grid_rows)
-    result = evaluate_classes(model, sampler, vqgan, train_tokens, LocatedImages(val, decode_location, c.fid.image_size),
+    result = evaluate_classes(model, sampler, vqgan, train_tokens, DecodedImages(val, decode_location, c.fid.image_size),
                               _condgen_fid(cfg, dirs), opts, out, torch.device(device), weights_key="condgen.fid.weights")
     return {"condgen": "condgen.json", "fid": result["fid"], "isc": result["isc"], "classes": result["classes"],
             "grids": sorted(p.name for p in out.glob("class-*.png"))}

@@ -91,27 +91,10 @@ def test_split_attention_and_gradients_match_sdpa_in_fp64_through_the_interprete
 def test_split_kernels_compile_for_sm90(head_dim, cls_query):
     """Every kernel compiles for an H100/H200 (Triton's own ptxas, no GPU needed) with the model's types:
     what the interpreter lets through (types that change across a loop, constexpr misuse) fails here."""
-    import inspect
+    from benchmarks.sass import compile_for, split_cls_kernels, split_cls_param_type
 
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from lease import attention
-
-    fp32 = ("lsep_ptr", "lse_ptr", "beta_ptr", "lse_row_ptr", "part_ptr", "qpart_ptr")
-    consts = dict(SCALE=head_dim ** -0.5, KEEP=1 / 0.9, D=head_dim, DP=64, DROPOUT=True, WIDE=False)
-    kernels = [(attention._split_cls_column_fwd_kernel, dict(BM=attention.BLOCK_ROWS)),
-               (attention._split_cls_row_fwd_kernel, dict(BN=attention.ROW_STEP)),
-               (attention._split_cls_column_bwd_kernel, dict(BM=attention.BLOCK_ROWS)),
-               (attention._split_cls_keys_bwd_kernel, dict(BN=attention.BLOCK_KEYS, CLS_QUERY=cls_query)),
-               (attention._split_cls_query_grad_kernel, {})]
-    for kernel, extra in kernels:
-        c = {k: v for k, v in {**consts, **extra}.items() if k in inspect.signature(kernel.fn).parameters}
-        signature = {name: "constexpr" if name in c else "*fp32" if name in fp32 else "*u8" if name == "keep_ptr"
-                     else "*bf16" if name.endswith("_ptr") else "i32"
-                     for name in inspect.signature(kernel.fn).parameters}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=c),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    for kernel, consts in split_cls_kernels(head_dim, cls_query):
+        compiled = compile_for(kernel, consts, split_cls_param_type, num_warps=4)
         assert compiled.asm["cubin"], kernel.fn.__name__
 
 

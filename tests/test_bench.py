@@ -401,7 +401,7 @@ def test_a_record_names_the_commit_given_for_a_copied_tree(monkeypatch):
 def test_cuda_profiled_train_record_holds_the_floors_and_the_elementwise_breakdown(tmp_path):
     """`lease bench train --profile` on the GPU (tiny preset, eager): the profile text lists the
     elementwise parts, and the record the GELU passes' instruction counts for this GPU and each part's
-    floor, whose sum is the class's floor."""
+    floor."""
     from benchmarks.train import ELEMENTWISE, bench_train
 
     profile = tmp_path / "tiny.profile.txt"
@@ -411,5 +411,4 @@ def test_cuda_profiled_train_record_holds_the_floors_and_the_elementwise_breakdo
     assert f"{ELEMENTWISE}, by passes:" in profile.read_text()
     elementwise = result["kernel_floors"][ELEMENTWISE]
     assert elementwise["gelu_passes"]["forward"]["instructions_per_element"] > 20
-    assert elementwise["floor_ms"] == pytest.approx(sum(elementwise["parts_floor_ms"].values()), abs=0.02)
     assert isinstance(result["profile_elementwise_ms_per_step"], dict)

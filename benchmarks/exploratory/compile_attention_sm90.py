@@ -5,49 +5,26 @@
 Catches what Triton's interpreter does not (globals, constexpr use, layouts) and reports registers,
 spills and shared memory per kernel and tile choice (Triton's own ptxas).
 """
-import inspect
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+from benchmarks.sass import compile_for, resources
 from lease import kernels_attention as ka
 
-TARGET = GPUTarget("cuda", 90, 32)
-TYPES = {"ptr": "*bf16", "lse_ptr": "*fp32", "seed_ptr": "*i64", "out_ptr": "*u8", "float": "fp32", "int": "i32"}
+TYPES = {"ptr": "*bf16", "lse_ptr": "*fp32", "seed_ptr": "*i64", "out_ptr": "*u8"}
 
 
-def signature(fn, constexprs):
-    sig = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("lse_ptr", "seed_ptr", "out_ptr"):
-            sig[name] = TYPES[name]
-        elif name.endswith("_ptr"):
-            sig[name] = TYPES["ptr"]
-        elif name in ("keep_factor", "qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+def param_type(name: str) -> str:
+    if name in TYPES:
+        return TYPES[name]
+    if name.endswith("_ptr"):
+        return TYPES["ptr"]
+    return "fp32" if name in ("keep_factor", "qk_scale", "sm_scale") else "i32"
 
 
 def compile_one(fn, constexprs, warps, stages):
-    src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
-    k = triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage).group(1)
-    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    k = compile_for(fn, constexprs, param_type, num_warps=warps, num_stages=stages)
+    regs, stack = resources(k)
     return regs, stack, k.metadata.shared
 
 

@@ -11,30 +11,13 @@ import torch
 
 from lease.condgen import SampleTail, generate_class
 from lease.data import TokenSet
-from lease.evaluate.fid import TokenImages, center_square_resize, check_weights, fid_is
+from lease.evaluate.fid import TokenImages, check_weights, fid_is
 from lease.evaluate.generate import decode_images
 from lease.evaluate.grids import save_image_grid
 from lease.io import atomic_path, atomic_write_json
 from lease.model import LeaseModel
 
 log = logging.getLogger(__name__)
-
-
-class LocatedImages(torch.utils.data.Dataset):
-    """Images by location (`decode(location)` → RGB PIL image) as uint8 [3, S, S], prepared as the FID's
-    reference images (`lease.evaluate.fid.center_square_resize`: central square, resize)."""
-
-    def __init__(self, locations: list[str], decode, image_size: int):
-        if not locations:
-            raise ValueError("no reference images for the class-conditional FID (the manifest's val split is empty)")
-        self.locations, self.decode, self.image_size = list(locations), decode, image_size
-
-    def __len__(self) -> int:
-        return len(self.locations)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = torch.from_numpy(np.asarray(self.decode(self.locations[i]), dtype=np.uint8).copy()).permute(2, 0, 1)
-        return center_square_resize(image, self.image_size)
 
 
 @dataclass
