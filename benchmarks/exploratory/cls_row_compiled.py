@@ -6,12 +6,12 @@ decoder shapes; on the GPU when there is one, else the CPU.
 Two forms of the same softmax over N scores: "broadcast", q times k summed over the head dimension (what
 split_cls's [CLS] row was until the compiled model's [CLS] gradients were traced to it), and
 "matmul", two one-row matmuls (`single_query`, its form until split_cls moved into Triton kernels).
-q, k, v are views of one packed projection, as in the model, or contiguous copies of them; the output gradient is a plain [B, H, D] tensor. Each form runs eagerly,
-compiled as `torch.compile` does by default, and compiled as the trainer compiles
-(`lease.train.compile_for_training`: inductor's comprehensive padding off). Each line gives the relative
-error of dq, dk and dv. On an H100 (torch 2.11.0, 2026-11-25) the broadcast form compiled by default gave
-dq and dk 1.5 at the encoder's shape and NaN at the decoder's, in both layouts; every other line read
-1.6-1.7e-3. On the CPU (torch 2.14.1, where inductor does not pad) every line reads 1.6-1.7e-3.
+q, k, v are views of one packed projection, as in the model, or contiguous copies of them; the output
+gradient is a plain [B, H, D] tensor. Each form runs eagerly, compiled as `torch.compile` does by default,
+and compiled as the trainer compiles (`lease.train.compile_for_training`: inductor's comprehensive padding
+off). Each line gives the relative error of dq, dk and dv. On an H100 (torch 2.11.0, 2026-11-25) the
+broadcast form compiled by default gave dq and dk 1.5 at the encoder's shape and NaN at the decoder's, in
+both layouts; every other line read 1.6-1.7e-3. On the CPU (torch 2.14.1, where inductor does not pad) every line reads 1.6-1.7e-3.
 """
 import logging
 
