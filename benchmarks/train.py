@@ -423,6 +423,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     median_ms = statistics.median(ms)
     # before the eager step that counts FLOPs
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None
+    peak = matmul_peak_tflops() if on_cuda else None  # the MFU's denominator and the bf16 matmul ceiling
     profiled: dict[str, Any] = {}
     if profile_to is not None:
         profile_to.parent.mkdir(parents=True, exist_ok=True)
@@ -434,7 +435,7 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
         plan = trainer.plan_at_mean_ratio(batch_size)
         floors = kernel_floors_ms(model.cfg, batch_size, model.cfg.seq_len - trainer.num_dropped,
                                   plan.decode_idx.shape[1], plan.contrast_idx.shape[1], codebook_size, executed,
-                                  fp8_matmul_peak_tflops() if model.cfg.matmul_dtype == "fp8" else matmul_peak_tflops(),
+                                  fp8_matmul_peak_tflops() if model.cfg.matmul_dtype == "fp8" else peak,
                                   copy_bandwidth_gbps(), *_issue_ceiling(device, gpu))
         profiled = {"profile_ms_per_step": kernel_ms,
                     "executed_tflop_per_step": {k: round(v, 3) for k, v in executed.items()},
@@ -447,7 +448,6 @@ def bench_train(preset: str, batch_size: int, dtype: str, compile: bool, steps: 
     kept = model.cfg.seq_len - trainer.num_dropped
     flops = flops_per_image(model.cfg, kept, codebook_size)
     images_per_s = batch_size / (median_ms / 1e3)
-    peak = matmul_peak_tflops() if on_cuda else None
     achieved = flops * images_per_s / 1e12
     return {"method": method, "preset": preset, "batch_size": batch_size, "dtype": dtype, "compile": compile,
             "compile_mode": compile_mode if compile else None, "attention": model.attention_backend,
