@@ -7,7 +7,9 @@
   views of one packed projection (as the model calls them), and `lease.kernels_attention` for a sweep
   of tile shapes per pass (forward, dK/dV, dQ), each pass also timed alone;
 * the blocks' linears (fc1, fc2, qkv at the decoder's rows), forward + backward compiled, in bf16 and
-  through torchao's float8 training (`model.matmul_dtype=fp8`), where torchao is installed.
+  through torchao's float8 training (`model.matmul_dtype=fp8`), where torchao is installed;
+* dropout + residual add + LayerNorm forward + backward at the encoder's and decoder's rows: compiled
+  torch ops against `lease.kernels_norm` (`model.fused_kernels=on`), over its bytes at the copy rate.
 
 Floors: attention's FLOPs (4·M·N·d per head forward, 2.5× that backward, + 2·M·N·d for the dQ pass's
 recomputed scores) over the matmul ceiling, and its bytes (q, k, v, O, dO, dq, dk, dv once) over the copy
@@ -186,10 +188,67 @@ def bench_linears(preset: str, batch: int, ceil: dict[str, float]) -> dict[str, 
     return out
 
 
+NORM_ROWS_SWEEP = (1, 2, 4, 8)  # rows per program of lease.kernels_norm, forward and backward
+NORM_BYTES_PER_ELEMENT = {  # what each pass must move per element at least, fp32 stream, bf16 branch
+    "forward": 4 + 2 + 1 / 8 + 4 + 2,  # read x, branch, mask bit; write s, y
+    "backward": 2 + 4 + 4 + 1 / 8 + 4 + 2,  # read ∂y, ∂s, s, mask bit; write ∂x, ∂branch
+}
+
+
+def bench_norm(preset: str, batch: int, ceil: dict[str, float]) -> dict[str, Any]:
+    """Dropout + residual add + LayerNorm, forward + backward, at the encoder's and decoder's rows: the
+    compiled torch ops (what `fused_kernels=off` runs) against `lease.kernels_norm` per rows-per-program."""
+    from lease import kernels_norm
+    from lease.dropout import Dropout, keep_bits
+
+    cfg = model_config(preset)
+    kept = cfg.seq_len - math.ceil(cfg.seq_len * MaskConfig().ratio_min)
+    p = cfg.dropout
+    drop = Dropout(p, cfg.dropout_impl).train()
+    result: dict[str, Any] = {}
+    shapes = {"encoder": (batch * (kept + 1), cfg.embed_dim), "decoder": (batch * (cfg.seq_len + 1),
+                                                                        cfg.decoder_embed_dim)}
+    for part, (rows, c) in shapes.items():
+        norm = torch.nn.LayerNorm(c, eps=cfg.ln_eps).cuda()
+
+        def residual_then_norm(x, branch, norm=norm):  # the next linear reads LayerNorm's output in bf16
+            s = x + drop(branch)
+            return s, norm(s).to(torch.bfloat16)
+
+        plain = torch.compile(residual_then_norm)
+        x = torch.randn(rows, c, device="cuda", requires_grad=True)
+        branch = torch.randn(rows, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        ds, dy = torch.randn_like(x), torch.randn_like(branch)
+
+        def compiled_step():
+            with torch.autocast("cuda", torch.bfloat16):
+                s, y = plain(x, branch)
+            torch.autograd.grad([s, y], [x, branch, norm.weight, norm.bias], [ds, dy])
+
+        floor = sum(NORM_BYTES_PER_ELEMENT.values()) * rows * c / ceil["copy_gb_per_s"] / 1e6
+        row: dict[str, Any] = {"rows": rows, "features": c, "byte_floor_ms": round(floor, 3),
+                               "compiled_torch_fwd_bwd_ms": round(median_ms(compiled_step), 3)}
+        threshold, packed = drop_threshold(p), keep_bits(rows * c, p, x.device)
+        s, y = torch.empty_like(x), torch.empty_like(branch)
+        mean, rstd = torch.empty(rows, device="cuda"), torch.empty(rows, device="cuda")
+        dx, dbranch = torch.empty_like(x), torch.empty_like(branch)
+        for per_program in NORM_ROWS_SWEEP:
+            def fused_step():
+                kernels_norm.launch_forward(x, branch, packed, norm.weight, norm.bias, norm.eps, threshold, s, y,
+                                            mean, rstd, per_program)
+                kernels_norm.launch_backward(dy, ds, s, mean, rstd, norm.weight, packed, threshold, dx, dbranch,
+                                             per_program)
+            row[f"fused_rows{per_program}_fwd_bwd_ms"] = round(median_ms(fused_step), 3)
+        log.info("dropout + residual + LayerNorm %s %s", part, row)
+        result[part] = row
+    return result
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="vit_base")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--parts", nargs="+", default=["attention", "linears"], choices=["attention", "linears"])
+    parser.add_argument("--parts", nargs="+", default=["attention", "linears", "norm"],
+                        choices=["attention", "linears", "norm"])
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--attention-parts", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder"])
     parser.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
@@ -207,6 +266,8 @@ def run_cli(args: argparse.Namespace) -> int:
         if part == "attention":
             record[part] = bench_attention(args.preset, args.batch_size, ceil, tuple(args.attention_parts),
                                            not args.no_sweep)
+        elif part == "norm":
+            record[part] = bench_norm(args.preset, args.batch_size, ceil)
         else:
             record[part] = bench_linears(args.preset, args.batch_size, ceil)
         path = write_record(f"kernels-{args.preset}-b{args.batch_size}", {"results": record}, args.out_dir)

@@ -89,6 +89,12 @@ class ModelConfig:
     # Megatron-LM does by default: half the bytes in every LayerNorm and residual add, other rounding.
     # Without autocast (CPU, fp32 runs) both are the same.
     residual_dtype: Literal["fp32", "autocast"] = "fp32"
+    # "on": in CUDA training each dropout + residual add + LayerNorm of the blocks (and the final norms)
+    # runs as one Triton kernel forward and one backward that also sums the LayerNorm's weight gradients
+    # (lease/kernels_norm.py); the MLP's residual add is carried into the next block's norm1. Same
+    # arithmetic, other dropout masks than "off" (the Philox keys are drawn in another order). Off
+    # elsewhere (CPU, evaluation) and by default: not yet timed on a GPU (issue 28).
+    fused_kernels: Literal["off", "on"] = "off"
     # Matmul operands of the transformer blocks' linears: "fp8" runs them through torchao's float8
     # training (e4m3, one dynamic scale per tensor; lease/kernels_fp8.py), CUDA sm89+ only.
     matmul_dtype: Literal["bf16", "fp8"] = "bf16"

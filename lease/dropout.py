@@ -40,7 +40,12 @@ def drop_threshold(p: float) -> int:
 
 def keep_scale(p: float) -> float:
     """1 / (1 − p') for the realised drop probability p' of `drop_threshold`."""
-    return 1.0 / (1.0 - drop_threshold(p) / 2**UNIFORM_BITS)
+    return threshold_scale(drop_threshold(p))
+
+
+def threshold_scale(threshold: int) -> float:
+    """1 / (1 − t / 2¹⁶): the survivors' scale for the threshold t of `drop_threshold`."""
+    return 1.0 / (1.0 - threshold / 2**UNIFORM_BITS)
 
 
 if triton is not None:
@@ -105,11 +110,15 @@ class _MaskedScale(torch.autograd.Function):
         return grad * unpack_bits(packed, grad.numel()).view(grad.shape) * ctx.scale, None, None
 
 
+def keep_bits(numel: int, p: float, device: torch.device) -> torch.Tensor:
+    """A fresh bit-packed keep mask for `numel` elements (CUDA): one Philox key from torch's generator."""
+    seed = torch.randint(0, SEED_BOUND, (1,), device=device, dtype=torch.int64)
+    return philox_keep_bits(seed, -(-numel // DRAWS_PER_CALL), drop_threshold(p))
+
+
 def philox_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout of `x` (CUDA) with a fresh Philox key: drop probability p' = drop_threshold(p) / 2¹⁶."""
-    seed = torch.randint(0, SEED_BOUND, (1,), device=x.device, dtype=torch.int64)
-    packed = philox_keep_bits(seed, -(-x.numel() // DRAWS_PER_CALL), drop_threshold(p))
-    return _MaskedScale.apply(x, packed, keep_scale(p))
+    return _MaskedScale.apply(x, keep_bits(x.numel(), p, x.device), keep_scale(p))
 
 
 class Dropout(nn.Module):

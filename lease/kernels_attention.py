@@ -40,7 +40,7 @@ import os
 
 import torch
 
-from lease.dropout import SEED_BOUND, drop_threshold
+from lease.dropout import SEED_BOUND, drop_threshold, threshold_scale
 
 try:  # Triton ships with the CUDA builds of torch
     import triton
@@ -339,14 +339,10 @@ def _launch_fwd(q, kv, seed, heads, c, q_col, k_col, v_col, has_cls, threshold, 
     grid = (triton.cdiv(m - int(has_cls), bm) + int(has_cls), b * heads)
     torch.library.wrap_triton(_attn_fwd_kernel)[grid](
         q, kv, out, lse, seed, q_col, k_col, v_col, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
-        out.stride(0), out.stride(1), heads, m, n, threshold, keep_scale_for(threshold), scale * LOG2E,
+        out.stride(0), out.stride(1), heads, m, n, threshold, threshold_scale(threshold), scale * LOG2E,
         D=d, DP=triton.next_power_of_2(max(d, 16)), BM=bm, BN=bn, HAS_CLS=has_cls, DROPOUT=threshold > 0,
         num_warps=warps, num_stages=stages)
     return out, lse
-
-
-def keep_scale_for(threshold: int) -> float:
-    return 1.0 / (1.0 - threshold / 2**16)
 
 
 def _launch_bwd(do, q, kv, out, lse, seed, dq, dkv, heads, q_col, k_col, v_col, dq_col, dk_col, dv_col, has_cls,
@@ -361,14 +357,14 @@ def _launch_bwd(do, q, kv, out, lse, seed, dq, dkv, heads, q_col, k_col, v_col, 
     torch.library.wrap_triton(_attn_dkdv_kernel)[((n - 1) // bn + 1, b * heads)](
         q, kv, out, do, lse, seed, dkv, q_col, k_col, v_col, dk_col, dv_col, q.stride(0), q.stride(1), kv.stride(0),
         kv.stride(1), out.stride(0), out.stride(1), do.stride(0), do.stride(1), dkv.stride(0), dkv.stride(1), heads,
-        m, n, threshold, keep_scale_for(threshold), scale * LOG2E, scale, BM=bm, BN=bn, num_warps=warps,
+        m, n, threshold, threshold_scale(threshold), scale * LOG2E, scale, BM=bm, BN=bn, num_warps=warps,
         num_stages=stages, **common)
     bm, bn, warps, stages = _blocks("dq", blocks)
     grid = (triton.cdiv(m - int(has_cls), bm) + int(has_cls), b * heads)
     torch.library.wrap_triton(_attn_dq_kernel)[grid](
         q, kv, out, do, lse, seed, dq, q_col, k_col, v_col, dq_col, q.stride(0), q.stride(1), kv.stride(0),
         kv.stride(1), out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), heads,
-        m, n, threshold, keep_scale_for(threshold), scale * LOG2E, scale, BM=bm, BN=bn, num_warps=warps,
+        m, n, threshold, threshold_scale(threshold), scale * LOG2E, scale, BM=bm, BN=bn, num_warps=warps,
         num_stages=stages, **common)
 
 

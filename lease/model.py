@@ -34,6 +34,7 @@ from lease.codebook import NeighbourTable, neighbour_table
 from lease.configs import DECODER_CONTRAST, ENCODER_CONTRAST, LossConfig, ModelConfig
 from lease.dropout import Dropout
 from lease.kernels_fp8 import float8_training
+from lease.kernels_norm import dropout_add_layer_norm, fused_norm_available
 from lease.losses import codebook_contrast_loss, info_nce_loss, reconstruction_loss, uniformity_loss
 from lease.masking import EchoPlan, MaskPlan
 from lease.sorcen import echo_support, sample_support, square_mask
@@ -96,6 +97,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention over `x` [B, N, C]; with `query_rows` [B, M] only those rows' outputs [B, M, C]."""
+        return self.proj_drop(self.branch(x, query_rows))
+
+    def branch(self, x: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` without the output dropout (the fused kernels apply it with the residual add)."""
         if query_rows is not None:
             return self._attend_rows(x, query_rows)
         b, n, c = x.shape
@@ -110,7 +115,7 @@ class Attention(nn.Module):
             out = split_cls_self_attention(qkv, self.num_heads, drop)  # reads the packed projection
         else:
             out = self._sdpa(*self._heads(qkv), drop).transpose(1, 2).reshape(b, n, c)
-        return self.proj_drop(self.proj(out))
+        return self.proj(out)
 
     def _attend_rows(self, x: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
         """Queries from the chosen rows only, keys and values from all rows (same weights as `qkv`).
@@ -122,11 +127,11 @@ class Attention(nn.Module):
         q = F.linear(rows, self.qkv.weight[:c], self.qkv.bias[:c])
         kv = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:])
         if self.backend == "triton" and kernels_attention.attention_supported(q, n, self.head_dim):
-            return self.proj_drop(self.proj(kernels_attention.rows_attention(q, kv, self.num_heads, drop)))
+            return self.proj(kernels_attention.rows_attention(q, kv, self.num_heads, drop))
         if self._takes_split_cls(q, n):
-            return self.proj_drop(self.proj(split_cls_rows_attention(q, kv, self.num_heads, drop)))
+            return self.proj(split_cls_rows_attention(q, kv, self.num_heads, drop))
         out = self._sdpa(*self._heads(q), *self._heads(kv), drop)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, c)))
+        return self.proj(out.transpose(1, 2).reshape(b, m, c))
 
     def _takes_split_cls(self, x: torch.Tensor, n_keys: int) -> bool:
         """split_cls when chosen; under "auto" (no SDPA kernel pinned) in training at the key counts where it
@@ -173,7 +178,11 @@ class Mlp(nn.Module):
         self.drop = drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.branch(x))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` without the output dropout (the fused kernels apply it with the residual add)."""
+        return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
 class Block(nn.Module):
@@ -187,6 +196,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=cfg.ln_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), Dropout(cfg.dropout, cfg.dropout_impl))
         self.residual_in_branch_dtype = cfg.residual_dtype == "autocast"
+        self.dropout_p = cfg.dropout
 
     def forward(self, x: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, C] → [B, N, C]; with `query_rows` [B, M] only those rows come out ([B, M, C])."""
@@ -195,6 +205,20 @@ class Block(nn.Module):
         else:
             x = self._residual(gather_rows(x, query_rows), self.attn(self.norm1(x), query_rows))
         return self._residual(x, self.mlp(self.norm2(x)))
+
+    def forward_fused(self, x: torch.Tensor, pending: torch.Tensor | None,
+                      query_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with each dropout + residual add + LayerNorm in one kernel (`lease.kernels_norm`).
+
+        The residual stream enters as x + dropout(`pending`), the previous block's MLP output before
+        its dropout (None for the first block), so that sum fuses with this block's norm1. Returns
+        (the stream after the attention branch, this block's MLP output before its dropout)."""
+        p, in_branch_dtype = self.dropout_p, self.residual_in_branch_dtype
+        x, h = dropout_add_layer_norm(x, pending, self.norm1, p, in_branch_dtype)
+        if query_rows is not None:
+            x = gather_rows(x, query_rows)
+        x, h = dropout_add_layer_norm(x, self.attn.branch(h, query_rows), self.norm2, p, in_branch_dtype)
+        return x, self.mlp.branch(h)
 
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """x + branch; with `residual_dtype="autocast"` in the branch's dtype (16 bits under autocast,
@@ -428,9 +452,23 @@ class LeaseModel(nn.Module):
 
     def encode(self, x: torch.Tensor, blocks: nn.ModuleList | None = None) -> torch.Tensor:
         """`blocks` (default: the student's) then the final norm."""
-        for block in self.blocks if blocks is None else blocks:
+        blocks = self.blocks if blocks is None else blocks
+        if self.fuses_kernels(x):
+            pending = None
+            for block in blocks:
+                x, pending = block.forward_fused(x, pending)
+            return self._final_norm(x, pending, self.norm)
+        for block in blocks:
             x = block(x)
         return self.norm(x)
+
+    def fuses_kernels(self, x: torch.Tensor) -> bool:
+        """Whether the blocks run `Block.forward_fused`: `model.fused_kernels=on`, training, on CUDA."""
+        return self.cfg.fused_kernels == "on" and self.training and fused_norm_available(x)
+
+    def _final_norm(self, x: torch.Tensor, pending: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        """norm(x + dropout(pending)) in one kernel, after the last fused block."""
+        return dropout_add_layer_norm(x, pending, norm, self.cfg.dropout, self.cfg.residual_dtype == "autocast")[1]
 
     def with_cls(self, ids: torch.Tensor) -> torch.Tensor:
         cls = torch.full_like(ids[:, :1], self.cfg.cls_token_id)
@@ -478,10 +516,20 @@ class LeaseModel(nn.Module):
         x = canvas + self.decoder_pos_embed_learned[:, : self.cfg.seq_len + 1]
         if condition is not None:
             x = torch.cat([x, condition.to(x.dtype)], dim=1)
+        query_rows = None if out_positions is None else out_positions + 1
+        canvas_only = out_positions is None and condition is not None  # the condition rows are not returned
+        if self.fuses_kernels(x):
+            pending = None
+            for block in self.decoder_blocks[:-1]:
+                x, pending = block.forward_fused(x, pending)
+            x, pending = self.decoder_blocks[-1].forward_fused(x, pending, query_rows)
+            if canvas_only:
+                x, pending = x[:, : self.cfg.seq_len + 1], pending[:, : self.cfg.seq_len + 1]
+            return self._final_norm(x, pending, self.decoder_norm)
         for block in self.decoder_blocks[:-1]:
             x = block(x)
-        last = self.decoder_blocks[-1](x, None if out_positions is None else out_positions + 1)
-        if out_positions is None and condition is not None:
+        last = self.decoder_blocks[-1](x, query_rows)
+        if canvas_only:
             last = last[:, : self.cfg.seq_len + 1]
         return self.decoder_norm(last)
 
